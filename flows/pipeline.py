@@ -1,0 +1,153 @@
+"""The RLHF pipeline as one Prefect flow: data -> SFT -> reward -> DPO | PPO -> eval.
+
+Entry points:
+    python -m flows.pipeline [hydra overrides]      (also the console script ``rlhf-pipeline``)
+    rlhf_pipeline(load_config([...overrides]))     (deployments, tests)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import tasks  # noqa: F401  (Prefect defaults first)
+
+import hydra
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from rlhf.config import PipelineConfig, flatten, to_dict, validate
+from rlhf.tracking import RunLogger, check_reachable, experiment_id, resolve_uri
+from tasks.data import data_stage
+from tasks.dpo import dpo_stage
+from tasks.evaluate import eval_stage
+from tasks.keys import pipeline_keys
+from tasks.reward import reward_stage
+from tasks.runner import stage_options
+from tasks.sft import sft_stage
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+PROJECT_DIR = CONF_DIR.parent
+POLICY_TASKS = {"dpo": dpo_stage}
+log = logging.getLogger(__name__)
+
+
+def load_config(overrides: list[str] | None = None) -> dict:
+    """Compose ``conf/`` with Hydra overrides into a plain dict with an absolute ``paths.root``."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides or []))
+    return to_container(cfg)
+
+
+def to_container(cfg: DictConfig) -> dict:
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    container["paths"]["root"] = str(Path(container["paths"]["root"]).expanduser().resolve())
+    return container
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Stages:
+    """Calls stage tasks with their cache options and records, per stage, the key, whether it was
+    Cached, and the MLflow run that produced its artifacts (lineage) as tags of the parent run."""
+
+    def __init__(self, cfg: PipelineConfig, keys: dict[str, str], env: dict, parent: RunLogger) -> None:
+        self.cfg, self.keys, self.env, self.parent = cfg, keys, env, parent
+        self.root = Path(cfg.paths.root)
+
+    def __call__(self, name: str, task, **inputs) -> dict:
+        refresh = name in self.cfg.refresh
+        state = task.with_options(**stage_options(self.root, refresh))(
+            key=self.keys[name], env=self.env, fresh=refresh, return_state=True, **inputs
+        )
+        tags = {f"stage.{name}.cache_key": self.keys[name], f"stage.{name}.cached": str(state.name == "Cached").lower()}
+        if state.is_failed() or state.is_crashed():
+            self.parent.set_tags({**tags, "failed_stage": name})
+        record = state.result()  # re-raises the stage's exception
+        self.parent.set_tags({**tags, f"stage.{name}.run_id": record["run_id"]})
+        log.info("stage %s: %s (run %s)", name, state.name, record["run_id"])
+        return record
+
+
+def summary_markdown(cfg: PipelineConfig, metrics: dict, tracking_uri: str, exp_id: str, run_id: str, cached: dict) -> str:
+    if tracking_uri.startswith("http"):
+        link = f"{tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+    else:
+        link = f"`mlflow ui --backend-store-uri {tracking_uri}` then http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{run_id}"
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()))
+    stages = ", ".join(f"{k}: {'Cached' if v else 'ran'}" for k, v in cached.items())
+    return (
+        f"# RLHF pipeline ({cfg.algo.algo}, beta={cfg.algo.beta})\n\nMLflow run: {link}\n\nStages: {stages}\n\n"
+        f"| metric | value |\n|---|---|\n{rows}\n"
+    )
+
+
+@flow(name="rlhf-pipeline", log_prints=True)
+def rlhf_pipeline(config: dict) -> dict:
+    """data -> SFT -> reward -> DPO | PPO -> eval, every stage cached on its key; one parent MLflow run."""
+    cfg = validate(config)
+    root = Path(cfg.paths.root)
+    root.mkdir(parents=True, exist_ok=True)
+    uri = resolve_uri(cfg.tracking, root)
+    check_reachable(uri, cfg.tracking.connect_timeout_s)
+    client = MlflowClient(uri)
+    exp_id = experiment_id(client, cfg.tracking.experiment, root, uri)
+    algo = cfg.algo.algo
+    parent_tags = {"pipeline": "rlhf", "algo": algo, "git_commit": git_commit(), "mlflow.source.git.commit": git_commit(), **cfg.tags}
+    if cfg.sweep_id:
+        parent_tags["sweep_id"] = cfg.sweep_id
+    parent = RunLogger.create(client, exp_id, f"{algo}-beta{cfg.algo.beta:g}", parent_tags)
+    parent.log_params(flatten(to_dict(cfg)))
+    env = {"root": str(root), "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent.run_id, "runtime": to_dict(cfg.runtime)}
+    keys = pipeline_keys(cfg)
+    stage = Stages(cfg, keys, env, parent)
+    model = to_dict(cfg.model)
+    try:
+        data = stage("data", data_stage, data=to_dict(cfg.data))
+        sft = stage("sft", sft_stage, model=model, sft_cfg=to_dict(cfg.sft), data=data)
+        reward = stage("reward", reward_stage, model=model, reward_cfg=to_dict(cfg.reward), data=data, sft=sft)
+        policy_inputs = {"reward": reward} if algo == "ppo" else {}
+        policy = stage(algo, POLICY_TASKS[algo], model=model, algo=to_dict(cfg.algo), data=data, sft=sft, **policy_inputs)
+        evaluation = stage("eval", eval_stage, model=model, eval_cfg=to_dict(cfg.eval), has_gold=cfg.data.source == "synthetic",
+                           data=data, sft=sft, reward=reward, policy=policy)
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    metrics = evaluation["metrics"]
+    parent.log_metrics(metrics, step=0)
+    runs = client.get_run(parent.run_id).data.tags
+    cached = {name: runs.get(f"stage.{name}.cached") == "true" for name in keys}
+    create_markdown_artifact(key="rlhf-summary", markdown=summary_markdown(cfg, metrics, uri, exp_id, parent.run_id, cached),
+                             description="Held-out evaluation of this pipeline run")
+    parent.finish()
+    return {"run_id": parent.run_id, "experiment_id": exp_id, "tracking_uri": uri, "keys": keys, "cached": cached,
+            "metrics": metrics, "policy_path": policy["model_path"]}
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    """Hydra app: compose, validate (fails before any training), run the flow; returns the objective."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    container = to_container(cfg)
+    validate(container)
+    result = rlhf_pipeline(container)
+    m = result["metrics"]
+    print("\n".join(f"{k:28s} {v:.4f}" for k, v in sorted(m.items())))
+    return float(m.get("eval/gold_reward", m.get("eval/proxy_reward", 0.0)))
+
+
+if __name__ == "__main__":
+    main()

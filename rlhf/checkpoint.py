@@ -1,0 +1,88 @@
+"""Atomic, resumable checkpoints.
+
+A checkpoint is a folder written under a temporary name and renamed into place when complete, so a
+crash mid-write never leaves a folder that looks finished. ``COMPLETE`` marks a finished training
+state; :func:`latest` only ever returns folders that have it.
+
+Layout of a stage's checkpoint folder::
+
+    ckpt/step-000200/   model/ (HF folder per trained model), trainer_state.pt, COMPLETE
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+COMPLETE = "COMPLETE"
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success replace ``final`` with it, on error remove it."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(ckpt_root: Path, step: int, models: dict, tokenizer, trainer_state: dict, keep: int = 2) -> Path:
+    """Write ``ckpt_root/step-NNNNNN`` atomically: each model as an HF folder, plus the trainer state."""
+    final = Path(ckpt_root) / f"step-{step:06d}"
+    with atomic_dir(final) as tmp:
+        for name, model in models.items():
+            model.save_pretrained(tmp / name)
+            tokenizer.save_pretrained(tmp / name)
+        torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / "trainer_state.pt")
+        (tmp / COMPLETE).write_text(str(step))
+    for old in complete_checkpoints(ckpt_root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    root = Path(ckpt_root)
+    if not root.exists():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / COMPLETE).exists())
+
+
+def latest(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint, or None. Half-written folders are never returned."""
+    done = complete_checkpoints(ckpt_root)
+    return done[-1] if done else None
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    return torch.load(Path(ckpt) / "trainer_state.pt", weights_only=False)

@@ -1,0 +1,223 @@
+"""Datasets: the synthetic task or a hub dataset, as plain rows; tokenised into padded tensors.
+
+Every split is a list of dict rows with a fixed schema:
+
+- ``sft``:           prompt, response
+- ``pref``:          prompt, chosen, rejected            (+ gold_chosen, gold_rejected when known)
+- ``eval_prompts``:  prompt
+- ``eval_pref``:     prompt, chosen, rejected
+- ``ppo_prompts``:   prompt
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import synthetic
+from .config import ConfigError, DataConfig
+
+SPLITS = ("sft", "pref", "eval_prompts", "eval_pref", "ppo_prompts")
+HH_SEPARATOR = "\n\nAssistant:"
+
+
+class DatasetError(ValueError):
+    """A dataset is empty or lacks a mapped column; the message names the key and the fix."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the splits
+# --------------------------------------------------------------------------------------------------
+def build_splits(cfg: DataConfig) -> dict[str, list[dict]]:
+    if cfg.source == "synthetic":
+        return synthetic.make_splits(
+            cfg.seed, cfg.n_sft, cfg.n_pref, cfg.n_eval_prompts, cfg.n_eval_pref, cfg.n_ppo_prompts,
+            cfg.annotator_temperature, cfg.annotator_length_bias, cfg.demo_quality,
+        )
+    return _hub_splits(cfg)
+
+
+def split_hh(chosen: str, rejected: str) -> dict:
+    """HH-RLHF rows hold two whole dialogues; the prompt is everything up to the last Assistant turn."""
+    cut = chosen.rfind(HH_SEPARATOR) + len(HH_SEPARATOR)
+    prompt = chosen[:cut]
+    rejected_answer = rejected[cut:] if rejected.startswith(prompt) else rejected[rejected.rfind(HH_SEPARATOR) + len(HH_SEPARATOR):]
+    return {"prompt": prompt, "chosen": chosen[cut:], "rejected": rejected_answer}
+
+
+def _load_split(cfg: DataConfig, split: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(cfg.path, data_files=cfg.data_files, split=split)
+    except (FileNotFoundError, ValueError) as e:
+        raise DatasetError(
+            f"data.path={cfg.path!r} split {split!r} could not be loaded ({e}). Fix: check data.path / data.data_files "
+            f"and data.train_split / data.test_split; offline, point data.path=json and data.data_files at local files."
+        ) from e
+
+
+def _rows(cfg: DataConfig, split: str) -> list[dict]:
+    ds = _load_split(cfg, split)
+    needed = {"chosen": "chosen", "rejected": "rejected"} if cfg.format == "hh" else dict(cfg.columns)
+    missing = {role: col for role, col in needed.items() if col not in ds.column_names}
+    if missing:
+        raise DatasetError(
+            f"dataset {cfg.path!r} split {split!r} has no column(s) {sorted(missing.values())} "
+            f"(mapped by data.columns / data.format={cfg.format}); it has {ds.column_names}. "
+            f"Fix: set data.columns.<role>=<column> for each of {sorted(missing)}."
+        )
+    if len(ds) == 0:
+        raise DatasetError(f"dataset {cfg.path!r} split {split!r} is empty. Fix: point data.path / data.data_files at non-empty data.")
+    if cfg.format == "hh":
+        rows = [split_hh(c, r) for c, r in zip(ds["chosen"], ds["rejected"])]
+    else:
+        c = cfg.columns
+        rows = [{"prompt": p, "chosen": ch, "rejected": rj} for p, ch, rj in zip(ds[c["prompt"]], ds[c["chosen"]], ds[c["rejected"]])]
+    return [r for r in rows if r["prompt"] and r["chosen"].strip() and r["rejected"].strip() and r["chosen"] != r["rejected"]]
+
+
+def _hub_splits(cfg: DataConfig) -> dict[str, list[dict]]:
+    """Train split -> sft (prompt + chosen), pref, ppo prompts; test split -> eval prompts and pairs."""
+    train = _rows(cfg, cfg.train_split)
+    test = _rows(cfg, cfg.test_split) if cfg.test_split != cfg.train_split else None
+    rng = random.Random(cfg.seed)
+    rng.shuffle(train)
+    if test is None:  # one split only: hold out a slice of it
+        n_test = max(1, min(len(train) // 10, cfg.n_eval_pref))
+        test, train = train[:n_test], train[n_test:]
+    if cfg.max_rows:
+        train = train[: cfg.max_rows]
+    if not train:
+        raise DatasetError(f"dataset {cfg.path!r} has no usable training rows. Fix: check data.path and data.train_split.")
+    return {
+        "sft": [{"prompt": r["prompt"], "response": r["chosen"]} for r in train[: cfg.n_sft]],
+        "pref": train[: cfg.n_pref],
+        "eval_prompts": [{"prompt": r["prompt"]} for r in test[: cfg.n_eval_prompts]],
+        "eval_pref": test[: cfg.n_eval_pref],
+        "ppo_prompts": [{"prompt": r["prompt"]} for r in train[: cfg.n_ppo_prompts]],
+    }
+
+
+def save_splits(splits: dict[str, list[dict]], out_dir: Path) -> dict[str, int]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        with open(out_dir / f"{name}.jsonl", "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    return {name: len(rows) for name, rows in splits.items()}
+
+
+def load_split(data_dir: str | Path, name: str) -> list[dict]:
+    with open(Path(data_dir) / f"{name}.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    if not rows:
+        raise DatasetError(f"split {name!r} in {data_dir} is empty. Fix: raise the data.n_* size for it, or check the dataset.")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenisation
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Encoded:
+    """Prompt + answer sequences, right-padded.
+
+    input_ids, attention_mask: (N, T); loss_mask: (N, T-1), aligned with ``token_logprobs`` output
+    (1 where the *target* token is an answer token or the closing EOS); last_index: (N,) the EOS.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    last_index: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def batch(self, idx: torch.Tensor) -> "Encoded":
+        """Rows ``idx``, trimmed to their longest sequence (no compute spent on all-pad columns)."""
+        width = int(self.last_index[idx].max()) + 1
+        return Encoded(self.input_ids[idx, :width], self.attention_mask[idx, :width], self.loss_mask[idx, : width - 1], self.last_index[idx])
+
+    @staticmethod
+    def stack(a: "Encoded", b: "Encoded") -> "Encoded":
+        """Rows of ``a`` then rows of ``b`` in one batch (one forward for chosen and rejected)."""
+        width = max(a.input_ids.shape[1], b.input_ids.shape[1])
+
+        def pad(x: torch.Tensor, to: int) -> torch.Tensor:
+            # Right padding is never attended to (causal) nor scored (loss mask), so its id is irrelevant.
+            return torch.nn.functional.pad(x, (0, to - x.shape[1]))
+
+        return Encoded(
+            torch.cat([pad(a.input_ids, width), pad(b.input_ids, width)]),
+            torch.cat([pad(a.attention_mask, width), pad(b.attention_mask, width)]),
+            torch.cat([pad(a.loss_mask, width - 1), pad(b.loss_mask, width - 1)]),
+            torch.cat([a.last_index, b.last_index]),
+        )
+
+    def to(self, device) -> "Encoded":
+        return Encoded(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.loss_mask, self.last_index)))
+
+
+def answer_text(response: str) -> str:
+    return response if response[:1].isspace() else " " + response
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int) -> list[list[int]]:
+    """Token ids of each prompt; a prompt past ``max_prompt_len`` raises (it would not fit the context)."""
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    too_long = [i for i, x in enumerate(ids) if len(x) > max_prompt_len]
+    if too_long:
+        n = len(ids[too_long[0]])
+        raise DatasetError(
+            f"{len(too_long)} prompt(s) are longer than the context allows ({n} > {max_prompt_len} tokens; "
+            f"first: {prompts[too_long[0]][:80]!r}). Fix: raise model.max_length, lower the generation's "
+            f"max_new_tokens, or filter long prompts from the dataset."
+        )
+    return ids
+
+
+def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> Encoded:
+    """Tokenise prompt + answer + EOS; answers are cut to fit ``max_length`` (the EOS always kept)."""
+    prompt_ids = encode_prompts(tokenizer, prompts, max_length - 2)
+    answer_ids = tokenizer([answer_text(r) for r in responses], add_special_tokens=False)["input_ids"]
+    n = len(prompts)
+    seqs, starts = [], []
+    for p, a in zip(prompt_ids, answer_ids):
+        a = a[: max_length - len(p) - 1] + [tokenizer.eos_token_id]
+        seqs.append(p + a)
+        starts.append(len(p))
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
+    lengths = torch.tensor([len(s) for s in seqs])
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s)
+    cols = torch.arange(width)
+    attention_mask = (cols[None, :] < lengths[:, None]).long()
+    start = torch.tensor(starts)
+    # target position j (0-based in the shifted view) scores token j+1: an answer token when start <= j+1 < len
+    target = cols[1:][None, :]
+    loss_mask = ((target >= start[:, None]) & (target < lengths[:, None])).float()
+    return Encoded(input_ids, attention_mask, loss_mask, lengths - 1)
+
+
+def left_pad(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists for generation: (B, P) ids and mask."""
+    width = max(len(x) for x in ids)
+    out = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        out[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask[i, width - len(x):] = 1
+    return out, mask
+
+
+def require_columns(rows: list[dict], columns: tuple[str, ...], split: str) -> None:
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise ConfigError(f"split {split!r} lacks {missing}. Fix: re-run the data stage (refresh=[data]).")

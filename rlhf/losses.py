@@ -1,0 +1,149 @@
+"""Every loss of the pipeline as a pure function: tensors in, (loss, metrics) out.
+
+Notation: B batch, T tokens, ``mask`` is 1 on answer tokens (EOS included) and 0 elsewhere. Per-token
+log-probs are log pi(y_t | x, y_<t). Metrics are detached floats-as-tensors for the logger.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Mean of ``x`` where ``mask`` is 1 (over everything, or along ``dim``)."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance of ``x`` over the masked entries."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    return masked_sum((x - mean) ** 2, mask) / (n - 1).clamp(min=1)
+
+
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Negative log-likelihood of the answer tokens, averaged over tokens.
+
+        L = - sum_t m_t log pi(y_t) / sum_t m_t
+
+    logp, mask: (B, T).
+    """
+    loss = -masked_mean(logp, mask)
+    return loss, {"loss": loss.detach()}
+
+
+def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, center_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Bradley-Terry reward-model loss (Ouyang et al. 2022), with optional centring (Eisenstein et al. 2023).
+
+        L = -mean log sigmoid(r_c - r_r) + center_coef * mean (r_c + r_r)^2
+
+    r_chosen, r_rejected: (B,).
+    """
+    margin = r_chosen - r_rejected  # (B,)
+    loss = -F.logsigmoid(margin).mean()
+    if center_coef:
+        loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
+    metrics = {
+        "loss": loss.detach(),
+        "accuracy": (margin > 0).float().mean(),
+        "margin": margin.detach().mean(),
+        "reward_mean": torch.cat([r_chosen, r_rejected]).detach().mean(),
+    }
+    return loss, metrics
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict]:
+    """Direct Preference Optimisation (Rafailov et al. 2023), with conservative label smoothing.
+
+        h = beta * [(log pi(y_c) - log pi_ref(y_c)) - (log pi(y_r) - log pi_ref(y_r))]
+        L = -(1 - eps) log sigmoid(h) - eps log sigmoid(-h)
+
+    All inputs are sequence log-probs (sums over answer tokens), shape (B,). At initialisation
+    (pi = pi_ref) h = 0 and L = ln 2.
+    """
+    chosen_ratio = policy_chosen - ref_chosen  # (B,)
+    rejected_ratio = policy_rejected - ref_rejected  # (B,)
+    h = beta * (chosen_ratio - rejected_ratio)
+    loss = (-(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)).mean()
+    rewards_chosen = beta * chosen_ratio.detach()
+    rewards_rejected = beta * rejected_ratio.detach()
+    metrics = {
+        "loss": loss.detach(),
+        "rewards_chosen": rewards_chosen.mean(),
+        "rewards_rejected": rewards_rejected.mean(),
+        "margin": (rewards_chosen - rewards_rejected).mean(),
+        "accuracy": (rewards_chosen > rewards_rejected).float().mean(),
+        # k1 estimate of KL(pi || pi_ref) per sequence on the training answers (off-policy).
+        "kl": torch.cat([chosen_ratio, rejected_ratio]).detach().mean(),
+    }
+    return loss, metrics
+
+
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k1 estimator of KL(pi || pi_ref) on samples from pi: log pi - log pi_ref (can be < 0)."""
+    return logp - ref_logp
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator (Schulman 2020): r - 1 - log r with r = pi_ref / pi; unbiased and >= 0."""
+    log_ratio = ref_logp - logp
+    return log_ratio.exp() - 1 - log_ratio
+
+
+def policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, dict]:
+    """PPO clipped surrogate (Schulman et al. 2017), averaged over answer tokens.
+
+        rho_t = exp(log pi(y_t) - log pi_old(y_t))
+        L = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))
+
+    logp, old_logp, advantages, mask: (B, T). ``approx_kl`` is the k3 estimate of KL(pi_old || pi).
+    """
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        metrics = {
+            "policy_loss": loss.detach(),
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean(ratio - 1 - log_ratio, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, metrics
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, dict]:
+    """Clipped value loss (as in OpenAI's baselines and Huang et al. 2024), over answer tokens.
+
+        V_clip = V_old + clip(V - V_old, -eps_v, eps_v)
+        L = 0.5 * mean_t max((V - R)^2, (V_clip - R)^2)
+
+    values, old_values, returns, mask: (B, T).
+    """
+    clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    loss = 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+    with torch.no_grad():
+        metrics = {
+            "value_loss": loss.detach(),
+            "value_clipfrac": masked_mean(((clipped - returns) ** 2 > (values - returns) ** 2).float(), mask),
+        }
+    return loss, metrics

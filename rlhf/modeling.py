@@ -1,0 +1,195 @@
+"""Models: the tiny default built from a config, loading by path or hub id, and the forwards we need.
+
+Every stage loads its models with ``from_pretrained`` (a local folder or a hub id), the same code path
+for the tiny default and for GPT-2 or Qwen2.5. The tiny default is *built* once (a byte-level BPE
+tokenizer trained with ``tokenizers`` on the task corpus, a model from a small transformers config),
+saved with ``save_pretrained`` and then loaded back like any other checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+)
+
+from .config import ModelConfig
+
+PAD_TOKEN = "<|pad|>"
+EOS_TOKEN = "<|endoftext|>"
+
+
+class ModelPathError(FileNotFoundError):
+    """A model path or hub id cannot be loaded; the message names the config key and the fix."""
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``corpus`` with PAD distinct from EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD_TOKEN, EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN)
+
+
+def build_tiny(cfg: ModelConfig, corpus: Iterable[str], out_dir: Path) -> Path:
+    """Train the tokenizer, build the tiny causal LM from its config, and save both to ``out_dir``."""
+    tokenizer = train_tokenizer(corpus, cfg.vocab_size)
+    common = dict(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
+    if cfg.arch == "gpt2":
+        config = AutoConfig.for_model(
+            "gpt2", n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, n_positions=cfg.max_length,
+            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, **common,
+        )
+    else:
+        config = AutoConfig.for_model(
+            "llama", num_hidden_layers=cfg.n_layer, hidden_size=cfg.n_embd, num_attention_heads=cfg.n_head,
+            num_key_value_heads=cfg.n_head, intermediate_size=4 * cfg.n_embd, max_position_embeddings=cfg.max_length,
+            attention_dropout=cfg.dropout, tie_word_embeddings=True, **common,
+        )
+    model = AutoModelForCausalLM.from_config(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _check_source(name_or_path: str, key: str) -> None:
+    """Fail early, naming the key, if a local-looking path does not exist (hub ids pass through)."""
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise ModelPathError(
+            f"{key}={name_or_path!r} does not exist. Fix: point {key} at a folder saved with save_pretrained, "
+            f"a hub id (e.g. gpt2), or null for the tiny model."
+        )
+
+
+def load_tokenizer(path: str, key: str = "model.pretrained") -> PreTrainedTokenizerFast:
+    _check_source(path, key)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise ModelPathError(f"{key}={path!r} could not be loaded as a tokenizer ({e}). Fix: check the path or hub id; offline, use a local folder.") from e
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        # Reference implementations found PAD == EOS hides the EOS from masks and scores.
+        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    tok.padding_side = "right"
+    return tok
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_policy(path: str, tokenizer, dtype: str = "float32", key: str = "model.pretrained") -> torch.nn.Module:
+    """A causal LM from a folder or hub id, its embeddings resized to the tokenizer if needed."""
+    _check_source(path, key)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype))
+    except OSError as e:
+        raise ModelPathError(f"{key}={path!r} could not be loaded ({e}). Fix: check the path or hub id; offline, use a local folder.") from e
+    _align_vocab(model, tokenizer)
+    return model
+
+
+def load_scalar_model(path: str, tokenizer, dtype: str = "float32", zero_head: bool = True) -> torch.nn.Module:
+    """A reward / value model: the backbone at ``path`` with a scalar head (``score``).
+
+    Loading a causal LM folder adds a fresh head; we zero it so every answer starts at score 0.
+    """
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=_torch_dtype(dtype))
+    _align_vocab(model, tokenizer)
+    if zero_head:
+        torch.nn.init.zeros_(model.score.weight)
+        if getattr(model.score, "bias", None) is not None:
+            torch.nn.init.zeros_(model.score.bias)
+    return model
+
+
+def _align_vocab(model, tokenizer) -> None:
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off: DPO and PPO compare log-probs of two forwards, which dropout would make noisy."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding: (B, T) -> (B, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(x_t | x_<t) for t = 1..T-1, shape (B, T-1); position t-1 of the output scores token t.
+
+    Works for left and right padding (positions come from the mask). The gather is done with
+    ``logsumexp`` so the full (B, T, V) log-softmax is never materialised twice.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)).logits
+    logits = logits[:, :-1].float() / temperature  # (B, T-1, V)
+    targets = input_ids[:, 1:].unsqueeze(-1)  # (B, T-1, 1)
+    return logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)  # (B, T-1)
+
+
+def token_logprobs_and_entropy(model, input_ids, attention_mask, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`token_logprobs`, plus the entropy of each next-token distribution, both (B, T-1)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)).logits
+    logits = logits[:, :-1].float() / temperature
+    logp_all = logits.log_softmax(-1)  # (B, T-1, V)
+    logp = logp_all.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The scalar head on every position: (B, T). Used as the critic and, at one index, as the reward."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)).last_hidden_state
+    return model.score(hidden).squeeze(-1).float()  # (B, T)
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+    """Reward-model score read at ``last_index`` (the EOS, or the last real token): (B,)."""
+    values = token_values(model, input_ids, attention_mask)  # (B, T)
+    return values.gather(1, last_index.unsqueeze(1)).squeeze(1)
+
+
+def save_pretrained_atomic(model, tokenizer, out_dir: Path, extra: dict | None = None) -> Path:
+    """Save a HF folder atomically: write ``<out_dir>.tmp-<pid>``, then rename onto ``out_dir``."""
+    from .checkpoint import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if extra:
+            import json
+
+            (tmp / "rlhf_meta.json").write_text(json.dumps(extra, indent=2, default=str))
+    return out_dir

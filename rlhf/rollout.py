@@ -1,0 +1,105 @@
+"""Batched sampling with the KV cache, and the rollout batch it produces.
+
+Prompts are left-padded so every answer starts in the same column; answers are right-padded with PAD
+after their EOS. One forward over the prompt fills the cache, then one single-token forward per new
+token; the loop stops as soon as every answer has ended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import SamplingConfig
+from .modeling import positions
+
+
+@dataclass
+class Samples:
+    """A batch of prompts and sampled answers.
+
+    prompt_ids, prompt_mask:     (B, P) left-padded
+    response_ids, response_mask: (B, R) right-padded; mask is 1 up to and including the first EOS
+    ended:                       (B,)   True where the answer emitted EOS within max_new_tokens
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    ended: torch.Tensor
+
+    @property
+    def input_ids(self) -> torch.Tensor:  # (B, P + R)
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:  # (B, P + R)
+        return torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)
+
+    @property
+    def last_index(self) -> torch.Tensor:  # (B,) column of the last answer token (EOS if ended)
+        return self.prompt_ids.shape[1] + self.response_mask.sum(1).long().clamp(min=1) - 1
+
+    def response_slice(self, per_token: torch.Tensor) -> torch.Tensor:
+        """Cut the answer columns out of a (B, P + R - 1) per-target tensor from ``token_logprobs``."""
+        start = self.prompt_ids.shape[1] - 1
+        return per_token[:, start : start + self.response_ids.shape[1]]
+
+    def lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(1)
+
+    def __getitem__(self, idx) -> "Samples":
+        return Samples(self.prompt_ids[idx], self.prompt_mask[idx], self.response_ids[idx], self.response_mask[idx], self.ended[idx])
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then nucleus filtering: (B, V) -> (B, V) with removed entries at -inf."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix with mass >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: SamplingConfig, eos_id: int, pad_id: int, generator: torch.Generator | None = None) -> Samples:
+    """Sample answers for a batch of left-padded prompts, reusing the KV cache between steps."""
+    batch = prompt_ids.shape[0]
+    mask = prompt_mask
+    pos = positions(mask)
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    past, logits = out.past_key_values, out.logits[:, -1]
+    next_pos = pos[:, -1:] + 1  # (B, 1)
+    done = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
+    tokens = []
+    for _ in range(cfg.max_new_tokens):
+        logits = logits.float() / cfg.temperature
+        logits[:, pad_id] = float("-inf")  # PAD is never an answer token
+        probs = filter_logits(logits, cfg.top_k, cfg.top_p).softmax(-1)
+        tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        tokens.append(tok)
+        done |= tok == eos_id
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=past, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+        next_pos = next_pos + 1
+    response = torch.stack(tokens, dim=1)  # (B, R)
+    is_eos = response == eos_id
+    before_or_at_eos = (is_eos.long().cumsum(1) - is_eos.long()) == 0
+    return Samples(prompt_ids, prompt_mask, response, before_or_at_eos.float(), is_eos.any(1))
+
+
+def decode_responses(tokenizer, samples: Samples) -> list[str]:
+    """Answer texts without EOS / PAD."""
+    ids = samples.response_ids.masked_fill(samples.response_mask == 0, tokenizer.pad_token_id)
+    return tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)

@@ -1,0 +1,1 @@
+"""The ML of each pipeline stage: ``run(...) -> summary dict``, importable without Prefect."""

@@ -1,0 +1,64 @@
+"""DPO stage: the policy starts from SFT; the reference (SFT) log-probs are computed once, up front."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import DPOConfig
+from ..data import Encoded, load_split
+from ..losses import dpo_loss
+from ..modeling import disable_dropout, load_policy, load_tokenizer, save_pretrained_atomic, token_logprobs
+from ..trainer import Trainer, fit, steps_for
+from .common import StageContext, batched
+from .reward import encode_preferences
+
+
+def pair_logps(model, chosen: Encoded, rejected: Encoded, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Sequence log-probs (sum over answer tokens) of chosen and rejected, one forward: (B,), (B,), tokens."""
+    both = Encoded.stack(chosen.batch(idx), rejected.batch(idx)).to(device)
+    seq = (token_logprobs(model, both.input_ids, both.attention_mask) * both.loss_mask).sum(1)  # (2B,)
+    return seq[: len(idx)], seq[len(idx):], int(both.attention_mask.sum())
+
+
+def reference_logps(model, chosen: Encoded, rejected: Encoded, device) -> torch.Tensor:
+    """(N, 2) reference log-probs of every pair, computed once: the reference is frozen."""
+    model.eval()
+    return batched(lambda idx: torch.stack(pair_logps(model, chosen, rejected, idx, device)[:2], 1).cpu(), len(chosen), 256)
+
+
+def run(cfg: DPOConfig, max_length: int, dtype: str, data_dir: str, sft_path: str, ctx: StageContext) -> dict:
+    tokenizer = load_tokenizer(sft_path)
+    rows, held = load_split(data_dir, "pref"), load_split(data_dir, "eval_pref")
+    chosen, rejected = encode_preferences(tokenizer, rows, max_length)
+    held_c, held_r = encode_preferences(tokenizer, held, max_length)
+
+    reference = load_policy(sft_path, tokenizer, dtype).to(ctx.device)
+    ref, ref_held = reference_logps(reference, chosen, rejected, ctx.device), reference_logps(reference, held_c, held_r, ctx.device)
+    del reference
+
+    resume = ctx.resume_point()
+    policy = load_policy(str(resume / "policy") if resume else sft_path, tokenizer, dtype).to(ctx.device)
+    disable_dropout(policy)
+    trainer = Trainer({"policy": policy}, tokenizer, cfg, steps_for(len(rows), cfg), "dpo", ctx.sink, ctx.ckpt_dir)
+    if resume:
+        trainer.load(resume)
+    policy.train()
+
+    def micro_loss(idx: torch.Tensor):
+        pc, pr, tokens = pair_logps(policy, chosen, rejected, idx, ctx.device)
+        r = ref[idx].to(ctx.device)
+        loss, metrics = dpo_loss(pc, pr, r[:, 0], r[:, 1], cfg.beta, cfg.label_smoothing)
+        return loss, metrics, tokens
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        policy.eval()
+        logps = batched(lambda idx: torch.stack(pair_logps(policy, held_c, held_r, idx, ctx.device)[:2], 1).cpu(), len(held), 256)
+        policy.train()
+        loss, m = dpo_loss(logps[:, 0], logps[:, 1], ref_held[:, 0], ref_held[:, 1], cfg.beta, cfg.label_smoothing)
+        return {"eval_loss": float(loss), "eval_accuracy": float(m["accuracy"]), "eval_margin": float(m["margin"])}
+
+    fit(trainer, len(rows), micro_loss, evaluate)
+    final = evaluate()
+    save_pretrained_atomic(policy, tokenizer, ctx.final_dir, {"stage": "dpo", "step": trainer.step})
+    return {"model_path": str(ctx.final_dir), "metrics": {f"dpo/{k}": v for k, v in final.items()}, "steps": trainer.step}

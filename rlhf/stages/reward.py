@@ -1,0 +1,69 @@
+"""Reward stage: a scalar head on the SFT backbone, trained with the Bradley-Terry pairwise loss."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import RewardConfig
+from ..data import Encoded, encode_pairs, load_split
+from ..losses import pairwise_loss
+from ..modeling import load_scalar_model, load_tokenizer, save_pretrained_atomic, sequence_scores
+from ..trainer import Trainer, fit, steps_for
+from .common import StageContext, batched
+
+
+def encode_preferences(tokenizer, rows: list[dict], max_length: int) -> tuple[Encoded, Encoded]:
+    prompts = [r["prompt"] for r in rows]
+    return (
+        encode_pairs(tokenizer, prompts, [r["chosen"] for r in rows], max_length),
+        encode_pairs(tokenizer, prompts, [r["rejected"] for r in rows], max_length),
+    )
+
+
+def pair_scores(model, chosen: Encoded, rejected: Encoded, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Scores of chosen and rejected answers of pairs ``idx`` in one forward: (B,), (B,), tokens."""
+    both = Encoded.stack(chosen.batch(idx), rejected.batch(idx)).to(device)
+    scores = sequence_scores(model, both.input_ids, both.attention_mask, both.last_index)  # (2B,)
+    return scores[: len(idx)], scores[len(idx):], int(both.attention_mask.sum())
+
+
+@torch.no_grad()
+def pair_accuracy(model, rows: list[dict], tokenizer, max_length: int, device) -> dict:
+    """Held-out accuracy against the annotators' labels and, where known, against the gold order."""
+    chosen, rejected = encode_preferences(tokenizer, rows, max_length)
+    was_training = model.training
+    model.eval()
+    margins = batched(lambda idx: torch.sub(*pair_scores(model, chosen, rejected, idx, device)[:2]).cpu(), len(rows), 256)
+    model.train(was_training)
+    out = {"eval_accuracy": float((margins > 0).float().mean()), "eval_loss": float(-torch.nn.functional.logsigmoid(margins).mean())}
+    if "gold_chosen" in rows[0]:
+        gold = torch.tensor([r["gold_chosen"] - r["gold_rejected"] for r in rows])
+        keep = gold != 0
+        out["eval_gold_accuracy"] = float(((margins[keep] > 0) == (gold[keep] > 0)).float().mean())
+    return out
+
+
+def run(cfg: RewardConfig, max_length: int, dtype: str, data_dir: str, sft_path: str, ctx: StageContext) -> dict:
+    tokenizer = load_tokenizer(sft_path)
+    resume = ctx.resume_point()
+    model = load_scalar_model(str(resume / "reward") if resume else sft_path, tokenizer, dtype, zero_head=resume is None).to(ctx.device)
+    rows, held = load_split(data_dir, "pref"), load_split(data_dir, "eval_pref")
+    chosen, rejected = encode_preferences(tokenizer, rows, max_length)
+
+    trainer = Trainer({"reward": model}, tokenizer, cfg, steps_for(len(rows), cfg), "rm", ctx.sink, ctx.ckpt_dir)
+    if resume:
+        trainer.load(resume)
+    model.train()
+
+    def micro_loss(idx: torch.Tensor):
+        r_c, r_r, tokens = pair_scores(model, chosen, rejected, idx, ctx.device)
+        loss, metrics = pairwise_loss(r_c, r_r, cfg.center_rewards_coef)
+        return loss, metrics, tokens
+
+    def evaluate() -> dict:
+        return pair_accuracy(model, held, tokenizer, max_length, ctx.device)
+
+    fit(trainer, len(rows), micro_loss, evaluate)
+    final = evaluate()
+    save_pretrained_atomic(model, tokenizer, ctx.final_dir, {"stage": "reward", "step": trainer.step})
+    return {"model_path": str(ctx.final_dir), "metrics": {f"rm/{k}": v for k, v in final.items()}, "steps": trainer.step}

@@ -1,0 +1,73 @@
+"""SFT stage: build (tiny) or load the base model, then maximise the likelihood of the demonstrations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint
+from ..config import ModelConfig, SFTConfig
+from ..data import encode_pairs, load_split
+from ..losses import sft_loss
+from ..modeling import build_tiny, load_policy, load_tokenizer, save_pretrained_atomic, token_logprobs
+from ..trainer import Trainer, fit, steps_for
+from .common import StageContext, batched
+
+EVAL_SHARE = 0.05  # demonstrations held out for sft/eval_loss
+
+
+def base_model(model_cfg: ModelConfig, data_dir: Path, ctx: StageContext) -> str:
+    """The hub id / folder to start from; for the tiny default, build it once under the stage folder."""
+    if model_cfg.pretrained:
+        return model_cfg.pretrained
+    base = ctx.out_dir / "base"
+    if not (base / "config.json").exists():
+        corpus = [r["prompt"] + " " + r["response"] for r in load_split(data_dir, "sft")]
+        corpus += [r["prompt"] + " " + r["chosen"] + " " + r["rejected"] for r in load_split(data_dir, "pref")]
+        with checkpoint.atomic_dir(base) as tmp:
+            build_tiny(model_cfg, corpus, tmp)
+    return str(base)
+
+
+def run(model_cfg: ModelConfig, cfg: SFTConfig, data_dir: str, ctx: StageContext) -> dict:
+    base = base_model(model_cfg, Path(data_dir), ctx)
+    tokenizer = load_tokenizer(model_cfg.tokenizer or base, "model.tokenizer" if model_cfg.tokenizer else "model.pretrained")
+    resume = ctx.resume_point()
+    model = load_policy(str(resume / "policy") if resume else base, tokenizer, model_cfg.dtype).to(ctx.device)
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+
+    rows = load_split(data_dir, "sft")
+    n_eval = max(1, int(EVAL_SHARE * len(rows))) if len(rows) > 1 else 0
+    train = encode_pairs(tokenizer, [r["prompt"] for r in rows[n_eval:]], [r["response"] for r in rows[n_eval:]], model_cfg.max_length)
+    held = encode_pairs(tokenizer, [r["prompt"] for r in rows[:n_eval]], [r["response"] for r in rows[:n_eval]], model_cfg.max_length) if n_eval else None
+
+    trainer = Trainer({"policy": model}, tokenizer, cfg, steps_for(len(train), cfg), "sft", ctx.sink, ctx.ckpt_dir)
+    if resume:
+        trainer.load(resume)
+    model.train()
+
+    def micro_loss(idx: torch.Tensor):
+        b = train.batch(idx).to(ctx.device)
+        loss, metrics = sft_loss(token_logprobs(model, b.input_ids, b.attention_mask), b.loss_mask)
+        return loss, metrics, int(b.attention_mask.sum())
+
+    def evaluate() -> dict:
+        if held is None:
+            return {}
+        model.eval()
+
+        def nll(idx):
+            b = held.batch(idx).to(ctx.device)
+            lp = token_logprobs(model, b.input_ids, b.attention_mask)
+            return torch.stack([-(lp * b.loss_mask).sum(), b.loss_mask.sum()])[None]
+
+        sums = batched(nll, len(held), 256).sum(0)
+        model.train()
+        return {"eval_loss": float(sums[0] / sums[1])}
+
+    fit(trainer, len(train), micro_loss, evaluate)
+    final = evaluate()
+    save_pretrained_atomic(model, tokenizer, ctx.final_dir, {"stage": "sft", "step": trainer.step})
+    return {"model_path": str(ctx.final_dir), "metrics": {f"sft/{k}": v for k, v in final.items()}, "steps": trainer.step}

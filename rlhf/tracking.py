@@ -1,0 +1,117 @@
+"""MLflow logging through ``MlflowClient`` with explicit run ids (no thread-local active runs).
+
+Default store: SQLite at ``<paths.root>/mlflow.db`` with artifacts in ``<paths.root>/mlartifacts``;
+``tracking.uri`` or the standard ``MLFLOW_TRACKING_URI`` point it at a server instead.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from .config import TrackingConfig
+
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+
+
+class TrackingUnavailableError(ConnectionError):
+    """The tracking server cannot be reached; the message names the URI, the key and the fix."""
+
+
+def resolve_uri(cfg: TrackingConfig, root: Path) -> str:
+    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout_s: float) -> None:
+    """Fail fast if an HTTP tracking server does not answer its health check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=min(5.0, timeout_s)) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError) as e:
+            last = e
+        time.sleep(0.5)
+    raise TrackingUnavailableError(
+        f"MLflow tracking server {uri} did not answer {url} within {timeout_s:.0f}s ({last}). Fix: start it "
+        f"(mlflow server ...), correct tracking.uri / MLFLOW_TRACKING_URI, or unset both to log to the local SQLite store."
+    )
+
+
+def experiment_id(client: MlflowClient, name: str, root: Path, uri: str) -> str:
+    """Get or create the experiment (local stores keep artifacts under ``<root>/mlartifacts``)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = (Path(root).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created by a concurrent process in between
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+class RunLogger:
+    """Logs to one MLflow run. Metrics are buffered and sent with ``log_batch`` (cheap per point)."""
+
+    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 200) -> None:
+        self.client, self.run_id, self.flush_every = client, run_id, flush_every
+        self._buffer: list[Metric] = []
+
+    @classmethod
+    def create(cls, client: MlflowClient, experiment: str, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> "RunLogger":
+        all_tags = {RUN_NAME_TAG: name, **tags}
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        run = client.create_run(experiment, tags=all_tags, run_name=name)
+        return cls(client, run.info.run_id)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        self._buffer.extend(Metric(k, float(v), ts, int(step)) for k, v in metrics.items())
+        if len(self._buffer) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._buffer:
+            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = [Param(k[:250], str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def log_artifact(self, local_file: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_file), artifact_path)
+
+    def log_table(self, data: dict[str, list], artifact_file: str) -> None:
+        self.client.log_table(self.run_id, data=data, artifact_file=artifact_file)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.flush()
+        self.client.set_terminated(self.run_id, status)

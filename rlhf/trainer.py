@@ -1,0 +1,194 @@
+"""The one training-loop skeleton every stage shares.
+
+:class:`Trainer` owns what is the same in SFT, reward modelling, DPO and PPO: AdamW and its schedule,
+gradient accumulation and clipping, the non-finite-loss guard, metric windows (averaged between logs,
+the first step always logged), throughput, and resumable atomic checkpoints. A stage supplies the loss
+of a micro-batch; :func:`fit` runs the supervised epochs loop (SFT, reward, DPO) on top of it, and PPO
+drives :meth:`Trainer.optimizer_step` from its own rollout loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+
+import torch
+
+from . import checkpoint
+from .config import OptimConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss or gradient became NaN/inf; the message names the stage and the step."""
+
+
+class MetricSink(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate at a step: linear warm-up, then cosine / linear / constant."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return f
+
+
+class Trainer:
+    """Optimiser, schedule, accumulation, clipping, logging and checkpoints for a set of models.
+
+    ``models`` maps a name (``policy``, ``reward``, ``value``) to a trainable module; all of them are
+    saved in each checkpoint as HF folders. ``param_groups`` lets PPO give the value model its own lr.
+    """
+
+    def __init__(
+        self,
+        models: dict[str, torch.nn.Module],
+        tokenizer,
+        cfg: OptimConfig,
+        total_steps: int,
+        prefix: str,
+        sink: MetricSink,
+        ckpt_dir: Path,
+        param_groups: list[dict] | None = None,
+    ) -> None:
+        self.models, self.tokenizer, self.cfg = models, tokenizer, cfg
+        self.total_steps, self.prefix, self.sink, self.ckpt_dir = total_steps, prefix, sink, Path(ckpt_dir)
+        groups = param_groups or [{"params": [p for m in models.values() for p in m.parameters() if p.requires_grad]}]
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), eps=1e-8)
+        warmup = int(cfg.warmup_ratio * total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.schedule, warmup, total_steps))
+        self.step = 0
+        self._window: dict[str, list[float]] = defaultdict(list)
+        self._tokens, self._window_start = 0, time.perf_counter()
+
+    # ---- optimisation ---------------------------------------------------------------------------
+    def optimizer_step(self, micro_losses: Iterable[tuple[torch.Tensor, dict]] | Callable, n_micro: int | None = None) -> dict:
+        """Backward each micro-batch loss (scaled by 1/n), clip, step. Returns the step's metrics.
+
+        ``micro_losses`` yields (loss, metrics) lazily so each micro-batch's graph is freed before the
+        next forward.
+        """
+        n_micro = n_micro or self.cfg.grad_accum
+        totals: dict[str, torch.Tensor] = {}
+        loss_sum = 0.0
+        for loss, metrics in micro_losses:
+            (loss / n_micro).backward()
+            loss_sum = loss_sum + loss.detach()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + torch.as_tensor(v).detach().float() / n_micro
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"{self.prefix}: non-finite loss ({float(loss_sum):.4g}) or gradient norm ({float(grad_norm):.4g}) at step "
+                f"{self.step + 1}. Nothing was applied; the last checkpoint in {self.ckpt_dir} is intact. "
+                f"Fix: lower {self.prefix}'s lr or check the data; re-running resumes from that checkpoint."
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        totals["grad_norm"] = grad_norm.detach()
+        totals["lr"] = torch.tensor(self.scheduler.get_last_lr()[0])
+        return totals
+
+    # ---- metrics --------------------------------------------------------------------------------
+    def record(self, metrics: dict, tokens: int = 0) -> None:
+        """Add a step's metrics to the window; log the window's mean on the first and every log_every-th step."""
+        for k, v in metrics.items():
+            self._window[k].append(float(v))
+        self._tokens += tokens
+        if self.step == 1 or self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+            self.flush()
+
+    def flush(self) -> dict:
+        if not self._window:
+            return {}
+        elapsed = time.perf_counter() - self._window_start
+        out = {f"{self.prefix}/{k}": sum(v) / len(v) for k, v in self._window.items()}
+        if self._tokens:
+            out[f"{self.prefix}/tokens_per_s"] = self._tokens / max(elapsed, 1e-9)
+        self.sink.log_metrics(out, self.step)
+        self._window.clear()
+        self._tokens, self._window_start = 0, time.perf_counter()
+        return out
+
+    def log(self, metrics: dict) -> None:
+        """Log metrics (already named without prefix) at the current step, outside the window."""
+        self.sink.log_metrics({f"{self.prefix}/{k}": float(v) for k, v in metrics.items()}, self.step)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def due(self, every: int) -> bool:
+        return self.step % every == 0 or self.step == self.total_steps
+
+    def save(self, extra_state: dict | None = None) -> Path:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "extra": extra_state or {}}
+        return checkpoint.save(self.ckpt_dir, self.step, self.models, self.tokenizer, state)
+
+    def load(self, ckpt: Path) -> dict:
+        """Restore optimizer, schedule, RNG and step from a checkpoint (weights are loaded by the stage)."""
+        state = checkpoint.load_trainer_state(ckpt)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        self.step = state["step"]
+        return state["extra"]
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of epoch ``epoch``: a pure function of (seed, epoch), so a resumed run sees the same data."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def steps_for(n_examples: int, cfg: OptimConfig) -> int:
+    return max(1, math.ceil(cfg.epochs * n_examples / cfg.batch_size))
+
+
+def fit(
+    trainer: Trainer,
+    n_examples: int,
+    micro_loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict, int]],
+    evaluate: Callable[[], dict] | None = None,
+) -> None:
+    """Supervised loop: shuffled epochs of batches, each split into ``grad_accum`` micro-batches.
+
+    ``micro_loss(indices) -> (loss, metrics, n_tokens)``. Starts at ``trainer.step`` (0, or the resumed
+    step) and stops at ``trainer.total_steps``; evaluates every ``eval_every`` steps and at the end;
+    checkpoints every ``checkpoint_every`` steps and at the end.
+    """
+    cfg = trainer.cfg
+    steps_per_epoch = max(1, n_examples // cfg.batch_size)
+    micro = cfg.batch_size // cfg.grad_accum
+    while trainer.step < trainer.total_steps:
+        epoch, offset = divmod(trainer.step, steps_per_epoch)
+        order = epoch_order(n_examples, cfg.seed, epoch)
+        batch = order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size]
+        tokens = 0
+
+        def losses():
+            nonlocal tokens
+            for i in range(0, len(batch), micro):
+                loss, metrics, n_tok = micro_loss(batch[i : i + micro])
+                tokens += n_tok
+                yield loss, metrics
+
+        metrics = trainer.optimizer_step(losses(), n_micro=math.ceil(len(batch) / micro))
+        trainer.record(metrics, tokens)
+        if evaluate is not None and trainer.due(cfg.eval_every):
+            trainer.log(evaluate())
+        if trainer.due(cfg.checkpoint_every):
+            trainer.save()

@@ -1,0 +1,15 @@
+"""Prefect tasks, one module per stage: cache keys, MLflow runs, checkpoints. No training math here."""
+
+import os
+
+# Defaults that make a new user's first run work offline on a fresh PREFECT_HOME (see README).
+for _name, _value in {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_UI_ENABLED": "false",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "GIT_PYTHON_REFRESH": "quiet",
+}.items():
+    os.environ.setdefault(_name, _value)

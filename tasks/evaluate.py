@@ -1,0 +1,19 @@
+from prefect import task
+
+from rlhf.config import EvalConfig, ModelConfig, from_dict
+from rlhf.stages import evaluate
+
+from .runner import run_stage
+
+
+@task(name="eval")
+def eval_stage(key: str, model: dict, eval_cfg: dict, has_gold: bool, data: dict, sft: dict, reward: dict, policy: dict, env: dict, fresh: bool = False) -> dict:
+    """Generate on held-out prompts with the tuned and the SFT policy; score, compare, log a sample table."""
+    m, c = from_dict(ModelConfig, model), from_dict(EvalConfig, eval_cfg)
+
+    def body(ctx):
+        out = evaluate.run(c, m.max_length, has_gold, data["data_dir"], policy["model_path"], sft["model_path"], reward["model_path"], ctx)
+        ctx.sink.log_table(out.pop("table"), "eval/samples.json")
+        return out
+
+    return run_stage("eval", key, env, fresh, body, seed=c.seed)

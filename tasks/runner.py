@@ -1,0 +1,67 @@
+"""What every stage task does around the ML: its folder, its nested MLflow run, its checkpoint artifact.
+
+``run_stage`` is the one place that turns ``rlhf.stages.<stage>.run`` into a tracked, cached step;
+``stage_options`` is the one cache policy: the key computed in :mod:`tasks.keys`, results persisted
+under ``paths.root``, and a file lock per key so concurrent runs never train the same stage twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from mlflow.tracking import MlflowClient
+from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.locking.filesystem import FileSystemLockManager
+
+from rlhf import runtime
+from rlhf.config import RuntimeConfig, from_dict
+from rlhf.stages.common import StageContext
+from rlhf.tracking import RunLogger
+
+
+def _key_from_parameters(_context, parameters: dict) -> str:
+    return parameters["key"]
+
+
+def _transient(_task, _task_run, state) -> bool:
+    """Retry only I/O and connection errors (a tracking server hiccup), never config or math errors."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in {"MlflowException", "RestException"}
+
+
+def stage_options(root: Path, refresh: bool, retries: int = 2) -> dict:
+    """Task options for a cached stage (``task.with_options(**stage_options(...))``)."""
+    policy = CacheKeyFnPolicy(cache_key_fn=_key_from_parameters).configure(
+        isolation_level="SERIALIZABLE",
+        lock_manager=FileSystemLockManager(lock_files_directory=root / "locks"),
+    )
+    return dict(
+        cache_policy=policy, persist_result=True, result_storage=root / "prefect-results", refresh_cache=refresh,
+        retries=retries, retry_delay_seconds=5, retry_condition_fn=_transient,
+    )
+
+
+def stage_dir(root: str | Path, stage: str, key: str) -> Path:
+    return Path(root) / "stages" / stage / key
+
+
+def run_stage(stage: str, key: str, env: dict, fresh: bool, body: Callable[[StageContext], dict], seed: int = 0) -> dict:
+    """Run ``body`` inside a nested MLflow run; return the stage's record (paths, run id, key, metrics).
+
+    ``env``: root, tracking_uri, experiment_id, parent_run_id, runtime. ``fresh``: ignore checkpoints.
+    """
+    client = MlflowClient(env["tracking_uri"])
+    run = RunLogger.create(client, env["experiment_id"], stage, {"stage": stage, "cache_key": key}, env["parent_run_id"])
+    device = runtime.setup(from_dict(RuntimeConfig, env["runtime"]), seed)
+    ctx = StageContext(stage_dir(env["root"], stage, key), run, device, fresh=fresh)
+    try:
+        result = body(ctx)
+        run.flush()
+        if (ctx.final_dir / "config.json").exists():
+            run.log_artifacts(ctx.final_dir, "checkpoint")
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    run.finish()
+    return {"stage": stage, "cache_key": key, "run_id": run.run_id, "out_dir": str(ctx.out_dir), **result}
