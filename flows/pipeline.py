@@ -26,13 +26,14 @@ from tasks.data import data_stage
 from tasks.dpo import dpo_stage
 from tasks.evaluate import eval_stage
 from tasks.keys import pipeline_keys
+from tasks.ppo import ppo_stage
 from tasks.reward import reward_stage
 from tasks.runner import stage_options
 from tasks.sft import sft_stage
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PROJECT_DIR = CONF_DIR.parent
-POLICY_TASKS = {"dpo": dpo_stage}
+POLICY_TASKS = {"dpo": dpo_stage, "ppo": ppo_stage}
 log = logging.getLogger(__name__)
 
 
@@ -119,7 +120,7 @@ def rlhf_pipeline(config: dict) -> dict:
         data = stage("data", data_stage, data=to_dict(cfg.data))
         sft = stage("sft", sft_stage, model=model, sft_cfg=to_dict(cfg.sft), data=data)
         reward = stage("reward", reward_stage, model=model, reward_cfg=to_dict(cfg.reward), data=data, sft=sft)
-        policy_inputs = {"reward": reward} if algo == "ppo" else {}
+        policy_inputs = {"reward": reward, "has_gold": cfg.data.source == "synthetic"} if algo == "ppo" else {}
         policy = stage(algo, POLICY_TASKS[algo], model=model, algo=to_dict(cfg.algo), data=data, sft=sft, **policy_inputs)
         evaluation = stage("eval", eval_stage, model=model, eval_cfg=to_dict(cfg.eval), has_gold=cfg.data.source == "synthetic",
                            data=data, sft=sft, reward=reward, policy=policy)

@@ -99,14 +99,20 @@ class OptimConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0.0)
     warmup_ratio: float = _f(0.05, "Share of steps with linear warm-up.", ge=0.0, lt=1.0)
     schedule: str = _f("cosine", "Decay after warm-up.", choices=["cosine", "linear", "constant"])
-    batch_size: int = _f(32, "Examples per optimizer step (across accumulation).", ge=1)
-    grad_accum: int = _f(1, "Micro-batches per optimizer step; must divide batch_size.", ge=1)
+    grad_accum: int = _f(1, "Micro-batches per optimizer step.", ge=1)
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.", gt=0.0)
-    epochs: float = _f(1.0, "Passes over the training data.", gt=0.0)
-    log_every: int = _f(10, "Log metrics every N optimizer steps (the first step is always logged).", ge=1)
-    eval_every: int = _f(50, "Evaluate every N optimizer steps.", ge=1)
-    checkpoint_every: int = _f(200, "Write a resumable checkpoint every N optimizer steps.", ge=1)
+    log_every: int = _f(10, "Log metrics every N steps (the first step is always logged).", ge=1)
+    eval_every: int = _f(50, "Evaluate every N steps.", ge=1)
+    checkpoint_every: int = _f(200, "Write a resumable checkpoint every N steps.", ge=1)
     seed: int = _f(0, "Seed of initialisation, shuffling and sampling.", ge=0)
+
+
+@dataclass
+class SupervisedConfig(OptimConfig):
+    """Epochs over a fixed dataset (SFT, reward, DPO)."""
+
+    batch_size: int = _f(32, "Examples per optimizer step (across accumulation).", ge=1)
+    epochs: float = _f(1.0, "Passes over the training data.", gt=0.0)
 
     def check(self, key: str) -> None:
         if self.batch_size % self.grad_accum:
@@ -117,12 +123,12 @@ class OptimConfig:
 
 
 @dataclass
-class SFTConfig(OptimConfig):
+class SFTConfig(SupervisedConfig):
     pass
 
 
 @dataclass
-class RewardConfig(OptimConfig):
+class RewardConfig(SupervisedConfig):
     center_rewards_coef: float = _f(0.0, "Penalty on the squared mean reward (keeps scores centred).", ge=0.0)
 
 
@@ -136,7 +142,7 @@ class SamplingConfig:
 
 
 @dataclass
-class DPOConfig(OptimConfig):
+class DPOConfig(SupervisedConfig):
     algo: str = _f("dpo", "Algorithm name.", choices=["dpo"])
     beta: float = _f(0.1, "KL strength: the inverse temperature of the implicit reward.", gt=0.0)
     label_smoothing: float = _f(0.0, "Conservative DPO: assumed label-flip rate.", ge=0.0, lt=0.5)
@@ -147,7 +153,7 @@ class PPOConfig(OptimConfig):
     algo: str = _f("ppo", "Algorithm name.", choices=["ppo"])
     beta: float = _f(0.05, "KL strength: per-token reward -beta * (log pi - log pi_ref) (initial value if adaptive).", gt=0.0)
     clip_range: float = _f(0.2, "PPO ratio clip epsilon.", gt=0.0, lt=1.0)
-    steps: int = _f(100, "PPO iterations (rollout + update).", ge=1)
+    steps: int = _f(100, "PPO iterations (rollout + update); log/eval/checkpoint_every count these.", ge=1)
     rollout_batch_size: int = _f(64, "Prompts sampled per PPO iteration.", ge=1)
     minibatch_size: int = _f(16, "Rollouts per optimizer step; must divide rollout_batch_size.", ge=1)
     ppo_epochs: int = _f(4, "Passes over each rollout batch.", ge=1)
@@ -168,7 +174,6 @@ class PPOConfig(OptimConfig):
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def check(self, key: str) -> None:
-        super().check(key)
         if self.rollout_batch_size % self.minibatch_size:
             raise ConfigError(
                 f"{key}.rollout_batch_size={self.rollout_batch_size} is not divisible by "

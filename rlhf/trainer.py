@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Protocol
 import torch
 
 from . import checkpoint
-from .config import OptimConfig
+from .config import OptimConfig, SupervisedConfig
 
 
 class NonFiniteLossError(RuntimeError):
@@ -154,7 +154,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def steps_for(n_examples: int, cfg: OptimConfig) -> int:
+def steps_for(n_examples: int, cfg: SupervisedConfig) -> int:
     return max(1, math.ceil(cfg.epochs * n_examples / cfg.batch_size))
 
 

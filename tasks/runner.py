@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.locking.filesystem import FileSystemLockManager
 
-from rlhf import runtime
+from rlhf import checkpoint, runtime
 from rlhf.config import RuntimeConfig, from_dict
 from rlhf.stages.common import StageContext
 from rlhf.tracking import RunLogger
@@ -60,6 +60,10 @@ def run_stage(stage: str, key: str, env: dict, fresh: bool, body: Callable[[Stag
         run.flush()
         if (ctx.final_dir / "config.json").exists():
             run.log_artifacts(ctx.final_dir, "checkpoint")
+        for ckpt in checkpoint.complete_checkpoints(ctx.ckpt_dir):
+            run.log_artifacts(ckpt, f"checkpoints/{ckpt.name}")
+        if (ctx.out_dir / "figures").exists():
+            run.log_artifacts(ctx.out_dir / "figures", "figures")
     except BaseException:
         run.finish("FAILED")
         raise
