@@ -68,9 +68,13 @@ class Stages:
     def __init__(self, cfg: PipelineConfig, keys: dict[str, str], env: dict, parent: RunLogger) -> None:
         self.cfg, self.keys, self.env, self.parent = cfg, keys, env, parent
         self.root = Path(cfg.paths.root)
+        # Refreshing a stage re-runs everything downstream of it too (their inputs change).
+        order = list(keys)
+        first = min((order.index(s) for s in cfg.refresh if s in order), default=len(order))
+        self.refreshed = set(order[first:])
 
     def __call__(self, name: str, task, **inputs) -> dict:
-        refresh = name in self.cfg.refresh
+        refresh = name in self.refreshed
         state = task.with_options(**stage_options(self.root, refresh))(
             key=self.keys[name], env=self.env, fresh=refresh, return_state=True, **inputs
         )

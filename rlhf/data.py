@@ -54,9 +54,9 @@ def _load_split(cfg: DataConfig, split: str):
 
     try:
         return datasets.load_dataset(cfg.path, data_files=cfg.data_files, split=split)
-    except (FileNotFoundError, ValueError) as e:
+    except Exception as e:  # datasets raises many types (missing files, empty files, offline hub); all mean the same here
         raise DatasetError(
-            f"data.path={cfg.path!r} split {split!r} could not be loaded ({e}). Fix: check data.path / data.data_files "
+            f"data.path={cfg.path!r} split {split!r} could not be loaded ({type(e).__name__}: {e}). Fix: check data.path / data.data_files "
             f"and data.train_split / data.test_split; offline, point data.path=json and data.data_files at local files."
         ) from e
 

@@ -1,0 +1,149 @@
+"""The real flow on the micro config: MLflow contents, lineage tags, Cached re-runs, partial re-runs."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from flows.pipeline import load_config, rlhf_pipeline
+
+from .conftest import micro_overrides
+
+pytestmark = pytest.mark.slow
+STAGES = ("data", "sft", "reward", "dpo", "eval")
+EVAL_METRICS = {"eval/gold_reward", "eval/sft_gold_reward", "eval/proxy_reward", "eval/kl", "eval/win_rate_gold", "eval/win_rate_proxy",
+                "eval/response_length", "eval/eos_rate", "eval/distinct_2", "eval/rm_accuracy"}
+STAGE_METRICS = {
+    "sft": {"sft/loss", "sft/eval_loss", "sft/tokens_per_s", "sft/lr", "sft/grad_norm"},
+    "reward": {"rm/loss", "rm/accuracy", "rm/eval_accuracy", "rm/margin", "rm/lr", "rm/grad_norm"},
+    "dpo": {"dpo/loss", "dpo/rewards_chosen", "dpo/rewards_rejected", "dpo/margin", "dpo/accuracy", "dpo/kl", "dpo/lr", "dpo/grad_norm"},
+}
+
+
+def stage_runs(client, parent_id):
+    runs = client.search_runs([r.info.experiment_id for r in [client.get_run(parent_id)]], f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {r.data.tags["stage"]: r for r in runs}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, prefect_server):
+    root = tmp_path_factory.mktemp("flow")
+    cfg = load_config(micro_overrides(root))
+    return root, cfg, rlhf_pipeline(cfg)
+
+
+def test_first_run_trains_every_stage_and_logs_everything(first_run):
+    root, cfg, result = first_run
+    assert result["cached"] == {s: False for s in STAGES}
+    client = MlflowClient(result["tracking_uri"])
+    parent = client.get_run(result["run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["algo.beta"] == str(cfg["algo"]["beta"]) and parent.data.params["model.n_layer"] == "2"
+    assert len(parent.data.tags["git_commit"]) >= 7
+    runs = stage_runs(client, result["run_id"])
+    assert set(runs) == set(STAGES)
+    for s in STAGES:
+        assert parent.data.tags[f"stage.{s}.cache_key"] == result["keys"][s]
+        assert parent.data.tags[f"stage.{s}.cached"] == "false"
+        assert parent.data.tags[f"stage.{s}.run_id"] == runs[s].info.run_id
+    for s, names in STAGE_METRICS.items():
+        assert names <= set(runs[s].data.metrics), (s, names - set(runs[s].data.metrics))
+    first_dpo = client.get_metric_history(runs["dpo"].info.run_id, "dpo/loss")[0]
+    assert first_dpo.step == 1 and first_dpo.value == pytest.approx(math.log(2), abs=0.01)
+    assert EVAL_METRICS <= set(runs["eval"].data.metrics) and EVAL_METRICS <= set(parent.data.metrics)
+    assert parent.data.metrics["eval/win_rate_gold"] == runs["eval"].data.metrics["eval/win_rate_gold"]
+
+
+def test_checkpoints_are_artifacts_that_load_with_from_pretrained(first_run, tmp_path):
+    _, _, result = first_run
+    client = MlflowClient(result["tracking_uri"])
+    runs = stage_runs(client, result["run_id"])
+    for stage, cls in (("sft", AutoModelForCausalLM), ("dpo", AutoModelForCausalLM), ("reward", AutoModelForSequenceClassification)):
+        local = mlflow.artifacts.download_artifacts(run_id=runs[stage].info.run_id, artifact_path="checkpoint", dst_path=str(tmp_path / stage),
+                                                    tracking_uri=result["tracking_uri"])
+        assert cls.from_pretrained(local) is not None
+    files = [f.path for f in client.list_artifacts(runs["eval"].info.run_id, "eval")]
+    assert "eval/samples.json" in files
+
+
+def test_a_markdown_summary_links_the_mlflow_run(first_run):
+    from prefect.client.orchestration import get_client
+
+    _, _, result = first_run
+    # Prefect 3.8's read_artifacts sends null paging fields that FastAPI 0.154 rejects: post a complete body.
+    body = {"artifacts": {"key": {"any_": ["rlhf-summary"]}}, "limit": 10, "offset": 0, "sort": "CREATED_DESC"}
+    with get_client(sync_client=True) as client:
+        artifacts = client._client.post("/artifacts/filter", json=body).json()
+    assert any(result["run_id"] in a["data"] and "eval/win_rate_gold" in a["data"] for a in artifacts)
+
+
+def test_second_run_is_fully_cached_with_the_same_lineage(first_run):
+    _, cfg, result = first_run
+    again = rlhf_pipeline(cfg)
+    assert again["cached"] == {s: True for s in STAGES}
+    client = MlflowClient(again["tracking_uri"])
+    tags = client.get_run(again["run_id"]).data.tags
+    first_tags = client.get_run(result["run_id"]).data.tags
+    for s in STAGES:
+        assert tags[f"stage.{s}.run_id"] == first_tags[f"stage.{s}.run_id"]  # produced by the first run
+    assert not stage_runs(client, again["run_id"])  # nothing trained, no stage runs
+    assert again["metrics"] == result["metrics"]
+
+
+def test_changing_beta_reruns_only_dpo_and_eval(first_run):
+    root, _, _ = first_run
+    r = rlhf_pipeline(load_config(micro_overrides(root, "algo.beta=0.5")))
+    assert r["cached"] == {"data": True, "sft": True, "reward": True, "dpo": False, "eval": False}
+
+
+def test_refresh_reruns_the_stage_and_what_follows(first_run):
+    root, _, _ = first_run
+    r = rlhf_pipeline(load_config(micro_overrides(root, "refresh=[dpo]")))
+    assert r["cached"] == {"data": True, "sft": True, "reward": True, "dpo": False, "eval": False}
+
+
+def test_ppo_pipeline_logs_every_step_and_the_kl_curve(first_run):
+    root, _, _ = first_run
+    r = rlhf_pipeline(load_config(micro_overrides(root, "experiment=micro_ppo")))
+    assert r["cached"] == {"data": True, "sft": True, "reward": True, "ppo": False, "eval": False}
+    client = MlflowClient(r["tracking_uri"])
+    run = stage_runs(client, r["run_id"])["ppo"]
+    names = {"ppo/kl", "ppo/kl_k3", "ppo/eos_rate", "ppo/kl_coef", "ppo/score", "ppo/reward", "ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac",
+             "ppo/approx_kl", "ppo/entropy", "ppo/response_length", "ppo/advantages_mean", "ppo/advantages_std", "ppo/explained_variance",
+             "ppo/gen_tokens_per_s", "ppo/train_tokens_per_s", "ppo/lr", "ppo/grad_norm"}
+    assert names <= set(run.data.metrics), names - set(run.data.metrics)
+    kl = client.get_metric_history(run.info.run_id, "ppo/kl")
+    assert [m.step for m in kl] == [1, 2, 3, 4] and abs(kl[0].value) < 1e-4
+    assert "figures/kl_curve.png" in [f.path for f in client.list_artifacts(run.info.run_id, "figures")]
+    assert [f.path for f in client.list_artifacts(run.info.run_id, "checkpoints")]
+
+
+def test_cli_first_run_on_fresh_homes_then_cached_in_a_new_process(tmp_path):
+    """As a new user: fresh PREFECT_HOME and MLflow store, offline; the second process finds everything Cached."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/store.db", "HF_HUB_OFFLINE": "1"}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, "-m", "flows.pipeline", "experiment=micro", f"paths.root={tmp_path / 'root'}"]
+    cwd = Path(__file__).resolve().parents[1]
+    for _ in range(2):
+        out = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("rlhf").experiment_id], "tags.pipeline = 'rlhf'", order_by=["start_time ASC"])
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert all(runs[1].data.tags[f"stage.{s}.cached"] == "true" for s in STAGES)
+    assert EVAL_METRICS <= set(runs[1].data.metrics)
+
+
+def test_cli_rejects_a_bad_value_before_any_training(tmp_path):
+    cmd = [sys.executable, "-m", "flows.pipeline", "experiment=micro", f"paths.root={tmp_path}", "algo.beta=-1"]
+    out = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PREFECT_HOME": str(tmp_path / "ph")})
+    assert out.returncode != 0
+    assert "algo.beta=-1" in out.stderr and "must be > 0" in out.stderr
+    assert not (tmp_path / "stages").exists()

@@ -1,0 +1,92 @@
+"""Every loss against hand-computed values and its defining properties."""
+
+import math
+
+import pytest
+import torch
+
+from rlhf import losses as L
+
+
+def test_sft_loss_averages_answer_tokens_only():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    loss, _ = L.sft_loss(logp, mask)
+    assert loss.item() == pytest.approx((2 + 3 + 4) / 3)
+
+
+def test_pairwise_loss_hand_computed():
+    rc, rr = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    loss, m = L.pairwise_loss(rc, rr)
+    expected = (math.log(1 + math.exp(-1.0)) + math.log(1 + math.exp(2.0))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert m["accuracy"].item() == 0.5 and m["margin"].item() == pytest.approx(-0.5)
+    centred, _ = L.pairwise_loss(rc, rr, center_coef=0.1)
+    assert centred.item() == pytest.approx(expected + 0.1 * (1.0 + 4.0) / 2, rel=1e-6)
+
+
+def test_dpo_loss_is_ln2_when_policy_equals_reference():
+    x = torch.tensor([-3.0, -7.5])
+    loss, m = L.dpo_loss(x, x - 1, x, x - 1, beta=0.1)
+    assert loss.item() == pytest.approx(math.log(2))
+    assert m["kl"].item() == 0 and m["margin"].item() == 0
+
+
+def test_dpo_loss_hand_computed():
+    # chosen ratio +1, rejected ratio -1 -> h = 0.5 * 2 = 1
+    loss, m = L.dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1.0)), rel=1e-6)
+    assert m["rewards_chosen"].item() == pytest.approx(0.5) and m["rewards_rejected"].item() == pytest.approx(-0.5)
+    assert m["accuracy"].item() == 1.0 and m["kl"].item() == pytest.approx(0.0)
+    smooth, _ = L.dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5, label_smoothing=0.2)
+    assert smooth.item() == pytest.approx(0.8 * math.log(1 + math.exp(-1.0)) + 0.2 * math.log(1 + math.exp(1.0)), rel=1e-6)
+
+
+def test_kl_estimators():
+    logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    assert torch.allclose(L.kl_k1(logp, ref), torch.tensor([0.5, -1.0]))
+    k3 = L.kl_k3(logp, ref)
+    assert torch.allclose(k3, torch.tensor([math.exp(-0.5) - 1 + 0.5, math.exp(1.0) - 1 - 1.0]))
+    assert (L.kl_k3(torch.randn(1000), torch.randn(1000)) >= 0).all()
+    assert L.kl_k3(logp, logp).abs().max() == 0
+
+
+def test_policy_loss_at_ratio_one_is_unclipped_with_no_clipping():
+    logp = torch.randn(4, 6)
+    adv, mask = torch.randn(4, 6), (torch.rand(4, 6) > 0.3).float()
+    loss, m = L.policy_loss(logp, logp.clone(), adv, mask, clip_range=0.2)
+    assert loss.item() == pytest.approx(L.masked_mean(-adv, mask).item(), abs=1e-6)
+    assert m["clipfrac"].item() == 0 and abs(m["approx_kl"].item()) < 1e-7
+
+
+def test_policy_loss_clips_hand_computed():
+    # ratio e^0.5 ~ 1.6487 with A = +1 and clip 0.2 -> the clipped term -1.2 is the max
+    logp, old = torch.tensor([[0.5, 0.0]]), torch.tensor([[0.0, 0.0]])
+    adv, mask = torch.tensor([[1.0, -2.0]]), torch.tensor([[1.0, 1.0]])
+    loss, m = L.policy_loss(logp, old, adv, mask, 0.2)
+    assert loss.item() == pytest.approx((-1.2 + 2.0) / 2, rel=1e-6)
+    assert m["clipfrac"].item() == 0.5
+
+
+def test_value_loss_hand_computed():
+    values, old = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]])
+    returns, mask = torch.tensor([[2.0, 1.0]]), torch.tensor([[1.0, 1.0]])
+    loss, m = L.value_loss(values, old, returns, mask, clip_range=0.5)
+    # token 1: max((1-2)^2, (0.5-2)^2) = 2.25; token 2: max(1, 1) = 1 -> 0.5 * mean = 0.8125
+    assert loss.item() == pytest.approx(0.8125)
+    assert m["value_clipfrac"].item() == 0.5
+
+
+def test_masked_positions_never_contribute():
+    logp, old, adv = torch.randn(3, 5), torch.randn(3, 5), torch.randn(3, 5)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]]).float()
+    garbage = torch.where(mask.bool(), 0.0, 1e6)
+    a, _ = L.policy_loss(logp, old, adv, mask, 0.2)
+    b, _ = L.policy_loss(logp + garbage, old - garbage, adv + garbage, mask, 0.2)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    va, _ = L.value_loss(logp, old, adv, mask, 0.2)
+    vb, _ = L.value_loss(logp + garbage, old, adv - garbage, mask, 0.2)
+    assert va.item() == pytest.approx(vb.item(), rel=1e-6)
+    sa, _ = L.sft_loss(logp, mask)
+    sb, _ = L.sft_loss(logp + garbage, mask)
+    assert sa.item() == pytest.approx(sb.item(), rel=1e-6)

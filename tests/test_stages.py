@@ -1,0 +1,138 @@
+"""Each stage trains for a few steps on tiny sizes: parameters move and the first metrics are exact."""
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhf.config import DataConfig, DPOConfig, EvalConfig, ModelConfig, PPOConfig, RewardConfig, SamplingConfig, SFTConfig
+from rlhf.stages import dpo, evaluate, ppo, prepare, reward, sft
+from rlhf.stages.common import StageContext
+from rlhf.trainer import NonFiniteLossError
+
+TINY_MODEL = ModelConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=300, max_length=48)
+LOOP = dict(batch_size=16, log_every=1, eval_every=2, checkpoint_every=2)
+
+
+class Recorder:
+    """A metric sink that keeps every point: metrics[name] = [(step, value), ...]."""
+
+    def __init__(self):
+        self.metrics = defaultdict(list)
+
+    def log_metrics(self, metrics, step):
+        for k, v in metrics.items():
+            self.metrics[k].append((step, v))
+
+    def first(self, name):
+        return self.metrics[name][0][1]
+
+
+def ctx(root: Path, name: str, **kw) -> StageContext:
+    return StageContext(root / name, Recorder(), torch.device("cpu"), **kw)
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    data = prepare.run(DataConfig(n_sft=64, n_pref=64, n_eval_prompts=16, n_eval_pref=16, n_ppo_prompts=32), ctx(root, "data"))
+    c = ctx(root, "sft")
+    s = sft.run(TINY_MODEL, SFTConfig(lr=3e-3, epochs=2, **LOOP), data["data_dir"], c)
+    r = reward.run(RewardConfig(lr=1e-3, **LOOP), TINY_MODEL.max_length, "float32", data["data_dir"], s["model_path"], ctx(root, "rm"))
+    return {"root": root, "data": data["data_dir"], "sft": s, "sft_sink": c.sink, "rm": r}
+
+
+def params_of(path):
+    return torch.cat([p.flatten() for p in AutoModelForCausalLM.from_pretrained(path).parameters()])
+
+
+def test_sft_learns_and_saves_a_loadable_checkpoint(upstream):
+    sink = upstream["sft_sink"]
+    losses = [v for _, v in sink.metrics["sft/loss"]]
+    assert losses[-1] < losses[0] - 0.5
+    assert {"sft/eval_loss", "sft/tokens_per_s", "sft/lr", "sft/grad_norm"} <= set(sink.metrics)
+    base, tuned = params_of(Path(upstream["sft"]["model_path"]).parent / "base"), params_of(upstream["sft"]["model_path"])
+    assert not torch.allclose(base, tuned)
+
+
+def test_dpo_first_loss_is_ln2_and_the_policy_moves(upstream):
+    c = ctx(upstream["root"], "dpo")
+    out = dpo.run(DPOConfig(lr=1e-3, beta=0.1, **LOOP), TINY_MODEL.max_length, "float32", upstream["data"], upstream["sft"]["model_path"], c)
+    assert c.sink.first("dpo/loss") == pytest.approx(math.log(2), abs=1e-4)
+    assert abs(c.sink.first("dpo/kl")) < 1e-4 and c.sink.first("dpo/margin") == pytest.approx(0, abs=1e-5)
+    assert {"dpo/rewards_chosen", "dpo/rewards_rejected", "dpo/accuracy", "dpo/eval_accuracy"} <= set(c.sink.metrics)
+    assert not torch.allclose(params_of(upstream["sft"]["model_path"]), params_of(out["model_path"]))
+
+
+def test_reward_model_starts_at_ln2(upstream):
+    # a zeroed head scores every answer 0: the first pairwise loss is exactly ln 2
+    assert Path(upstream["rm"]["model_path"], "config.json").exists()
+    assert 0 <= upstream["rm"]["metrics"]["rm/eval_accuracy"] <= 1
+
+
+def test_ppo_first_step_has_zero_kl_and_no_clipping(upstream):
+    c = ctx(upstream["root"], "ppo")
+    cfg = PPOConfig(steps=3, rollout_batch_size=8, minibatch_size=4, ppo_epochs=2, lr=1e-3, eval_every=2, checkpoint_every=2,
+                    sampling=SamplingConfig(max_new_tokens=8))
+    out = ppo.run(cfg, TINY_MODEL.max_length, "float32", True, upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], c)
+    m = c.sink
+    assert abs(m.first("ppo/kl")) < 1e-4 and abs(m.first("ppo/kl_k3")) < 1e-4
+    assert m.first("ppo/clipfrac_first_minibatch") == 0 and abs(m.first("ppo/approx_kl_first_minibatch")) < 1e-6
+    assert [s for s, _ in m.metrics["ppo/kl"]] == [1, 2, 3]
+    assert all(v >= 0 for _, v in m.metrics["ppo/kl_k3"])
+    assert m.first("ppo/kl_coef") == pytest.approx(cfg.beta)
+    assert not torch.allclose(params_of(upstream["sft"]["model_path"]), params_of(out["model_path"]))
+    assert (c.out_dir / "figures" / "kl_curve.png").stat().st_size > 1000
+    assert (c.ckpt_dir / "step-000012" / "COMPLETE").exists()  # 3 iterations x 2 epochs x 2 minibatches
+
+
+def test_evaluation_of_the_sft_policy_against_itself_is_a_tie(upstream):
+    s = upstream["sft"]["model_path"]
+    out = evaluate.run(EvalConfig(n_prompts=16, sampling=SamplingConfig(max_new_tokens=8)), TINY_MODEL.max_length, True, upstream["data"],
+                       s, s, upstream["rm"]["model_path"], ctx(upstream["root"], "eval"))
+    m = out["metrics"]
+    assert m["eval/win_rate_gold"] == 0.5 and m["eval/win_rate_proxy"] == 0.5 and abs(m["eval/kl"]) < 1e-4
+    assert m["eval/gold_reward"] == m["eval/sft_gold_reward"]
+    assert 0 <= m["eval/eos_rate"] <= 1 and 0 <= m["eval/distinct_2"] <= 1
+    assert len(out["table"]["prompt"]) == EvalConfig().n_samples_table or len(out["table"]["prompt"]) == 16
+
+
+def test_a_nan_loss_names_the_step_and_keeps_the_last_checkpoint(upstream, monkeypatch):
+    c = ctx(upstream["root"], "sft-nan")
+    calls = {"n": 0}
+    real = sft.sft_loss
+
+    def poisoned(logp, mask):
+        calls["n"] += 1
+        loss, m = real(logp, mask)
+        return (loss * float("nan"), m) if calls["n"] == 3 else (loss, m)
+
+    monkeypatch.setattr(sft, "sft_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match="step 3"):
+        sft.run(TINY_MODEL, SFTConfig(lr=3e-3, **LOOP), upstream["data"], c)
+    assert (c.ckpt_dir / "step-000002" / "COMPLETE").exists()
+    assert AutoModelForCausalLM.from_pretrained(c.ckpt_dir / "step-000002" / "policy") is not None
+
+
+def test_a_failed_stage_resumes_from_its_last_checkpoint(upstream, monkeypatch):
+    c = ctx(upstream["root"], "sft-resume")
+    cfg = SFTConfig(lr=3e-3, epochs=2, **LOOP)
+
+    def crash_at_step_5(trainer_step, original=sft.Trainer.optimizer_step):
+        def step(self, *a, **kw):
+            if self.step == 4:
+                raise KeyboardInterrupt("killed")
+            return original(self, *a, **kw)
+        return step
+
+    monkeypatch.setattr(sft.Trainer, "optimizer_step", crash_at_step_5(None))
+    with pytest.raises(KeyboardInterrupt):
+        sft.run(TINY_MODEL, cfg, upstream["data"], c)
+    monkeypatch.undo()
+    resumed = ctx(upstream["root"], "sft-resume")
+    out = sft.run(TINY_MODEL, cfg, upstream["data"], resumed)
+    steps = [s for s, _ in resumed.sink.metrics["sft/loss"]]
+    assert steps[0] == 5 and out["steps"] == steps[-1] == 8  # continued at step 5, ended at the configured total
