@@ -209,7 +209,7 @@ class PathsConfig:
 @dataclass
 class RuntimeConfig:
     device: str = _f("auto", "auto, cpu, cuda or cuda:N.")
-    threads: int = _f(0, "torch intra-op threads (0: one per physical core, at most 4).", ge=0)
+    threads: int = _f(0, "torch intra-op threads (0: every core, at most 4).", ge=0)
 
 
 ALGO_SCHEMAS = {"dpo": DPOConfig, "ppo": PPOConfig}
