@@ -20,8 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from rlhf.config import PipelineConfig, flatten, to_dict, validate
-from rlhf.tracking import RunLogger, check_reachable, experiment_id, resolve_uri
+from rlhf.config import ConfigError, PipelineConfig, flatten, to_dict, validate
+from rlhf.preflight import preflight
+from rlhf.tracking import RunLogger, experiment_id
 from tasks.data import data_stage
 from tasks.dpo import dpo_stage
 from tasks.evaluate import eval_stage
@@ -104,10 +105,9 @@ def summary_markdown(cfg: PipelineConfig, metrics: dict, tracking_uri: str, exp_
 def rlhf_pipeline(config: dict) -> dict:
     """data -> SFT -> reward -> DPO | PPO -> eval, every stage cached on its key; one parent MLflow run."""
     cfg = validate(config)
+    uri = preflight(cfg)
     root = Path(cfg.paths.root)
     root.mkdir(parents=True, exist_ok=True)
-    uri = resolve_uri(cfg.tracking, root)
-    check_reachable(uri, cfg.tracking.connect_timeout_s)
     client = MlflowClient(uri)
     exp_id = experiment_id(client, cfg.tracking.experiment, root, uri)
     algo = cfg.algo.algo
@@ -145,13 +145,24 @@ def rlhf_pipeline(config: dict) -> dict:
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     """Hydra app: compose, validate (fails before any training), run the flow; returns the objective."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from flows.sweep import sweep_id_for
+
     logging.getLogger("httpx").setLevel(logging.WARNING)
     container = to_container(cfg)
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN and not container.get("sweep_id"):
+        container["sweep_id"] = sweep_id_for(hydra_cfg.sweep.dir)
     validate(container)
     result = rlhf_pipeline(container)
     m = result["metrics"]
     print("\n".join(f"{k:28s} {v:.4f}" for k, v in sorted(m.items())))
-    return float(m.get("eval/gold_reward", m.get("eval/proxy_reward", 0.0)))
+    if container["objective"] not in m:
+        raise ConfigError(f"objective={container['objective']} is not an eval metric of this run ({sorted(m)}). "
+                          f"Fix: pass objective=eval/proxy_reward (data without a gold reward).")
+    return float(m[container["objective"]])
 
 
 if __name__ == "__main__":

@@ -228,6 +228,7 @@ class PipelineConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     refresh: list = _f([], "Stages to re-run even when cached, e.g. [dpo].")
     sweep_id: Optional[str] = _f(None, "Set by multirun: groups the parent runs of one sweep.")
+    objective: str = _f("eval/gold_reward", "Metric the app returns to Hydra sweepers (maximised by hparams_search).")
     tags: dict = _f({}, "Extra tags for the parent MLflow run.")
 
 

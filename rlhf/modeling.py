@@ -76,7 +76,7 @@ def build_tiny(cfg: ModelConfig, corpus: Iterable[str], out_dir: Path) -> Path:
     return out_dir
 
 
-def _check_source(name_or_path: str, key: str) -> None:
+def check_model_source(name_or_path: str, key: str) -> None:
     """Fail early, naming the key, if a local-looking path does not exist (hub ids pass through)."""
     looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]
     if looks_local and not Path(name_or_path).expanduser().exists():
@@ -87,7 +87,7 @@ def _check_source(name_or_path: str, key: str) -> None:
 
 
 def load_tokenizer(path: str, key: str = "model.pretrained") -> PreTrainedTokenizerFast:
-    _check_source(path, key)
+    check_model_source(path, key)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as e:
@@ -105,7 +105,7 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 def load_policy(path: str, tokenizer, dtype: str = "float32", key: str = "model.pretrained") -> torch.nn.Module:
     """A causal LM from a folder or hub id, its embeddings resized to the tokenizer if needed."""
-    _check_source(path, key)
+    check_model_source(path, key)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype))
     except OSError as e:

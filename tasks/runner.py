@@ -46,15 +46,33 @@ def stage_dir(root: str | Path, stage: str, key: str) -> Path:
     return Path(root) / "stages" / stage / key
 
 
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def _resumed_run(client: MlflowClient, out_dir: Path) -> RunLogger | None:
+    """A stage that failed after a checkpoint continues in its own MLflow run, so its metrics continue at their steps."""
+    if not (checkpoint.latest(out_dir / "ckpt") and (out_dir / RUN_ID_FILE).exists()):
+        return None
+    run_id = (out_dir / RUN_ID_FILE).read_text().strip()
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, "resumed", "true")
+    return RunLogger(client, run_id)
+
+
 def run_stage(stage: str, key: str, env: dict, fresh: bool, body: Callable[[StageContext], dict], seed: int = 0) -> dict:
     """Run ``body`` inside a nested MLflow run; return the stage's record (paths, run id, key, metrics).
 
     ``env``: root, tracking_uri, experiment_id, parent_run_id, runtime. ``fresh``: ignore checkpoints.
     """
     client = MlflowClient(env["tracking_uri"])
-    run = RunLogger.create(client, env["experiment_id"], stage, {"stage": stage, "cache_key": key}, env["parent_run_id"])
+    out_dir = stage_dir(env["root"], stage, key)
+    run = _resumed_run(client, out_dir) if not fresh else None
+    if run is None:
+        run = RunLogger.create(client, env["experiment_id"], stage, {"stage": stage, "cache_key": key}, env["parent_run_id"])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / RUN_ID_FILE).write_text(run.run_id)
     device = runtime.setup(from_dict(RuntimeConfig, env["runtime"]), seed)
-    ctx = StageContext(stage_dir(env["root"], stage, key), run, device, fresh=fresh)
+    ctx = StageContext(out_dir, run, device, fresh=fresh)
     try:
         result = body(ctx)
         run.flush()
