@@ -67,11 +67,14 @@ def experiment_id(client: MlflowClient, name: str, root: Path, uri: str) -> str:
 
 
 class RunLogger:
-    """Logs to one MLflow run. Metrics are buffered and sent with ``log_batch`` (cheap per point)."""
+    """Logs to one MLflow run. Metrics are buffered and sent with ``log_batch`` (cheap per point) every
+    ``flush_every`` points or ``flush_seconds``, whichever comes first, so a killed process loses at most
+    the last few seconds of metrics (and none before its last checkpoint: the trainer flushes there)."""
 
-    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 200) -> None:
-        self.client, self.run_id, self.flush_every = client, run_id, flush_every
+    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 200, flush_seconds: float = 5.0) -> None:
+        self.client, self.run_id, self.flush_every, self.flush_seconds = client, run_id, flush_every, flush_seconds
         self._buffer: list[Metric] = []
+        self._last_flush = time.monotonic()
 
     @classmethod
     def create(cls, client: MlflowClient, experiment: str, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> "RunLogger":
@@ -84,10 +87,11 @@ class RunLogger:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         ts = int(time.time() * 1000)
         self._buffer.extend(Metric(k, float(v), ts, int(step)) for k, v in metrics.items())
-        if len(self._buffer) >= self.flush_every:
+        if len(self._buffer) >= self.flush_every or time.monotonic() - self._last_flush > self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
+        self._last_flush = time.monotonic()
         while self._buffer:
             chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
             self.client.log_batch(self.run_id, metrics=chunk)

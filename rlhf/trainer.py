@@ -28,6 +28,8 @@ class NonFiniteLossError(RuntimeError):
 class MetricSink(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
+    def flush(self) -> None: ...
+
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """Multiplier of the peak learning rate at a step: linear warm-up, then cosine / linear / constant."""
@@ -136,6 +138,7 @@ class Trainer:
 
     def save(self, extra_state: dict | None = None) -> Path:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "extra": extra_state or {}}
+        self.sink.flush()  # metrics up to a checkpoint are never lost with the process
         return checkpoint.save(self.ckpt_dir, self.step, self.models, self.tokenizer, state)
 
     def load(self, ckpt: Path) -> dict:

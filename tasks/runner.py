@@ -12,12 +12,13 @@ from typing import Callable
 
 from mlflow.tracking import MlflowClient
 from prefect.cache_policies import CacheKeyFnPolicy
-from prefect.locking.filesystem import FileSystemLockManager
 
 from rlhf import checkpoint, runtime
 from rlhf.config import RuntimeConfig, from_dict
 from rlhf.stages.common import StageContext
 from rlhf.tracking import RunLogger
+
+from .locking import ProcessFileLockManager
 
 
 def _key_from_parameters(_context, parameters: dict) -> str:
@@ -34,7 +35,7 @@ def stage_options(root: Path, refresh: bool, retries: int = 2) -> dict:
     """Task options for a cached stage (``task.with_options(**stage_options(...))``)."""
     policy = CacheKeyFnPolicy(cache_key_fn=_key_from_parameters).configure(
         isolation_level="SERIALIZABLE",
-        lock_manager=FileSystemLockManager(lock_files_directory=root / "locks"),
+        lock_manager=ProcessFileLockManager(lock_files_directory=root / "locks"),
     )
     return dict(
         cache_policy=policy, persist_result=True, result_storage=root / "prefect-results", refresh_cache=refresh,

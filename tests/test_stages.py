@@ -27,6 +27,9 @@ class Recorder:
         for k, v in metrics.items():
             self.metrics[k].append((step, v))
 
+    def flush(self):
+        pass
+
     def first(self, name):
         return self.metrics[name][0][1]
 

@@ -1,0 +1,113 @@
+"""Concurrent runs share one training per stage; a killed run resumes from its last checkpoint; sweeps."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def pipeline_cmd(root: Path, *overrides: str, multirun: bool = False) -> list[str]:
+    flags = ["--multirun"] if multirun else []
+    return [sys.executable, "-m", "flows.pipeline", *flags, f"paths.root={root}", f"tracking.uri=sqlite:///{root}/mlflow.db", *overrides]
+
+
+def env_for(home: Path) -> dict:
+    env = {**os.environ, "PREFECT_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    env.pop("PREFECT_API_URL", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def runs_of(root: Path, query: str):
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    return client, client.search_runs([client.get_experiment_by_name("rlhf").experiment_id], query, max_results=1000)
+
+
+def prepare_store(root: Path) -> None:
+    """Create the store and the experiment before fanning out (concurrent SQLite migrations race)."""
+    from rlhf.tracking import experiment_id
+
+    root.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{root}/mlflow.db"
+    experiment_id(MlflowClient(uri), "rlhf", root, uri)
+
+
+def test_two_concurrent_runs_train_each_stage_once(tmp_path):
+    root = tmp_path / "root"
+    prepare_store(root)
+    procs = [subprocess.Popen(pipeline_cmd(root, "experiment=micro"), cwd=PROJECT, env=env_for(tmp_path / f"home{i}"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    _, sft_runs = runs_of(root, "tags.stage = 'sft'")
+    _, parents = runs_of(root, "tags.pipeline = 'rlhf'")
+    assert len(sft_runs) == 1 and len(parents) == 2
+    assert sorted(p.data.tags["stage.sft.cached"] for p in parents) == ["false", "true"]
+    assert len({p.data.tags["stage.sft.run_id"] for p in parents}) == 1
+
+
+def test_kill_9_mid_ppo_then_rerun_resumes_to_exactly_the_configured_steps(tmp_path):
+    root, steps = tmp_path / "root", 30
+    cmd = pipeline_cmd(root, "experiment=micro_ppo", f"algo.steps={steps}", "algo.checkpoint_every=2", "algo.eval_every=100")
+    env = env_for(tmp_path / "home")
+    proc = subprocess.Popen(cmd, cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list(root.glob("stages/ppo/*/ckpt/step-*/COMPLETE")):
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before a PPO checkpoint could be interrupted"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(int(p.parent.name.split("-")[1]) for p in root.glob("stages/ppo/*/ckpt/step-*/COMPLETE"))
+
+    out = subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client, parents = runs_of(root, "tags.pipeline = 'rlhf' and attributes.status = 'FINISHED'")
+    assert len(parents) == 1
+    tags = parents[0].data.tags
+    assert all(tags[f"stage.{s}.cached"] == "true" for s in ("data", "sft", "reward"))
+    ppo_run = client.get_run(tags["stage.ppo.run_id"])
+    assert ppo_run.data.tags.get("resumed") == "true" and ppo_run.info.status == "FINISHED"
+    kl = client.get_metric_history(ppo_run.info.run_id, "ppo/kl")
+    steps_logged = [m.step for m in kl]
+    assert max(steps_logged) == steps and steps_logged.count(1) == 1  # continued, not restarted from step 0
+    updates_per_step = 2 * (16 // 8)  # micro_ppo: ppo_epochs x rollouts / minibatch
+    final = sorted(root.glob("stages/ppo/*/ckpt/step-*/COMPLETE"))[-1]
+    assert int(final.parent.name.split("-")[1]) == steps * updates_per_step > killed_at
+
+
+def test_a_multirun_sweep_shares_upstream_stages_and_logs_a_summary(tmp_path):
+    root = tmp_path / "root"
+    cmd = pipeline_cmd(root, "experiment=micro_ppo", "algo.beta=0.02,0.1", "algo.clip_range=0.1,0.2", multirun=True)
+    out = subprocess.run(cmd, cwd=PROJECT, env=env_for(tmp_path / "home"), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client, parents = runs_of(root, "tags.pipeline = 'rlhf'")
+    assert len(parents) == 4 and len({p.data.tags["sweep_id"] for p in parents}) == 1
+    assert {(p.data.params["algo.beta"], p.data.params["algo.clip_range"]) for p in parents} == {
+        ("0.02", "0.1"), ("0.02", "0.2"), ("0.1", "0.1"), ("0.1", "0.2")}
+    for stage, n in (("sft", 1), ("reward", 1), ("ppo", 4), ("eval", 4)):
+        assert len(runs_of(root, f"tags.stage = '{stage}'")[1]) == n, stage
+    _, summary = runs_of(root, "tags.sweep_summary = 'true'")
+    assert len(summary) == 1 and summary[0].data.tags["sweep_id"] == parents[0].data.tags["sweep_id"]
+    files = {f.path for f in client.list_artifacts(summary[0].info.run_id, "sweep")}
+    assert {"sweep/kl_curves.png", "sweep/reward_vs_kl.png", "sweep/members.json"} <= files
+
+
+def test_optuna_search_runs_trials_as_mlflow_runs(tmp_path):
+    root = tmp_path / "root"
+    cmd = pipeline_cmd(root, "hparams_search=ppo_optuna", "experiment=micro_ppo", "hydra.sweeper.n_trials=2")
+    out = subprocess.run(cmd, cwd=PROJECT, env=env_for(tmp_path / "home"), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _, parents = runs_of(root, "tags.pipeline = 'rlhf'")
+    assert len(parents) == 2 and all("eval/gold_reward" in p.data.metrics for p in parents)
+    results = list(root.glob("hydra/multirun/*/*/optimization_results.yaml"))
+    assert results and "best_value" in results[0].read_text()
