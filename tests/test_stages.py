@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from rlhf.config import DataConfig, DPOConfig, EvalConfig, ModelConfig, PPOConfig, RewardConfig, SamplingConfig, SFTConfig
 from rlhf.stages import dpo, evaluate, ppo, prepare, reward, sft
 from rlhf.stages.common import StageContext
-from rlhf.trainer import NonFiniteLossError
+from rlhf.trainer import NonFiniteLossError, Trainer
 
 TINY_MODEL = ModelConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=300, max_length=48)
 LOOP = dict(batch_size=16, log_every=1, eval_every=2, checkpoint_every=2)
@@ -124,14 +124,14 @@ def test_a_failed_stage_resumes_from_its_last_checkpoint(upstream, monkeypatch):
     c = ctx(upstream["root"], "sft-resume")
     cfg = SFTConfig(lr=3e-3, epochs=2, **LOOP)
 
-    def crash_at_step_5(trainer_step, original=sft.Trainer.optimizer_step):
+    def crash_at_step_5(trainer_step, original=Trainer.optimizer_step):
         def step(self, *a, **kw):
             if self.step == 4:
                 raise KeyboardInterrupt("killed")
             return original(self, *a, **kw)
         return step
 
-    monkeypatch.setattr(sft.Trainer, "optimizer_step", crash_at_step_5(None))
+    monkeypatch.setattr(Trainer, "optimizer_step", crash_at_step_5(None))
     with pytest.raises(KeyboardInterrupt):
         sft.run(TINY_MODEL, cfg, upstream["data"], c)
     monkeypatch.undo()

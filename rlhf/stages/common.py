@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint
-from ..trainer import MetricSink
+from ..config import SupervisedConfig
+from ..trainer import MetricSink, Trainer, steps_for
 
 
 @dataclass
@@ -42,3 +43,13 @@ class StageContext:
 def batched(fn, n: int, batch_size: int):
     """Apply ``fn(indices)`` over 0..n-1 in batches and concatenate the (tensor) results."""
     return torch.cat([fn(torch.arange(i, min(i + batch_size, n))) for i in range(0, n, batch_size)])
+
+
+def supervised_trainer(name: str, model: torch.nn.Module, tokenizer, cfg: SupervisedConfig, n_examples: int, prefix: str,
+                       ctx: StageContext, resume: Path | None) -> Trainer:
+    """The shared trainer for one model over a fixed dataset, restored from ``resume`` when given."""
+    trainer = Trainer({name: model}, tokenizer, cfg, steps_for(n_examples, cfg), prefix, ctx.sink, ctx.ckpt_dir)
+    if resume:
+        trainer.load(resume)
+    model.train()
+    return trainer

@@ -8,8 +8,8 @@ from ..config import DPOConfig
 from ..data import Encoded, load_split
 from ..losses import dpo_loss
 from ..modeling import disable_dropout, load_policy, load_tokenizer, save_pretrained_atomic, token_logprobs
-from ..trainer import Trainer, fit, steps_for
-from .common import StageContext, batched
+from ..trainer import fit
+from .common import StageContext, batched, supervised_trainer
 from .reward import encode_preferences
 
 
@@ -39,10 +39,7 @@ def run(cfg: DPOConfig, max_length: int, dtype: str, data_dir: str, sft_path: st
     resume = ctx.resume_point()
     policy = load_policy(str(resume / "policy") if resume else sft_path, tokenizer, dtype).to(ctx.device)
     disable_dropout(policy)
-    trainer = Trainer({"policy": policy}, tokenizer, cfg, steps_for(len(rows), cfg), "dpo", ctx.sink, ctx.ckpt_dir)
-    if resume:
-        trainer.load(resume)
-    policy.train()
+    trainer = supervised_trainer("policy", policy, tokenizer, cfg, len(rows), "dpo", ctx, resume)
 
     def micro_loss(idx: torch.Tensor):
         pc, pr, tokens = pair_logps(policy, chosen, rejected, idx, ctx.device)

@@ -8,8 +8,8 @@ from ..config import RewardConfig
 from ..data import Encoded, encode_pairs, load_split
 from ..losses import pairwise_loss
 from ..modeling import load_scalar_model, load_tokenizer, save_pretrained_atomic, sequence_scores
-from ..trainer import Trainer, fit, steps_for
-from .common import StageContext, batched
+from ..trainer import fit
+from .common import StageContext, batched, supervised_trainer
 
 
 def encode_preferences(tokenizer, rows: list[dict], max_length: int) -> tuple[Encoded, Encoded]:
@@ -50,10 +50,7 @@ def run(cfg: RewardConfig, max_length: int, dtype: str, data_dir: str, sft_path:
     rows, held = load_split(data_dir, "pref"), load_split(data_dir, "eval_pref")
     chosen, rejected = encode_preferences(tokenizer, rows, max_length)
 
-    trainer = Trainer({"reward": model}, tokenizer, cfg, steps_for(len(rows), cfg), "rm", ctx.sink, ctx.ckpt_dir)
-    if resume:
-        trainer.load(resume)
-    model.train()
+    trainer = supervised_trainer("reward", model, tokenizer, cfg, len(rows), "rm", ctx, resume)
 
     def micro_loss(idx: torch.Tensor):
         r_c, r_r, tokens = pair_scores(model, chosen, rejected, idx, ctx.device)

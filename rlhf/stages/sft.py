@@ -11,8 +11,8 @@ from ..config import ModelConfig, SFTConfig
 from ..data import encode_pairs, load_split
 from ..losses import sft_loss
 from ..modeling import build_tiny, load_policy, load_tokenizer, save_pretrained_atomic, token_logprobs
-from ..trainer import Trainer, fit, steps_for
-from .common import StageContext, batched
+from ..trainer import fit
+from .common import StageContext, batched, supervised_trainer
 
 EVAL_SHARE = 0.05  # demonstrations held out for sft/eval_loss
 
@@ -43,10 +43,7 @@ def run(model_cfg: ModelConfig, cfg: SFTConfig, data_dir: str, ctx: StageContext
     train = encode_pairs(tokenizer, [r["prompt"] for r in rows[n_eval:]], [r["response"] for r in rows[n_eval:]], model_cfg.max_length)
     held = encode_pairs(tokenizer, [r["prompt"] for r in rows[:n_eval]], [r["response"] for r in rows[:n_eval]], model_cfg.max_length) if n_eval else None
 
-    trainer = Trainer({"policy": model}, tokenizer, cfg, steps_for(len(train), cfg), "sft", ctx.sink, ctx.ckpt_dir)
-    if resume:
-        trainer.load(resume)
-    model.train()
+    trainer = supervised_trainer("policy", model, tokenizer, cfg, len(train), "sft", ctx, resume)
 
     def micro_loss(idx: torch.Tensor):
         b = train.batch(idx).to(ctx.device)
