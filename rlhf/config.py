@@ -78,6 +78,7 @@ class DataConfig:
     format: str = _f("hh", "Row format: hh (chosen/rejected dialogues sharing a prompt) or columns.", choices=["hh", "columns"])
     columns: dict = _f({"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}, "Column mapping for format=columns.")
     max_rows: Optional[int] = _f(None, "Keep at most this many training rows (null: all).", ge=1)
+    max_prompt_chars: Optional[int] = _f(None, "Drop rows whose prompt is longer (characters; null: keep all). Prompts past the model's context fail loudly otherwise.", ge=1)
 
     def check(self, key: str) -> None:
         if self.source == "hub" and not self.path:

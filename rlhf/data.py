@@ -78,7 +78,13 @@ def _rows(cfg: DataConfig, split: str) -> list[dict]:
     else:
         c = cfg.columns
         rows = [{"prompt": p, "chosen": ch, "rejected": rj} for p, ch, rj in zip(ds[c["prompt"]], ds[c["chosen"]], ds[c["rejected"]])]
-    return [r for r in rows if r["prompt"] and r["chosen"].strip() and r["rejected"].strip() and r["chosen"] != r["rejected"]]
+    rows = [r for r in rows if r["prompt"] and r["chosen"].strip() and r["rejected"].strip() and r["chosen"] != r["rejected"]]
+    if cfg.max_prompt_chars:
+        rows = [r for r in rows if len(r["prompt"]) <= cfg.max_prompt_chars]
+    if not rows:
+        raise DatasetError(f"dataset {cfg.path!r} split {split!r} has no usable rows left (data.max_prompt_chars={cfg.max_prompt_chars}). "
+                           f"Fix: raise data.max_prompt_chars or check the data.")
+    return rows
 
 
 def _hub_splits(cfg: DataConfig) -> dict[str, list[dict]]:

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from flows.pipeline import load_config, rlhf_pipeline
 
-from .conftest import micro_overrides
+from .conftest import SHARED_HH, micro_overrides
 
 pytestmark = pytest.mark.slow
 STAGES = ("data", "sft", "reward", "dpo", "eval")
@@ -147,3 +147,16 @@ def test_cli_rejects_a_bad_value_before_any_training(tmp_path):
     assert out.returncode != 0
     assert "algo.beta=-1" in out.stderr and "must be > 0" in out.stderr
     assert not (tmp_path / "stages").exists()
+
+
+@pytest.mark.skipif(not SHARED_HH.exists(), reason="needs ../shared/data/hh-rlhf (present in CI, absent in a user's clone)")
+def test_real_data_path_on_the_hh_rlhf_slice(tmp_path, prefect_server):
+    """The hub-dataset path, offline: HH-RLHF rows through `datasets`, the tiny model, DPO, proxy-only eval."""
+    small = ["experiment=hh_local_tiny", f"data.data_files={SHARED_HH}", "data.n_sft=64", "data.n_pref=64", "data.n_eval_prompts=8",
+             "data.n_eval_pref=16", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "eval.n_prompts=8", "eval.sampling.max_new_tokens=8",
+             "runtime.threads=1", f"paths.root={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    r = rlhf_pipeline(load_config(small))
+    m = r["metrics"]
+    assert {"eval/proxy_reward", "eval/win_rate_proxy", "eval/kl", "eval/rm_accuracy"} <= set(m)
+    assert "eval/gold_reward" not in m  # no gold reward for real data
+    assert AutoModelForCausalLM.from_pretrained(r["policy_path"]) is not None
