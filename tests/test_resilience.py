@@ -100,6 +100,25 @@ def test_a_multirun_sweep_shares_upstream_stages_and_logs_a_summary(tmp_path):
     assert len(summary) == 1 and summary[0].data.tags["sweep_id"] == parents[0].data.tags["sweep_id"]
     files = {f.path for f in client.list_artifacts(summary[0].info.run_id, "sweep")}
     assert {"sweep/kl_curves.png", "sweep/reward_vs_kl.png", "sweep/members.json"} <= files
+    run_comparison_notebook(root, tmp_path / "figures", n_members=4)
+
+
+def run_comparison_notebook(root: Path, figures: Path, n_members: int) -> None:
+    """Execute notebooks/compare_runs.ipynb against the store the sweep filled; its figures are saved."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(PROJECT / "notebooks" / "compare_runs.ipynb", as_version=4)
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "RLHF_FIGURES_DIR": str(figures)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the kernel inherits the environment
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(PROJECT)}}).execute()
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert f"{n_members} finished members" in "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert (figures / "kl_curves.png").stat().st_size > 1000 and (figures / "reward_vs_kl.png").stat().st_size > 1000
 
 
 def test_optuna_search_runs_trials_as_mlflow_runs(tmp_path):
