@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import synthetic
-from .config import ConfigError, DataConfig
+from .config import DataConfig
 
 SPLITS = ("sft", "pref", "eval_prompts", "eval_pref", "ppo_prompts")
 HH_SEPARATOR = "\n\nAssistant:"
@@ -222,8 +222,3 @@ def left_pad(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Ten
         mask[i, width - len(x):] = 1
     return out, mask
 
-
-def require_columns(rows: list[dict], columns: tuple[str, ...], split: str) -> None:
-    missing = [c for c in columns if c not in rows[0]]
-    if missing:
-        raise ConfigError(f"split {split!r} lacks {missing}. Fix: re-run the data stage (refresh=[data]).")

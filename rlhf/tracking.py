@@ -107,9 +107,6 @@ class RunLogger:
     def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
-    def log_artifact(self, local_file: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(local_file), artifact_path)
-
     def log_table(self, data: dict[str, list], artifact_file: str) -> None:
         self.client.log_table(self.run_id, data=data, artifact_file=artifact_file)
 

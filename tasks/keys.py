@@ -22,7 +22,7 @@ STAGE_CODE = {
     "sft": _TRAIN + ["rlhf.stages.sft"],
     "reward": _TRAIN + ["rlhf.stages.reward"],
     "dpo": _TRAIN + ["rlhf.stages.reward", "rlhf.stages.dpo"],
-    "ppo": _TRAIN + ["rlhf.rollout", "rlhf.advantages", "rlhf.kl_control", "rlhf.stages.ppo"],
+    "ppo": _TRAIN + ["rlhf.rollout", "rlhf.advantages", "rlhf.kl_control", "rlhf.synthetic", "rlhf.stages.ppo"],
     "eval": _SHARED + ["rlhf.rollout", "rlhf.synthetic", "rlhf.stages.reward", "rlhf.stages.evaluate"],
 }
 
