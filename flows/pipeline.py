@@ -2,7 +2,8 @@
 
 Entry points:
     python -m flows.pipeline [hydra overrides]      (also the console script ``rlhf-pipeline``)
-    rlhf_pipeline(load_config([...overrides]))     (deployments, tests)
+    rlhf_pipeline(load_config([...overrides]))     (tests, benchmarks)
+    deployment rlhf-pipeline/nightly                (flows/deploy.py; parameter ``overrides``)
 """
 
 from __future__ import annotations
@@ -19,22 +20,20 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run as prefect_run
 
-from rlhf.config import ConfigError, PipelineConfig, flatten, to_dict, validate
+from rlhf.config import TRAINING_STAGES, ConfigError, PipelineConfig, flatten, to_dict, validate
 from rlhf.preflight import preflight
 from rlhf.tracking import RunLogger, experiment_id
+from flows.stage import TRAINING_TASKS
 from tasks.data import data_stage
-from tasks.dpo import dpo_stage
+from tasks.dispatch import dispatch_stage
 from tasks.evaluate import eval_stage
 from tasks.keys import pipeline_keys
-from tasks.ppo import ppo_stage
-from tasks.reward import reward_stage
 from tasks.runner import stage_options
-from tasks.sft import sft_stage
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PROJECT_DIR = CONF_DIR.parent
-POLICY_TASKS = {"dpo": dpo_stage, "ppo": ppo_stage}
 log = logging.getLogger(__name__)
 
 
@@ -64,7 +63,11 @@ def git_commit() -> str:
 
 class Stages:
     """Calls stage tasks with their cache options and records, per stage, the key, whether it was
-    Cached, and the MLflow run that produced its artifacts (lineage) as tags of the parent run."""
+    Cached, and the MLflow run that produced its artifacts (lineage) as tags of the parent run.
+
+    Placement (``dispatch``): a training stage runs here, tagged with the concurrency tag, or, with
+    ``dispatch=pools``, as a flow run of the stage deployment; both sit behind the same cache key.
+    """
 
     def __init__(self, cfg: PipelineConfig, keys: dict[str, str], env: dict, parent: RunLogger) -> None:
         self.cfg, self.keys, self.env, self.parent = cfg, keys, env, parent
@@ -76,9 +79,14 @@ class Stages:
 
     def __call__(self, name: str, task, **inputs) -> dict:
         refresh = name in self.refreshed
-        state = task.with_options(**stage_options(self.root, refresh))(
-            key=self.keys[name], env=self.env, fresh=refresh, return_state=True, **inputs
-        )
+        options = stage_options(self.root, refresh)
+        dispatch = self.cfg.dispatch
+        if name in TRAINING_STAGES and dispatch.mode == "deployments" and name in dispatch.stages:
+            task = dispatch_stage.with_options(name=name, **options)
+            inputs = {"stage": name, "inputs": inputs, "dispatch": to_dict(dispatch)}
+        else:
+            task = task.with_options(**options, tags=[dispatch.concurrency_tag] if name in TRAINING_STAGES else [])
+        state = task(key=self.keys[name], env=self.env, fresh=refresh, return_state=True, **inputs)
         tags = {f"stage.{name}.cache_key": self.keys[name], f"stage.{name}.cached": str(state.name == "Cached").lower()}
         if state.is_failed() or state.is_crashed():
             self.parent.set_tags({**tags, "failed_stage": name})
@@ -102,8 +110,14 @@ def summary_markdown(cfg: PipelineConfig, metrics: dict, tracking_uri: str, exp_
 
 
 @flow(name="rlhf-pipeline", log_prints=True)
-def rlhf_pipeline(config: dict) -> dict:
-    """data -> SFT -> reward -> DPO | PPO -> eval, every stage cached on its key; one parent MLflow run."""
+def rlhf_pipeline(config: dict | None = None, overrides: list[str] | None = None, base_overrides: list[str] | None = None) -> dict:
+    """data -> SFT -> reward -> DPO | PPO -> eval, every stage cached on its key; one parent MLflow run.
+
+    ``config``: a composed config (the Hydra app, tests). Otherwise the config is composed from ``conf/``
+    with ``base_overrides`` (a deployment's own, e.g. dispatch=pools) then ``overrides`` (a run's).
+    """
+    if config is None:
+        config = load_config([*(base_overrides or []), *(overrides or [])])
     cfg = validate(config)
     uri = preflight(cfg)
     root = Path(cfg.paths.root)
@@ -114,6 +128,8 @@ def rlhf_pipeline(config: dict) -> dict:
     parent_tags = {"pipeline": "rlhf", "algo": algo, "git_commit": git_commit(), "mlflow.source.git.commit": git_commit(), **cfg.tags}
     if cfg.sweep_id:
         parent_tags["sweep_id"] = cfg.sweep_id
+    if prefect_run.id:  # MLflow run <-> Prefect flow run, both ways (the flow run's logs name the MLflow run)
+        parent_tags |= {"prefect.flow_run_id": prefect_run.id, "prefect.flow_run_name": prefect_run.name}
     parent = RunLogger.create(client, exp_id, f"{algo}-beta{cfg.algo.beta:g}", parent_tags)
     parent.log_params(flatten(to_dict(cfg)))
     env = {"root": str(root), "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent.run_id, "runtime": to_dict(cfg.runtime)}
@@ -122,10 +138,10 @@ def rlhf_pipeline(config: dict) -> dict:
     model = to_dict(cfg.model)
     try:
         data = stage("data", data_stage, data=to_dict(cfg.data))
-        sft = stage("sft", sft_stage, model=model, sft_cfg=to_dict(cfg.sft), data=data)
-        reward = stage("reward", reward_stage, model=model, reward_cfg=to_dict(cfg.reward), data=data, sft=sft)
+        sft = stage("sft", TRAINING_TASKS["sft"], model=model, sft_cfg=to_dict(cfg.sft), data=data)
+        reward = stage("reward", TRAINING_TASKS["reward"], model=model, reward_cfg=to_dict(cfg.reward), data=data, sft=sft)
         policy_inputs = {"reward": reward, "has_gold": cfg.data.source == "synthetic"} if algo == "ppo" else {}
-        policy = stage(algo, POLICY_TASKS[algo], model=model, algo=to_dict(cfg.algo), data=data, sft=sft, **policy_inputs)
+        policy = stage(algo, TRAINING_TASKS[algo], model=model, algo=to_dict(cfg.algo), data=data, sft=sft, **policy_inputs)
         evaluation = stage("eval", eval_stage, model=model, eval_cfg=to_dict(cfg.eval), has_gold=cfg.data.source == "synthetic",
                            data=data, sft=sft, reward=reward, policy=policy)
     except BaseException:

@@ -1,8 +1,7 @@
 """Typed configuration: one dataclass per config group, with ranges checked before any training.
 
-Hydra composes YAML from ``conf/``; these dataclasses are registered as the schemas of the groups
-(``conf/*/…yaml`` files list ``<group>_schema`` in their defaults), so unknown keys and wrong types
-fail at composition. Ranges are declared in each field's metadata and checked by :func:`validate`,
+Hydra composes YAML from ``conf/``; :func:`validate` merges the result into these dataclasses, so
+unknown keys and wrong types fail before any stage starts. Ranges are declared in each field's metadata and checked by :func:`validate`,
 which names the offending key and the fix. Cross-field rules live in each class's ``check``.
 """
 
@@ -213,6 +212,35 @@ class RuntimeConfig:
     threads: int = _f(0, "torch intra-op threads (0: every core, at most 4).", ge=0)
 
 
+TRAINING_STAGES = ("sft", "reward", "dpo", "ppo")
+
+
+@dataclass
+class DispatchConfig:
+    """Where stages run. ``local``: every stage in the flow's own process. ``deployments``: each training
+    stage listed in ``stages`` runs as a flow run of ``deployment`` (a GPU work pool), the rest stays local.
+    Placement never changes a stage's result, so it is not part of any cache key."""
+
+    mode: str = _f("local", "local: all stages in this process; deployments: training stages on a work pool.",
+                   choices=["local", "deployments"])
+    deployment: str = _f("rlhf-stage/gpu", "'<flow name>/<deployment name>' that runs one training stage.")
+    stages: list = _f(list(TRAINING_STAGES), "Training stages sent to the deployment; others run locally.")
+    job_variables: dict = _f({}, "Job variables for the stage's flow run, e.g. {env: {CUDA_VISIBLE_DEVICES: '1'}}.")
+    concurrency_tag: str = _f("gpu", "Tag on every training task run: a Prefect tag concurrency limit on it "
+                                     "(prefect concurrency-limit create gpu 1) lets one stage train at a time.")
+    timeout_s: Optional[float] = _f(None, "Seconds to wait for a dispatched stage (null: no limit).", gt=0.0)
+    poll_s: float = _f(5.0, "Seconds between checks of a dispatched stage's state.", gt=0.0)
+
+    def check(self, key: str) -> None:
+        unknown = set(self.stages) - set(TRAINING_STAGES)
+        if unknown:
+            raise ConfigError(f"{key}.stages={self.stages} names {sorted(unknown)}, which are not training stages. "
+                              f"Fix: choose among {list(TRAINING_STAGES)}.")
+        if self.deployment.count("/") != 1:
+            raise ConfigError(f"{key}.deployment={self.deployment!r} is not '<flow name>/<deployment name>'. "
+                              f"Fix: pass {key}.deployment=rlhf-stage/gpu (see `prefect deployment ls`).")
+
+
 ALGO_SCHEMAS = {"dpo": DPOConfig, "ppo": PPOConfig}
 
 
@@ -227,6 +255,7 @@ class PipelineConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
     refresh: list = _f([], "Stages to re-run even when cached, e.g. [dpo].")
     sweep_id: Optional[str] = _f(None, "Set by multirun: groups the parent runs of one sweep.")
     objective: str = _f("eval/gold_reward", "Metric the app returns to Hydra sweepers (maximised by hparams_search).")

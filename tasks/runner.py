@@ -7,6 +7,8 @@ under ``paths.root``, and a file lock per key so concurrent runs never train the
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +50,23 @@ def stage_dir(root: str | Path, stage: str, key: str) -> Path:
 
 
 RUN_ID_FILE = "mlflow_run_id"
+RECORD_FILE = "record.json"
+
+
+def write_record(out_dir: Path, record: dict) -> None:
+    """The finished stage's record beside its outputs (written last, atomically): a stage that ran in
+    another process (a work pool's flow run) hands its result back through it."""
+    tmp = out_dir / f".{RECORD_FILE}.{os.getpid()}"
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    os.replace(tmp, out_dir / RECORD_FILE)
+
+
+def read_record(root: str | Path, stage: str, key: str) -> dict:
+    path = stage_dir(root, stage, key) / RECORD_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"stage {stage} finished without {path}. Fix: give the pipeline's and the stage's workers "
+                                f"the same paths.root (a shared volume); it is {root} here.")
+    return json.loads(path.read_text())
 
 
 def _resumed_run(client: MlflowClient, out_dir: Path) -> RunLogger | None:
@@ -87,4 +106,6 @@ def run_stage(stage: str, key: str, env: dict, fresh: bool, body: Callable[[Stag
         run.finish("FAILED")
         raise
     run.finish()
-    return {"stage": stage, "cache_key": key, "run_id": run.run_id, "out_dir": str(ctx.out_dir), **result}
+    record = {"stage": stage, "cache_key": key, "run_id": run.run_id, "out_dir": str(ctx.out_dir), **result}
+    write_record(ctx.out_dir, record)
+    return record

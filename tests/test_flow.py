@@ -74,13 +74,12 @@ def test_checkpoints_are_artifacts_that_load_with_from_pretrained(first_run, tmp
 
 def test_a_markdown_summary_links_the_mlflow_run(first_run):
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     _, _, result = first_run
-    # Prefect 3.8's read_artifacts sends null paging fields that FastAPI 0.154 rejects: post a complete body.
-    body = {"artifacts": {"key": {"any_": ["rlhf-summary"]}}, "limit": 10, "offset": 0, "sort": "CREATED_DESC"}
     with get_client(sync_client=True) as client:
-        artifacts = client._client.post("/artifacts/filter", json=body).json()
-    assert any(result["run_id"] in a["data"] and "eval/win_rate_gold" in a["data"] for a in artifacts)
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rlhf-summary"])))
+    assert any(result["run_id"] in a.data and "eval/win_rate_gold" in a.data for a in artifacts)
 
 
 def test_second_run_is_fully_cached_with_the_same_lineage(first_run):

@@ -1,0 +1,165 @@
+"""The pipeline as it runs in production: Prefect server, MLflow server, work pools, workers, deployments.
+
+Everything on loopback and started here: `prefect server start` (SQLite), `mlflow server` (SQLite and an
+artifact root), `python -m flows.deploy` (pools, tag limit, deployments), a process worker on the cpu
+pool and one on the gpu pool. Training stages run as flow runs of the stage deployment on the gpu pool.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.servers import BIN, PrefectAPI, Processes, start_mlflow_server, start_prefect_server
+
+pytestmark = pytest.mark.slow
+PROJECT = Path(__file__).resolve().parents[1]
+PIPELINE, STAGE = "rlhf-pipeline/nightly", "rlhf-stage/gpu"
+MICRO = ["experiment=micro", "dispatch.poll_s=1"]
+RUN_TIMEOUT = 420
+
+
+class Cluster:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp, self.procs = tmp, Processes(tmp / "logs")
+        self.root, self.store = tmp / "root", tmp / "mlflow"
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PREFECT_WORKER_QUERY_SECONDS": "1",
+                    "RLHF_HOME": str(self.root), "PREFECT_LOGGING_LEVEL": "INFO"}
+        self.env.pop("MLFLOW_TRACKING_URI", None)
+
+    def start(self) -> None:
+        self.api_url = start_prefect_server(self.procs, self.tmp / "prefect", self.env)
+        self.mlflow_url = start_mlflow_server(self.procs, self.store, self.env)
+        self.env["MLFLOW_TRACKING_URI"] = self.mlflow_url
+        self.procs.wait_healthy("prefect-server", f"{self.api_url}/health")
+        self.procs.wait_healthy("mlflow-server", f"{self.mlflow_url}/health")
+        out = subprocess.run([sys.executable, "-m", "flows.deploy"], cwd=PROJECT, env=self.env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        for pool in ("cpu", "gpu"):
+            self.procs.start(f"worker-{pool}", [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"], self.env, cwd=PROJECT)
+        self.prefect = PrefectAPI(self.api_url)
+        self.mlflow = httpx.Client(base_url=f"{self.mlflow_url}/api/2.0/mlflow", timeout=30)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name}\n{self.procs.tail(name)}" for name in self.procs.procs)
+
+    def completed(self, run_id: str) -> dict:
+        run = self.prefect.wait(run_id, RUN_TIMEOUT)
+        assert run["state_type"] == "COMPLETED", f"{run['state_name']}: {run['state']['message']}\n{self.logs()}"
+        return run
+
+    def stage_runs(self) -> dict[str, dict]:
+        dep = self.prefect.deployment(STAGE)["id"]
+        return {r["id"]: r for r in self.prefect.flow_runs(deployment_id={"any_": [dep]})}
+
+    def mlflow_get(self, endpoint: str, **params) -> dict:
+        r = self.mlflow.get(endpoint, params=params)
+        r.raise_for_status()
+        return r.json()
+
+    def parent_run(self, flow_run_name: str) -> dict:
+        exp = self.mlflow_get("/experiments/get-by-name", experiment_name="rlhf")["experiment"]["experiment_id"]
+        r = self.mlflow.post("/runs/search", json={"experiment_ids": [exp], "filter": "tags.pipeline = 'rlhf'", "max_results": 100})
+        r.raise_for_status()
+        runs = [run for run in r.json()["runs"] if _tags(run).get("prefect.flow_run_name") == flow_run_name]
+        assert len(runs) == 1, f"expected one parent MLflow run for flow run {flow_run_name}, got {len(runs)}"
+        return runs[0]
+
+
+def _tags(run: dict) -> dict:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.procs.stop_all()
+
+
+@pytest.fixture(scope="module")
+def first(cluster):
+    before = set(cluster.stage_runs())
+    run = cluster.completed(cluster.prefect.trigger(PIPELINE, {"overrides": MICRO}))
+    return run, {k: v for k, v in cluster.stage_runs().items() if k not in before}
+
+
+def test_triggered_pipeline_trains_on_the_gpu_pool_and_logs_to_the_tracking_server(cluster, first):
+    run, stage_runs = first
+    # Each training stage ran as its own flow run of the stage deployment (gpu pool); data and eval did not.
+    stages = sorted(r["parameters"]["stage"] for r in stage_runs.values())
+    assert stages == ["dpo", "reward", "sft"]
+    assert all(r["state_type"] == "COMPLETED" and r["work_pool_name"] == "gpu" for r in stage_runs.values())
+    assert run["work_pool_name"] == "cpu"
+    local = {t["name"].rsplit("-", 1)[0] for t in cluster.prefect.task_runs([run["id"]])}
+    assert {"data", "eval"} <= local
+
+    parent = cluster.parent_run(run["name"])
+    metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    assert 0.0 <= metrics["eval/win_rate_gold"] <= 1.0 and "eval/kl" in metrics
+    dpo_run = _tags(parent)["stage.dpo.run_id"]
+    history = cluster.mlflow_get("/metrics/get-history", run_id=dpo_run, metric_key="dpo/loss")["metrics"]
+    first_loss = min(history, key=lambda m: m["step"])
+    assert first_loss["step"] == 1 and first_loss["value"] == pytest.approx(math.log(2), abs=0.01)
+
+    files = {f["path"] for f in cluster.mlflow_get("/artifacts/list", run_id=dpo_run, path="checkpoint")["files"]}
+    assert {"checkpoint/config.json", "checkpoint/model.safetensors"} <= files
+    config = httpx.get(f"{cluster.mlflow_url}/get-artifact", params={"path": "checkpoint/config.json", "run_uuid": dpo_run}).json()
+    assert config["model_type"] == "gpt2"
+    # Uploaded through the server into its artifact root, not written beside the worker.
+    assert list((cluster.store / "artifacts").rglob("model.safetensors"))
+
+
+def test_a_second_trigger_is_fully_cached_and_dispatches_nothing(cluster, first):
+    before = set(cluster.stage_runs())
+    run = cluster.completed(cluster.prefect.trigger(PIPELINE, {"overrides": MICRO}))
+    states = {t["name"].rsplit("-", 1)[0]: t["state_name"] for t in cluster.prefect.task_runs([run["id"]])}
+    assert states == {s: "Cached" for s in ("data", "sft", "reward", "dpo", "eval")}
+    assert set(cluster.stage_runs()) == before
+    assert _tags(cluster.parent_run(run["name"]))["stage.dpo.cached"] == "true"
+
+
+def test_a_schedule_runs_the_pipeline_without_a_trigger(cluster, first):
+    dep = cluster.prefect.deployment(PIPELINE)
+    assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 2 * * *"]  # the nightly run
+    soon = datetime.now(timezone.utc) + timedelta(seconds=5)
+    cluster.prefect.add_schedule(PIPELINE, {"interval": 86400, "anchor_date": soon.isoformat()}, {"overrides": MICRO})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        due = [r for r in cluster.prefect.flow_runs(deployment_id={"any_": [dep["id"]]})
+               if r["auto_scheduled"] and abs(datetime.fromisoformat(r["expected_start_time"]) - soon) < timedelta(seconds=2)]
+        if due:
+            break
+        time.sleep(1)
+    assert due, f"the scheduler created no run for {soon}\n{cluster.logs()}"
+    run = cluster.completed(due[0]["id"])
+    assert run["parameters"]["overrides"] == MICRO and run["parameters"]["base_overrides"] == ["dispatch=pools"]
+
+
+def test_two_runs_never_train_at_once_on_one_gpu_slot(cluster, first):
+    before = set(cluster.stage_runs())
+    ids = [cluster.prefect.trigger(PIPELINE, {"overrides": [*MICRO, f"algo.beta={b}"]}) for b in (0.5, 0.7)]
+    for run_id in ids:
+        cluster.completed(run_id)
+    new = [r for k, r in cluster.stage_runs().items() if k not in before]
+    assert sorted(r["parameters"]["stage"] for r in new) == ["dpo", "dpo"]  # data, sft, reward were Cached
+    trains = sorted((t for t in cluster.prefect.task_runs([r["id"] for r in new]) if "gpu" in t["tags"]),
+                    key=lambda t: t["start_time"])
+    assert len(trains) == 2
+    t = lambda s: datetime.fromisoformat(s)  # noqa: E731
+    first_end, second_start = t(trains[0]["end_time"]), t(trains[1]["start_time"])
+    assert second_start >= first_end, "two training stages held the gpu slot at the same time"
+    # Both stage flow runs were up while the first trained: the second waited for the slot, not for a worker.
+    last_up = max(t(r["start_time"]) for r in new)
+    assert last_up < first_end, f"second stage flow run started {last_up}, after the first trained ({first_end}): nothing to serialise"
