@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 ARGS ?=
 
-.PHONY: run test install clean
+.PHONY: run test install deploy clean
 
 .venv/.installed: pyproject.toml scripts/install.sh
 	bash scripts/install.sh
@@ -12,6 +12,10 @@ install: .venv/.installed
 
 run: .venv/.installed
 	$(PY) -m flows.pipeline $(ARGS)
+
+# Work pools, tag concurrency limit and deployments on the Prefect server at $$PREFECT_API_URL (README).
+deploy: .venv/.installed
+	$(PY) -m flows.deploy $(ARGS)
 
 # pytest exits 5 when it collected no tests: that is a failure here, not a pass.
 test: .venv/.installed
