@@ -42,7 +42,9 @@ class ModelConfig:
     vocab_size: int = _f(512, "Vocabulary size of the locally trained tokenizer.", ge=64)
     dropout: float = _f(0.0, "Dropout of the tiny model during SFT / reward training (always 0 in DPO, PPO).", ge=0.0, lt=1.0)
     dtype: str = _f("float32", "Weights dtype for training.", choices=["float32", "bfloat16", "float16"])
-    gradient_checkpointing: bool = _f(False, "Trade compute for memory (large models on GPU).")
+    autocast: str = _f("none", "Mixed precision: forwards in bfloat16 under torch.autocast, weights and optimizer in `dtype` "
+                               "(float16 would need a loss scaler: not offered).", choices=["none", "bfloat16"])
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30% more compute (large models).")
 
     def check(self, key: str) -> None:
         if self.pretrained is None and self.n_embd % self.n_head:

@@ -8,6 +8,8 @@ saved with ``save_pretrained`` and then loaded back like any other checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from pathlib import Path
 from typing import Iterable
@@ -103,6 +105,27 @@ def _torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def autocast(model_cfg, device: torch.device):
+    """A context factory for the forwards of a stage: bf16 autocast when ``model.autocast=bfloat16``.
+
+    Weights, gradients and AdamW state stay in ``model.dtype`` (float32 by default): mixed precision.
+    """
+    if model_cfg.autocast == "none":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=_torch_dtype(model_cfg.autocast))
+
+
+def prepare_trainable(model: torch.nn.Module, model_cfg) -> torch.nn.Module:
+    """Switch on what a trained model needs from the model config (gradient checkpointing)."""
+    if model_cfg.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated there
+            model.activation_checkpointing_enable(kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
+
+
 def load_policy(path: str, tokenizer, dtype: str = "float32", key: str = "model.pretrained") -> torch.nn.Module:
     """A causal LM from a folder or hub id, its embeddings resized to the tokenizer if needed."""
     check_model_source(path, key)
@@ -160,12 +183,17 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 def token_logprobs_and_entropy(model, input_ids, attention_mask, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """As :func:`token_logprobs`, plus the entropy of each next-token distribution, both (B, T-1)."""
+    """As :func:`token_logprobs`, plus the entropy of each next-token distribution, both (B, T-1).
+
+    The entropy H = logsumexp(l) - sum_v softmax(l)_v * l_v is a metric: computed without a graph, so
+    the backward pass costs what :func:`token_logprobs`'s does.
+    """
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)).logits
-    logits = logits[:, :-1].float() / temperature
-    logp_all = logits.log_softmax(-1)  # (B, T-1, V)
-    logp = logp_all.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    logits = logits[:, :-1].float() / temperature  # (B, T-1, V)
+    lse = logits.logsumexp(-1)  # (B, T-1)
+    logp = logits.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1) - lse
+    with torch.no_grad():
+        entropy = lse.detach() - (logits.detach().softmax(-1) * logits.detach()).sum(-1)
     return logp, entropy
 
 

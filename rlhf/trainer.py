@@ -9,11 +9,12 @@ drives :meth:`Trainer.optimizer_step` from its own rollout loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Callable, ContextManager, Iterable, Protocol
 
 import torch
 
@@ -64,8 +65,9 @@ class Trainer:
         sink: MetricSink,
         ckpt_dir: Path,
         param_groups: list[dict] | None = None,
+        amp: Callable[[], ContextManager] = contextlib.nullcontext,
     ) -> None:
-        self.models, self.tokenizer, self.cfg = models, tokenizer, cfg
+        self.models, self.tokenizer, self.cfg, self.amp = models, tokenizer, cfg, amp
         self.total_steps, self.prefix, self.sink, self.ckpt_dir = total_steps, prefix, sink, Path(ckpt_dir)
         groups = param_groups or [{"params": [p for m in models.values() for p in m.parameters() if p.requires_grad]}]
         self.params = [p for g in groups for p in g["params"]]
@@ -77,7 +79,7 @@ class Trainer:
         self._tokens, self._window_start = 0, time.perf_counter()
 
     # ---- optimisation ---------------------------------------------------------------------------
-    def optimizer_step(self, micro_losses: Iterable[tuple[torch.Tensor, dict]] | Callable, n_micro: int | None = None) -> dict:
+    def optimizer_step(self, micro_losses: Iterable[tuple[torch.Tensor, dict]], n_micro: int | None = None) -> dict:
         """Backward each micro-batch loss (scaled by 1/n), clip, step. Returns the step's metrics.
 
         ``micro_losses`` yields (loss, metrics) lazily so each micro-batch's graph is freed before the
@@ -86,7 +88,13 @@ class Trainer:
         n_micro = n_micro or self.cfg.grad_accum
         totals: dict[str, torch.Tensor] = {}
         loss_sum = 0.0
-        for loss, metrics in micro_losses:
+        micro_losses = iter(micro_losses)
+        while True:
+            with self.amp():  # forwards under autocast (mixed precision); backward outside it
+                item = next(micro_losses, None)
+            if item is None:
+                break
+            loss, metrics = item
             (loss / n_micro).backward()
             loss_sum = loss_sum + loss.detach()
             for k, v in metrics.items():

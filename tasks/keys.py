@@ -42,11 +42,13 @@ def stage_key(stage: str, config: dict, upstream: list[str]) -> str:
 
 def stage_configs(cfg: PipelineConfig) -> dict[str, dict]:
     """The part of the config each stage's result depends on."""
+    m = cfg.model
+    precision = {"max_length": m.max_length, "dtype": m.dtype, "autocast": m.autocast, "gradient_checkpointing": m.gradient_checkpointing}
     return {
         "data": {"data": to_dict(cfg.data)},
         "sft": {"model": to_dict(cfg.model), "sft": to_dict(cfg.sft)},
-        "reward": {"reward": to_dict(cfg.reward), "max_length": cfg.model.max_length, "dtype": cfg.model.dtype},
-        cfg.algo.algo: {"algo": to_dict(cfg.algo), "max_length": cfg.model.max_length, "dtype": cfg.model.dtype},
+        "reward": {"reward": to_dict(cfg.reward), **precision},
+        cfg.algo.algo: {"algo": to_dict(cfg.algo), **precision},
         "eval": {"eval": to_dict(cfg.eval), "max_length": cfg.model.max_length},
     }
 

@@ -12,6 +12,6 @@ def ppo_stage(key: str, model: dict, algo: dict, has_gold: bool, data: dict, sft
     m, c = from_dict(ModelConfig, model), from_dict(PPOConfig, algo)
 
     def body(ctx):
-        return ppo.run(c, m.max_length, m.dtype, has_gold, data["data_dir"], sft["model_path"], reward["model_path"], ctx)
+        return ppo.run(c, m, has_gold, data["data_dir"], sft["model_path"], reward["model_path"], ctx)
 
     return run_stage("ppo", key, env, fresh, body, seed=c.seed)

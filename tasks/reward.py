@@ -10,5 +10,5 @@ from .runner import run_stage
 def reward_stage(key: str, model: dict, reward_cfg: dict, data: dict, sft: dict, env: dict, fresh: bool = False) -> dict:
     """Train the reward model on the preference pairs, starting from the SFT backbone."""
     m, c = from_dict(ModelConfig, model), from_dict(RewardConfig, reward_cfg)
-    body = lambda ctx: reward.run(c, m.max_length, m.dtype, data["data_dir"], sft["model_path"], ctx)  # noqa: E731
+    body = lambda ctx: reward.run(c, m, data["data_dir"], sft["model_path"], ctx)  # noqa: E731
     return run_stage("reward", key, env, fresh, body, seed=c.seed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -94,7 +95,10 @@ def run_stage(stage: str, key: str, env: dict, fresh: bool, body: Callable[[Stag
     device = runtime.setup(from_dict(RuntimeConfig, env["runtime"]), seed)
     ctx = StageContext(out_dir, run, device, fresh=fresh)
     try:
+        started = time.perf_counter()
         result = body(ctx)
+        compute_s = time.perf_counter() - started  # the stage's own work; the rest of this function is tracking
+        run.log_metrics({f"{stage}/compute_s": compute_s}, step=0)
         run.flush()
         if (ctx.final_dir / "config.json").exists():
             run.log_artifacts(ctx.final_dir, "checkpoint")
@@ -106,6 +110,6 @@ def run_stage(stage: str, key: str, env: dict, fresh: bool, body: Callable[[Stag
         run.finish("FAILED")
         raise
     run.finish()
-    record = {"stage": stage, "cache_key": key, "run_id": run.run_id, "out_dir": str(ctx.out_dir), **result}
+    record = {"stage": stage, "cache_key": key, "run_id": run.run_id, "out_dir": str(ctx.out_dir), "compute_s": compute_s, **result}
     write_record(ctx.out_dir, record)
     return record

@@ -90,3 +90,18 @@ def test_masked_positions_never_contribute():
     sa, _ = L.sft_loss(logp, mask)
     sb, _ = L.sft_loss(logp + garbage, mask)
     assert sa.item() == pytest.approx(sb.item(), rel=1e-6)
+
+
+def test_token_entropy_matches_the_categorical_and_carries_no_gradient():
+    from types import SimpleNamespace
+
+    from rlhf.modeling import token_logprobs, token_logprobs_and_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    model = lambda input_ids, attention_mask, position_ids: SimpleNamespace(logits=logits)  # noqa: E731
+    ids, mask = torch.randint(7, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    logp, entropy = token_logprobs_and_entropy(model, ids, mask, temperature=0.7)
+    expected = torch.distributions.Categorical(logits=logits[:, :-1].detach() / 0.7).entropy()
+    assert torch.allclose(entropy, expected, atol=1e-5) and not entropy.requires_grad
+    assert torch.allclose(logp, token_logprobs(model, ids, mask, temperature=0.7), atol=1e-6) and logp.requires_grad

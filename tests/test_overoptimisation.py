@@ -25,7 +25,7 @@ def biased_reward_model(tmp_path_factory):
     data = prepare.run(DataConfig(n_sft=1000, n_pref=1500, n_eval_prompts=64, n_eval_pref=64, n_ppo_prompts=400, annotator_length_bias=0.5),
                        ctx(root, "data"))["data_dir"]
     s = sft.run(MODEL, SFTConfig(lr=3e-3, epochs=2, log_every=50, eval_every=1000, checkpoint_every=1000), data, ctx(root, "sft"))
-    r = reward.run(RewardConfig(lr=1e-3, epochs=2, log_every=50, eval_every=1000, checkpoint_every=1000), MODEL.max_length, "float32",
+    r = reward.run(RewardConfig(lr=1e-3, epochs=2, log_every=50, eval_every=1000, checkpoint_every=1000), MODEL,
                    data, s["model_path"], ctx(root, "rm"))
     return root, data, s["model_path"], r["model_path"]
 
@@ -35,7 +35,7 @@ def run_ppo(setup, beta, name):
     c = ctx(root, name)
     cfg = PPOConfig(beta=beta, steps=24, rollout_batch_size=32, minibatch_size=16, ppo_epochs=4, lr=3e-4, eval_every=4,
                     checkpoint_every=1000, sampling=SamplingConfig(max_new_tokens=16))
-    ppo.run(cfg, MODEL.max_length, "float32", True, data, sft_path, rm_path, c)
+    ppo.run(cfg, MODEL, True, data, sft_path, rm_path, c)
     return {k: [v for _, v in c.sink.metrics[k]] for k in ("ppo/kl", "ppo/eval_proxy_reward", "ppo/eval_gold_reward", "ppo/response_length")}
 
 

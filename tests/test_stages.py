@@ -45,7 +45,7 @@ def upstream(tmp_path_factory):
     c = ctx(root, "sft")
     s = sft.run(TINY_MODEL, SFTConfig(lr=3e-3, epochs=2, **LOOP), data["data_dir"], c)
     rc = ctx(root, "rm")
-    r = reward.run(RewardConfig(lr=1e-3, **LOOP), TINY_MODEL.max_length, "float32", data["data_dir"], s["model_path"], rc)
+    r = reward.run(RewardConfig(lr=1e-3, **LOOP), TINY_MODEL, data["data_dir"], s["model_path"], rc)
     return {"root": root, "data": data["data_dir"], "sft": s, "sft_sink": c.sink, "rm": r, "rm_sink": rc.sink}
 
 
@@ -64,11 +64,27 @@ def test_sft_learns_and_saves_a_loadable_checkpoint(upstream):
 
 def test_dpo_first_loss_is_ln2_and_the_policy_moves(upstream):
     c = ctx(upstream["root"], "dpo")
-    out = dpo.run(DPOConfig(lr=1e-3, beta=0.1, **LOOP), TINY_MODEL.max_length, "float32", upstream["data"], upstream["sft"]["model_path"], c)
+    out = dpo.run(DPOConfig(lr=1e-3, beta=0.1, **LOOP), TINY_MODEL, upstream["data"], upstream["sft"]["model_path"], c)
     assert c.sink.first("dpo/loss") == pytest.approx(math.log(2), abs=1e-4)
     assert abs(c.sink.first("dpo/kl")) < 1e-4 and c.sink.first("dpo/margin") == pytest.approx(0, abs=1e-5)
     assert {"dpo/rewards_chosen", "dpo/rewards_rejected", "dpo/accuracy", "dpo/eval_accuracy"} <= set(c.sink.metrics)
     assert not torch.allclose(params_of(upstream["sft"]["model_path"]), params_of(out["model_path"]))
+
+
+def test_mixed_precision_and_gradient_checkpointing_train_in_bf16_with_fp32_weights(upstream, monkeypatch):
+    from dataclasses import replace
+
+    seen = []
+    forward = torch.nn.Linear.forward
+    monkeypatch.setattr(torch.nn.Linear, "forward", 
+                        lambda self, x: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))) or forward(self, x))
+    model = replace(TINY_MODEL, autocast="bfloat16", gradient_checkpointing=True)
+    c = ctx(upstream["root"], "dpo-bf16")
+    out = dpo.run(DPOConfig(lr=1e-3, beta=0.1, **LOOP), model, upstream["data"], upstream["sft"]["model_path"], c)
+    assert seen and set(seen) == {(True, torch.bfloat16)}  # every forward (lm_head) ran under bf16 autocast
+    assert c.sink.first("dpo/loss") == pytest.approx(math.log(2), abs=0.02)  # bf16 forwards: ln 2 up to rounding
+    assert all(math.isfinite(v) for _, v in c.sink.metrics["dpo/loss"])
+    assert AutoModelForCausalLM.from_pretrained(out["model_path"]).dtype == torch.float32
 
 
 def test_reward_model_starts_at_ln2(upstream):
@@ -83,7 +99,7 @@ def test_ppo_first_step_has_zero_kl_and_no_clipping(upstream):
     c = ctx(upstream["root"], "ppo")
     cfg = PPOConfig(steps=3, rollout_batch_size=8, minibatch_size=4, ppo_epochs=2, lr=1e-3, eval_every=2, checkpoint_every=2,
                     sampling=SamplingConfig(max_new_tokens=8))
-    out = ppo.run(cfg, TINY_MODEL.max_length, "float32", True, upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], c)
+    out = ppo.run(cfg, TINY_MODEL, True, upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], c)
     m = c.sink
     assert abs(m.first("ppo/kl")) < 1e-4 and abs(m.first("ppo/kl_k3")) < 1e-4
     assert m.first("ppo/clipfrac_first_minibatch") == 0 and abs(m.first("ppo/approx_kl_first_minibatch")) < 1e-6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,9 +47,9 @@ def batched(fn, n: int, batch_size: int):
 
 
 def supervised_trainer(name: str, model: torch.nn.Module, tokenizer, cfg: SupervisedConfig, n_examples: int, prefix: str,
-                       ctx: StageContext, resume: Path | None) -> Trainer:
+                       ctx: StageContext, resume: Path | None, amp=contextlib.nullcontext) -> Trainer:
     """The shared trainer for one model over a fixed dataset, restored from ``resume`` when given."""
-    trainer = Trainer({name: model}, tokenizer, cfg, steps_for(n_examples, cfg), prefix, ctx.sink, ctx.ckpt_dir)
+    trainer = Trainer({name: model}, tokenizer, cfg, steps_for(n_examples, cfg), prefix, ctx.sink, ctx.ckpt_dir, amp=amp)
     if resume:
         trainer.load(resume)
     model.train()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..config import DPOConfig
+from ..config import DPOConfig, ModelConfig
 from ..data import Encoded, load_split
 from ..losses import dpo_loss
-from ..modeling import disable_dropout, load_policy, load_tokenizer, save_pretrained_atomic, token_logprobs
+from ..modeling import autocast, disable_dropout, load_policy, load_tokenizer, prepare_trainable, save_pretrained_atomic, token_logprobs
 from ..trainer import fit
 from .common import StageContext, batched, supervised_trainer
 from .reward import encode_preferences
@@ -26,20 +26,22 @@ def reference_logps(model, chosen: Encoded, rejected: Encoded, device) -> torch.
     return batched(lambda idx: torch.stack(pair_logps(model, chosen, rejected, idx, device)[:2], 1).cpu(), len(chosen), 256)
 
 
-def run(cfg: DPOConfig, max_length: int, dtype: str, data_dir: str, sft_path: str, ctx: StageContext) -> dict:
+def run(cfg: DPOConfig, model_cfg: ModelConfig, data_dir: str, sft_path: str, ctx: StageContext) -> dict:
+    max_length, dtype, amp = model_cfg.max_length, model_cfg.dtype, autocast(model_cfg, ctx.device)
     tokenizer = load_tokenizer(sft_path)
     rows, held = load_split(data_dir, "pref"), load_split(data_dir, "eval_pref")
     chosen, rejected = encode_preferences(tokenizer, rows, max_length)
     held_c, held_r = encode_preferences(tokenizer, held, max_length)
 
     reference = load_policy(sft_path, tokenizer, dtype).to(ctx.device)
-    ref, ref_held = reference_logps(reference, chosen, rejected, ctx.device), reference_logps(reference, held_c, held_r, ctx.device)
+    with amp():
+        ref, ref_held = reference_logps(reference, chosen, rejected, ctx.device), reference_logps(reference, held_c, held_r, ctx.device)
     del reference
 
     resume = ctx.resume_point()
-    policy = load_policy(str(resume / "policy") if resume else sft_path, tokenizer, dtype).to(ctx.device)
+    policy = prepare_trainable(load_policy(str(resume / "policy") if resume else sft_path, tokenizer, dtype).to(ctx.device), model_cfg)
     disable_dropout(policy)
-    trainer = supervised_trainer("policy", policy, tokenizer, cfg, len(rows), "dpo", ctx, resume)
+    trainer = supervised_trainer("policy", policy, tokenizer, cfg, len(rows), "dpo", ctx, resume, amp)
 
     def micro_loss(idx: torch.Tensor):
         pc, pr, tokens = pair_logps(policy, chosen, rejected, idx, ctx.device)
@@ -50,7 +52,8 @@ def run(cfg: DPOConfig, max_length: int, dtype: str, data_dir: str, sft_path: st
     @torch.no_grad()
     def evaluate() -> dict:
         policy.eval()
-        logps = batched(lambda idx: torch.stack(pair_logps(policy, held_c, held_r, idx, ctx.device)[:2], 1).cpu(), len(held), 256)
+        with amp():
+            logps = batched(lambda idx: torch.stack(pair_logps(policy, held_c, held_r, idx, ctx.device)[:2], 1).cpu(), len(held), 256)
         policy.train()
         loss, m = dpo_loss(logps[:, 0], logps[:, 1], ref_held[:, 0], ref_held[:, 1], cfg.beta, cfg.label_smoothing)
         return {"eval_loss": float(loss), "eval_accuracy": float(m["accuracy"]), "eval_margin": float(m["margin"])}

@@ -22,11 +22,11 @@ import torch
 
 from .. import synthetic
 from ..advantages import RunningMoments, gae, whiten
-from ..config import PPOConfig, SamplingConfig
+from ..config import ModelConfig, PPOConfig, SamplingConfig
 from ..data import encode_prompts, left_pad, load_split
 from ..kl_control import make_controller
 from ..losses import kl_k1, kl_k3, masked_mean, masked_var, policy_loss, value_loss
-from ..modeling import (disable_dropout, load_policy, load_scalar_model, load_tokenizer, save_pretrained_atomic,
+from ..modeling import (autocast, disable_dropout, load_policy, prepare_trainable, load_scalar_model, load_tokenizer, save_pretrained_atomic,
                         sequence_scores, token_logprobs, token_logprobs_and_entropy, token_values)
 from ..rollout import Samples, decode_responses, generate
 from ..trainer import Trainer, epoch_order
@@ -59,7 +59,8 @@ class Experience:
 class PPOModels:
     """Policy and value (trained), reference and reward (frozen), all with dropout off."""
 
-    def __init__(self, cfg: PPOConfig, dtype: str, sft_path: str, reward_path: str, resume: Path | None, device) -> None:
+    def __init__(self, cfg: PPOConfig, model_cfg: ModelConfig, sft_path: str, reward_path: str, resume: Path | None, device) -> None:
+        dtype = model_cfg.dtype
         self.tokenizer = load_tokenizer(sft_path)
         tok = self.tokenizer
         self.policy = load_policy(str(resume / "policy") if resume else sft_path, tok, dtype).to(device)
@@ -69,6 +70,9 @@ class PPOModels:
         self.reward = load_scalar_model(reward_path, tok, dtype, zero_head=False).to(device).eval().requires_grad_(False)
         for m in (self.policy, self.value, self.reference, self.reward):
             disable_dropout(m)
+        for m in (self.policy, self.value):
+            prepare_trainable(m, model_cfg)
+        self.amp = autocast(model_cfg, device)
 
 
 class PPO:
@@ -83,7 +87,8 @@ class PPO:
         self.history: dict[str, list[tuple[int, float]]] = {}  # the KL curve, kept across resumes
         value_lr = cfg.value_lr or cfg.lr
         groups = [{"params": list(models.policy.parameters())}, {"params": list(models.value.parameters()), "lr": value_lr}]
-        self.trainer = Trainer({"policy": models.policy, "value": models.value}, models.tokenizer, cfg, n_optimizer_steps, "ppo", ctx.sink, ctx.ckpt_dir, groups)
+        self.trainer = Trainer({"policy": models.policy, "value": models.value}, models.tokenizer, cfg, n_optimizer_steps, "ppo", ctx.sink,
+                               ctx.ckpt_dir, groups, amp=models.amp)
 
     # ---- state ----------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -236,9 +241,10 @@ def kl_curve_figure(history: dict[str, list[tuple[int, float]]], out_file: Path)
     return out_file
 
 
-def run(cfg: PPOConfig, max_length: int, dtype: str, has_gold: bool, data_dir: str, sft_path: str, reward_path: str, ctx: StageContext) -> dict:
+def run(cfg: PPOConfig, model_cfg: ModelConfig, has_gold: bool, data_dir: str, sft_path: str, reward_path: str, ctx: StageContext) -> dict:
     resume = ctx.resume_point()
-    models = PPOModels(cfg, dtype, sft_path, reward_path, resume, ctx.device)
+    models = PPOModels(cfg, model_cfg, sft_path, reward_path, resume, ctx.device)
+    amp, max_length = models.amp, model_cfg.max_length
     tok = models.tokenizer
     max_prompt = max_length - cfg.sampling.max_new_tokens
     prompts = encode_prompts(tok, [r["prompt"] for r in load_split(data_dir, "ppo_prompts")], max_prompt)
@@ -249,16 +255,18 @@ def run(cfg: PPOConfig, max_length: int, dtype: str, has_gold: bool, data_dir: s
     if resume:
         ppo.load(resume)
     elif cfg.score_norm:
-        ppo.score_offset = ppo.measure_score_offset()
+        with amp():
+            ppo.score_offset = ppo.measure_score_offset()
     ctx.sink.log_metrics({"ppo/score_offset": ppo.score_offset}, ppo.iteration)
 
     metrics: dict[str, float] = {}
     while ppo.iteration < cfg.steps:
         t0 = time.perf_counter()
-        samples = ppo.rollout(models.policy, ppo.iteration)
-        t1 = time.perf_counter()
-        exp, stats = ppo.experience(samples)
-        t2 = time.perf_counter()
+        with amp():
+            samples = ppo.rollout(models.policy, ppo.iteration)
+            t1 = time.perf_counter()
+            exp, stats = ppo.experience(samples)
+            t2 = time.perf_counter()
         ppo.iteration += 1
         train = ppo.update(exp)
         t3 = time.perf_counter()
@@ -269,7 +277,8 @@ def run(cfg: PPOConfig, max_length: int, dtype: str, has_gold: bool, data_dir: s
         metrics.update({"ppo/gen_tokens_per_s": gen_tokens / (t1 - t0), "ppo/train_tokens_per_s": train_tokens / (t3 - t2),
                         "ppo/time_generation_s": t1 - t0, "ppo/time_scoring_s": t2 - t1, "ppo/time_update_s": t3 - t2})
         if ppo.iteration % cfg.eval_every == 0 or ppo.iteration == cfg.steps or ppo.iteration == 1:
-            metrics.update({f"ppo/{k}": v for k, v in ppo.evaluate(eval_prompts, eval_ids, has_gold).items()})
+            with amp():
+                metrics.update({f"ppo/{k}": v for k, v in ppo.evaluate(eval_prompts, eval_ids, has_gold).items()})
         ctx.sink.log_metrics(metrics, ppo.iteration)
         for k in ("ppo/kl", "ppo/kl_k3", "ppo/score", "ppo/eval_proxy_reward", "ppo/eval_gold_reward"):
             if k in metrics:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..config import RewardConfig
+from ..config import ModelConfig, RewardConfig
 from ..data import Encoded, encode_pairs, load_split
 from ..losses import pairwise_loss
-from ..modeling import load_scalar_model, load_tokenizer, save_pretrained_atomic, sequence_scores
+from ..modeling import autocast, load_scalar_model, load_tokenizer, prepare_trainable, save_pretrained_atomic, sequence_scores
 from ..trainer import fit
 from .common import StageContext, batched, supervised_trainer
 
@@ -43,14 +43,16 @@ def pair_accuracy(model, rows: list[dict], tokenizer, max_length: int, device) -
     return out
 
 
-def run(cfg: RewardConfig, max_length: int, dtype: str, data_dir: str, sft_path: str, ctx: StageContext) -> dict:
+def run(cfg: RewardConfig, model_cfg: ModelConfig, data_dir: str, sft_path: str, ctx: StageContext) -> dict:
     tokenizer = load_tokenizer(sft_path)
     resume = ctx.resume_point()
-    model = load_scalar_model(str(resume / "reward") if resume else sft_path, tokenizer, dtype, zero_head=resume is None).to(ctx.device)
+    model = load_scalar_model(str(resume / "reward") if resume else sft_path, tokenizer, model_cfg.dtype, zero_head=resume is None)
+    model = prepare_trainable(model.to(ctx.device), model_cfg)
+    amp, max_length = autocast(model_cfg, ctx.device), model_cfg.max_length
     rows, held = load_split(data_dir, "pref"), load_split(data_dir, "eval_pref")
     chosen, rejected = encode_preferences(tokenizer, rows, max_length)
 
-    trainer = supervised_trainer("reward", model, tokenizer, cfg, len(rows), "rm", ctx, resume)
+    trainer = supervised_trainer("reward", model, tokenizer, cfg, len(rows), "rm", ctx, resume, amp)
 
     def micro_loss(idx: torch.Tensor):
         r_c, r_r, tokens = pair_scores(model, chosen, rejected, idx, ctx.device)
@@ -58,7 +60,8 @@ def run(cfg: RewardConfig, max_length: int, dtype: str, data_dir: str, sft_path:
         return loss, metrics, tokens
 
     def evaluate() -> dict:
-        return pair_accuracy(model, held, tokenizer, max_length, ctx.device)
+        with amp():
+            return pair_accuracy(model, held, tokenizer, max_length, ctx.device)
 
     fit(trainer, len(rows), micro_loss, evaluate)
     final = evaluate()

@@ -10,7 +10,7 @@ from .. import checkpoint
 from ..config import ModelConfig, SFTConfig
 from ..data import encode_pairs, load_split
 from ..losses import sft_loss
-from ..modeling import build_tiny, load_policy, load_tokenizer, save_pretrained_atomic, token_logprobs
+from ..modeling import autocast, build_tiny, load_policy, load_tokenizer, prepare_trainable, save_pretrained_atomic, token_logprobs
 from ..trainer import fit
 from .common import StageContext, batched, supervised_trainer
 
@@ -34,16 +34,15 @@ def run(model_cfg: ModelConfig, cfg: SFTConfig, data_dir: str, ctx: StageContext
     base = base_model(model_cfg, Path(data_dir), ctx)
     tokenizer = load_tokenizer(model_cfg.tokenizer or base, "model.tokenizer" if model_cfg.tokenizer else "model.pretrained")
     resume = ctx.resume_point()
-    model = load_policy(str(resume / "policy") if resume else base, tokenizer, model_cfg.dtype).to(ctx.device)
-    if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    model = prepare_trainable(load_policy(str(resume / "policy") if resume else base, tokenizer, model_cfg.dtype).to(ctx.device), model_cfg)
+    amp = autocast(model_cfg, ctx.device)
 
     rows = load_split(data_dir, "sft")
     n_eval = max(1, int(EVAL_SHARE * len(rows))) if len(rows) > 1 else 0
     train = encode_pairs(tokenizer, [r["prompt"] for r in rows[n_eval:]], [r["response"] for r in rows[n_eval:]], model_cfg.max_length)
     held = encode_pairs(tokenizer, [r["prompt"] for r in rows[:n_eval]], [r["response"] for r in rows[:n_eval]], model_cfg.max_length) if n_eval else None
 
-    trainer = supervised_trainer("policy", model, tokenizer, cfg, len(train), "sft", ctx, resume)
+    trainer = supervised_trainer("policy", model, tokenizer, cfg, len(train), "sft", ctx, resume, amp)
 
     def micro_loss(idx: torch.Tensor):
         b = train.batch(idx).to(ctx.device)
@@ -57,7 +56,8 @@ def run(model_cfg: ModelConfig, cfg: SFTConfig, data_dir: str, ctx: StageContext
 
         def nll(idx):
             b = held.batch(idx).to(ctx.device)
-            lp = token_logprobs(model, b.input_ids, b.attention_mask)
+            with amp():
+                lp = token_logprobs(model, b.input_ids, b.attention_mask)
             return torch.stack([-(lp * b.loss_mask).sum(), b.loss_mask.sum()])[None]
 
         sums = batched(nll, len(held), 256).sum(0)

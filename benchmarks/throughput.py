@@ -1,0 +1,429 @@
+"""Speed, measured on one machine in one run: each stage against the reference a user would pick instead.
+
+    python -m benchmarks.throughput [--ppo-steps N] [--threads T] [hydra overrides ...]
+
+1. The pipeline (default config unless overridden) in a child process: wall time of the flow against
+   the sum of the stages' own compute (``compute_s`` of each stage record) = orchestration overhead
+   (Prefect tasks, cache, MLflow runs and artifact upload); then the same flow again, fully Cached.
+   Start-up (imports, Prefect's ephemeral server, a new MLflow store) is reported on its own: a
+   deployment against running servers does not pay it per run.
+2. SFT, reward, DPO: ours against TRL's SFTTrainer, RewardTrainer and DPOTrainer, each in its own child
+   process (clean peak memory), same start model, data, batch size, epochs, learning rate, schedule,
+   sequence length, precision. Tokens/s = real (non-pad) tokens of the training batches / seconds of
+   training (for DPO including the reference log-probs, which both compute).
+3. PPO: our stage against ``benchmarks/ppo_baseline.py`` (a plain PyTorch loop: HF ``generate``, separate
+   forwards, GAE looped over tokens), same models and batch sizes; seconds per step split into
+   generation, scoring (old/ref log-probs, values, reward) and update.
+
+Writes ``benchmarks/results/throughput_<device>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+RESULTS = PROJECT / "benchmarks" / "results"
+
+
+# ------------------------------------------------------------------------------------------------
+# measurement helpers (children)
+# ------------------------------------------------------------------------------------------------
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_memory_mb() -> dict:
+    import torch
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+class NullSink:
+    """Metric sink that keeps what PPO logs (its step timings) and drops the rest."""
+
+    def __init__(self) -> None:
+        self.history: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self.history.append((step, dict(metrics)))
+
+    def log_table(self, *_a, **_k) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def pipeline_inputs(overrides: list[str]):
+    """The composed config and the finished upstream stages of the pipeline run of phase 1."""
+    from flows.pipeline import load_config
+    from rlhf.config import validate
+    from tasks.keys import pipeline_keys
+    from tasks.runner import read_record
+
+    cfg = validate(load_config(overrides))
+    keys = pipeline_keys(cfg)
+    rec = {s: read_record(cfg.paths.root, s, keys[s]) for s in ("data", "sft", "reward")}
+    return cfg, rec
+
+
+# ------------------------------------------------------------------------------------------------
+# phase 1: the pipeline, its orchestration overhead and a Cached re-run
+# ------------------------------------------------------------------------------------------------
+def child_pipeline(spec: dict) -> dict:
+    t_launch = spec["t_launch"]
+    import tasks  # noqa: F401
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import load_config, rlhf_pipeline
+    from rlhf.config import validate
+    from rlhf.tracking import experiment_id, resolve_uri
+    from tasks.runner import read_record
+
+    t_imported = time.time()
+    with get_client(sync_client=True) as client:  # starts Prefect's ephemeral server
+        client.hello()
+    t_server = time.time()
+    config = load_config(spec["overrides"])
+    cfg = validate(config)
+    uri = resolve_uri(cfg.tracking, cfg.paths.root)
+    Path(cfg.paths.root).mkdir(parents=True, exist_ok=True)
+    experiment_id(MlflowClient(uri), cfg.tracking.experiment, Path(cfg.paths.root), uri)  # a new store: migrations
+    t_store = time.time()
+
+    t0 = time.perf_counter()
+    first = rlhf_pipeline(config)
+    t1 = time.perf_counter()
+    again = rlhf_pipeline(config)
+    t2 = time.perf_counter()
+    assert all(again["cached"].values()), again["cached"]
+    compute = {s: read_record(cfg.paths.root, s, k)["compute_s"] for s, k in first["keys"].items()}
+    wall = t1 - t0
+    return {
+        "startup_s": {"imports": t_imported - t_launch, "prefect_server": t_server - t_imported, "mlflow_store": t_store - t_server},
+        "pipeline_wall_s": wall, "stage_compute_s": compute, "compute_s": sum(compute.values()),
+        "overhead_s": wall - sum(compute.values()), "overhead_pct": 100 * (wall - sum(compute.values())) / wall,
+        "cached_rerun_s": t2 - t1, "metrics": first["metrics"], **peak_memory_mb(),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# phase 2: SFT, reward, DPO, ours vs TRL
+# ------------------------------------------------------------------------------------------------
+class Meter:
+    def __init__(self) -> None:
+        self.seconds, self.tokens = 0.0, 0
+
+    def timed(self, fn):
+        def wrapper(*args, **kwargs):
+            sync()
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync()
+            self.seconds += time.perf_counter() - t
+            return out
+
+        return wrapper
+
+
+def ours(stage: str, cfg, rec: dict, work: Path) -> Meter:
+    """Our stage's run(), timing every optimizer step (and DPO's reference pass), counting trained tokens."""
+    import rlhf.trainer as trainer_mod
+    from rlhf import runtime
+    from rlhf.stages import dpo, reward, sft
+    from rlhf.stages.common import StageContext
+
+    meter = Meter()
+    trainer_mod.Trainer.optimizer_step = meter.timed(trainer_mod.Trainer.optimizer_step)
+    record = trainer_mod.Trainer.record
+
+    def counting(self, metrics, tokens=0):
+        meter.tokens += tokens
+        return record(self, metrics, tokens)
+
+    trainer_mod.Trainer.record = counting
+    device = runtime.setup(cfg.runtime, 0)
+    ctx = StageContext(work, NullSink(), device, fresh=True)
+    if stage == "sft":
+        shutil.copytree(Path(rec["sft"]["out_dir"]) / "base", work / "base")  # the same start model as TRL's
+        sft.run(cfg.model, cfg.sft, rec["data"]["data_dir"], ctx)
+    elif stage == "reward":
+        reward.run(cfg.reward, cfg.model, rec["data"]["data_dir"], rec["sft"]["model_path"], ctx)
+    else:
+        dpo.reference_logps = meter.timed(dpo.reference_logps)
+        dpo.run(cfg.algo, cfg.model, rec["data"]["data_dir"], rec["sft"]["model_path"], ctx)
+    return meter
+
+
+def trl_args(stage_cfg, work: Path, device, **extra) -> dict:
+    """TrainingArguments shared by the three TRL trainers, set to our config's values."""
+    return dict(
+        output_dir=str(work), per_device_train_batch_size=stage_cfg.batch_size, gradient_accumulation_steps=stage_cfg.grad_accum,
+        num_train_epochs=stage_cfg.epochs, learning_rate=stage_cfg.lr, lr_scheduler_type=stage_cfg.schedule,
+        warmup_steps=stage_cfg.warmup_ratio, weight_decay=stage_cfg.weight_decay, adam_beta2=0.95, max_grad_norm=stage_cfg.max_grad_norm,
+        seed=stage_cfg.seed, logging_steps=stage_cfg.log_every, save_strategy="no", eval_strategy="no", report_to="none",
+        disable_tqdm=True, dataloader_num_workers=0, bf16=False, fp16=False, gradient_checkpointing=False,
+        use_cpu=device.type == "cpu", **extra,
+    )
+
+
+def trl(stage: str, cfg, rec: dict, work: Path) -> Meter:
+    """TRL's trainer for the stage on the same start model and rows, timing ``train()``, counting batch tokens."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    import trl as T
+    from rlhf import runtime
+    from rlhf.data import answer_text, load_split
+    from rlhf.stages.sft import EVAL_SHARE
+
+    device = runtime.setup(cfg.runtime, 0)
+    data_dir = rec["data"]["data_dir"]
+    max_length = cfg.model.max_length
+    if stage == "sft":
+        start = str(Path(rec["sft"]["out_dir"]) / "base")
+        rows = load_split(data_dir, "sft")
+        rows = rows[max(1, int(EVAL_SHARE * len(rows))):]  # the rows our SFT trains on
+        ds = Dataset.from_list([{"prompt": r["prompt"], "completion": answer_text(r["response"])} for r in rows])
+        args = T.SFTConfig(**trl_args(cfg.sft, work, device, max_length=max_length, completion_only_loss=True, packing=False))
+        tok = AutoTokenizer.from_pretrained(start)
+        trainer = T.SFTTrainer(model=AutoModelForCausalLM.from_pretrained(start), args=args, train_dataset=ds, processing_class=tok)
+    else:
+        start = rec["sft"]["model_path"]
+        tok = AutoTokenizer.from_pretrained(start)
+        rows = load_split(data_dir, "pref")
+        ds = Dataset.from_list([{"prompt": r["prompt"], "chosen": answer_text(r["chosen"]), "rejected": answer_text(r["rejected"])} for r in rows])
+        if stage == "reward":
+            model = AutoModelForSequenceClassification.from_pretrained(start, num_labels=1)
+            model.config.pad_token_id = tok.pad_token_id
+            args = T.RewardConfig(**trl_args(cfg.reward, work, device, max_length=max_length, disable_dropout=True))
+            trainer = T.RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+        else:
+            args = T.DPOConfig(**trl_args(cfg.algo, work, device, max_length=max_length, beta=cfg.algo.beta,
+                                          label_smoothing=cfg.algo.label_smoothing, disable_dropout=True))
+            trainer = T.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(start), args=args, train_dataset=ds, processing_class=tok)
+    meter = Meter()
+    compute_loss = trainer.compute_loss
+
+    def counting(model, inputs, *a, **k):
+        masks = [v for name, v in inputs.items() if name.endswith("attention_mask") and torch.is_tensor(v)]
+        prompt = [v for name, v in inputs.items() if name == "prompt_attention_mask"]
+        # a prompt mask of its own stands for the prompt of both the chosen and the rejected sequence
+        meter.tokens += int(sum(int(m.sum()) for m in masks) + sum(int(m.sum()) for m in prompt))
+        return compute_loss(model, inputs, *a, **k)
+
+    trainer.compute_loss = counting
+    meter.timed(trainer.train)()
+    return meter
+
+
+def rows_that_fit(data_dir: str, tokenizer_dir: str, max_length: int, out_dir: Path) -> str:
+    """A copy of the SFT and preference splits keeping rows whose prompt + answer + EOS fit ``max_length``.
+
+    TRL drops preference rows that are too long and truncates SFT rows; we cut answers. On rows that fit,
+    both do exactly the same work.
+    """
+    from transformers import AutoTokenizer
+
+    from rlhf.data import answer_text, load_split, save_splits
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def fits(prompt: str, *answers: str) -> bool:
+        n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+        return all(n_prompt + len(tok(answer_text(a), add_special_tokens=False)["input_ids"]) + 1 <= max_length for a in answers)
+
+    splits = {"sft": [r for r in load_split(data_dir, "sft") if fits(r["prompt"], r["response"])],
+              "pref": [r for r in load_split(data_dir, "pref") if fits(r["prompt"], r["chosen"], r["rejected"])]}
+    splits["eval_pref"] = load_split(data_dir, "eval_pref")
+    save_splits(splits, out_dir)
+    return str(out_dir)
+
+
+def child_stage(spec: dict) -> dict:
+    import torch
+
+    cfg, rec = pipeline_inputs(spec["overrides"])
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as work:
+        tok_dir = str(Path(rec["sft"]["out_dir"]) / "base") if spec["stage"] == "sft" else rec["sft"]["model_path"]
+        rec["data"] = {"data_dir": rows_that_fit(rec["data"]["data_dir"], tok_dir, cfg.model.max_length, Path(work) / "data")}
+        meter = (ours if spec["impl"] == "ours" else trl)(spec["stage"], cfg, rec, Path(work) / "run")
+    return {"tokens": meter.tokens, "seconds": meter.seconds, "tokens_per_s": meter.tokens / meter.seconds, **peak_memory_mb()}
+
+
+# ------------------------------------------------------------------------------------------------
+# phase 3: PPO, ours vs a plain PyTorch loop
+# ------------------------------------------------------------------------------------------------
+def child_ppo(spec: dict) -> dict:
+    import statistics
+
+    from rlhf import runtime
+    from rlhf.config import from_dict, PPOConfig
+    from rlhf.stages import ppo
+    from rlhf.stages.common import StageContext
+
+    cfg, rec = pipeline_inputs(spec["overrides"])
+    ppo_cfg = from_dict(PPOConfig, {**spec["ppo"], "steps": spec["steps"], "eval_every": 10**6, "checkpoint_every": 10**6})
+    device = runtime.setup(cfg.runtime, 0)
+    sft_path, reward_path = rec["sft"]["model_path"], rec["reward"]["model_path"]
+    if spec["impl"] == "ours":
+        sink = NullSink()
+        with tempfile.TemporaryDirectory() as work:
+            ppo.run(ppo_cfg, cfg.model, False, rec["data"]["data_dir"], sft_path, reward_path,
+                    StageContext(Path(work), sink, device, fresh=True))
+        steps = [m for step, m in sink.history if step > 1 and "ppo/time_update_s" in m]  # step 1 warms up
+        timing = {k: [m[f"ppo/time_{k}_s"] for m in steps] for k in ("generation", "scoring", "update")}
+        gen_tps = [m["ppo/gen_tokens_per_s"] for m in steps]
+        train_tps = [m["ppo/train_tokens_per_s"] for m in steps]
+    else:
+        from benchmarks.ppo_baseline import run_baseline
+
+        timing, gen_tps, train_tps = run_baseline(ppo_cfg, cfg.model.max_length, rec["data"]["data_dir"], sft_path, reward_path, device)
+    med = {k: statistics.median(v) for k, v in timing.items()}
+    return {"step_s": sum(med.values()), **{f"{k}_s": v for k, v in med.items()},
+            "gen_tokens_per_s": statistics.median(gen_tps), "train_tokens_per_s": statistics.median(train_tps), **peak_memory_mb()}
+
+
+CHILDREN = {"pipeline": child_pipeline, "stage": child_stage, "ppo": child_ppo}
+
+
+# ------------------------------------------------------------------------------------------------
+# parent: run the children, write the report
+# ------------------------------------------------------------------------------------------------
+def run_child(kind: str, spec: dict, env: dict) -> dict:
+    spec = {**spec, "t_launch": time.time()}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--child", kind, json.dumps(spec)], cwd=PROJECT, env=env,
+                         capture_output=True, text=True, timeout=3600)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"{kind} {spec.get('stage', '')} {spec.get('impl', '')} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def markdown(report: dict) -> str:
+    p = report.get("pipeline")
+    lines = [
+        f"# Throughput: ours against the reference implementations\n",
+        f"Device: {report['device']}. Config: `{' '.join(report['overrides']) or 'default'}`; torch {report['versions']['torch']}, "
+        f"trl {report['versions']['trl']}, transformers {report['versions']['transformers']}, prefect {report['versions']['prefect']}, "
+        f"mlflow {report['versions']['mlflow']}. Measured {report['date']}.\n",
+    ]
+    if p:
+        lines += [
+        "## Pipeline and orchestration\n",
+        "| measure | value |", "|---|---|",
+        f"| pipeline wall (flow run, all stages ran) | {p['pipeline_wall_s']:.1f} s |",
+        f"| stages' own compute ({', '.join(f'{k} {v:.1f}' for k, v in p['stage_compute_s'].items())}) | {p['compute_s']:.1f} s |",
+        f"| **orchestration overhead** (wall − compute) | **{p['overhead_s']:.1f} s = {p['overhead_pct']:.1f} %** |",
+        f"| fully Cached re-run (same process) | {p['cached_rerun_s']:.1f} s |",
+        f"| start-up of a new process: imports / Prefect ephemeral server / new MLflow store | "
+        f"{p['startup_s']['imports']:.1f} / {p['startup_s']['prefect_server']:.1f} / {p['startup_s']['mlflow_store']:.1f} s |",
+        f"| peak RSS of the pipeline process | {p['peak_rss_mb']:.0f} MB |",
+        ]
+    lines += [
+        "\n## SFT, reward, DPO: tokens/s of training (real tokens, same work)\n",
+        "| stage | ours tok/s | reference | reference tok/s | ours / reference | ours s | ref s | tokens ours / ref | peak MB ours / ref |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    refs = {"sft": "TRL SFTTrainer", "reward": "TRL RewardTrainer", "dpo": "TRL DPOTrainer"}
+    for stage, r in report["stages"].items():
+        o, t = r["ours"], r["reference"]
+        mem = lambda x: f"{x.get('peak_cuda_mb', x['peak_rss_mb']):.0f}"  # noqa: E731
+        lines.append(f"| {stage} | {o['tokens_per_s']:,.0f} | {refs[stage]} | {t['tokens_per_s']:,.0f} | **{r['ratio']:.2f}x** | "
+                     f"{o['seconds']:.1f} | {t['seconds']:.1f} | {o['tokens']:,} / {t['tokens']:,} | {mem(o)} / {mem(t)} |")
+    o, b = report["ppo"]["ours"], report["ppo"]["reference"]
+    lines += [
+        f"\n## PPO: seconds per step (median of {report['ppo']['steps'] - 1} steps after the first)\n",
+        "| | generation s | scoring s | update s | step s | gen tok/s | train tok/s | peak MB |", "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in (("ours (rlhf/stages/ppo.py)", o), ("plain PyTorch loop (benchmarks/ppo_baseline.py)", b)):
+        lines.append(f"| {name} | {r['generation_s']:.3f} | {r['scoring_s']:.3f} | {r['update_s']:.3f} | {r['step_s']:.3f} | "
+                     f"{r['gen_tokens_per_s']:,.0f} | {r['train_tokens_per_s']:,.0f} | {r.get('peak_cuda_mb', r['peak_rss_mb']):.0f} |")
+    lines.append(f"| ours / plain, speed-up | {b['generation_s'] / o['generation_s']:.2f}x | {b['scoring_s'] / o['scoring_s']:.2f}x | "
+                 f"{b['update_s'] / o['update_s']:.2f}x | **{b['step_s'] / o['step_s']:.2f}x** | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
+    ap.add_argument("--ppo-steps", type=int, default=6, help="PPO iterations per implementation (the first is a warm-up)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the config's)")
+    ap.add_argument("--root", default=None, help="pipeline root (default: a fresh temporary folder)")
+    ap.add_argument("--skip-pipeline", action="store_true", help="re-use the pipeline of --root (phase 2-3 only)")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides of the pipeline config")
+    args = ap.parse_args()
+    if args.child:
+        result = CHILDREN[args.child[0]](json.loads(args.child[1]))
+        print("RESULT " + json.dumps(result))
+        return
+
+    import importlib.metadata as md
+
+    root = Path(args.root or tempfile.mkdtemp(prefix="rlhf-bench-")).resolve()
+    (root / "prefect-home").mkdir(parents=True, exist_ok=True)
+    overrides = [f"paths.root={root}", f"tracking.uri=sqlite:///{root}/mlflow.db", *args.overrides]
+    if args.threads:
+        overrides.append(f"runtime.threads={args.threads}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(root / "prefect-home"), "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PREFECT_API_URL", None)
+    report: dict = {"overrides": args.overrides, "date": time.strftime("%Y-%m-%d"),
+                    "versions": {p: md.version(p) for p in ("torch", "trl", "transformers", "prefect", "mlflow")}}
+    if not args.skip_pipeline:
+        print("pipeline ...", flush=True)
+        report["pipeline"] = run_child("pipeline", {"overrides": overrides}, env)
+    report["stages"] = {}
+    for stage in ("sft", "reward", "dpo"):
+        print(f"{stage}: ours, TRL ...", flush=True)
+        r = {impl: run_child("stage", {"overrides": overrides, "stage": stage, "impl": impl}, env) for impl in ("ours", "trl")}
+        report["stages"][stage] = {"ours": r["ours"], "reference": r["trl"], "ratio": r["ours"]["tokens_per_s"] / r["trl"]["tokens_per_s"]}
+    from flows.pipeline import load_config
+
+    ppo_cfg = load_config(["algo=ppo", *overrides])["algo"]
+    print("ppo: ours, plain loop ...", flush=True)
+    report["ppo"] = {"steps": args.ppo_steps, **{impl: run_child("ppo", {"overrides": overrides, "impl": impl, "ppo": ppo_cfg, "steps": args.ppo_steps}, env)
+                                                 for impl in ("ours", "reference")}}
+    report["device"] = run_child_device(env)
+    tag = "cuda" if "cpu" not in report["device"] else "cpu"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"throughput_{tag}.json").write_text(json.dumps(report, indent=1))
+    (RESULTS / f"throughput_{tag}.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def run_child_device(env: dict) -> str:
+    out = subprocess.run([sys.executable, "-c", "from benchmarks.throughput import device_name; print(device_name())"], cwd=PROJECT,
+                         env=env, capture_output=True, text=True, timeout=120)
+    return out.stdout.strip()
+
+
+if __name__ == "__main__":
+    main()
