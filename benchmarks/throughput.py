@@ -244,7 +244,7 @@ def trl(stage: str, cfg, rec: dict, work: Path) -> Meter:
     return meter
 
 
-def rows_that_fit(data_dir: str, tokenizer_dir: str, max_length: int, out_dir: Path) -> str:
+def rows_that_fit(data_dir: str, tokenizer_dir: str, max_length: int, out_dir: Path, limit: int) -> str:
     """A copy of the SFT and preference splits keeping rows whose prompt + answer + EOS fit ``max_length``.
 
     TRL drops preference rows that are too long and truncates SFT rows; we cut answers. On rows that fit,
@@ -260,8 +260,8 @@ def rows_that_fit(data_dir: str, tokenizer_dir: str, max_length: int, out_dir: P
         n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
         return all(n_prompt + len(tok(answer_text(a), add_special_tokens=False)["input_ids"]) + 1 <= max_length for a in answers)
 
-    splits = {"sft": [r for r in load_split(data_dir, "sft") if fits(r["prompt"], r["response"])],
-              "pref": [r for r in load_split(data_dir, "pref") if fits(r["prompt"], r["chosen"], r["rejected"])]}
+    splits = {"sft": [r for r in load_split(data_dir, "sft") if fits(r["prompt"], r["response"])][:limit],
+              "pref": [r for r in load_split(data_dir, "pref") if fits(r["prompt"], r["chosen"], r["rejected"])][:limit]}
     splits["eval_pref"] = load_split(data_dir, "eval_pref")
     save_splits(splits, out_dir)
     return str(out_dir)
@@ -274,7 +274,7 @@ def child_stage(spec: dict) -> dict:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as work:
         tok_dir = str(Path(rec["sft"]["out_dir"]) / "base") if spec["stage"] == "sft" else rec["sft"]["model_path"]
-        rec["data"] = {"data_dir": rows_that_fit(rec["data"]["data_dir"], tok_dir, cfg.model.max_length, Path(work) / "data")}
+        rec["data"] = {"data_dir": rows_that_fit(rec["data"]["data_dir"], tok_dir, cfg.model.max_length, Path(work) / "data", spec["rows"])}
         meter = (ours if spec["impl"] == "ours" else trl)(spec["stage"], cfg, rec, Path(work) / "run")
     return {"tokens": meter.tokens, "seconds": meter.seconds, "tokens_per_s": meter.tokens / meter.seconds, **peak_memory_mb()}
 
@@ -349,7 +349,8 @@ def markdown(report: dict) -> str:
         f"| peak RSS of the pipeline process | {p['peak_rss_mb']:.0f} MB |",
         ]
     lines += [
-        "\n## SFT, reward, DPO: tokens/s of training (real tokens, same work)\n",
+        f"\n## SFT, reward, DPO: tokens/s of training (real tokens, same work; {report['rows']} rows that fit the context, "
+        f"the config's epochs; median of {report['repeats']} runs each, alternating order)\n",
         "| stage | ours tok/s | reference | reference tok/s | ours / reference | ours s | ref s | tokens ours / ref | peak MB ours / ref |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -377,6 +378,8 @@ def main() -> None:
     ap.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     ap.add_argument("--ppo-steps", type=int, default=6, help="PPO iterations per implementation (the first is a warm-up)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the config's)")
+    ap.add_argument("--rows", type=int, default=768, help="training rows (SFT examples, preference pairs) per stage comparison")
+    ap.add_argument("--repeats", type=int, default=2, help="measurements per implementation, alternating which goes first")
     ap.add_argument("--root", default=None, help="pipeline root (default: a fresh temporary folder)")
     ap.add_argument("--skip-pipeline", action="store_true", help="re-use the pipeline of --root (phase 2-3 only)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of the pipeline config")
@@ -395,7 +398,7 @@ def main() -> None:
         overrides.append(f"runtime.threads={args.threads}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(root / "prefect-home"), "TOKENIZERS_PARALLELISM": "false"}
     env.pop("PREFECT_API_URL", None)
-    report: dict = {"overrides": args.overrides, "date": time.strftime("%Y-%m-%d"),
+    report: dict = {"overrides": args.overrides, "date": time.strftime("%Y-%m-%d"), "rows": args.rows, "repeats": args.repeats,
                     "versions": {p: md.version(p) for p in ("torch", "trl", "transformers", "prefect", "mlflow")}}
     if not args.skip_pipeline:
         print("pipeline ...", flush=True)
@@ -403,8 +406,13 @@ def main() -> None:
     report["stages"] = {}
     for stage in ("sft", "reward", "dpo"):
         print(f"{stage}: ours, TRL ...", flush=True)
-        r = {impl: run_child("stage", {"overrides": overrides, "stage": stage, "impl": impl}, env) for impl in ("ours", "trl")}
-        report["stages"][stage] = {"ours": r["ours"], "reference": r["trl"], "ratio": r["ours"]["tokens_per_s"] / r["trl"]["tokens_per_s"]}
+        runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+        for i in range(args.repeats):  # ABBA order: neither implementation always runs on a warmer machine
+            for impl in (("ours", "trl") if i % 2 == 0 else ("trl", "ours")):
+                runs[impl].append(run_child("stage", {"overrides": overrides, "stage": stage, "impl": impl, "rows": args.rows}, env))
+        r = {impl: median_run(rs) for impl, rs in runs.items()}
+        report["stages"][stage] = {"ours": r["ours"], "reference": r["trl"], "ratio": r["ours"]["tokens_per_s"] / r["trl"]["tokens_per_s"],
+                                   "tokens_per_s_each": {impl: [x["tokens_per_s"] for x in rs] for impl, rs in runs.items()}}
     from flows.pipeline import load_config
 
     ppo_cfg = load_config(["algo=ppo", *overrides])["algo"]
@@ -417,6 +425,11 @@ def main() -> None:
     (RESULTS / f"throughput_{tag}.json").write_text(json.dumps(report, indent=1))
     (RESULTS / f"throughput_{tag}.md").write_text(markdown(report))
     print(markdown(report))
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s (the lower middle one for an even count)."""
+    return sorted(runs, key=lambda r: r["tokens_per_s"])[(len(runs) - 1) // 2]
 
 
 def run_child_device(env: dict) -> str:

@@ -45,6 +45,10 @@ class ModelConfig:
     autocast: str = _f("none", "Mixed precision: forwards in bfloat16 under torch.autocast, weights and optimizer in `dtype` "
                                "(float16 would need a loss scaler: not offered).", choices=["none", "bfloat16"])
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30% more compute (large models).")
+    lora_r: int = _f(0, "LoRA rank of the trained models (policy, reward, value) through peft; 0 = full fine-tuning.", ge=0)
+    lora_alpha: float = _f(16.0, "LoRA scaling numerator (the update is scaled by alpha / r).", gt=0.0)
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input (off anyway in DPO and PPO).", ge=0.0, lt=1.0)
+    lora_target_modules: Optional[list] = _f(None, "Modules to adapt, e.g. [q_proj, v_proj]; null = peft's default for the architecture.")
 
     def check(self, key: str) -> None:
         if self.pretrained is None and self.n_embd % self.n_head:

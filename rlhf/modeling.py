@@ -126,6 +126,38 @@ def prepare_trainable(model: torch.nn.Module, model_cfg) -> torch.nn.Module:
     return model
 
 
+def load_trainable(kind: str, start: str, resume: Path | None, tokenizer, model_cfg, zero_head: bool = False) -> torch.nn.Module:
+    """The model a stage trains (``kind``: policy or scalar), from ``start`` or the checkpoint folder ``resume``,
+    with gradient checkpointing and, when ``model.lora_r > 0``, LoRA adapters (peft) over ``start``'s weights.
+
+    With LoRA only the adapters (and a scalar model's head) train and a checkpoint holds only them:
+    resuming loads ``start`` and then the adapters. :func:`save_pretrained_atomic` merges them, so the
+    next stage loads a plain model.
+    """
+    def load(path: str, zero: bool):
+        if kind == "policy":
+            return load_policy(path, tokenizer, model_cfg.dtype)
+        return load_scalar_model(path, tokenizer, model_cfg.dtype, zero_head=zero)
+
+    if not model_cfg.lora_r:
+        return prepare_trainable(load(str(resume) if resume else start, zero_head and resume is None), model_cfg)
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = load(start, zero_head and resume is None)
+    if resume:
+        model = PeftModel.from_pretrained(base, str(resume), is_trainable=True)
+    else:
+        lora = LoraConfig(r=model_cfg.lora_r, lora_alpha=model_cfg.lora_alpha, lora_dropout=model_cfg.lora_dropout,
+                          target_modules=model_cfg.lora_target_modules, task_type="CAUSAL_LM" if kind == "policy" else "SEQ_CLS")
+        model = get_peft_model(base, lora)
+    return prepare_trainable(model, model_cfg)
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (its LoRA layers are injected in place), else ``model``."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def load_policy(path: str, tokenizer, dtype: str = "float32", key: str = "model.pretrained") -> torch.nn.Module:
     """A causal LM from a folder or hub id, its embeddings resized to the tokenizer if needed."""
     check_model_source(path, key)
@@ -199,6 +231,7 @@ def token_logprobs_and_entropy(model, input_ids, attention_mask, temperature: fl
 
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The scalar head on every position: (B, T). Used as the critic and, at one index, as the reward."""
+    model = unwrapped(model)
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)).last_hidden_state
     return model.score(hidden).squeeze(-1).float()  # (B, T)
 
@@ -213,6 +246,8 @@ def save_pretrained_atomic(model, tokenizer, out_dir: Path, extra: dict | None =
     """Save a HF folder atomically: write ``<out_dir>.tmp-<pid>``, then rename onto ``out_dir``."""
     from .checkpoint import atomic_dir
 
+    if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the weights; downstream loads a plain model
+        model = model.merge_and_unload()
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -43,7 +43,8 @@ def stage_key(stage: str, config: dict, upstream: list[str]) -> str:
 def stage_configs(cfg: PipelineConfig) -> dict[str, dict]:
     """The part of the config each stage's result depends on."""
     m = cfg.model
-    precision = {"max_length": m.max_length, "dtype": m.dtype, "autocast": m.autocast, "gradient_checkpointing": m.gradient_checkpointing}
+    precision = {"max_length": m.max_length, "dtype": m.dtype, "autocast": m.autocast, "gradient_checkpointing": m.gradient_checkpointing,
+                 "lora": [m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules]}
     return {
         "data": {"data": to_dict(cfg.data)},
         "sft": {"model": to_dict(cfg.model), "sft": to_dict(cfg.sft)},

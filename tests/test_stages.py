@@ -87,6 +87,25 @@ def test_mixed_precision_and_gradient_checkpointing_train_in_bf16_with_fp32_weig
     assert AutoModelForCausalLM.from_pretrained(out["model_path"]).dtype == torch.float32
 
 
+def test_lora_trains_adapters_only_resumes_from_them_and_saves_a_merged_model(upstream):
+    from dataclasses import replace
+
+    model = replace(TINY_MODEL, lora_r=4, lora_alpha=8.0)
+    c = ctx(upstream["root"], "dpo-lora")
+    out = dpo.run(DPOConfig(lr=1e-2, beta=0.1, **LOOP), model, upstream["data"], upstream["sft"]["model_path"], c)
+    assert c.sink.first("dpo/loss") == pytest.approx(math.log(2), abs=1e-4)  # LoRA's B = 0: the policy starts as SFT
+    ckpt = sorted((c.out_dir / "ckpt").glob("step-*"))[-1] / "policy"
+    assert (ckpt / "adapter_config.json").exists() and not (ckpt / "model.safetensors").exists()
+    sft_model = AutoModelForCausalLM.from_pretrained(upstream["sft"]["model_path"])
+    tuned = AutoModelForCausalLM.from_pretrained(out["model_path"])  # a plain model: the adapters are merged
+    before, after = dict(sft_model.named_parameters()), dict(tuned.named_parameters())
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("c_attn" in k for k in changed)  # peft's default target for GPT-2; nothing else moved
+    again = dpo.run(DPOConfig(lr=1e-2, beta=0.1, **LOOP), model, upstream["data"], upstream["sft"]["model_path"], ctx(upstream["root"], "dpo-lora"))
+    resumed = AutoModelForCausalLM.from_pretrained(again["model_path"])  # from the last checkpoint's adapters
+    assert all(torch.allclose(p, dict(resumed.named_parameters())[k], atol=1e-6) for k, p in after.items())
+
+
 def test_reward_model_starts_at_ln2(upstream):
     # a zeroed head scores every answer 0: the first pairwise loss is exactly ln 2
     sink = upstream["rm_sink"]

@@ -7,7 +7,7 @@ import torch
 from ..config import DPOConfig, ModelConfig
 from ..data import Encoded, load_split
 from ..losses import dpo_loss
-from ..modeling import autocast, disable_dropout, load_policy, load_tokenizer, prepare_trainable, save_pretrained_atomic, token_logprobs
+from ..modeling import autocast, disable_dropout, load_policy, load_tokenizer, load_trainable, save_pretrained_atomic, token_logprobs
 from ..trainer import fit
 from .common import StageContext, batched, supervised_trainer
 from .reward import encode_preferences
@@ -39,7 +39,7 @@ def run(cfg: DPOConfig, model_cfg: ModelConfig, data_dir: str, sft_path: str, ct
     del reference
 
     resume = ctx.resume_point()
-    policy = prepare_trainable(load_policy(str(resume / "policy") if resume else sft_path, tokenizer, dtype).to(ctx.device), model_cfg)
+    policy = load_trainable("policy", sft_path, resume and resume / "policy", tokenizer, model_cfg).to(ctx.device)
     disable_dropout(policy)
     trainer = supervised_trainer("policy", policy, tokenizer, cfg, len(rows), "dpo", ctx, resume, amp)
 

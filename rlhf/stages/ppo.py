@@ -26,7 +26,7 @@ from ..config import ModelConfig, PPOConfig, SamplingConfig
 from ..data import encode_prompts, left_pad, load_split
 from ..kl_control import make_controller
 from ..losses import kl_k1, kl_k3, masked_mean, masked_var, policy_loss, value_loss
-from ..modeling import (autocast, disable_dropout, load_policy, prepare_trainable, load_scalar_model, load_tokenizer, save_pretrained_atomic,
+from ..modeling import (autocast, disable_dropout, load_policy, load_scalar_model, load_trainable, load_tokenizer, save_pretrained_atomic,
                         sequence_scores, token_logprobs, token_logprobs_and_entropy, token_values)
 from ..rollout import Samples, decode_responses, generate
 from ..trainer import Trainer, epoch_order
@@ -63,15 +63,13 @@ class PPOModels:
         dtype = model_cfg.dtype
         self.tokenizer = load_tokenizer(sft_path)
         tok = self.tokenizer
-        self.policy = load_policy(str(resume / "policy") if resume else sft_path, tok, dtype).to(device)
-        value_src = str(resume / "value") if resume else (reward_path if cfg.value_init == "reward" else sft_path)
-        self.value = load_scalar_model(value_src, tok, dtype, zero_head=resume is None and cfg.value_init == "sft").to(device)
+        self.policy = load_trainable("policy", sft_path, resume and resume / "policy", tok, model_cfg).to(device)
+        value_start = reward_path if cfg.value_init == "reward" else sft_path
+        self.value = load_trainable("scalar", value_start, resume and resume / "value", tok, model_cfg, zero_head=cfg.value_init == "sft").to(device)
         self.reference = load_policy(sft_path, tok, dtype).to(device).eval().requires_grad_(False)
         self.reward = load_scalar_model(reward_path, tok, dtype, zero_head=False).to(device).eval().requires_grad_(False)
         for m in (self.policy, self.value, self.reference, self.reward):
             disable_dropout(m)
-        for m in (self.policy, self.value):
-            prepare_trainable(m, model_cfg)
         self.amp = autocast(model_cfg, device)
 
 
@@ -86,7 +84,8 @@ class PPO:
         self.iteration = 0
         self.history: dict[str, list[tuple[int, float]]] = {}  # the KL curve, kept across resumes
         value_lr = cfg.value_lr or cfg.lr
-        groups = [{"params": list(models.policy.parameters())}, {"params": list(models.value.parameters()), "lr": value_lr}]
+        trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731  (LoRA: adapters and heads only)
+        groups = [{"params": trainable(models.policy)}, {"params": trainable(models.value), "lr": value_lr}]
         self.trainer = Trainer({"policy": models.policy, "value": models.value}, models.tokenizer, cfg, n_optimizer_steps, "ppo", ctx.sink,
                                ctx.ckpt_dir, groups, amp=models.amp)
 

@@ -7,7 +7,7 @@ import torch
 from ..config import ModelConfig, RewardConfig
 from ..data import Encoded, encode_pairs, load_split
 from ..losses import pairwise_loss
-from ..modeling import autocast, load_scalar_model, load_tokenizer, prepare_trainable, save_pretrained_atomic, sequence_scores
+from ..modeling import autocast, load_tokenizer, load_trainable, save_pretrained_atomic, sequence_scores
 from ..trainer import fit
 from .common import StageContext, batched, supervised_trainer
 
@@ -46,8 +46,7 @@ def pair_accuracy(model, rows: list[dict], tokenizer, max_length: int, device) -
 def run(cfg: RewardConfig, model_cfg: ModelConfig, data_dir: str, sft_path: str, ctx: StageContext) -> dict:
     tokenizer = load_tokenizer(sft_path)
     resume = ctx.resume_point()
-    model = load_scalar_model(str(resume / "reward") if resume else sft_path, tokenizer, model_cfg.dtype, zero_head=resume is None)
-    model = prepare_trainable(model.to(ctx.device), model_cfg)
+    model = load_trainable("scalar", sft_path, resume and resume / "reward", tokenizer, model_cfg, zero_head=True).to(ctx.device)
     amp, max_length = autocast(model_cfg, ctx.device), model_cfg.max_length
     rows, held = load_split(data_dir, "pref"), load_split(data_dir, "eval_pref")
     chosen, rejected = encode_preferences(tokenizer, rows, max_length)

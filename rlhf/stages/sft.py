@@ -10,7 +10,7 @@ from .. import checkpoint
 from ..config import ModelConfig, SFTConfig
 from ..data import encode_pairs, load_split
 from ..losses import sft_loss
-from ..modeling import autocast, build_tiny, load_policy, load_tokenizer, prepare_trainable, save_pretrained_atomic, token_logprobs
+from ..modeling import autocast, build_tiny, load_tokenizer, load_trainable, save_pretrained_atomic, token_logprobs
 from ..trainer import fit
 from .common import StageContext, batched, supervised_trainer
 
@@ -34,7 +34,7 @@ def run(model_cfg: ModelConfig, cfg: SFTConfig, data_dir: str, ctx: StageContext
     base = base_model(model_cfg, Path(data_dir), ctx)
     tokenizer = load_tokenizer(model_cfg.tokenizer or base, "model.tokenizer" if model_cfg.tokenizer else "model.pretrained")
     resume = ctx.resume_point()
-    model = prepare_trainable(load_policy(str(resume / "policy") if resume else base, tokenizer, model_cfg.dtype).to(ctx.device), model_cfg)
+    model = load_trainable("policy", base, resume and resume / "policy", tokenizer, model_cfg).to(ctx.device)
     amp = autocast(model_cfg, ctx.device)
 
     rows = load_split(data_dir, "sft")
