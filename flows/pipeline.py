@@ -27,7 +27,7 @@ from rlhf.preflight import preflight
 from rlhf.tracking import RunLogger, experiment_id
 from flows.stage import TRAINING_TASKS
 from tasks.data import data_stage
-from tasks.dispatch import dispatch_stage
+from tasks.dispatch import check_stage_deployment, dispatch_stage
 from tasks.evaluate import eval_stage
 from tasks.keys import pipeline_keys
 from tasks.runner import stage_options
@@ -120,6 +120,8 @@ def rlhf_pipeline(config: dict | None = None, overrides: list[str] | None = None
         config = load_config([*(base_overrides or []), *(overrides or [])])
     cfg = validate(config)
     uri = preflight(cfg)
+    if cfg.dispatch.mode == "deployments":
+        check_stage_deployment(cfg.dispatch)
     root = Path(cfg.paths.root)
     root.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(uri)

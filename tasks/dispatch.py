@@ -5,13 +5,33 @@ stage is never dispatched."""
 from __future__ import annotations
 
 from prefect import task
+from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL
+
+from rlhf.config import ConfigError, DispatchConfig
 
 from .runner import read_record
 
 
 class StageDispatchError(RuntimeError):
     """The stage's flow run on the work pool did not complete."""
+
+
+def check_stage_deployment(dispatch: DispatchConfig) -> None:
+    """Before any stage: the stage deployment exists on a Prefect server that outlives this process."""
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise ConfigError("dispatch=pools sends training stages to a work pool, which needs a Prefect server: PREFECT_API_URL "
+                          "is not set. Fix: `prefect server start`, export PREFECT_API_URL=http://127.0.0.1:4200/api, "
+                          "`make deploy`; or run with dispatch=local.")
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(dispatch.deployment)
+        except ObjectNotFound:
+            raise ConfigError(f"dispatch.deployment={dispatch.deployment!r} does not exist on {url}. Fix: run `make deploy` "
+                              f"(python -m flows.deploy) against that server, or pass dispatch=local.") from None
 
 
 @task(name="dispatch")

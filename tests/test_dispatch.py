@@ -56,3 +56,16 @@ def test_a_cluster_pool_without_a_template_is_refused_with_the_fix():
     with pytest.raises(ConfigError, match="does not exist"):
         base_job_template({"type": "kubernetes", "base_job_template": "/nope.json"}, "gpu")
     assert "job_configuration" in base_job_template({"type": "process", "base_job_template": None}, "cpu")
+
+
+def test_dispatch_without_a_server_or_a_deployment_fails_before_training(prefect_server):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.dispatch import check_stage_deployment
+
+    dispatch = validate(load_config(["dispatch=pools"])).dispatch
+    with pytest.raises(ConfigError, match="no-such/deployment.*does not exist.*make deploy"):
+        check_stage_deployment(validate(load_config(["dispatch=pools", "dispatch.deployment=no-such/deployment"])).dispatch)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        with pytest.raises(ConfigError, match="PREFECT_API_URL is not set.*dispatch=local"):
+            check_stage_deployment(dispatch)
