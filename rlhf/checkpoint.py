@@ -57,9 +57,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def step_dir(ckpt_root: Path, step: int) -> Path:
+    return Path(ckpt_root) / f"step-{step:06d}"
+
+
 def save(ckpt_root: Path, step: int, models: dict, tokenizer, trainer_state: dict, keep: int = 2) -> Path:
     """Write ``ckpt_root/step-NNNNNN`` atomically: each model as an HF folder, plus the trainer state."""
-    final = Path(ckpt_root) / f"step-{step:06d}"
+    final = step_dir(ckpt_root, step)
     with atomic_dir(final) as tmp:
         for name, model in models.items():
             model.save_pretrained(tmp / name)

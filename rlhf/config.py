@@ -215,7 +215,9 @@ class PathsConfig:
 @dataclass
 class RuntimeConfig:
     device: str = _f("auto", "auto, cpu, cuda or cuda:N.")
-    threads: int = _f(0, "torch intra-op threads (0: every core, at most 4).", ge=0)
+    threads: int = _f(0, "torch intra-op threads per process (0: the cores shared out, at most 4).", ge=0)
+    num_processes: int = _f(1, "Processes per training stage; >1 launches sft, reward and dpo with `accelerate launch` "
+                               "(DDP, one process per GPU, or gloo on CPU).", ge=1)
 
 
 TRAINING_STAGES = ("sft", "reward", "dpo", "ppo")
@@ -320,10 +322,23 @@ def validate(config: Any) -> PipelineConfig:
         merged = OmegaConf.merge(schema, container)
         cfg: PipelineConfig = OmegaConf.to_object(merged)
     _check_bounds(cfg, "")
+    _check_data_parallel(cfg)
     unknown = set(cfg.refresh) - set(STAGES)
     if unknown:
         raise ConfigError(f"refresh={cfg.refresh} names unknown stages {sorted(unknown)}. Fix: use stages among {list(STAGES)}.")
     return cfg
+
+
+def _check_data_parallel(cfg: PipelineConfig) -> None:
+    """Each of ``num_processes`` ranks takes an equal share of every batch, in ``grad_accum`` micro-batches."""
+    n = cfg.runtime.num_processes
+    stages = [("sft", cfg.sft), ("reward", cfg.reward)] + ([("algo", cfg.algo)] if isinstance(cfg.algo, SupervisedConfig) else [])
+    for key, stage in stages:
+        if stage.batch_size % (stage.grad_accum * n):
+            raise ConfigError(
+                f"{key}.batch_size={stage.batch_size} does not split into runtime.num_processes={n} ranks x "
+                f"{key}.grad_accum={stage.grad_accum} equal micro-batches. Fix: make {key}.batch_size a multiple of {n * stage.grad_accum}."
+            )
 
 
 class _errors_named:

@@ -236,6 +236,18 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     return model.score(hidden).squeeze(-1).float()  # (B, T)
 
 
+class TokenValues(torch.nn.Module):
+    """:func:`token_values` of a scalar model as a module's forward, ``(input_ids, attention_mask) -> (B, T)``,
+    so that a data-parallel wrapper (DDP) owns the forward whose gradients it averages."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return token_values(self.model, input_ids, attention_mask)
+
+
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
     """Reward-model score read at ``last_index`` (the EOS, or the last real token): (B,)."""
     values = token_values(model, input_ids, attention_mask)  # (B, T)

@@ -5,11 +5,16 @@ gradient accumulation and clipping, the non-finite-loss guard, metric windows (a
 the first step always logged), throughput, and resumable atomic checkpoints. A stage supplies the loss
 of a micro-batch; :func:`fit` runs the supervised epochs loop (SFT, reward, DPO) on top of it, and PPO
 drives :meth:`Trainer.optimizer_step` from its own rollout loop.
+
+Data parallelism is accelerate's: under ``accelerate launch`` each process trains a DDP copy
+(:meth:`Trainer.wrap`) on its share of every batch, gradients are averaged in the last micro-batch's
+backward, metrics are averaged over the processes, and the main process alone writes checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from collections import defaultdict
@@ -17,6 +22,7 @@ from pathlib import Path
 from typing import Callable, ContextManager, Iterable, Protocol
 
 import torch
+from accelerate import Accelerator
 
 from . import checkpoint
 from .config import OptimConfig, SupervisedConfig
@@ -53,6 +59,7 @@ class Trainer:
 
     ``models`` maps a name (``policy``, ``reward``, ``value``) to a trainable module; all of them are
     saved in each checkpoint as HF folders. ``param_groups`` lets PPO give the value model its own lr.
+    ``accelerator``: the stage's (:func:`rlhf.runtime.accelerator`), one process or a DDP launch.
     """
 
     def __init__(
@@ -66,8 +73,12 @@ class Trainer:
         ckpt_dir: Path,
         param_groups: list[dict] | None = None,
         amp: Callable[[], ContextManager] = contextlib.nullcontext,
+        *,
+        accelerator: Accelerator,
     ) -> None:
         self.models, self.tokenizer, self.cfg, self.amp = models, tokenizer, cfg, amp
+        self.accelerator = accelerator
+        self._synced: list[torch.nn.Module] = []  # the DDP wrappers whose gradients are averaged
         self.total_steps, self.prefix, self.sink, self.ckpt_dir = total_steps, prefix, sink, Path(ckpt_dir)
         groups = param_groups or [{"params": [p for m in models.values() for p in m.parameters() if p.requires_grad]}]
         self.params = [p for g in groups for p in g["params"]]
@@ -78,27 +89,56 @@ class Trainer:
         self._window: dict[str, list[float]] = defaultdict(list)
         self._tokens, self._window_start = 0, time.perf_counter()
 
+    # ---- data parallelism ------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The module to run training forwards through: a DDP wrapper under ``accelerate launch``, else ``module``.
+        Its parameters are the trainer's, so saving ``models`` saves what it trained."""
+        wrapped = self.accelerator.prepare_model(module, device_placement=False)
+        self._synced.append(wrapped)
+        return wrapped
+
+    def _no_sync(self) -> ContextManager:
+        """Skip the gradient all-reduce (accumulate locally) in every micro-batch but the last."""
+        stack = contextlib.ExitStack()
+        for module in self._synced:
+            stack.enter_context(self.accelerator.no_sync(module))
+        return stack
+
     # ---- optimisation ---------------------------------------------------------------------------
     def optimizer_step(self, micro_losses: Iterable[tuple[torch.Tensor, dict]], n_micro: int | None = None) -> dict:
         """Backward each micro-batch loss (scaled by 1/n), clip, step. Returns the step's metrics.
 
         ``micro_losses`` yields (loss, metrics) lazily so each micro-batch's graph is freed before the
-        next forward.
+        next forward. With several processes, each passes its own ``n_micro`` micro-batches (the same count
+        everywhere) and the returned metrics are the processes' mean.
         """
         n_micro = n_micro or self.cfg.grad_accum
         totals: dict[str, torch.Tensor] = {}
         loss_sum = 0.0
         micro_losses = iter(micro_losses)
-        while True:
-            with self.amp():  # forwards under autocast (mixed precision); backward outside it
-                item = next(micro_losses, None)
-            if item is None:
-                break
-            loss, metrics = item
-            (loss / n_micro).backward()
+        for i in itertools.count():
+            with self._no_sync() if i < n_micro - 1 else contextlib.nullcontext():
+                with self.amp():  # forwards under autocast (mixed precision); backward outside it
+                    item = next(micro_losses, None)
+                if item is None:
+                    break
+                loss, metrics = item
+                (loss / n_micro).backward()
             loss_sum = loss_sum + loss.detach()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + torch.as_tensor(v).detach().float() / n_micro
+        if self.world > 1:  # one all-reduce for the loss and every metric, so all processes agree on them
+            names = list(totals)
+            mean = self.accelerator.reduce(torch.stack([loss_sum, *(totals[k].to(loss_sum.device) for k in names)]), "mean")
+            loss_sum, totals = mean[0], dict(zip(names, mean[1:]))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -118,6 +158,8 @@ class Trainer:
     # ---- metrics --------------------------------------------------------------------------------
     def record(self, metrics: dict, tokens: int = 0) -> None:
         """Add a step's metrics to the window; log the window's mean on the first and every log_every-th step."""
+        if self.world > 1:
+            tokens = int(self.accelerator.reduce(torch.tensor(float(tokens), device=self.accelerator.device), "sum"))
         for k, v in metrics.items():
             self._window[k].append(float(v))
         self._tokens += tokens
@@ -145,9 +187,13 @@ class Trainer:
         return self.step % every == 0 or self.step == self.total_steps
 
     def save(self, extra_state: dict | None = None) -> Path:
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "extra": extra_state or {}}
-        self.sink.flush()  # metrics up to a checkpoint are never lost with the process
-        return checkpoint.save(self.ckpt_dir, self.step, self.models, self.tokenizer, state)
+        """Checkpoint (main process only; DDP keeps every copy identical); every process waits for it."""
+        if self.accelerator.is_main_process:
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "extra": extra_state or {}}
+            self.sink.flush()  # metrics up to a checkpoint are never lost with the process
+            checkpoint.save(self.ckpt_dir, self.step, self.models, self.tokenizer, state)
+        self.accelerator.wait_for_everyone()
+        return checkpoint.step_dir(self.ckpt_dir, self.step)
 
     def load(self, ckpt: Path) -> dict:
         """Restore optimizer, schedule, RNG and step from a checkpoint (weights are loaded by the stage)."""
@@ -177,17 +223,19 @@ def fit(
 ) -> None:
     """Supervised loop: shuffled epochs of batches, each split into ``grad_accum`` micro-batches.
 
-    ``micro_loss(indices) -> (loss, metrics, n_tokens)``. Starts at ``trainer.step`` (0, or the resumed
+    ``micro_loss(indices) -> (loss, metrics, n_tokens)``; under data parallelism each process gets every
+    ``world``-th example of the batch, so the processes together see exactly one process's batch. Starts at ``trainer.step`` (0, or the resumed
     step) and stops at ``trainer.total_steps``; evaluates every ``eval_every`` steps and at the end;
     checkpoints every ``checkpoint_every`` steps and at the end.
     """
     cfg = trainer.cfg
     steps_per_epoch = max(1, n_examples // cfg.batch_size)
-    micro = cfg.batch_size // cfg.grad_accum
+    micro = cfg.batch_size // (cfg.grad_accum * trainer.world)
     while trainer.step < trainer.total_steps:
         epoch, offset = divmod(trainer.step, steps_per_epoch)
         order = epoch_order(n_examples, cfg.seed, epoch)
         batch = order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size]
+        batch = batch[: len(batch) - len(batch) % trainer.world][trainer.rank :: trainer.world]  # this process's equal share
         tokens = 0
 
         def losses():

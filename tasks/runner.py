@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,7 +19,8 @@ from prefect.cache_policies import CacheKeyFnPolicy
 
 from rlhf import checkpoint, runtime
 from rlhf.config import RuntimeConfig, from_dict
-from rlhf.stages.common import StageContext
+from rlhf.launch import DATA_PARALLEL_STAGES, run_data_parallel
+from rlhf.stages.common import CKPT_DIR, FINAL_DIR, StageContext
 from rlhf.tracking import RunLogger
 
 from .locking import ProcessFileLockManager
@@ -84,6 +86,7 @@ def run_stage(stage: str, key: str, env: dict, fresh: bool, body: Callable[[Stag
     """Run ``body`` inside a nested MLflow run; return the stage's record (paths, run id, key, metrics).
 
     ``env``: root, tracking_uri, experiment_id, parent_run_id, runtime. ``fresh``: ignore checkpoints.
+    With ``runtime.num_processes > 1`` the body of sft, reward and dpo runs under ``accelerate launch``.
     """
     client = MlflowClient(env["tracking_uri"])
     out_dir = stage_dir(env["root"], stage, key)
@@ -92,24 +95,29 @@ def run_stage(stage: str, key: str, env: dict, fresh: bool, body: Callable[[Stag
         run = RunLogger.create(client, env["experiment_id"], stage, {"stage": stage, "cache_key": key}, env["parent_run_id"])
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / RUN_ID_FILE).write_text(run.run_id)
-    device = runtime.setup(from_dict(RuntimeConfig, env["runtime"]), seed)
-    ctx = StageContext(out_dir, run, device, fresh=fresh)
+    rt = from_dict(RuntimeConfig, env["runtime"])
     try:
         started = time.perf_counter()
-        result = body(ctx)
+        if rt.num_processes > 1 and stage in DATA_PARALLEL_STAGES:
+            run.set_tags({"num_processes": rt.num_processes})
+            if fresh:
+                shutil.rmtree(out_dir / CKPT_DIR, ignore_errors=True)
+            result = run_data_parallel(body, out_dir, rt, seed, env["tracking_uri"], run.run_id)
+        else:
+            result = body(StageContext(out_dir, run, runtime.setup(rt, seed), fresh=fresh))
         compute_s = time.perf_counter() - started  # the stage's own work; the rest of this function is tracking
         run.log_metrics({f"{stage}/compute_s": compute_s}, step=0)
         run.flush()
-        if (ctx.final_dir / "config.json").exists():
-            run.log_artifacts(ctx.final_dir, "checkpoint")
-        for ckpt in checkpoint.complete_checkpoints(ctx.ckpt_dir):
+        if (out_dir / FINAL_DIR / "config.json").exists():
+            run.log_artifacts(out_dir / FINAL_DIR, "checkpoint")
+        for ckpt in checkpoint.complete_checkpoints(out_dir / CKPT_DIR):
             run.log_artifacts(ckpt, f"checkpoints/{ckpt.name}")
-        if (ctx.out_dir / "figures").exists():
-            run.log_artifacts(ctx.out_dir / "figures", "figures")
+        if (out_dir / "figures").exists():
+            run.log_artifacts(out_dir / "figures", "figures")
     except BaseException:
         run.finish("FAILED")
         raise
     run.finish()
-    record = {"stage": stage, "cache_key": key, "run_id": run.run_id, "out_dir": str(ctx.out_dir), "compute_s": compute_s, **result}
-    write_record(ctx.out_dir, record)
+    record = {"stage": stage, "cache_key": key, "run_id": run.run_id, "out_dir": str(out_dir), "compute_s": compute_s, **result}
+    write_record(out_dir, record)
     return record

@@ -7,28 +7,38 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
-from .. import checkpoint
+from .. import checkpoint, runtime
 from ..config import SupervisedConfig
+from ..modeling import save_pretrained_atomic
 from ..trainer import MetricSink, Trainer, steps_for
+
+
+CKPT_DIR, FINAL_DIR = "ckpt", "model"  # a stage folder's resumable checkpoints and its output model
 
 
 @dataclass
 class StageContext:
-    """Where a stage writes, where it logs, on which device it runs."""
+    """Where a stage writes, where it logs, on which device it runs, and its place among the processes
+    of a data-parallel launch (``accelerator``: one process unless launched by ``accelerate launch``)."""
 
     out_dir: Path
     sink: MetricSink
     device: torch.device
     fresh: bool = False  # ignore existing checkpoints (refresh=[stage])
+    accelerator: Accelerator | None = None  # None: this process alone
+
+    def __post_init__(self) -> None:
+        self.accelerator = self.accelerator or runtime.accelerator(self.device)
 
     @property
     def ckpt_dir(self) -> Path:
-        return self.out_dir / "ckpt"
+        return self.out_dir / CKPT_DIR
 
     @property
     def final_dir(self) -> Path:
-        return self.out_dir / "model"
+        return self.out_dir / FINAL_DIR
 
     def resume_point(self) -> Path | None:
         """The newest complete checkpoint to continue from, unless a fresh start was asked for."""
@@ -38,6 +48,12 @@ class StageContext:
             shutil.rmtree(self.ckpt_dir, ignore_errors=True)
             return None
         return checkpoint.latest(self.ckpt_dir)
+
+    def save_final(self, model, tokenizer, meta: dict) -> None:
+        """The stage's output model, written once (by the main process) and seen by every process after."""
+        if self.accelerator.is_main_process:
+            save_pretrained_atomic(model, tokenizer, self.final_dir, meta)
+        self.accelerator.wait_for_everyone()
 
 
 @torch.no_grad()
@@ -49,7 +65,8 @@ def batched(fn, n: int, batch_size: int):
 def supervised_trainer(name: str, model: torch.nn.Module, tokenizer, cfg: SupervisedConfig, n_examples: int, prefix: str,
                        ctx: StageContext, resume: Path | None, amp=contextlib.nullcontext) -> Trainer:
     """The shared trainer for one model over a fixed dataset, restored from ``resume`` when given."""
-    trainer = Trainer({name: model}, tokenizer, cfg, steps_for(n_examples, cfg), prefix, ctx.sink, ctx.ckpt_dir, amp=amp)
+    trainer = Trainer({name: model}, tokenizer, cfg, steps_for(n_examples, cfg), prefix, ctx.sink, ctx.ckpt_dir, amp=amp,
+                      accelerator=ctx.accelerator)
     if resume:
         trainer.load(resume)
     model.train()

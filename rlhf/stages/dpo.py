@@ -7,7 +7,7 @@ import torch
 from ..config import DPOConfig, ModelConfig
 from ..data import Encoded, load_split
 from ..losses import dpo_loss
-from ..modeling import autocast, disable_dropout, load_policy, load_tokenizer, load_trainable, save_pretrained_atomic, token_logprobs
+from ..modeling import autocast, disable_dropout, load_policy, load_tokenizer, load_trainable, token_logprobs
 from ..trainer import fit
 from .common import StageContext, batched, supervised_trainer
 from .reward import encode_preferences
@@ -42,9 +42,10 @@ def run(cfg: DPOConfig, model_cfg: ModelConfig, data_dir: str, sft_path: str, ct
     policy = load_trainable("policy", sft_path, resume and resume / "policy", tokenizer, model_cfg).to(ctx.device)
     disable_dropout(policy)
     trainer = supervised_trainer("policy", policy, tokenizer, cfg, len(rows), "dpo", ctx, resume, amp)
+    trained = trainer.wrap(policy)
 
     def micro_loss(idx: torch.Tensor):
-        pc, pr, tokens = pair_logps(policy, chosen, rejected, idx, ctx.device)
+        pc, pr, tokens = pair_logps(trained, chosen, rejected, idx, ctx.device)
         r = ref[idx].to(ctx.device)
         loss, metrics = dpo_loss(pc, pr, r[:, 0], r[:, 1], cfg.beta, cfg.label_smoothing)
         return loss, metrics, tokens
@@ -60,5 +61,5 @@ def run(cfg: DPOConfig, model_cfg: ModelConfig, data_dir: str, sft_path: str, ct
 
     fit(trainer, len(rows), micro_loss, evaluate)
     final = evaluate()
-    save_pretrained_atomic(policy, tokenizer, ctx.final_dir, {"stage": "dpo", "step": trainer.step})
+    ctx.save_final(policy, tokenizer, {"stage": "dpo", "step": trainer.step})
     return {"model_path": str(ctx.final_dir), "metrics": {f"dpo/{k}": v for k, v in final.items()}, "steps": trainer.step}

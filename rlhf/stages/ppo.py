@@ -26,7 +26,7 @@ from ..config import ModelConfig, PPOConfig, SamplingConfig
 from ..data import encode_prompts, left_pad, load_split
 from ..kl_control import make_controller
 from ..losses import kl_k1, kl_k3, masked_mean, masked_var, policy_loss, value_loss
-from ..modeling import (autocast, disable_dropout, load_policy, load_scalar_model, load_trainable, load_tokenizer, save_pretrained_atomic,
+from ..modeling import (autocast, disable_dropout, load_policy, load_scalar_model, load_trainable, load_tokenizer,
                         sequence_scores, token_logprobs, token_logprobs_and_entropy, token_values)
 from ..rollout import Samples, decode_responses, generate
 from ..trainer import Trainer, epoch_order
@@ -87,7 +87,7 @@ class PPO:
         trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731  (LoRA: adapters and heads only)
         groups = [{"params": trainable(models.policy)}, {"params": trainable(models.value), "lr": value_lr}]
         self.trainer = Trainer({"policy": models.policy, "value": models.value}, models.tokenizer, cfg, n_optimizer_steps, "ppo", ctx.sink,
-                               ctx.ckpt_dir, groups, amp=models.amp)
+                               ctx.ckpt_dir, groups, amp=models.amp, accelerator=ctx.accelerator)
 
     # ---- state ----------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -286,5 +286,5 @@ def run(cfg: PPOConfig, model_cfg: ModelConfig, has_gold: bool, data_dir: str, s
             ppo.trainer.save(ppo.state())
 
     kl_curve_figure(ppo.history, ctx.out_dir / "figures" / "kl_curve.png")
-    save_pretrained_atomic(models.policy, tok, ctx.final_dir, {"stage": "ppo", "iterations": ppo.iteration})
+    ctx.save_final(models.policy, tok, {"stage": "ppo", "iterations": ppo.iteration})
     return {"model_path": str(ctx.final_dir), "metrics": {k: v for k, v in metrics.items() if not k.startswith("ppo/time")}, "steps": ppo.iteration}

@@ -7,7 +7,7 @@ import torch
 from ..config import ModelConfig, RewardConfig
 from ..data import Encoded, encode_pairs, load_split
 from ..losses import pairwise_loss
-from ..modeling import autocast, load_tokenizer, load_trainable, save_pretrained_atomic, sequence_scores
+from ..modeling import TokenValues, autocast, load_tokenizer, load_trainable
 from ..trainer import fit
 from .common import StageContext, batched, supervised_trainer
 
@@ -20,10 +20,11 @@ def encode_preferences(tokenizer, rows: list[dict], max_length: int) -> tuple[En
     )
 
 
-def pair_scores(model, chosen: Encoded, rejected: Encoded, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+def pair_scores(scorer: TokenValues, chosen: Encoded, rejected: Encoded, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Scores of chosen and rejected answers of pairs ``idx`` in one forward: (B,), (B,), tokens."""
     both = Encoded.stack(chosen.batch(idx), rejected.batch(idx)).to(device)
-    scores = sequence_scores(model, both.input_ids, both.attention_mask, both.last_index)  # (2B,)
+    values = scorer(both.input_ids, both.attention_mask)  # (2B, T)
+    scores = values.gather(1, both.last_index.unsqueeze(1)).squeeze(1)  # (2B,)
     return scores[: len(idx)], scores[len(idx):], int(both.attention_mask.sum())
 
 
@@ -33,7 +34,8 @@ def pair_accuracy(model, rows: list[dict], tokenizer, max_length: int, device) -
     chosen, rejected = encode_preferences(tokenizer, rows, max_length)
     was_training = model.training
     model.eval()
-    margins = batched(lambda idx: torch.sub(*pair_scores(model, chosen, rejected, idx, device)[:2]).cpu(), len(rows), 256)
+    scorer = TokenValues(model)
+    margins = batched(lambda idx: torch.sub(*pair_scores(scorer, chosen, rejected, idx, device)[:2]).cpu(), len(rows), 256)
     model.train(was_training)
     out = {"eval_accuracy": float((margins > 0).float().mean()), "eval_loss": float(-torch.nn.functional.logsigmoid(margins).mean())}
     if "gold_chosen" in rows[0]:
@@ -52,9 +54,10 @@ def run(cfg: RewardConfig, model_cfg: ModelConfig, data_dir: str, sft_path: str,
     chosen, rejected = encode_preferences(tokenizer, rows, max_length)
 
     trainer = supervised_trainer("reward", model, tokenizer, cfg, len(rows), "rm", ctx, resume, amp)
+    trained = trainer.wrap(TokenValues(model))
 
     def micro_loss(idx: torch.Tensor):
-        r_c, r_r, tokens = pair_scores(model, chosen, rejected, idx, ctx.device)
+        r_c, r_r, tokens = pair_scores(trained, chosen, rejected, idx, ctx.device)
         loss, metrics = pairwise_loss(r_c, r_r, cfg.center_rewards_coef)
         return loss, metrics, tokens
 
@@ -64,5 +67,5 @@ def run(cfg: RewardConfig, model_cfg: ModelConfig, data_dir: str, sft_path: str,
 
     fit(trainer, len(rows), micro_loss, evaluate)
     final = evaluate()
-    save_pretrained_atomic(model, tokenizer, ctx.final_dir, {"stage": "reward", "step": trainer.step})
+    ctx.save_final(model, tokenizer, {"stage": "reward", "step": trainer.step})
     return {"model_path": str(ctx.final_dir), "metrics": {f"rm/{k}": v for k, v in final.items()}, "steps": trainer.step}

@@ -10,7 +10,7 @@ from .. import checkpoint
 from ..config import ModelConfig, SFTConfig
 from ..data import encode_pairs, load_split
 from ..losses import sft_loss
-from ..modeling import autocast, build_tiny, load_tokenizer, load_trainable, save_pretrained_atomic, token_logprobs
+from ..modeling import autocast, build_tiny, load_tokenizer, load_trainable, token_logprobs
 from ..trainer import fit
 from .common import StageContext, batched, supervised_trainer
 
@@ -31,7 +31,8 @@ def base_model(model_cfg: ModelConfig, data_dir: Path, ctx: StageContext) -> str
 
 
 def run(model_cfg: ModelConfig, cfg: SFTConfig, data_dir: str, ctx: StageContext) -> dict:
-    base = base_model(model_cfg, Path(data_dir), ctx)
+    with ctx.accelerator.main_process_first():  # one process builds the tiny base; the others load it
+        base = base_model(model_cfg, Path(data_dir), ctx)
     tokenizer = load_tokenizer(model_cfg.tokenizer or base, "model.tokenizer" if model_cfg.tokenizer else "model.pretrained")
     resume = ctx.resume_point()
     model = load_trainable("policy", base, resume and resume / "policy", tokenizer, model_cfg).to(ctx.device)
@@ -43,10 +44,11 @@ def run(model_cfg: ModelConfig, cfg: SFTConfig, data_dir: str, ctx: StageContext
     held = encode_pairs(tokenizer, [r["prompt"] for r in rows[:n_eval]], [r["response"] for r in rows[:n_eval]], model_cfg.max_length) if n_eval else None
 
     trainer = supervised_trainer("policy", model, tokenizer, cfg, len(train), "sft", ctx, resume, amp)
+    trained = trainer.wrap(model)
 
     def micro_loss(idx: torch.Tensor):
         b = train.batch(idx).to(ctx.device)
-        loss, metrics = sft_loss(token_logprobs(model, b.input_ids, b.attention_mask), b.loss_mask)
+        loss, metrics = sft_loss(token_logprobs(trained, b.input_ids, b.attention_mask), b.loss_mask)
         return loss, metrics, int(b.attention_mask.sum())
 
     def evaluate() -> dict:
@@ -66,5 +68,5 @@ def run(model_cfg: ModelConfig, cfg: SFTConfig, data_dir: str, ctx: StageContext
 
     fit(trainer, len(train), micro_loss, evaluate)
     final = evaluate()
-    save_pretrained_atomic(model, tokenizer, ctx.final_dir, {"stage": "sft", "step": trainer.step})
+    ctx.save_final(model, tokenizer, {"stage": "sft", "step": trainer.step})
     return {"model_path": str(ctx.final_dir), "metrics": {f"sft/{k}": v for k, v in final.items()}, "steps": trainer.step}

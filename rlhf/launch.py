@@ -1,0 +1,111 @@
+"""Data-parallel stages: run a stage body under ``accelerate launch``, one process per device.
+
+:func:`run_data_parallel` (the caller's side) pickles the stage's body, starts
+``accelerate launch --multi_gpu --num_processes N -m rlhf.launch <spec>`` and waits; every launched
+process (``python -m rlhf.launch``, :func:`main`) builds its :class:`StageContext` around accelerate's
+:class:`~accelerate.Accelerator` and runs the body. The main process logs to the stage's MLflow run and
+writes the checkpoints and the result; the caller keeps the run's start, artifacts and end. On CPU the
+processes talk over gloo, on GPUs over NCCL: all of it is accelerate's and torch.distributed's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import cloudpickle
+import torch
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from .config import RuntimeConfig
+
+DATA_PARALLEL_STAGES = ("sft", "reward", "dpo")  # PPO's rollout loop runs in one process
+LAUNCH_DIR = "launch"
+
+
+class StageLaunchError(RuntimeError):
+    """A data-parallel stage's processes failed; the message carries the tail of their log."""
+
+
+class _NoSink:
+    """The metric sink of every process but the main one: the main process logs the processes' means."""
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(num_processes: int, spec: Path) -> list[str]:
+    """``accelerate launch`` for one machine: torch.distributed's launcher, one process per device."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
+            "--dynamo_backend", "no", "-m", "rlhf.launch", str(spec)]
+
+
+def run_data_parallel(body: Callable, out_dir: Path, runtime: RuntimeConfig, seed: int, tracking_uri: str, run_id: str) -> dict:
+    """Run ``body(ctx)`` in ``runtime.num_processes`` processes; return the main process's result.
+
+    The processes' output goes to ``<out_dir>/launch/log.txt``; a failure raises with its tail.
+    """
+    folder = Path(out_dir) / LAUNCH_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    result = folder / "result.json"
+    result.unlink(missing_ok=True)
+    spec = folder / "spec.pkl"
+    spec.write_bytes(cloudpickle.dumps({"body": body, "out_dir": str(out_dir), "runtime": runtime, "seed": seed,
+                                        "tracking_uri": tracking_uri, "run_id": run_id}))
+    log = folder / "log.txt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    with log.open("w") as out:
+        rc = subprocess.run(launch_command(runtime.num_processes, spec), stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    if rc or not result.exists():
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])
+        raise StageLaunchError(f"the stage's {runtime.num_processes} processes failed (exit {rc}); the end of {log}:\n{tail}")
+    return json.loads(result.read_text())
+
+
+@record  # a failing process's traceback reaches the launcher's summary, the end of the log
+def main(spec_path: str) -> None:
+    """One launched process: rank, device and gloo/NCCL group from accelerate; then the stage body."""
+    from mlflow.tracking import MlflowClient
+
+    from . import runtime
+    from .stages.common import StageContext
+    from .tracking import RunLogger
+
+    spec = cloudpickle.loads(Path(spec_path).read_bytes())
+    rt: RuntimeConfig = spec["runtime"]
+    wanted = runtime.setup(rt, spec["seed"], processes=rt.num_processes)
+    accelerator = runtime.accelerator(wanted)
+    device = accelerator.device if wanted.type == "cuda" else torch.device("cpu")  # cuda:<local rank> on GPUs
+    if wanted.type == "cuda":
+        torch.cuda.set_device(device)
+    main_process = accelerator.is_main_process
+    sink = RunLogger(MlflowClient(spec["tracking_uri"]), spec["run_id"]) if main_process else _NoSink()
+    ctx = StageContext(Path(spec["out_dir"]), sink, device, accelerator=accelerator)
+    result = spec["body"](ctx)
+    sink.flush()
+    if main_process:
+        out = Path(spec_path).with_name("result.json")
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, default=str))
+        os.replace(tmp, out)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
