@@ -216,7 +216,7 @@ class PathsConfig:
 class RuntimeConfig:
     device: str = _f("auto", "auto, cpu, cuda or cuda:N.")
     threads: int = _f(0, "torch intra-op threads per process (0: the cores shared out, at most 4).", ge=0)
-    num_processes: int = _f(1, "Processes per training stage; >1 launches sft, reward and dpo with `accelerate launch` "
+    num_processes: int = _f(1, "Processes per training stage; >1 launches sft, reward, dpo and ppo with `accelerate launch` "
                                "(DDP, one process per GPU, or gloo on CPU).", ge=1)
 
 
@@ -332,12 +332,17 @@ def validate(config: Any) -> PipelineConfig:
 def _check_data_parallel(cfg: PipelineConfig) -> None:
     """Each of ``num_processes`` ranks takes an equal share of every batch, in ``grad_accum`` micro-batches."""
     n = cfg.runtime.num_processes
-    stages = [("sft", cfg.sft), ("reward", cfg.reward)] + ([("algo", cfg.algo)] if isinstance(cfg.algo, SupervisedConfig) else [])
-    for key, stage in stages:
-        if stage.batch_size % (stage.grad_accum * n):
+    batches = [("sft.batch_size", cfg.sft.batch_size, "sft.grad_accum", cfg.sft.grad_accum),
+               ("reward.batch_size", cfg.reward.batch_size, "reward.grad_accum", cfg.reward.grad_accum)]
+    if isinstance(cfg.algo, SupervisedConfig):
+        batches.append(("algo.batch_size", cfg.algo.batch_size, "algo.grad_accum", cfg.algo.grad_accum))
+    else:  # PPO: each process samples its share of the rollout batch and updates on its share of each minibatch
+        batches.append(("algo.minibatch_size", cfg.algo.minibatch_size, "algo.grad_accum", cfg.algo.grad_accum))
+    for key, size, accum_key, accum in batches:
+        if size % (accum * n):
             raise ConfigError(
-                f"{key}.batch_size={stage.batch_size} does not split into runtime.num_processes={n} ranks x "
-                f"{key}.grad_accum={stage.grad_accum} equal micro-batches. Fix: make {key}.batch_size a multiple of {n * stage.grad_accum}."
+                f"{key}={size} does not split into runtime.num_processes={n} processes x {accum_key}={accum} equal "
+                f"micro-batches. Fix: make {key} a multiple of {n * accum}."
             )
 
 

@@ -24,7 +24,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from .config import RuntimeConfig
 
-DATA_PARALLEL_STAGES = ("sft", "reward", "dpo")  # PPO's rollout loop runs in one process
+DATA_PARALLEL_STAGES = ("sft", "reward", "dpo", "ppo")
 LAUNCH_DIR = "launch"
 
 

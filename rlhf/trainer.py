@@ -105,6 +105,15 @@ class Trainer:
         self._synced.append(wrapped)
         return wrapped
 
+    def average(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The processes' mean of each scalar metric, in one all-reduce (the metrics themselves in one process)."""
+        if self.world == 1:
+            return metrics
+        names = list(metrics)
+        device = self.accelerator.device
+        mean = self.accelerator.reduce(torch.stack([torch.as_tensor(metrics[k], device=device).float() for k in names]), "mean")
+        return dict(zip(names, mean))
+
     def _no_sync(self) -> ContextManager:
         """Skip the gradient all-reduce (accumulate locally) in every micro-batch but the last."""
         stack = contextlib.ExitStack()
@@ -135,10 +144,8 @@ class Trainer:
             loss_sum = loss_sum + loss.detach()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + torch.as_tensor(v).detach().float() / n_micro
-        if self.world > 1:  # one all-reduce for the loss and every metric, so all processes agree on them
-            names = list(totals)
-            mean = self.accelerator.reduce(torch.stack([loss_sum, *(totals[k].to(loss_sum.device) for k in names)]), "mean")
-            loss_sum, totals = mean[0], dict(zip(names, mean[1:]))
+        totals = self.average({**totals, "_loss_sum": loss_sum})  # every process sees (and checks) the same numbers
+        loss_sum = totals.pop("_loss_sum")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)

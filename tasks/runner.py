@@ -86,7 +86,7 @@ def run_stage(stage: str, key: str, env: dict, fresh: bool, body: Callable[[Stag
     """Run ``body`` inside a nested MLflow run; return the stage's record (paths, run id, key, metrics).
 
     ``env``: root, tracking_uri, experiment_id, parent_run_id, runtime. ``fresh``: ignore checkpoints.
-    With ``runtime.num_processes > 1`` the body of sft, reward and dpo runs under ``accelerate launch``.
+    With ``runtime.num_processes > 1`` a training stage's body runs under ``accelerate launch``.
     """
     client = MlflowClient(env["tracking_uri"])
     out_dir = stage_dir(env["root"], stage, key)

@@ -10,60 +10,77 @@ import torch
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForSequenceClassification
 
-from rlhf.config import ConfigError, DataConfig, RewardConfig, RuntimeConfig, SFTConfig, validate
+from rlhf.config import ConfigError, DataConfig, PPOConfig, RewardConfig, RuntimeConfig, SamplingConfig, SFTConfig, validate
 from rlhf.launch import StageLaunchError, run_data_parallel
-from rlhf.stages import prepare, reward, sft
-from tests.test_stages import TINY_MODEL, ctx
+from rlhf.stages import ppo, prepare, reward, sft
+from tests.test_stages import TINY_MODEL, ctx, params_of
 
 TWO = RuntimeConfig(device="cpu", threads=1, num_processes=2)
+REWARD = RewardConfig(lr=3e-3, batch_size=16, grad_accum=2, log_every=1, eval_every=100, checkpoint_every=2)
 
 
-def weights(path):
+def scalar_weights(path):
     return torch.cat([p.flatten() for p in AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).parameters()])
 
 
 @pytest.fixture(scope="module")
-def mlflow_run(tmp_path_factory):
+def upstream(tmp_path_factory):
+    """Data, SFT and a reward model trained in this process; an MLflow store for the launched stages."""
     root = tmp_path_factory.mktemp("ddp")
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     exp = client.create_experiment("ddp", artifact_location=str(root / "artifacts"))
-    return root, client, lambda name: client.create_run(exp, run_name=name).info.run_id
-
-
-def test_two_processes_reach_the_weights_of_one_and_log_each_step_once(mlflow_run):
-    root, client, new_run = mlflow_run
-    data = prepare.run(DataConfig(n_sft=32, n_pref=64, n_eval_prompts=8, n_eval_pref=16, n_ppo_prompts=8), ctx(root, "data"))["data_dir"]
+    data = prepare.run(DataConfig(n_sft=32, n_pref=64, n_eval_prompts=8, n_eval_pref=16, n_ppo_prompts=16), ctx(root, "data"))["data_dir"]
     sft_path = sft.run(TINY_MODEL, SFTConfig(lr=3e-3, batch_size=16), data, ctx(root, "sft"))["model_path"]
-    cfg = RewardConfig(lr=3e-3, batch_size=16, grad_accum=2, log_every=1, eval_every=100, checkpoint_every=2)
-
     one = ctx(root, "rm-one")
-    single = reward.run(cfg, TINY_MODEL, data, sft_path, one)
-    run_id = new_run("rm-two")
-    body = lambda c: reward.run(cfg, TINY_MODEL, data, sft_path, c)  # noqa: E731
-    double = run_data_parallel(body, root / "rm-two", TWO, cfg.seed, client.tracking_uri, run_id)
+    rm = reward.run(REWARD, TINY_MODEL, data, sft_path, one)
+    return {"root": root, "client": client, "new_run": lambda name: client.create_run(exp, run_name=name).info.run_id,
+            "data": data, "sft": sft_path, "rm": rm, "rm_sink": one.sink}
+
+
+def test_two_processes_reach_the_weights_of_one_and_log_each_step_once(upstream):
+    root, client, data, sft_path, single = upstream["root"], upstream["client"], upstream["data"], upstream["sft"], upstream["rm"]
+    run_id = upstream["new_run"]("rm-two")
+    body = lambda c: reward.run(REWARD, TINY_MODEL, data, sft_path, c)  # noqa: E731
+    double = run_data_parallel(body, root / "rm-two", TWO, REWARD.seed, client.tracking_uri, run_id)
 
     assert double["steps"] == single["steps"] == 4
-    w1, w2, start = weights(single["model_path"]), weights(double["model_path"]), weights(sft_path)
+    w1, w2, start = scalar_weights(single["model_path"]), scalar_weights(double["model_path"]), scalar_weights(sft_path)
     assert (w2 - w1).abs().max() < 1e-4 < 1e-2 < (w1 - start).abs().max()  # same training up to float summation order
     history = client.get_metric_history(run_id, "rm/loss")
     assert [m.step for m in history] == [1, 2, 3, 4]  # once per step: only the main process logs
-    assert [m.value for m in history] == pytest.approx([v for _, v in one.sink.metrics["rm/loss"]], abs=1e-5)
-    tokens = dict(one.sink.metrics["rm/tokens_per_s"])
-    assert len(client.get_metric_history(run_id, "rm/tokens_per_s")) == len(tokens)
+    assert [m.value for m in history] == pytest.approx([v for _, v in upstream["rm_sink"].metrics["rm/loss"]], abs=1e-5)
     assert sorted(p.name for p in (root / "rm-two" / "ckpt").iterdir()) == ["step-000002", "step-000004"]
     assert double["metrics"]["rm/eval_accuracy"] == pytest.approx(single["metrics"]["rm/eval_accuracy"])
 
 
-def test_a_failing_process_fails_the_stage_with_its_output(mlflow_run, tmp_path):
-    root, client, new_run = mlflow_run
+def test_ppo_in_two_processes_starts_at_zero_kl_and_logs_each_iteration_once(upstream):
+    root, client = upstream["root"], upstream["client"]
+    cfg = PPOConfig(steps=2, rollout_batch_size=8, minibatch_size=4, ppo_epochs=2, lr=1e-3, eval_every=2, checkpoint_every=2,
+                    sampling=SamplingConfig(max_new_tokens=8))
+    run_id = upstream["new_run"]("ppo-two")
+    body = lambda c: ppo.run(cfg, TINY_MODEL, True, upstream["data"], upstream["sft"], upstream["rm"]["model_path"], c)  # noqa: E731
+    out = run_data_parallel(body, root / "ppo-two", TWO, cfg.seed, client.tracking_uri, run_id)
 
+    metric = lambda name: [(m.step, m.value) for m in client.get_metric_history(run_id, name)]  # noqa: E731
+    assert [s for s, _ in metric("ppo/kl")] == [1, 2]
+    assert abs(metric("ppo/kl")[0][1]) < 1e-4  # policy = reference at the first rollout, in both processes
+    assert metric("ppo/clipfrac_first_minibatch")[0][1] == 0 and abs(metric("ppo/approx_kl_first_minibatch")[0][1]) < 1e-6
+    assert [s for s, _ in metric("ppo/eval_gold_reward")] == [1, 2]
+    assert not torch.allclose(params_of(upstream["sft"]), params_of(out["model_path"]))
+    assert (root / "ppo-two" / "ckpt" / "step-000008" / "COMPLETE").exists()  # 2 iterations x 2 epochs x 2 minibatches
+    assert (root / "ppo-two" / "figures" / "kl_curve.png").exists()
+
+
+def test_a_failing_process_fails_the_stage_with_its_output(upstream, tmp_path):
     def body(c):
         raise ValueError(f"rank {c.accelerator.process_index} of {c.accelerator.num_processes} refuses")
 
     with pytest.raises(StageLaunchError, match=r"2 processes failed(.|\n)*rank \d of 2 refuses"):
-        run_data_parallel(body, tmp_path / "stage", TWO, 0, client.tracking_uri, new_run("fails"))
+        run_data_parallel(body, tmp_path / "stage", TWO, 0, upstream["client"].tracking_uri, upstream["new_run"]("fails"))
 
 
 def test_batches_that_do_not_split_over_the_processes_are_refused_before_training(micro):
-    with pytest.raises(ConfigError, match=r"reward.batch_size=16 does not split into runtime.num_processes=3.*multiple of 6"):
+    with pytest.raises(ConfigError, match=r"reward.batch_size=16 does not split into runtime.num_processes=3.*Fix: make reward.batch_size a multiple of 6"):
         validate(micro("runtime.num_processes=3", "reward.grad_accum=2", "sft.batch_size=12"))
+    with pytest.raises(ConfigError, match=r"algo.minibatch_size=16 does not split into runtime.num_processes=3"):
+        validate(micro("algo=ppo", "runtime.num_processes=3", "sft.batch_size=12", "reward.batch_size=12"))

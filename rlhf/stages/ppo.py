@@ -10,6 +10,11 @@ Each iteration:
 Policy and value start from SFT and the reward model; reference = SFT, frozen. Dropout is off in
 every model. Scores are shifted so SFT answers score mean 0, and answers that never end lose
 ``missing_eos_penalty``.
+
+Under ``accelerate launch`` (``runtime.num_processes``) each process samples its share of every rollout
+batch and updates DDP copies of policy and value on its share of every minibatch; the score offset,
+reward moments, logged statistics and the KL controller's input are taken over all processes, the
+advantages are whitened per process (as TRL does).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from ..config import ModelConfig, PPOConfig, SamplingConfig
 from ..data import encode_prompts, left_pad, load_split
 from ..kl_control import make_controller
 from ..losses import kl_k1, kl_k3, masked_mean, masked_var, policy_loss, value_loss
-from ..modeling import (autocast, disable_dropout, load_policy, load_scalar_model, load_trainable, load_tokenizer,
+from ..modeling import (TokenValues, autocast, disable_dropout, load_policy, load_scalar_model, load_trainable, load_tokenizer,
                         sequence_scores, token_logprobs, token_logprobs_and_entropy, token_values)
 from ..rollout import Samples, decode_responses, generate
 from ..trainer import Trainer, epoch_order
@@ -88,6 +93,9 @@ class PPO:
         groups = [{"params": trainable(models.policy)}, {"params": trainable(models.value), "lr": value_lr}]
         self.trainer = Trainer({"policy": models.policy, "value": models.value}, models.tokenizer, cfg, n_optimizer_steps, "ppo", ctx.sink,
                                ctx.ckpt_dir, groups, amp=models.amp, accelerator=ctx.accelerator)
+        self.rank, self.world = self.trainer.rank, self.trainer.world
+        self.policy_train = self.trainer.wrap(models.policy)  # the update's forwards (DDP under accelerate launch)
+        self.value_train = self.trainer.wrap(TokenValues(models.value))
 
     # ---- state ----------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -102,17 +110,18 @@ class PPO:
 
     # ---- rollout --------------------------------------------------------------------------------
     def prompt_batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts of an iteration: a pure function of (seed, iteration), so resuming replays the same data."""
+        """This process's prompts of an iteration: a pure function of (seed, iteration, rank), so resuming
+        replays the same data; the processes' shares make up the rollout batch."""
         n, b = len(self.prompts), self.cfg.rollout_batch_size
         position = iteration * b + torch.arange(b)  # position in the endless stream of shuffled epochs
         epochs = position // n
         orders = {int(e): epoch_order(n, self.cfg.seed, int(e)) for e in epochs.unique()}
-        idx = [int(orders[int(e)][p % n]) for e, p in zip(epochs, position)]
+        idx = [int(orders[int(e)][p % n]) for e, p in zip(epochs, position)][self.rank :: self.world]
         ids, mask = left_pad([self.prompts[i] for i in idx], self.m.tokenizer.pad_token_id)
         return ids.to(self.ctx.device), mask.to(self.ctx.device)
 
     def rollout(self, model, iteration: int, sampling: SamplingConfig | None = None) -> Samples:
-        generator = torch.Generator(device=self.ctx.device).manual_seed(self.cfg.seed * 1_000_003 + iteration)
+        generator = torch.Generator(device=self.ctx.device).manual_seed((self.cfg.seed * 1_000_003 + iteration) * self.world + self.rank)
         ids, mask = self.prompt_batch(iteration)
         model.eval()
         tok = self.m.tokenizer
@@ -128,7 +137,7 @@ class PPO:
     def measure_score_offset(self) -> float:
         """Mean score of SFT answers (Huang et al. 2024: normalise the reward so SFT scores 0)."""
         scores = [self.raw_scores(self.rollout(self.m.reference, -1 - i)) for i in range(SCORE_NORM_BATCHES)]
-        return float(torch.cat(scores).mean())
+        return float(self.trainer.average({"score": torch.cat(scores).mean()})["score"])
 
     @torch.no_grad()
     def experience(self, samples: Samples) -> tuple[Experience, dict]:
@@ -141,7 +150,7 @@ class PPO:
         raw = self.raw_scores(samples)
         scores = raw - self.score_offset if cfg.score_norm else raw
         if cfg.normalize_reward:
-            self.score_moments.update(scores)
+            self.score_moments.update(self.ctx.accelerator.gather(scores))  # the same moments in every process
             scores = scores / self.score_moments.std
         kl = kl_k1(old_logp, ref_logp) * mask  # (B, R)
         beta = self.kl_ctl.value
@@ -160,7 +169,7 @@ class PPO:
             "advantages_mean": masked_mean(raw_adv, mask), "advantages_std": masked_var(raw_adv, mask).sqrt(),
             "explained_variance": 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8),
         }
-        return Experience(samples, mask, old_logp, ref_logp, values, scores, advantages, returns), stats
+        return Experience(samples, mask, old_logp, ref_logp, values, scores, advantages, returns), self.trainer.average(stats)
 
     # ---- update ---------------------------------------------------------------------------------
     def minibatch_losses(self, exp: Experience, train_policy: bool):
@@ -171,12 +180,12 @@ class PPO:
             e = exp[slice(i, i + micro)]
             s = e.samples
             ids, attn = s.input_ids, s.attention_mask
-            values = s.response_slice(token_values(m.value, ids, attn)[:, :-1])
+            values = s.response_slice(self.value_train(ids, attn)[:, :-1])
             vf_loss, vf_metrics = value_loss(values, e.old_values, e.returns, e.mask, cfg.value_clip_range)
             metrics = dict(vf_metrics)
             loss = cfg.vf_coef * vf_loss
             if train_policy:
-                logp, entropy = token_logprobs_and_entropy(m.policy, ids, attn, cfg.sampling.temperature)
+                logp, entropy = token_logprobs_and_entropy(self.policy_train, ids, attn, cfg.sampling.temperature)
                 logp, entropy = s.response_slice(logp), s.response_slice(entropy)
                 pg_loss, pg_metrics = policy_loss(logp, e.old_logp, e.advantages, e.mask, cfg.clip_range)
                 metrics.update(pg_metrics, entropy=masked_mean(entropy.detach(), e.mask))
@@ -190,10 +199,11 @@ class PPO:
         sums: dict[str, float] = {}
         count, first = 0, {}
         g = torch.Generator().manual_seed(cfg.seed * 7919 + self.iteration)
+        minibatch = cfg.minibatch_size // self.world  # this process's share of a minibatch
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(len(exp.mask), generator=g)
-            for j in range(0, len(order), cfg.minibatch_size):
-                metrics = self.trainer.optimizer_step(self.minibatch_losses(exp[order[j : j + cfg.minibatch_size]], train_policy))
+            for j in range(0, len(order), minibatch):
+                metrics = self.trainer.optimizer_step(self.minibatch_losses(exp[order[j : j + minibatch]], train_policy))
                 metrics = {k: float(v) for k, v in metrics.items()}
                 if not first:  # the policy still equals the rollout policy: ratio 1, clipfrac 0, approx_kl 0
                     first = {f"{k}_first_minibatch": metrics[k] for k in ("clipfrac", "approx_kl") if k in metrics}
@@ -270,12 +280,12 @@ def run(cfg: PPOConfig, model_cfg: ModelConfig, has_gold: bool, data_dir: str, s
         train = ppo.update(exp)
         t3 = time.perf_counter()
         ppo.kl_ctl.update(float(stats["kl"]), cfg.rollout_batch_size)
-        gen_tokens = float(exp.mask.sum())
-        train_tokens = float(samples.attention_mask.sum()) * cfg.ppo_epochs
+        gen_tokens, train_tokens = ctx.accelerator.reduce(torch.stack([exp.mask.sum(), samples.attention_mask.sum() * cfg.ppo_epochs]).float(), "sum").tolist()
         metrics = {f"ppo/{k}": float(v) for k, v in {**stats, **train}.items()}
         metrics.update({"ppo/gen_tokens_per_s": gen_tokens / (t1 - t0), "ppo/train_tokens_per_s": train_tokens / (t3 - t2),
                         "ppo/time_generation_s": t1 - t0, "ppo/time_scoring_s": t2 - t1, "ppo/time_update_s": t3 - t2})
-        if ppo.iteration % cfg.eval_every == 0 or ppo.iteration == cfg.steps or ppo.iteration == 1:
+        evaluating = ppo.iteration % cfg.eval_every == 0 or ppo.iteration == cfg.steps or ppo.iteration == 1
+        if evaluating and ctx.accelerator.is_main_process:  # the one process that logs
             with amp():
                 metrics.update({f"ppo/{k}": v for k, v in ppo.evaluate(eval_prompts, eval_ids, has_gold).items()})
         ctx.sink.log_metrics(metrics, ppo.iteration)
@@ -285,6 +295,7 @@ def run(cfg: PPOConfig, model_cfg: ModelConfig, has_gold: bool, data_dir: str, s
         if ppo.iteration % cfg.checkpoint_every == 0 or ppo.iteration == cfg.steps:
             ppo.trainer.save(ppo.state())
 
-    kl_curve_figure(ppo.history, ctx.out_dir / "figures" / "kl_curve.png")
+    if ctx.accelerator.is_main_process:
+        kl_curve_figure(ppo.history, ctx.out_dir / "figures" / "kl_curve.png")
     ctx.save_final(models.policy, tok, {"stage": "ppo", "iterations": ppo.iteration})
     return {"model_path": str(ctx.final_dir), "metrics": {k: v for k, v in metrics.items() if not k.startswith("ppo/time")}, "steps": ppo.iteration}
