@@ -15,6 +15,12 @@
    forwards, GAE looped over tokens), same models and batch sizes; seconds per step split into
    generation, scoring (old/ref log-probs, values, reward) and update.
 
+Model-FLOPs utilisation of the training phases (PaLM's convention): a trained token costs
+6 N + 12 L d T FLOPs, N the parameters that multiply (embedding lookups excluded, a tied LM head
+included), L layers, d width, T the context; DPO adds the reference forward (1/3 of that), PPO's update
+trains policy and value. MFU = achieved FLOP/s over the device's dense peak for the config's precision
+(``--peak-tflops``, or the table below for known GPUs; none on CPU).
+
 Writes ``benchmarks/results/throughput_<device>.json`` and ``.md``.
 """
 
@@ -61,6 +67,35 @@ def peak_memory_mb() -> dict:
     if torch.cuda.is_available():
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+# Dense peak TFLOP/s per device (vendor data sheets, SXM parts): bf16 tensor cores, plain fp32.
+PEAK_TFLOPS = {"H200": {"bfloat16": 989.0, "float32": 67.0}, "H100": {"bfloat16": 989.0, "float32": 67.0},
+               "A100": {"bfloat16": 312.0, "float32": 19.5}, "L4": {"bfloat16": 121.0, "float32": 30.3}}
+
+
+def peak_tflops(device: str, precision: str, override: float | None) -> float | None:
+    if override:
+        return override
+    precision = "bfloat16" if precision == "float16" else precision  # the same tensor-core peak
+    return next((p[precision] for name, p in PEAK_TFLOPS.items() if name in device), None)
+
+
+def training_flops_per_token(path: str, seq_len: int, scalar: bool = False) -> float:
+    """6 N + 12 L d T for the model at ``path`` (a causal LM, or with ``scalar`` a reward/value model)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path, **({"num_labels": 1} if scalar else {}))
+    with torch.device("meta"):  # shapes only, no memory
+        model = (AutoModelForSequenceClassification.from_config(config) if scalar
+                 else AutoModelForCausalLM.from_config(config))
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    n = sum(p.numel() for p in model.parameters() if id(p) not in lookups)
+    head = None if scalar else model.get_output_embeddings()
+    if head is not None and id(head.weight) in lookups:  # tied: the LM head is a matmul with the embedding
+        n += head.weight.numel()
+    return 6 * n + 12 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
 class NullSink:
@@ -278,7 +313,11 @@ def child_stage(spec: dict) -> dict:
         tok_dir = str(Path(rec["sft"]["out_dir"]) / "base") if spec["stage"] == "sft" else rec["sft"]["model_path"]
         rec["data"] = {"data_dir": rows_that_fit(rec["data"]["data_dir"], tok_dir, cfg.model.max_length, Path(work) / "data", spec["rows"])}
         meter = (ours if spec["impl"] == "ours" else trl)(spec["stage"], cfg, rec, Path(work) / "run")
-    return {"tokens": meter.tokens, "seconds": meter.seconds, "tokens_per_s": meter.tokens / meter.seconds, **peak_memory_mb()}
+    flops = training_flops_per_token(tok_dir, cfg.model.max_length, scalar=spec["stage"] == "reward")
+    if spec["stage"] == "dpo":
+        flops *= 4 / 3  # the frozen reference's forward on every token
+    tps = meter.tokens / meter.seconds
+    return {"tokens": meter.tokens, "seconds": meter.seconds, "tokens_per_s": tps, "tflops": flops * tps / 1e12, **peak_memory_mb()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,8 +349,13 @@ def child_ppo(spec: dict) -> dict:
 
         timing, gen_tps, train_tps = run_baseline(ppo_cfg, cfg.model.max_length, rec["data"]["data_dir"], sft_path, reward_path, device)
     med = {k: statistics.median(v) for k, v in timing.items()}
+    value_path = reward_path if ppo_cfg.value_init == "reward" else sft_path
+    flops = (training_flops_per_token(sft_path, cfg.model.max_length)
+             + training_flops_per_token(value_path, cfg.model.max_length, scalar=True))  # policy + value, per trained token
+    train = statistics.median(train_tps)
     return {"step_s": sum(med.values()), **{f"{k}_s": v for k, v in med.items()},
-            "gen_tokens_per_s": statistics.median(gen_tps), "train_tokens_per_s": statistics.median(train_tps), **peak_memory_mb()}
+            "gen_tokens_per_s": statistics.median(gen_tps), "train_tokens_per_s": train, "update_tflops": flops * train / 1e12,
+            **peak_memory_mb()}
 
 
 CHILDREN = {"pipeline": child_pipeline, "stage": child_stage, "ppo": child_ppo}
@@ -353,25 +397,33 @@ def markdown(report: dict) -> str:
     lines += [
         f"\n## SFT, reward, DPO: tokens/s of training (real tokens, same work; {report['rows']} rows that fit the context, "
         f"the config's epochs; best of {report['repeats']} runs each, alternating order; every run in the JSON)\n",
-        "| stage | ours tok/s | reference | reference tok/s | ours / reference | ours s | ref s | tokens ours / ref | peak MB ours / ref |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| stage | ours tok/s | reference | reference tok/s | ours / reference | ours s | ref s | tokens ours / ref | peak MB ours / ref "
+        "| ours TFLOP/s | ours MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     refs = {"sft": "TRL SFTTrainer", "reward": "TRL RewardTrainer", "dpo": "TRL DPOTrainer"}
+    peak = report.get("peak_tflops")
+    mfu = lambda tflops: f"{100 * tflops / peak:.1f} %" if peak else "n/a"  # noqa: E731
     for stage, r in report["stages"].items():
         o, t = r["ours"], r["reference"]
         mem = lambda x: f"{x.get('peak_cuda_mb', x['peak_rss_mb']):.0f}"  # noqa: E731
         lines.append(f"| {stage} | {o['tokens_per_s']:,.0f} | {refs[stage]} | {t['tokens_per_s']:,.0f} | **{r['ratio']:.2f}x** | "
-                     f"{o['seconds']:.1f} | {t['seconds']:.1f} | {o['tokens']:,} / {t['tokens']:,} | {mem(o)} / {mem(t)} |")
+                     f"{o['seconds']:.1f} | {t['seconds']:.1f} | {o['tokens']:,} / {t['tokens']:,} | {mem(o)} / {mem(t)} | "
+                     f"{o['tflops']:.4g} | {mfu(o['tflops'])} |")
     o, b = report["ppo"]["ours"], report["ppo"]["reference"]
     lines += [
         f"\n## PPO: seconds per step (median of {report['ppo']['steps'] - 1} steps after the first)\n",
-        "| | generation s | scoring s | update s | step s | gen tok/s | train tok/s | peak MB |", "|---|---|---|---|---|---|---|---|",
+        "| | generation s | scoring s | update s | step s | gen tok/s | train tok/s | peak MB | update TFLOP/s | update MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in (("ours (rlhf/stages/ppo.py)", o), ("plain PyTorch loop (benchmarks/ppo_baseline.py)", b)):
         lines.append(f"| {name} | {r['generation_s']:.3f} | {r['scoring_s']:.3f} | {r['update_s']:.3f} | {r['step_s']:.3f} | "
-                     f"{r['gen_tokens_per_s']:,.0f} | {r['train_tokens_per_s']:,.0f} | {r.get('peak_cuda_mb', r['peak_rss_mb']):.0f} |")
+                     f"{r['gen_tokens_per_s']:,.0f} | {r['train_tokens_per_s']:,.0f} | {r.get('peak_cuda_mb', r['peak_rss_mb']):.0f} | "
+                     f"{r['update_tflops']:.4g} | {mfu(r['update_tflops'])} |")
     lines.append(f"| ours / plain, speed-up | {b['generation_s'] / o['generation_s']:.2f}x | {b['scoring_s'] / o['scoring_s']:.2f}x | "
-                 f"{b['update_s'] / o['update_s']:.2f}x | **{b['step_s'] / o['step_s']:.2f}x** | | | |")
+                 f"{b['update_s'] / o['update_s']:.2f}x | **{b['step_s'] / o['step_s']:.2f}x** | | | | | |")
+    lines.append(f"\nMFU: model FLOPs (6 N + 12 L d T per trained token) over the dense peak of {report['precision']} on this device "
+                 f"({f'{peak:g} TFLOP/s' if peak else 'unknown: pass --peak-tflops'}).")
     return "\n".join(lines) + "\n"
 
 
@@ -384,6 +436,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="measurements per implementation, alternating which goes first")
     ap.add_argument("--root", default=None, help="pipeline root (default: a fresh temporary folder)")
     ap.add_argument("--skip-pipeline", action="store_true", help="re-use the pipeline of --root (phase 2-3 only)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak TFLOP/s for MFU (default: known GPUs)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of the pipeline config")
     args = ap.parse_args()
     if args.child:
@@ -424,6 +477,11 @@ def main() -> None:
     report["ppo"] = {"steps": args.ppo_steps, **{impl: run_child("ppo", {"overrides": overrides, "impl": impl, "ppo": ppo_cfg, "steps": args.ppo_steps}, env)
                                                  for impl in ("ours", "reference")}}
     report["device"] = run_child_device(env)
+    from rlhf.config import validate
+
+    model_cfg = validate(load_config(overrides)).model
+    report["precision"] = model_cfg.autocast if model_cfg.autocast != "none" else model_cfg.dtype
+    report["peak_tflops"] = peak_tflops(report["device"], report["precision"], args.peak_tflops)
     tag = "cuda" if "cpu" not in report["device"] else "cpu"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"throughput_{tag}.json").write_text(json.dumps(report, indent=1))
