@@ -191,6 +191,7 @@ def ours(stage: str, cfg, rec: dict, work: Path) -> Meter:
     """Our stage's run(), timing every optimizer step (and DPO's reference pass), counting trained tokens."""
     import rlhf.trainer as trainer_mod
     from rlhf import runtime
+    from rlhf.algorithms import PolicyInputs
     from rlhf.stages import dpo, reward, sft
     from rlhf.stages.common import StageContext
 
@@ -212,7 +213,7 @@ def ours(stage: str, cfg, rec: dict, work: Path) -> Meter:
         reward.run(cfg.reward, cfg.model, rec["data"]["data_dir"], rec["sft"]["model_path"], ctx)
     else:
         dpo.reference_logps = meter.timed(dpo.reference_logps)
-        dpo.run(cfg.algo, cfg.model, rec["data"]["data_dir"], rec["sft"]["model_path"], ctx)
+        dpo.run(cfg.algo, cfg.model, PolicyInputs(rec["data"]["data_dir"], rec["sft"]["model_path"]), ctx)
     return meter
 
 
@@ -327,8 +328,10 @@ def child_ppo(spec: dict) -> dict:
     import statistics
 
     from rlhf import runtime
-    from rlhf.config import from_dict, PPOConfig
+    from rlhf.algorithms import PolicyInputs
+    from rlhf.config import from_dict
     from rlhf.stages import ppo
+    from rlhf.stages.ppo import PPOConfig
     from rlhf.stages.common import StageContext
 
     cfg, rec = pipeline_inputs(spec["overrides"])
@@ -338,7 +341,7 @@ def child_ppo(spec: dict) -> dict:
     if spec["impl"] == "ours":
         sink = NullSink()
         with tempfile.TemporaryDirectory() as work:
-            ppo.run(ppo_cfg, cfg.model, False, rec["data"]["data_dir"], sft_path, reward_path,
+            ppo.run(ppo_cfg, cfg.model, PolicyInputs(rec["data"]["data_dir"], sft_path, reward_path),
                     StageContext(Path(work), sink, device, fresh=True))
         steps = [m for step, m in sink.history if step > 1 and "ppo/time_update_s" in m]  # step 1 warms up
         timing = {k: [m[f"ppo/time_{k}_s"] for m in steps] for k in ("generation", "scoring", "update")}

@@ -22,10 +22,12 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run as prefect_run
 
-from rlhf.config import TRAINING_STAGES, ConfigError, PipelineConfig, flatten, to_dict, validate
+from flows import schema
+from flows.stage import training_task
+from rlhf.algorithms import registry
+from rlhf.config import ConfigError, PipelineConfig, flatten, to_dict, training_stages, validate
 from rlhf.preflight import preflight
 from rlhf.tracking import RunLogger, experiment_id
-from flows.stage import TRAINING_TASKS
 from tasks.data import data_stage
 from tasks.dispatch import check_stage_deployment, dispatch_stage
 from tasks.evaluate import eval_stage
@@ -35,14 +37,20 @@ from tasks.runner import stage_options
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PROJECT_DIR = CONF_DIR.parent
 log = logging.getLogger(__name__)
+schema.register(CONF_DIR)
 
 
 def load_config(overrides: list[str] | None = None) -> dict:
     """Compose ``conf/`` with Hydra overrides into a plain dict with an absolute ``paths.root``."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides or []))
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides or []))
+    except HydraException as e:  # a wrong type or an unknown key, found against the schema while composing
+        cause = f": {e.__cause__}" if e.__cause__ else ""
+        raise ConfigError(f"{e}{cause}. Fix: check the key and its type (`python -m flows.pipeline --help` lists every field).") from e
     return to_container(cfg)
 
 
@@ -81,11 +89,11 @@ class Stages:
         refresh = name in self.refreshed
         options = stage_options(self.root, refresh)
         dispatch = self.cfg.dispatch
-        if name in TRAINING_STAGES and dispatch.mode == "deployments" and name in dispatch.stages:
+        if dispatch.dispatched(name):
             task = dispatch_stage.with_options(name=name, **options)
             inputs = {"stage": name, "inputs": inputs, "dispatch": to_dict(dispatch)}
         else:
-            task = task.with_options(**options, tags=[dispatch.concurrency_tag] if name in TRAINING_STAGES else [])
+            task = task.with_options(**options, tags=[dispatch.concurrency_tag] if name in training_stages() else [])
         state = task(key=self.keys[name], env=self.env, fresh=refresh, return_state=True, **inputs)
         tags = {f"stage.{name}.cache_key": self.keys[name], f"stage.{name}.cached": str(state.name == "Cached").lower()}
         if state.is_failed() or state.is_crashed():
@@ -137,14 +145,14 @@ def rlhf_pipeline(config: dict | None = None, overrides: list[str] | None = None
     env = {"root": str(root), "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent.run_id, "runtime": to_dict(cfg.runtime)}
     keys = pipeline_keys(cfg)
     stage = Stages(cfg, keys, env, parent)
-    model = to_dict(cfg.model)
+    model, has_gold = to_dict(cfg.model), cfg.data.source == "synthetic"
     try:
         data = stage("data", data_stage, data=to_dict(cfg.data))
-        sft = stage("sft", TRAINING_TASKS["sft"], model=model, sft_cfg=to_dict(cfg.sft), data=data)
-        reward = stage("reward", TRAINING_TASKS["reward"], model=model, reward_cfg=to_dict(cfg.reward), data=data, sft=sft)
-        policy_inputs = {"reward": reward, "has_gold": cfg.data.source == "synthetic"} if algo == "ppo" else {}
-        policy = stage(algo, TRAINING_TASKS[algo], model=model, algo=to_dict(cfg.algo), data=data, sft=sft, **policy_inputs)
-        evaluation = stage("eval", eval_stage, model=model, eval_cfg=to_dict(cfg.eval), has_gold=cfg.data.source == "synthetic",
+        sft = stage("sft", training_task("sft"), model=model, sft_cfg=to_dict(cfg.sft), data=data)
+        reward = stage("reward", training_task("reward"), model=model, reward_cfg=to_dict(cfg.reward), data=data, sft=sft)
+        policy_inputs = {"reward": reward, "has_gold": has_gold} if registry()[algo].needs_reward else {}
+        policy = stage(algo, training_task(algo), model=model, algo=to_dict(cfg.algo), data=data, sft=sft, **policy_inputs)
+        evaluation = stage("eval", eval_stage, model=model, eval_cfg=to_dict(cfg.eval), has_gold=has_gold,
                            data=data, sft=sft, reward=reward, policy=policy)
     except BaseException:
         parent.finish("FAILED")

@@ -10,18 +10,21 @@ import tasks  # noqa: F401  (Prefect defaults first)
 
 from prefect import flow
 
-from tasks.dpo import dpo_stage
-from tasks.ppo import ppo_stage
+from rlhf.config import training_stages
+from tasks.policy import policy_stage
 from tasks.reward import reward_stage
 from tasks.sft import sft_stage
 
-TRAINING_TASKS = {"sft": sft_stage, "reward": reward_stage, "dpo": dpo_stage, "ppo": ppo_stage}
+
+def training_task(stage: str):
+    """The Prefect task that trains ``stage``: SFT, the reward model, or a policy algorithm (rlhf.algorithms)."""
+    if stage not in training_stages():
+        raise ValueError(f"stage={stage!r} is not a training stage. Fix: one of {list(training_stages())}.")
+    return {"sft": sft_stage, "reward": reward_stage}.get(stage) or policy_stage.with_options(name=stage)
 
 
 @flow(name="rlhf-stage", log_prints=True)
 def rlhf_stage(stage: str, key: str, env: dict, inputs: dict, fresh: bool = False, concurrency_tag: str = "gpu") -> dict:
-    """Train ``stage`` (sft, reward, dpo or ppo) with the inputs the pipeline resolved; returns its record."""
-    if stage not in TRAINING_TASKS:
-        raise ValueError(f"stage={stage!r} is not a training stage. Fix: one of {sorted(TRAINING_TASKS)}.")
-    train = TRAINING_TASKS[stage].with_options(tags=[concurrency_tag], retries=0)
+    """Train ``stage`` (sft, reward or a policy algorithm) with the inputs the pipeline resolved; returns its record."""
+    train = training_task(stage).with_options(tags=[concurrency_tag], retries=0)
     return train(key=key, env=env, fresh=fresh, **inputs)

@@ -12,6 +12,7 @@ Layout of a stage's checkpoint folder::
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -21,6 +22,14 @@ from typing import Iterator
 import torch
 
 COMPLETE = "COMPLETE"
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary sibling and a rename: readers see all or nothing."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

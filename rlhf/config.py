@@ -1,8 +1,13 @@
-"""Typed configuration: one dataclass per config group, with ranges checked before any training.
+"""Typed configuration: one dataclass per config group, the one place that holds every default.
 
-Hydra composes YAML from ``conf/``; :func:`validate` merges the result into these dataclasses, so
-unknown keys and wrong types fail before any stage starts. Ranges are declared in each field's metadata and checked by :func:`validate`,
-which names the offending key and the fix. Cross-field rules live in each class's ``check``.
+Each field declares its default, its help text and its bounds. Hydra composes ``conf/`` on top of these
+schemas (registered in its ConfigStore by :mod:`flows.schema`), so a YAML option holds only what it
+changes. :func:`validate` merges a composed config into the dataclasses, so unknown keys and wrong types
+fail before any stage starts; ranges are checked from each field's metadata and cross-field rules live
+in each class's ``check``, naming the offending key and the fix.
+
+The policy-training algorithms' own schemas (DPO, PPO, ...) live beside their stages and are found
+through :mod:`rlhf.algorithms`.
 """
 
 from __future__ import annotations
@@ -18,11 +23,17 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and how to fix it."""
 
 
-def _f(default: Any, help: str, **bounds: Any) -> Any:
+def setting(default: Any, help: str, **bounds: Any) -> Any:
     """A field with a help text and optional bounds: gt, ge, lt, le, choices."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **bounds})
     return field(default=default, metadata={"help": help, **bounds})
+
+
+def default(cls: type, name: str, value: Any) -> Any:
+    """Field ``name`` of the dataclass ``cls`` with another default, keeping its help text and bounds
+    (a stage's schema that differs from the shared one only in its defaults)."""
+    return setting(value, **cls.__dataclass_fields__[name].metadata)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -30,25 +41,25 @@ def _f(default: Any, help: str, **bounds: Any) -> Any:
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
-    name: str = _f("tiny", "Short name used in run names and cache keys.")
+    name: str = setting("tiny", "Short name used in run names and cache keys.")
     # Either a local folder / hub id loaded with from_pretrained, or null to build the tiny model.
-    pretrained: Optional[str] = _f(None, "Hub id or local folder of a causal LM; null builds the tiny model from `arch`.")
-    tokenizer: Optional[str] = _f(None, "Tokenizer hub id or folder; null = same as `pretrained` (or trained locally for tiny).")
-    arch: str = _f("gpt2", "transformers model_type for the tiny model built from a config.", choices=["gpt2", "llama"])
-    n_layer: int = _f(4, "Layers of the tiny model.", ge=1)
-    n_embd: int = _f(128, "Hidden size of the tiny model.", ge=8)
-    n_head: int = _f(4, "Attention heads of the tiny model.", ge=1)
-    max_length: int = _f(64, "Context length (prompt + response) in tokens.", ge=8)
-    vocab_size: int = _f(512, "Vocabulary size of the locally trained tokenizer.", ge=64)
-    dropout: float = _f(0.0, "Dropout of the tiny model during SFT / reward training (always 0 in DPO, PPO).", ge=0.0, lt=1.0)
-    dtype: str = _f("float32", "Weights dtype for training.", choices=["float32", "bfloat16", "float16"])
-    autocast: str = _f("none", "Mixed precision: forwards in bfloat16 under torch.autocast, weights and optimizer in `dtype` "
+    pretrained: Optional[str] = setting(None, "Hub id or local folder of a causal LM; null builds the tiny model from `arch`.")
+    tokenizer: Optional[str] = setting(None, "Tokenizer hub id or folder; null = same as `pretrained` (or trained locally for tiny).")
+    arch: str = setting("gpt2", "transformers model_type for the tiny model built from a config.", choices=["gpt2", "llama"])
+    n_layer: int = setting(4, "Layers of the tiny model.", ge=1)
+    n_embd: int = setting(128, "Hidden size of the tiny model.", ge=8)
+    n_head: int = setting(4, "Attention heads of the tiny model.", ge=1)
+    max_length: int = setting(64, "Context length (prompt + response) in tokens.", ge=8)
+    vocab_size: int = setting(512, "Vocabulary size of the locally trained tokenizer.", ge=64)
+    dropout: float = setting(0.0, "Dropout of the tiny model during SFT / reward training (always 0 in DPO, PPO).", ge=0.0, lt=1.0)
+    dtype: str = setting("float32", "Weights dtype for training.", choices=["float32", "bfloat16", "float16"])
+    autocast: str = setting("none", "Mixed precision: forwards in bfloat16 under torch.autocast, weights and optimizer in `dtype` "
                                "(float16 would need a loss scaler: not offered).", choices=["none", "bfloat16"])
-    gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30% more compute (large models).")
-    lora_r: int = _f(0, "LoRA rank of the trained models (policy, reward, value) through peft; 0 = full fine-tuning.", ge=0)
-    lora_alpha: float = _f(16.0, "LoRA scaling numerator (the update is scaled by alpha / r).", gt=0.0)
-    lora_dropout: float = _f(0.0, "Dropout on the LoRA input (off anyway in DPO and PPO).", ge=0.0, lt=1.0)
-    lora_target_modules: Optional[list] = _f(None, "Modules to adapt, e.g. [q_proj, v_proj]; null = peft's default for the architecture.")
+    gradient_checkpointing: bool = setting(False, "Recompute activations in backward: less memory, ~30% more compute (large models).")
+    lora_r: int = setting(0, "LoRA rank of the trained models (policy, reward, value) through peft; 0 = full fine-tuning.", ge=0)
+    lora_alpha: float = setting(16.0, "LoRA scaling numerator (the update is scaled by alpha / r).", gt=0.0)
+    lora_dropout: float = setting(0.0, "Dropout on the LoRA input (off anyway in DPO and PPO).", ge=0.0, lt=1.0)
+    lora_target_modules: Optional[list] = setting(None, "Modules to adapt, e.g. [q_proj, v_proj]; null = peft's default for the architecture.")
 
     def check(self, key: str) -> None:
         if self.pretrained is None and self.n_embd % self.n_head:
@@ -63,27 +74,27 @@ class ModelConfig:
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class DataConfig:
-    source: str = _f("synthetic", "synthetic (known gold reward) or hub (a `datasets` id or local files).", choices=["synthetic", "hub"])
-    seed: int = _f(0, "Seed of every random draw in the data stage.", ge=0)
+    source: str = setting("synthetic", "synthetic (known gold reward) or hub (a `datasets` id or local files).", choices=["synthetic", "hub"])
+    seed: int = setting(0, "Seed of every random draw in the data stage.", ge=0)
     # Synthetic task sizes.
-    n_sft: int = _f(4000, "SFT demonstrations.", ge=1)
-    n_pref: int = _f(4000, "Preference pairs for reward modelling and DPO.", ge=1)
-    n_eval_prompts: int = _f(256, "Held-out prompts for generation-based evaluation.", ge=1)
-    n_eval_pref: int = _f(512, "Held-out preference pairs (reward-model accuracy).", ge=1)
-    n_ppo_prompts: int = _f(2000, "Prompts for PPO rollouts.", ge=1)
+    n_sft: int = setting(4000, "SFT demonstrations.", ge=1)
+    n_pref: int = setting(4000, "Preference pairs for reward modelling and DPO.", ge=1)
+    n_eval_prompts: int = setting(256, "Held-out prompts for generation-based evaluation.", ge=1)
+    n_eval_pref: int = setting(512, "Held-out preference pairs (reward-model accuracy).", ge=1)
+    n_ppo_prompts: int = setting(2000, "Prompts for PPO rollouts.", ge=1)
     # Simulated annotators: P(a > b) = sigmoid((gold_a - gold_b + length_bias * (len_a - len_b)) / temperature)
-    annotator_temperature: float = _f(0.3, "Annotator noise: Bradley-Terry temperature on the gold reward.", gt=0.0)
-    annotator_length_bias: float = _f(0.1, "Annotator bias per extra word (favours longer answers).")
-    demo_quality: float = _f(0.65, "Share of on-topic words in SFT demonstrations (decent, not optimal).", ge=0.0, le=1.0)
+    annotator_temperature: float = setting(0.3, "Annotator noise: Bradley-Terry temperature on the gold reward.", gt=0.0)
+    annotator_length_bias: float = setting(0.1, "Annotator bias per extra word (favours longer answers).")
+    demo_quality: float = setting(0.65, "Share of on-topic words in SFT demonstrations (decent, not optimal).", ge=0.0, le=1.0)
     # Hub datasets (source=hub).
-    path: Optional[str] = _f(None, "Dataset id (e.g. Anthropic/hh-rlhf) or a builder name like json.")
-    data_files: Optional[Any] = _f(None, "Local files for builders like json (str, list or split->files).")
-    train_split: str = _f("train", "Split for training.")
-    test_split: str = _f("test", "Split for held-out evaluation.")
-    format: str = _f("hh", "Row format: hh (chosen/rejected dialogues sharing a prompt) or columns.", choices=["hh", "columns"])
-    columns: dict = _f({"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}, "Column mapping for format=columns.")
-    max_rows: Optional[int] = _f(None, "Keep at most this many training rows (null: all).", ge=1)
-    max_prompt_chars: Optional[int] = _f(None, "Drop rows whose prompt is longer (characters; null: keep all). Prompts past the model's context fail loudly otherwise.", ge=1)
+    path: Optional[str] = setting(None, "Dataset id (e.g. Anthropic/hh-rlhf) or a builder name like json.")
+    data_files: Optional[Any] = setting(None, "Local files for builders like json (str, list or split->files).")
+    train_split: str = setting("train", "Split for training.")
+    test_split: str = setting("test", "Split for held-out evaluation.")
+    format: str = setting("hh", "Row format: hh (chosen/rejected dialogues sharing a prompt) or columns.", choices=["hh", "columns"])
+    columns: dict = setting({"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}, "Column mapping for format=columns.")
+    max_rows: Optional[int] = setting(None, "Keep at most this many training rows (null: all).", ge=1)
+    max_prompt_chars: Optional[int] = setting(None, "Drop rows whose prompt is longer (characters; null: keep all). Prompts past the model's context fail loudly otherwise.", ge=1)
 
     def check(self, key: str) -> None:
         if self.source == "hub" and not self.path:
@@ -101,24 +112,24 @@ class DataConfig:
 class OptimConfig:
     """Optimiser and loop settings shared by every trainer (SFT, reward, DPO, PPO)."""
 
-    lr: float = _f(1e-3, "Peak learning rate (AdamW).", gt=0.0)
-    weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0.0)
-    warmup_ratio: float = _f(0.05, "Share of steps with linear warm-up.", ge=0.0, lt=1.0)
-    schedule: str = _f("cosine", "Decay after warm-up.", choices=["cosine", "linear", "constant"])
-    grad_accum: int = _f(1, "Micro-batches per optimizer step.", ge=1)
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.", gt=0.0)
-    log_every: int = _f(10, "Log metrics every N steps (the first step is always logged).", ge=1)
-    eval_every: int = _f(50, "Evaluate every N steps.", ge=1)
-    checkpoint_every: int = _f(200, "Write a resumable checkpoint every N steps.", ge=1)
-    seed: int = _f(0, "Seed of initialisation, shuffling and sampling.", ge=0)
+    lr: float = setting(1e-3, "Peak learning rate (AdamW).", gt=0.0)
+    weight_decay: float = setting(0.0, "AdamW weight decay.", ge=0.0)
+    warmup_ratio: float = setting(0.05, "Share of steps with linear warm-up.", ge=0.0, lt=1.0)
+    schedule: str = setting("cosine", "Decay after warm-up.", choices=["cosine", "linear", "constant"])
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.", ge=1)
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm.", gt=0.0)
+    log_every: int = setting(10, "Log metrics every N steps (the first step is always logged).", ge=1)
+    eval_every: int = setting(50, "Evaluate every N steps.", ge=1)
+    checkpoint_every: int = setting(200, "Write a resumable checkpoint every N steps.", ge=1)
+    seed: int = setting(0, "Seed of initialisation, shuffling and sampling.", ge=0)
 
 
 @dataclass
 class SupervisedConfig(OptimConfig):
     """Epochs over a fixed dataset (SFT, reward, DPO)."""
 
-    batch_size: int = _f(32, "Examples per optimizer step (across accumulation).", ge=1)
-    epochs: float = _f(1.0, "Passes over the training data.", gt=0.0)
+    batch_size: int = setting(32, "Examples per optimizer step (across accumulation).", ge=1)
+    epochs: float = setting(1.0, "Passes over the training data.", gt=0.0)
 
     def check(self, key: str) -> None:
         if self.batch_size % self.grad_accum:
@@ -130,54 +141,53 @@ class SupervisedConfig(OptimConfig):
 
 @dataclass
 class SFTConfig(SupervisedConfig):
-    pass
+    """Supervised fine-tuning on the demonstrations."""
+
+    lr: float = default(SupervisedConfig, "lr", 2e-3)
+    epochs: float = default(SupervisedConfig, "epochs", 2.0)
+    checkpoint_every: int = default(SupervisedConfig, "checkpoint_every", 100)
 
 
 @dataclass
 class RewardConfig(SupervisedConfig):
-    center_rewards_coef: float = _f(0.0, "Penalty on the squared mean reward (keeps scores centred).", ge=0.0)
+    """Bradley-Terry reward model on the preference pairs, from the SFT backbone with a zeroed head."""
+
+    epochs: float = default(SupervisedConfig, "epochs", 2.0)
+    checkpoint_every: int = default(SupervisedConfig, "checkpoint_every", 100)
+    center_rewards_coef: float = setting(0.0, "Penalty on the squared mean reward (keeps scores centred).", ge=0.0)
 
 
 @dataclass
 class SamplingConfig:
-    temperature: float = _f(1.0, "Sampling temperature.", gt=0.0)
-    top_k: int = _f(0, "Top-k filter (0: off).", ge=0)
-    top_p: float = _f(1.0, "Nucleus filter (1.0: off).", gt=0.0, le=1.0)
-    max_new_tokens: int = _f(24, "Longest answer in tokens.", ge=1)
-    batch_size: int = _f(128, "Prompts per generation batch.", ge=1)
+    temperature: float = setting(1.0, "Sampling temperature.", gt=0.0)
+    top_k: int = setting(0, "Top-k filter (0: off).", ge=0)
+    top_p: float = setting(1.0, "Nucleus filter (1.0: off).", gt=0.0, le=1.0)
+    max_new_tokens: int = setting(24, "Longest answer in tokens.", ge=1)
+    batch_size: int = setting(128, "Prompts per generation batch.", ge=1)
 
 
 @dataclass
-class DPOConfig(SupervisedConfig):
-    algo: str = _f("dpo", "Algorithm name.", choices=["dpo"])
-    beta: float = _f(0.1, "KL strength: the inverse temperature of the implicit reward.", gt=0.0)
-    label_smoothing: float = _f(0.0, "Conservative DPO: assumed label-flip rate.", ge=0.0, lt=0.5)
+class OnPolicyConfig(OptimConfig):
+    """What every on-policy method shares (PPO and the critic-free ones): sample answers for a batch of
+    prompts, score them, take ``ppo_epochs`` passes of clipped updates over minibatches, KL to the SFT
+    reference with strength ``beta``. ``steps``, ``log_every``, ``eval_every`` and ``checkpoint_every``
+    count iterations (rollout + update)."""
 
-
-@dataclass
-class PPOConfig(OptimConfig):
-    algo: str = _f("ppo", "Algorithm name.", choices=["ppo"])
-    beta: float = _f(0.05, "KL strength: per-token reward -beta * (log pi - log pi_ref) (initial value if adaptive).", gt=0.0)
-    clip_range: float = _f(0.2, "PPO ratio clip epsilon.", gt=0.0, lt=1.0)
-    steps: int = _f(100, "PPO iterations (rollout + update); log/eval/checkpoint_every count these.", ge=1)
-    rollout_batch_size: int = _f(64, "Prompts sampled per PPO iteration.", ge=1)
-    minibatch_size: int = _f(16, "Rollouts per optimizer step; must divide rollout_batch_size.", ge=1)
-    ppo_epochs: int = _f(4, "Passes over each rollout batch.", ge=1)
-    gamma: float = _f(1.0, "Discount.", ge=0.0, le=1.0)
-    lam: float = _f(0.95, "GAE lambda.", ge=0.0, le=1.0)
-    vf_coef: float = _f(0.1, "Value-loss weight.", ge=0.0)
-    value_clip_range: float = _f(0.2, "Value clipping around the rollout values.", gt=0.0)
-    value_lr: Optional[float] = _f(None, "Value model learning rate (null: same as lr).", gt=0.0)
-    whiten_advantages: bool = _f(True, "Normalise advantages per batch.")
-    normalize_reward: bool = _f(False, "Scale scores by running std (see README: rescales beta).")
-    score_norm: bool = _f(True, "Shift scores so SFT answers score mean 0 (measured before training).")
-    missing_eos_penalty: float = _f(1.0, "Subtracted from the score of answers that never end.", ge=0.0)
-    adaptive_kl: bool = _f(False, "Adaptive KL controller (Ziegler et al. 2019).")
-    target_kl: float = _f(3.0, "Adaptive controller's target sequence KL (nats).", gt=0.0)
-    kl_horizon: int = _f(10000, "Adaptive controller's horizon (samples).", ge=1)
-    value_init: str = _f("reward", "Initialise the value model from the reward model or the SFT policy.", choices=["reward", "sft"])
-    value_warmup_steps: int = _f(0, "Rollouts that train only the value model before the policy moves.", ge=0)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    beta: float = setting(0.05, "KL strength: per-token reward -beta * (log pi - log pi_ref) (initial value if adaptive).", gt=0.0)
+    clip_range: float = setting(0.2, "Ratio clip epsilon of the surrogate objective.", gt=0.0, lt=1.0)
+    steps: int = setting(60, "Iterations (rollout + update); log/eval/checkpoint_every count these.", ge=1)
+    rollout_batch_size: int = setting(64, "Prompts sampled per iteration.", ge=1)
+    minibatch_size: int = setting(16, "Rollouts per optimizer step; must divide rollout_batch_size.", ge=1)
+    ppo_epochs: int = setting(4, "Passes over each rollout batch.", ge=1)
+    score_norm: bool = setting(True, "Shift scores so SFT answers score mean 0 (measured before training).")
+    missing_eos_penalty: float = setting(1.0, "Subtracted from the score of answers that never end.", ge=0.0)
+    lr: float = default(OptimConfig, "lr", 1e-4)
+    warmup_ratio: float = default(OptimConfig, "warmup_ratio", 0.0)
+    schedule: str = default(OptimConfig, "schedule", "constant")
+    log_every: int = default(OptimConfig, "log_every", 1)
+    eval_every: int = default(OptimConfig, "eval_every", 10)
+    checkpoint_every: int = default(OptimConfig, "checkpoint_every", 20)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(batch_size=64))
 
     def check(self, key: str) -> None:
         if self.rollout_batch_size % self.minibatch_size:
@@ -194,33 +204,51 @@ class PPOConfig(OptimConfig):
 
 @dataclass
 class EvalConfig:
-    n_prompts: int = _f(256, "Held-out prompts to generate on (at most the data's held-out set).", ge=1)
-    n_samples_table: int = _f(32, "Rows in the logged sample table.", ge=0)
-    seed: int = _f(1234, "Sampling seed (the same for the policy and the SFT baseline).", ge=0)
+    n_prompts: int = setting(256, "Held-out prompts to generate on (at most the data's held-out set).", ge=1)
+    n_samples_table: int = setting(32, "Rows in the logged sample table.", ge=0)
+    seed: int = setting(1234, "Sampling seed (the same for the policy and the SFT baseline).", ge=0)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 @dataclass
 class TrackingConfig:
-    uri: Optional[str] = _f(None, "MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite under paths.root.")
-    experiment: str = _f("rlhf", "MLflow experiment name.")
-    connect_timeout_s: float = _f(10.0, "Seconds to wait for the tracking server before failing.", gt=0.0)
+    uri: Optional[str] = setting(None, "MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite under paths.root.")
+    experiment: str = setting("rlhf", "MLflow experiment name (created, or adopted, as a model-training experiment).")
+    connect_timeout_s: float = setting(10.0, "Seconds to wait for the tracking server before failing.", gt=0.0)
+    log_checkpoints: bool = setting(False, "Upload every resumable checkpoint (optimizer state included) as artifacts; "
+                                      "false: they stay under paths.root.")
+    log_models: bool = setting(True, "Log each stage's final model (SFT, reward, tuned policy) as an MLflow transformers model.")
+    policy_model_name: Optional[str] = setting("rlhf-policy", "Model Registry name of the tuned policy (null: not registered).")
+    reward_model_name: Optional[str] = setting("rlhf-reward", "Model Registry name of the reward model (null: not registered).")
+    system_metrics: bool = setting(True, "CPU, memory (and GPU) utilisation of every training stage run.")
+    system_metrics_interval_s: float = setting(5.0, "Seconds between system-metric samples.", gt=0.0)
 
 
 @dataclass
 class PathsConfig:
-    root: str = _f(".rlhf", "Stage outputs, Prefect results and the default MLflow store (relative: to the launch folder).")
+    root: str = setting("${oc.env:RLHF_HOME,.rlhf}", "Stage outputs, Prefect results and the default MLflow store ($RLHF_HOME, "
+                                                  "else .rlhf; relative: to the launch folder).")
 
 
 @dataclass
 class RuntimeConfig:
-    device: str = _f("auto", "auto, cpu, cuda or cuda:N.")
-    threads: int = _f(0, "torch intra-op threads per process (0: the cores shared out, at most 4).", ge=0)
-    num_processes: int = _f(1, "Processes per training stage; >1 launches sft, reward, dpo and ppo with `accelerate launch` "
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
+    threads: int = setting(0, "torch intra-op threads per process (0: the cores shared out, at most 4; 1 when sharing the machine).", ge=0)
+    num_processes: int = setting(1, "Processes per training stage; >1 launches every training stage with `accelerate launch` "
                                "(DDP, one process per GPU, or gloo on CPU).", ge=1)
+    progress: str = setting("auto", "Training progress: a bar on a terminal, log lines otherwise (auto), always log lines (log), "
+                               "or nothing (off).", choices=["auto", "bar", "log", "off"])
+    progress_every_s: float = setting(5.0, "Seconds between progress log lines (when not drawing a bar).", gt=0.0)
 
 
-TRAINING_STAGES = ("sft", "reward", "dpo", "ppo")
+SUPERVISED_STAGES = ("sft", "reward")
+
+
+def training_stages() -> tuple[str, ...]:
+    """SFT, reward and every registered policy-training algorithm."""
+    from .algorithms import registry
+
+    return SUPERVISED_STAGES + tuple(registry())
 
 
 @dataclass
@@ -229,27 +257,28 @@ class DispatchConfig:
     stage listed in ``stages`` runs as a flow run of ``deployment`` (a GPU work pool), the rest stays local.
     Placement never changes a stage's result, so it is not part of any cache key."""
 
-    mode: str = _f("local", "local: all stages in this process; deployments: training stages on a work pool.",
+    mode: str = setting("local", "local: all stages in this process; deployments: training stages on a work pool.",
                    choices=["local", "deployments"])
-    deployment: str = _f("rlhf-stage/gpu", "'<flow name>/<deployment name>' that runs one training stage.")
-    stages: list = _f(list(TRAINING_STAGES), "Training stages sent to the deployment; others run locally.")
-    job_variables: dict = _f({}, "Job variables for the stage's flow run, e.g. {env: {CUDA_VISIBLE_DEVICES: '1'}}.")
-    concurrency_tag: str = _f("gpu", "Tag on every training task run: a Prefect tag concurrency limit on it "
+    deployment: str = setting("rlhf-stage/gpu", "'<flow name>/<deployment name>' that runs one training stage.")
+    stages: Optional[list] = setting(None, "Training stages sent to the deployment, e.g. [ppo]; null: every training stage.")
+    job_variables: dict = setting({}, "Job variables for the stage's flow run, e.g. {env: {CUDA_VISIBLE_DEVICES: '1'}}.")
+    concurrency_tag: str = setting("gpu", "Tag on every training task run: a Prefect tag concurrency limit on it "
                                      "(prefect concurrency-limit create gpu 1) lets one stage train at a time.")
-    timeout_s: Optional[float] = _f(None, "Seconds to wait for a dispatched stage (null: no limit).", gt=0.0)
-    poll_s: float = _f(5.0, "Seconds between checks of a dispatched stage's state.", gt=0.0)
+    timeout_s: Optional[float] = setting(None, "Seconds to wait for a dispatched stage (null: no limit).", gt=0.0)
+    poll_s: float = setting(5.0, "Seconds between checks of a dispatched stage's state.", gt=0.0)
+
+    def dispatched(self, stage: str) -> bool:
+        """Does ``stage`` run on the work pool?"""
+        return self.mode == "deployments" and stage in (self.stages if self.stages is not None else training_stages())
 
     def check(self, key: str) -> None:
-        unknown = set(self.stages) - set(TRAINING_STAGES)
+        unknown = set(self.stages or ()) - set(training_stages())
         if unknown:
             raise ConfigError(f"{key}.stages={self.stages} names {sorted(unknown)}, which are not training stages. "
-                              f"Fix: choose among {list(TRAINING_STAGES)}.")
+                              f"Fix: choose among {list(training_stages())}.")
         if self.deployment.count("/") != 1:
             raise ConfigError(f"{key}.deployment={self.deployment!r} is not '<flow name>/<deployment name>'. "
                               f"Fix: pass {key}.deployment=rlhf-stage/gpu (see `prefect deployment ls`).")
-
-
-ALGO_SCHEMAS = {"dpo": DPOConfig, "ppo": PPOConfig}
 
 
 @dataclass
@@ -258,19 +287,22 @@ class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
-    algo: Any = MISSING  # DPOConfig | PPOConfig, chosen by the algo group
+    algo: Any = MISSING  # the schema of the algorithm the algo group picks (rlhf.algorithms)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
-    refresh: list = _f([], "Stages to re-run even when cached, e.g. [dpo].")
-    sweep_id: Optional[str] = _f(None, "Set by multirun: groups the parent runs of one sweep.")
-    objective: str = _f("eval/gold_reward", "Metric the app returns to Hydra sweepers (maximised by hparams_search).")
-    tags: dict = _f({}, "Extra tags for the parent MLflow run.")
+    refresh: list = setting([], "Stages to re-run even when cached, e.g. [dpo] (and every stage after them).")
+    sweep_id: Optional[str] = setting(None, "Set by multirun: groups the parent runs of one sweep under one sweep run.")
+    sweep_member: Optional[int] = setting(None, "Set by multirun: this run's number in its sweep (run names).")
+    objective: str = setting("eval/gold_reward", "Metric the app returns to Hydra sweepers (maximised by hparams_search).")
+    tags: dict = setting({}, "Extra tags for the parent MLflow run.")
 
 
-STAGES = ("data", "sft", "reward", "dpo", "ppo", "eval")
+def stages() -> tuple[str, ...]:
+    """Every stage name a config may refer to (refresh=[...])."""
+    return ("data", *training_stages(), "eval")
 
 
 def _check_bounds(obj: Any, key: str) -> None:
@@ -310,22 +342,25 @@ def validate(config: Any) -> PipelineConfig:
     Raises :class:`ConfigError` naming the key and the fix for unknown keys, wrong types and values out
     of range. Runs before any stage starts.
     """
+    from .algorithms import registry
+
     container = OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else dict(config)
     algo = (container.get("algo") or {}).get("algo")
-    if algo not in ALGO_SCHEMAS:
-        raise ConfigError(f"algo.algo={algo!r} is not one of {sorted(ALGO_SCHEMAS)}. Fix: pass algo=dpo or algo=ppo.")
+    algorithms = registry()
+    if algo not in algorithms:
+        raise ConfigError(f"algo.algo={algo!r} is not one of {sorted(algorithms)}. Fix: pass algo=<one of them>, e.g. algo=dpo.")
     schema = OmegaConf.structured(PipelineConfig)
     with _errors_named():
         OmegaConf.set_struct(schema, False)
-        schema.algo = OmegaConf.structured(ALGO_SCHEMAS[algo])
+        schema.algo = OmegaConf.structured(algorithms[algo].schema)
         OmegaConf.set_struct(schema, True)
         merged = OmegaConf.merge(schema, container)
         cfg: PipelineConfig = OmegaConf.to_object(merged)
     _check_bounds(cfg, "")
     _check_data_parallel(cfg)
-    unknown = set(cfg.refresh) - set(STAGES)
+    unknown = set(cfg.refresh) - set(stages())
     if unknown:
-        raise ConfigError(f"refresh={cfg.refresh} names unknown stages {sorted(unknown)}. Fix: use stages among {list(STAGES)}.")
+        raise ConfigError(f"refresh={cfg.refresh} names unknown stages {sorted(unknown)}. Fix: use stages among {list(stages())}.")
     return cfg
 
 
@@ -336,7 +371,7 @@ def _check_data_parallel(cfg: PipelineConfig) -> None:
                ("reward.batch_size", cfg.reward.batch_size, "reward.grad_accum", cfg.reward.grad_accum)]
     if isinstance(cfg.algo, SupervisedConfig):
         batches.append(("algo.batch_size", cfg.algo.batch_size, "algo.grad_accum", cfg.algo.grad_accum))
-    else:  # PPO: each process samples its share of the rollout batch and updates on its share of each minibatch
+    elif isinstance(cfg.algo, OnPolicyConfig):  # each process samples its share of the rollout batch, updates on its share of each minibatch
         batches.append(("algo.minibatch_size", cfg.algo.minibatch_size, "algo.grad_accum", cfg.algo.grad_accum))
     for key, size, accum_key, accum in batches:
         if size % (accum * n):

@@ -24,8 +24,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from .config import RuntimeConfig
 
-DATA_PARALLEL_STAGES = ("sft", "reward", "dpo", "ppo")
-LAUNCH_DIR = "launch"
+LAUNCH_DIR, RESULT_FILE = "launch", "result.json"
 
 
 class StageLaunchError(RuntimeError):
@@ -62,7 +61,7 @@ def run_data_parallel(body: Callable, out_dir: Path, runtime: RuntimeConfig, see
     """
     folder = Path(out_dir) / LAUNCH_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    result = folder / "result.json"
+    result = folder / RESULT_FILE
     result.unlink(missing_ok=True)
     spec = folder / "spec.pkl"
     spec.write_bytes(cloudpickle.dumps({"body": body, "out_dir": str(out_dir), "runtime": runtime, "seed": seed,
@@ -82,7 +81,7 @@ def main(spec_path: str) -> None:
     """One launched process: rank, device and gloo/NCCL group from accelerate; then the stage body."""
     from mlflow.tracking import MlflowClient
 
-    from . import runtime
+    from . import checkpoint, runtime
     from .stages.common import StageContext
     from .tracking import RunLogger
 
@@ -99,10 +98,7 @@ def main(spec_path: str) -> None:
     result = spec["body"](ctx)
     sink.flush()
     if main_process:
-        out = Path(spec_path).with_name("result.json")
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, default=str))
-        os.replace(tmp, out)
+        checkpoint.atomic_write_json(Path(spec_path).with_name(RESULT_FILE), result)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

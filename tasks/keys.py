@@ -12,25 +12,28 @@ import inspect
 import json
 from functools import lru_cache
 
+from rlhf.algorithms import TRAINING_CODE, registry
 from rlhf.config import PipelineConfig, to_dict
 
-# The core modules each stage executes; their source is part of the stage's key.
-_SHARED = ["rlhf.config", "rlhf.data", "rlhf.modeling", "rlhf.checkpoint", "rlhf.stages.common"]
-_TRAIN = _SHARED + ["rlhf.trainer", "rlhf.losses"]
+# The core modules each non-policy stage executes; their source is part of the stage's key. A policy
+# algorithm declares its own (rlhf.algorithms.Algorithm.code_modules).
 STAGE_CODE = {
-    "data": ["rlhf.config", "rlhf.data", "rlhf.synthetic", "rlhf.stages.prepare"],
-    "sft": _TRAIN + ["rlhf.stages.sft"],
-    "reward": _TRAIN + ["rlhf.stages.reward"],
-    "dpo": _TRAIN + ["rlhf.stages.reward", "rlhf.stages.dpo"],
-    "ppo": _TRAIN + ["rlhf.rollout", "rlhf.advantages", "rlhf.kl_control", "rlhf.synthetic", "rlhf.stages.ppo"],
-    "eval": _SHARED + ["rlhf.rollout", "rlhf.synthetic", "rlhf.stages.reward", "rlhf.stages.evaluate"],
+    "data": ("rlhf.config", "rlhf.data", "rlhf.synthetic", "rlhf.stages.prepare"),
+    "sft": TRAINING_CODE + ("rlhf.stages.sft",),
+    "reward": TRAINING_CODE + ("rlhf.stages.reward",),
+    "eval": ("rlhf.config", "rlhf.data", "rlhf.modeling", "rlhf.checkpoint", "rlhf.stages.common", "rlhf.rollout", "rlhf.synthetic",
+             "rlhf.stages.reward", "rlhf.stages.evaluate"),
 }
+
+
+def code_modules(stage: str) -> tuple[str, ...]:
+    return STAGE_CODE[stage] if stage in STAGE_CODE else registry()[stage].code_modules
 
 
 @lru_cache(maxsize=None)
 def code_version(stage: str) -> str:
     h = hashlib.sha256()
-    for name in STAGE_CODE[stage]:
+    for name in code_modules(stage):
         h.update(inspect.getsource(importlib.import_module(name)).encode())
     return h.hexdigest()[:16]
 
@@ -61,7 +64,6 @@ def pipeline_keys(cfg: PipelineConfig) -> dict[str, str]:
     keys = {"data": stage_key("data", sections["data"], [])}
     keys["sft"] = stage_key("sft", sections["sft"], [keys["data"]])
     keys["reward"] = stage_key("reward", sections["reward"], [keys["data"], keys["sft"]])
-    policy_upstream = [keys["data"], keys["sft"]] + ([keys["reward"]] if policy == "ppo" else [])
-    keys[policy] = stage_key(policy, sections[policy], policy_upstream)
+    keys[policy] = stage_key(policy, sections[policy], [keys[s] for s in registry()[policy].upstream])
     keys["eval"] = stage_key("eval", sections["eval"], [keys["data"], keys["sft"], keys["reward"], keys[policy]])
     return keys

@@ -8,7 +8,6 @@ under ``paths.root``, and a file lock per key so concurrent runs never train the
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -18,8 +17,8 @@ from mlflow.tracking import MlflowClient
 from prefect.cache_policies import CacheKeyFnPolicy
 
 from rlhf import checkpoint, runtime
-from rlhf.config import RuntimeConfig, from_dict
-from rlhf.launch import DATA_PARALLEL_STAGES, run_data_parallel
+from rlhf.config import RuntimeConfig, from_dict, training_stages
+from rlhf.launch import run_data_parallel
 from rlhf.stages.common import CKPT_DIR, FINAL_DIR, StageContext
 from rlhf.tracking import RunLogger
 
@@ -59,9 +58,7 @@ RECORD_FILE = "record.json"
 def write_record(out_dir: Path, record: dict) -> None:
     """The finished stage's record beside its outputs (written last, atomically): a stage that ran in
     another process (a work pool's flow run) hands its result back through it."""
-    tmp = out_dir / f".{RECORD_FILE}.{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    os.replace(tmp, out_dir / RECORD_FILE)
+    checkpoint.atomic_write_json(out_dir / RECORD_FILE, record)
 
 
 def read_record(root: str | Path, stage: str, key: str) -> dict:
@@ -98,7 +95,7 @@ def run_stage(stage: str, key: str, env: dict, fresh: bool, body: Callable[[Stag
     rt = from_dict(RuntimeConfig, env["runtime"])
     try:
         started = time.perf_counter()
-        if rt.num_processes > 1 and stage in DATA_PARALLEL_STAGES:
+        if rt.num_processes > 1 and stage in training_stages():
             run.set_tags({"num_processes": rt.num_processes})
             if fresh:
                 shutil.rmtree(out_dir / CKPT_DIR, ignore_errors=True)

@@ -1,9 +1,17 @@
 """Config composition and validation: bad values fail before any training, naming the key and the fix."""
 
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
 import pytest
+import yaml
+from omegaconf import OmegaConf
 
 from flows.pipeline import load_config
-from rlhf.config import ConfigError, validate
+from rlhf.algorithms import registry
+from rlhf.config import ConfigError, PipelineConfig, flatten, to_dict, validate
 
 
 def test_default_config_composes_and_validates():
@@ -57,3 +65,53 @@ def test_wrong_type_and_unknown_key_are_named():
 def test_refresh_must_name_stages():
     with pytest.raises(ConfigError, match="refresh"):
         validate(load_config(["refresh=[dop]"]))
+
+
+# --- one source of defaults: the schema; a YAML option holds only what it changes --------------------
+GROUPS = ("model", "data", "algo", "tracking", "dispatch")
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def group_schema(group: str, option: str):
+    if group == "algo":
+        return registry()[option].schema
+    return typing.get_type_hints(PipelineConfig)[group]
+
+
+def test_the_default_config_is_the_schema_defaults():
+    composed = to_dict(validate(load_config()))
+    expected = to_dict(PipelineConfig(algo=registry()["dpo"].schema()))
+    assert composed.pop("paths")["root"].endswith(".rlhf") and expected.pop("paths")
+    assert composed == expected
+
+
+@pytest.mark.parametrize("group, option", [(d.name, p.stem) for d in sorted(CONF.iterdir()) if d.name in GROUPS for p in sorted(d.glob("*.yaml"))])
+def test_each_option_changes_only_what_its_yaml_says_and_restates_no_default(group, option):
+    own = OmegaConf.load(CONF / group / f"{option}.yaml")
+    own.pop("defaults", None)
+    own = flatten(OmegaConf.to_container(own, resolve=False))
+    defaults = flatten(to_dict(group_schema(group, option)()))
+    composed = flatten(load_config([f"{group}={option}"])[group])
+    assert set(own) <= set(defaults), f"{group}/{option}.yaml sets keys the schema lacks: {set(own) - set(defaults)}"
+    for key, value in composed.items():
+        if key in own:
+            assert own[key] != defaults[key], f"{group}/{option}.yaml restates the schema default {key}={defaults[key]!r}: delete it"
+            if not (isinstance(own[key], str) and "${" in own[key]):
+                assert value == own[key]
+        else:
+            assert value == defaults[key], (group, option, key)
+
+
+def test_help_lists_groups_and_typed_fields_and_cfg_job_prints_the_schema():
+    run = lambda *a: subprocess.run([sys.executable, "-m", "flows.pipeline", *a], cwd=CONF.parent, capture_output=True, text=True, timeout=120)  # noqa: E731
+    help_text = run("--help").stdout
+    assert "algo: dpo, ppo" in help_text and "model: gpt2, llama_400m, qwen2_5_0_5b, tiny" in help_text
+    assert "algo.clip_range: float = 0.2" in help_text and "Ratio clip epsilon" in help_text
+    assert "paths.root: str = '${oc.env:RLHF_HOME,.rlhf}'" in help_text
+    job = yaml.safe_load(run("algo=ppo", "--cfg", "job").stdout)
+    assert job["algo"]["clip_range"] == 0.2 and job["data"]["max_prompt_chars"] is None and job["algo"]["sampling"]["batch_size"] == 64
+
+
+def test_documented_overrides_of_schema_keys_need_no_plus():
+    cfg = validate(load_config(["data=hh_rlhf_local", "data.max_prompt_chars=300", "data.columns.prompt=question", "tracking.log_checkpoints=true"]))
+    assert cfg.data.max_prompt_chars == 300 and cfg.data.columns["prompt"] == "question" and cfg.tracking.log_checkpoints

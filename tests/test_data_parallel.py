@@ -10,13 +10,15 @@ import torch
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForSequenceClassification
 
-from rlhf.config import ConfigError, DataConfig, PPOConfig, RewardConfig, RuntimeConfig, SamplingConfig, SFTConfig, validate
+from rlhf.algorithms import PolicyInputs
+from rlhf.config import ConfigError, DataConfig, RewardConfig, RuntimeConfig, SamplingConfig, SFTConfig, validate
 from rlhf.launch import StageLaunchError, run_data_parallel
 from rlhf.stages import ppo, prepare, reward, sft
+from rlhf.stages.ppo import PPOConfig
 from tests.test_stages import TINY_MODEL, ctx, params_of
 
 TWO = RuntimeConfig(device="cpu", threads=1, num_processes=2)
-REWARD = RewardConfig(lr=3e-3, batch_size=16, grad_accum=2, log_every=1, eval_every=100, checkpoint_every=2)
+REWARD = RewardConfig(lr=3e-3, epochs=1, batch_size=16, grad_accum=2, log_every=1, eval_every=100, checkpoint_every=2)
 
 
 def scalar_weights(path):
@@ -30,7 +32,7 @@ def upstream(tmp_path_factory):
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     exp = client.create_experiment("ddp", artifact_location=str(root / "artifacts"))
     data = prepare.run(DataConfig(n_sft=32, n_pref=64, n_eval_prompts=8, n_eval_pref=16, n_ppo_prompts=16), ctx(root, "data"))["data_dir"]
-    sft_path = sft.run(TINY_MODEL, SFTConfig(lr=3e-3, batch_size=16), data, ctx(root, "sft"))["model_path"]
+    sft_path = sft.run(TINY_MODEL, SFTConfig(lr=3e-3, epochs=1, batch_size=16), data, ctx(root, "sft"))["model_path"]
     one = ctx(root, "rm-one")
     rm = reward.run(REWARD, TINY_MODEL, data, sft_path, one)
     return {"root": root, "client": client, "new_run": lambda name: client.create_run(exp, run_name=name).info.run_id,
@@ -58,7 +60,7 @@ def test_ppo_in_two_processes_starts_at_zero_kl_and_logs_each_iteration_once(ups
     cfg = PPOConfig(steps=2, rollout_batch_size=8, minibatch_size=4, ppo_epochs=2, lr=1e-3, eval_every=2, checkpoint_every=2,
                     sampling=SamplingConfig(max_new_tokens=8))
     run_id = upstream["new_run"]("ppo-two")
-    body = lambda c: ppo.run(cfg, TINY_MODEL, True, upstream["data"], upstream["sft"], upstream["rm"]["model_path"], c)  # noqa: E731
+    body = lambda c: ppo.run(cfg, TINY_MODEL, PolicyInputs(upstream["data"], upstream["sft"], upstream["rm"]["model_path"], True), c)  # noqa: E731
     out = run_data_parallel(body, root / "ppo-two", TWO, cfg.seed, client.tracking_uri, run_id)
 
     metric = lambda name: [(m.step, m.value) for m in client.get_metric_history(run_id, name)]  # noqa: E731

@@ -5,9 +5,11 @@ holds the KL lower."""
 import pytest
 import torch
 
-from rlhf.config import DataConfig, ModelConfig, PPOConfig, RewardConfig, SamplingConfig, SFTConfig
+from rlhf.algorithms import PolicyInputs
+from rlhf.config import DataConfig, ModelConfig, RewardConfig, SamplingConfig, SFTConfig
 from rlhf.stages import ppo, prepare, reward, sft
 from rlhf.stages.common import StageContext
+from rlhf.stages.ppo import PPOConfig
 
 from .test_stages import Recorder
 
@@ -35,7 +37,7 @@ def run_ppo(setup, beta, name):
     c = ctx(root, name)
     cfg = PPOConfig(beta=beta, steps=24, rollout_batch_size=32, minibatch_size=16, ppo_epochs=4, lr=3e-4, eval_every=4,
                     checkpoint_every=1000, sampling=SamplingConfig(max_new_tokens=16))
-    ppo.run(cfg, MODEL, True, data, sft_path, rm_path, c)
+    ppo.run(cfg, MODEL, PolicyInputs(data, sft_path, rm_path, True), c)
     return {k: [v for _, v in c.sink.metrics[k]] for k in ("ppo/kl", "ppo/eval_proxy_reward", "ppo/eval_gold_reward", "ppo/response_length")}
 
 

@@ -8,9 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from rlhf.config import DataConfig, DPOConfig, EvalConfig, ModelConfig, PPOConfig, RewardConfig, SamplingConfig, SFTConfig
+from rlhf.algorithms import PolicyInputs
+from rlhf.config import DataConfig, EvalConfig, ModelConfig, RewardConfig, SamplingConfig, SFTConfig
 from rlhf.stages import dpo, evaluate, ppo, prepare, reward, sft
 from rlhf.stages.common import StageContext
+from rlhf.stages.dpo import DPOConfig
+from rlhf.stages.ppo import PPOConfig
 from rlhf.trainer import NonFiniteLossError, Trainer
 
 TINY_MODEL = ModelConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=300, max_length=48)
@@ -45,7 +48,7 @@ def upstream(tmp_path_factory):
     c = ctx(root, "sft")
     s = sft.run(TINY_MODEL, SFTConfig(lr=3e-3, epochs=2, **LOOP), data["data_dir"], c)
     rc = ctx(root, "rm")
-    r = reward.run(RewardConfig(lr=1e-3, **LOOP), TINY_MODEL, data["data_dir"], s["model_path"], rc)
+    r = reward.run(RewardConfig(lr=1e-3, epochs=1, **LOOP), TINY_MODEL, data["data_dir"], s["model_path"], rc)
     return {"root": root, "data": data["data_dir"], "sft": s, "sft_sink": c.sink, "rm": r, "rm_sink": rc.sink}
 
 
@@ -64,7 +67,7 @@ def test_sft_learns_and_saves_a_loadable_checkpoint(upstream):
 
 def test_dpo_first_loss_is_ln2_and_the_policy_moves(upstream):
     c = ctx(upstream["root"], "dpo")
-    out = dpo.run(DPOConfig(lr=1e-3, beta=0.1, **LOOP), TINY_MODEL, upstream["data"], upstream["sft"]["model_path"], c)
+    out = dpo.run(DPOConfig(lr=1e-3, beta=0.1, **LOOP), TINY_MODEL, PolicyInputs(upstream["data"], upstream["sft"]["model_path"]), c)
     assert c.sink.first("dpo/loss") == pytest.approx(math.log(2), abs=1e-4)
     assert abs(c.sink.first("dpo/kl")) < 1e-4 and c.sink.first("dpo/margin") == pytest.approx(0, abs=1e-5)
     assert {"dpo/rewards_chosen", "dpo/rewards_rejected", "dpo/accuracy", "dpo/eval_accuracy"} <= set(c.sink.metrics)
@@ -80,7 +83,7 @@ def test_mixed_precision_and_gradient_checkpointing_train_in_bf16_with_fp32_weig
                         lambda self, x: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))) or forward(self, x))
     model = replace(TINY_MODEL, autocast="bfloat16", gradient_checkpointing=True)
     c = ctx(upstream["root"], "dpo-bf16")
-    out = dpo.run(DPOConfig(lr=1e-3, beta=0.1, **LOOP), model, upstream["data"], upstream["sft"]["model_path"], c)
+    out = dpo.run(DPOConfig(lr=1e-3, beta=0.1, **LOOP), model, PolicyInputs(upstream["data"], upstream["sft"]["model_path"]), c)
     assert seen and set(seen) == {(True, torch.bfloat16)}  # every forward (lm_head) ran under bf16 autocast
     assert c.sink.first("dpo/loss") == pytest.approx(math.log(2), abs=0.02)  # bf16 forwards: ln 2 up to rounding
     assert all(math.isfinite(v) for _, v in c.sink.metrics["dpo/loss"])
@@ -92,7 +95,7 @@ def test_lora_trains_adapters_only_resumes_from_them_and_saves_a_merged_model(up
 
     model = replace(TINY_MODEL, lora_r=4, lora_alpha=8.0)
     c = ctx(upstream["root"], "dpo-lora")
-    out = dpo.run(DPOConfig(lr=1e-2, beta=0.1, **LOOP), model, upstream["data"], upstream["sft"]["model_path"], c)
+    out = dpo.run(DPOConfig(lr=1e-2, beta=0.1, **LOOP), model, PolicyInputs(upstream["data"], upstream["sft"]["model_path"]), c)
     assert c.sink.first("dpo/loss") == pytest.approx(math.log(2), abs=1e-4)  # LoRA's B = 0: the policy starts as SFT
     ckpt = sorted((c.out_dir / "ckpt").glob("step-*"))[-1] / "policy"
     assert (ckpt / "adapter_config.json").exists() and not (ckpt / "model.safetensors").exists()
@@ -101,7 +104,7 @@ def test_lora_trains_adapters_only_resumes_from_them_and_saves_a_merged_model(up
     before, after = dict(sft_model.named_parameters()), dict(tuned.named_parameters())
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("c_attn" in k for k in changed)  # peft's default target for GPT-2; nothing else moved
-    again = dpo.run(DPOConfig(lr=1e-2, beta=0.1, **LOOP), model, upstream["data"], upstream["sft"]["model_path"], ctx(upstream["root"], "dpo-lora"))
+    again = dpo.run(DPOConfig(lr=1e-2, beta=0.1, **LOOP), model, PolicyInputs(upstream["data"], upstream["sft"]["model_path"]), ctx(upstream["root"], "dpo-lora"))
     resumed = AutoModelForCausalLM.from_pretrained(again["model_path"])  # from the last checkpoint's adapters
     assert all(torch.allclose(p, dict(resumed.named_parameters())[k], atol=1e-6) for k, p in after.items())
 
@@ -118,7 +121,7 @@ def test_ppo_first_step_has_zero_kl_and_no_clipping(upstream):
     c = ctx(upstream["root"], "ppo")
     cfg = PPOConfig(steps=3, rollout_batch_size=8, minibatch_size=4, ppo_epochs=2, lr=1e-3, eval_every=2, checkpoint_every=2,
                     sampling=SamplingConfig(max_new_tokens=8))
-    out = ppo.run(cfg, TINY_MODEL, True, upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], c)
+    out = ppo.run(cfg, TINY_MODEL, PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True), c)
     m = c.sink
     assert abs(m.first("ppo/kl")) < 1e-4 and abs(m.first("ppo/kl_k3")) < 1e-4
     assert m.first("ppo/clipfrac_first_minibatch") == 0 and abs(m.first("ppo/approx_kl_first_minibatch")) < 1e-6
@@ -153,7 +156,7 @@ def test_a_nan_loss_names_the_step_and_keeps_the_last_checkpoint(upstream, monke
 
     monkeypatch.setattr(sft, "sft_loss", poisoned)
     with pytest.raises(NonFiniteLossError, match="step 3"):
-        sft.run(TINY_MODEL, SFTConfig(lr=3e-3, **LOOP), upstream["data"], c)
+        sft.run(TINY_MODEL, SFTConfig(lr=3e-3, epochs=1, **LOOP), upstream["data"], c)
     assert (c.ckpt_dir / "step-000002" / "COMPLETE").exists()
     assert AutoModelForCausalLM.from_pretrained(c.ckpt_dir / "step-000002" / "policy") is not None
 

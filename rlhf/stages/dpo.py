@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..config import DPOConfig, ModelConfig
+from ..algorithms import Algorithm, PolicyInputs
+from ..config import ModelConfig, SupervisedConfig, default, setting
 from ..data import Encoded, load_split
 from ..losses import dpo_loss
 from ..modeling import autocast, disable_dropout, load_policy, load_tokenizer, load_trainable, token_logprobs
 from ..trainer import fit
 from .common import StageContext, batched, supervised_trainer
 from .reward import encode_preferences
+
+
+@dataclass
+class DPOConfig(SupervisedConfig):
+    """DPO's hyperparameters; the loop's (lr, batch_size, epochs, ...) are the supervised trainer's."""
+
+    algo: str = setting("dpo", "Algorithm name.", choices=["dpo"])
+    beta: float = setting(0.3, "KL strength: the inverse temperature of the implicit reward.", gt=0.0)
+    label_smoothing: float = setting(0.0, "Conservative DPO: assumed label-flip rate.", ge=0.0, lt=0.5)
+    lr: float = default(SupervisedConfig, "lr", 1e-4)
+    checkpoint_every: int = default(SupervisedConfig, "checkpoint_every", 100)
 
 
 def pair_logps(model, chosen: Encoded, rejected: Encoded, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -26,7 +40,8 @@ def reference_logps(model, chosen: Encoded, rejected: Encoded, device) -> torch.
     return batched(lambda idx: torch.stack(pair_logps(model, chosen, rejected, idx, device)[:2], 1).cpu(), len(chosen), 256)
 
 
-def run(cfg: DPOConfig, model_cfg: ModelConfig, data_dir: str, sft_path: str, ctx: StageContext) -> dict:
+def run(cfg: DPOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: StageContext) -> dict:
+    data_dir, sft_path = inputs.data_dir, inputs.sft_path
     max_length, dtype, amp = model_cfg.max_length, model_cfg.dtype, autocast(model_cfg, ctx.device)
     tokenizer = load_tokenizer(sft_path)
     rows, held = load_split(data_dir, "pref"), load_split(data_dir, "eval_pref")
@@ -63,3 +78,6 @@ def run(cfg: DPOConfig, model_cfg: ModelConfig, data_dir: str, sft_path: str, ct
     final = evaluate()
     ctx.save_final(policy, tokenizer, {"stage": "dpo", "step": trainer.step})
     return {"model_path": str(ctx.final_dir), "metrics": {f"dpo/{k}": v for k, v in final.items()}, "steps": trainer.step}
+
+
+ALGORITHM = Algorithm("dpo", DPOConfig, run, needs_reward=False, code=("rlhf.stages.reward",))

@@ -22,12 +22,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from .. import synthetic
 from ..advantages import RunningMoments, gae, whiten
-from ..config import ModelConfig, PPOConfig, SamplingConfig
+from ..algorithms import Algorithm, PolicyInputs
+from ..config import ModelConfig, OnPolicyConfig, SamplingConfig, setting
 from ..data import encode_prompts, left_pad, load_split
 from ..kl_control import make_controller
 from ..losses import kl_k1, kl_k3, masked_mean, masked_var, policy_loss, value_loss
@@ -39,6 +41,25 @@ from .common import StageContext
 
 SCORE_NORM_BATCHES = 2  # rollout batches of the SFT policy used to measure the score offset
 EVAL_PROMPTS = 128  # held-out prompts scored at each evaluation during training
+
+
+@dataclass
+class PPOConfig(OnPolicyConfig):
+    """PPO's own hyperparameters beside the on-policy loop's (beta, clip_range, steps, batch sizes, sampling)."""
+
+    algo: str = setting("ppo", "Algorithm name.", choices=["ppo"])
+    gamma: float = setting(1.0, "Discount.", ge=0.0, le=1.0)
+    lam: float = setting(0.95, "GAE lambda.", ge=0.0, le=1.0)
+    vf_coef: float = setting(0.1, "Value-loss weight.", ge=0.0)
+    value_clip_range: float = setting(0.2, "Value clipping around the rollout values.", gt=0.0)
+    value_lr: Optional[float] = setting(None, "Value model learning rate (null: same as lr).", gt=0.0)
+    whiten_advantages: bool = setting(True, "Normalise advantages per batch.")
+    normalize_reward: bool = setting(False, "Scale scores by a running std (rescales beta: see README).")
+    adaptive_kl: bool = setting(False, "Adaptive KL controller (Ziegler et al. 2019).")
+    target_kl: float = setting(3.0, "Adaptive controller's target sequence KL (nats).", gt=0.0)
+    kl_horizon: int = setting(10000, "Adaptive controller's horizon (samples).", ge=1)
+    value_init: str = setting("reward", "Initialise the value model from the reward model or the SFT policy.", choices=["reward", "sft"])
+    value_warmup_steps: int = setting(0, "Iterations that train only the value model before the policy moves.", ge=0)
 
 
 @dataclass
@@ -250,7 +271,8 @@ def kl_curve_figure(history: dict[str, list[tuple[int, float]]], out_file: Path)
     return out_file
 
 
-def run(cfg: PPOConfig, model_cfg: ModelConfig, has_gold: bool, data_dir: str, sft_path: str, reward_path: str, ctx: StageContext) -> dict:
+def run(cfg: PPOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: StageContext) -> dict:
+    data_dir, sft_path, reward_path, has_gold = inputs.data_dir, inputs.sft_path, inputs.reward_path, inputs.has_gold
     resume = ctx.resume_point()
     models = PPOModels(cfg, model_cfg, sft_path, reward_path, resume, ctx.device)
     amp, max_length = models.amp, model_cfg.max_length
@@ -299,3 +321,6 @@ def run(cfg: PPOConfig, model_cfg: ModelConfig, has_gold: bool, data_dir: str, s
         kl_curve_figure(ppo.history, ctx.out_dir / "figures" / "kl_curve.png")
     ctx.save_final(models.policy, tok, {"stage": "ppo", "iterations": ppo.iteration})
     return {"model_path": str(ctx.final_dir), "metrics": {k: v for k, v in metrics.items() if not k.startswith("ppo/time")}, "steps": ppo.iteration}
+
+
+ALGORITHM = Algorithm("ppo", PPOConfig, run, needs_reward=True, code=("rlhf.rollout", "rlhf.advantages", "rlhf.kl_control", "rlhf.synthetic"))

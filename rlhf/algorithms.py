@@ -1,0 +1,67 @@
+"""The policy-training algorithms, each declared once.
+
+A stage module under ``rlhf/stages/`` that trains (or picks) the policy ends with an
+:class:`Algorithm`: its name (the ``algo`` config group's option and the stage's name), its config
+schema, its ``run``, the upstream stages it needs and the core modules its cache key hashes. The
+flow, the task wrapper, the stage deployment, the data-parallel launcher, the cache keys and the config
+check all read :func:`registry`; adding an algorithm takes a stage module, ``conf/algo/<name>.yaml``
+and one line in :data:`MODULES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+# Core modules every training stage executes (their source is in every training stage's cache key).
+TRAINING_CODE = ("rlhf.config", "rlhf.data", "rlhf.modeling", "rlhf.checkpoint", "rlhf.stages.common", "rlhf.trainer", "rlhf.losses")
+
+# The stage modules that declare an ALGORITHM, in the order `--help` lists them.
+MODULES = ("rlhf.stages.dpo", "rlhf.stages.ppo")
+
+
+@dataclass(frozen=True)
+class PolicyInputs:
+    """What a policy stage reads from the stages before it (paths in the shared ``paths.root``)."""
+
+    data_dir: str
+    sft_path: str
+    reward_path: str | None = None  # only for algorithms with ``needs_reward``
+    has_gold: bool = False  # the data has a known gold reward (the synthetic task): held-out gold during training
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """A policy-training method.
+
+    ``run(cfg, model_cfg, inputs, ctx) -> record``: ``cfg`` an instance of ``schema``, ``inputs`` a
+    :class:`PolicyInputs`, ``ctx`` the stage context; the record holds ``model_path`` and ``metrics``.
+    """
+
+    name: str
+    schema: type
+    run: Callable
+    needs_reward: bool  # samples and scores with the reward model (on-policy) rather than learning from pairs
+    code: tuple[str, ...]  # core modules beyond TRAINING_CODE whose source is in the stage's cache key
+    module: str = ""  # filled by registry(): the declaring module, hashed with the rest
+
+    @property
+    def upstream(self) -> tuple[str, ...]:
+        return ("data", "sft", "reward") if self.needs_reward else ("data", "sft")
+
+    @property
+    def code_modules(self) -> tuple[str, ...]:
+        return TRAINING_CODE + self.code + (self.module,)
+
+
+@lru_cache(maxsize=None)
+def registry() -> dict[str, Algorithm]:
+    """Every algorithm by name, imported from :data:`MODULES`."""
+    out: dict[str, Algorithm] = {}
+    for name in MODULES:
+        algorithm: Algorithm = importlib.import_module(name).ALGORITHM
+        out[algorithm.name] = dataclasses.replace(algorithm, module=name)
+    return out
