@@ -16,27 +16,29 @@ from pathlib import Path
 import tasks  # noqa: F401  (Prefect defaults first)
 
 import hydra
+from mlflow.entities import LoggedModelOutput
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
-from prefect import flow
-from prefect.artifacts import create_markdown_artifact
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as prefect_run
 
 from flows import schema
+from flows.report import mlflow_link, publish, run_name, ui_hint
 from flows.stage import training_task
+from flows.sweep import sweep_run
 from rlhf.algorithms import registry
 from rlhf.config import ConfigError, PipelineConfig, flatten, to_dict, training_stages, validate
+from rlhf.lineage import log_datasets
 from rlhf.preflight import preflight
-from rlhf.tracking import RunLogger, experiment_id
-from tasks.data import data_stage
+from rlhf.tracking import RunLogger, close_orphaned_runs, experiment_id
+from tasks.data import SPLIT_CONTEXTS, data_stage
 from tasks.dispatch import check_stage_deployment, dispatch_stage
 from tasks.evaluate import eval_stage
 from tasks.keys import pipeline_keys
-from tasks.runner import stage_options
+from tasks.runner import short_key, stage_options
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PROJECT_DIR = CONF_DIR.parent
-log = logging.getLogger(__name__)
 schema.register(CONF_DIR)
 
 
@@ -77,9 +79,10 @@ class Stages:
     ``dispatch=pools``, as a flow run of the stage deployment; both sit behind the same cache key.
     """
 
-    def __init__(self, cfg: PipelineConfig, keys: dict[str, str], env: dict, parent: RunLogger) -> None:
-        self.cfg, self.keys, self.env, self.parent = cfg, keys, env, parent
+    def __init__(self, cfg: PipelineConfig, keys: dict[str, str], env: dict, parent: RunLogger, logger) -> None:
+        self.cfg, self.keys, self.env, self.parent, self.log = cfg, keys, env, parent, logger
         self.root = Path(cfg.paths.root)
+        self.cached: dict[str, bool] = {}
         # Refreshing a stage re-runs everything downstream of it too (their inputs change).
         order = list(keys)
         first = min((order.index(s) for s in cfg.refresh if s in order), default=len(order))
@@ -87,43 +90,64 @@ class Stages:
 
     def __call__(self, name: str, task, **inputs) -> dict:
         refresh = name in self.refreshed
-        options = stage_options(self.root, refresh)
+        options = {**stage_options(self.root, refresh), "task_run_name": f"{name}-{short_key(self.keys[name])}"}
         dispatch = self.cfg.dispatch
         if dispatch.dispatched(name):
             task = dispatch_stage.with_options(name=name, **options)
-            inputs = {"stage": name, "inputs": inputs, "dispatch": to_dict(dispatch)}
+            inputs = {"stage": name, "inputs": inputs, "dispatch": to_dict(dispatch),
+                      "flow_run_name": f"{name}-{short_key(self.keys[name])} of {self.env['run_name']}"}
         else:
             task = task.with_options(**options, tags=[dispatch.concurrency_tag] if name in training_stages() else [])
+        self.log.info("stage %s: starting (key %s)", name, self.keys[name])
         state = task(key=self.keys[name], env=self.env, fresh=refresh, return_state=True, **inputs)
-        tags = {f"stage.{name}.cache_key": self.keys[name], f"stage.{name}.cached": str(state.name == "Cached").lower()}
+        self.cached[name] = state.name == "Cached"
+        tags = {f"stage.{name}.cache_key": self.keys[name], f"stage.{name}.cached": str(self.cached[name]).lower()}
         if state.is_failed() or state.is_crashed():
             self.parent.set_tags({**tags, "failed_stage": name})
+            self.log.error("stage %s: %s. Finished stages stay cached; run the same command again to continue.", name, state.name)
         record = state.result()  # re-raises the stage's exception
         self.parent.set_tags({**tags, f"stage.{name}.run_id": record["run_id"]})
-        log.info("stage %s: %s (run %s)", name, state.name, record["run_id"])
+        how = f"Cached (made by MLflow run {record['run_id']})" if self.cached[name] else f"ran in {record['compute_s']:.1f} s (MLflow run {record['run_id']})"
+        self.log.info("stage %s: %s", name, how)
         return record
 
 
-def summary_markdown(cfg: PipelineConfig, metrics: dict, tracking_uri: str, exp_id: str, run_id: str, cached: dict) -> str:
-    if tracking_uri.startswith("http"):
-        link = f"{tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
-    else:
-        link = f"`mlflow ui --backend-store-uri {tracking_uri}` then http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{run_id}"
-    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()))
-    stages = ", ".join(f"{k}: {'Cached' if v else 'ran'}" for k, v in cached.items())
-    return (
-        f"# RLHF pipeline ({cfg.algo.algo}, beta={cfg.algo.beta})\n\nMLflow run: {link}\n\nStages: {stages}\n\n"
-        f"| metric | value |\n|---|---|\n{rows}\n"
-    )
+def open_parent_run(cfg: PipelineConfig, client: MlflowClient, exp_id: str, name: str) -> RunLogger:
+    """The pipeline's parent MLflow run: under the sweep's run when it is a sweep member; earlier runs whose
+    process died (kill -9) are closed as KILLED, naming this run as the one that took over."""
+    tags = {"pipeline": "rlhf", "algo": cfg.algo.algo, "git_commit": git_commit(), "mlflow.source.git.commit": git_commit(),
+            "mlflow.source.name": "flows/pipeline.py", "mlflow.source.type": "JOB", **cfg.tags}
+    sweep_parent = None
+    if cfg.sweep_id:
+        tags["sweep_id"] = cfg.sweep_id
+        sweep_parent = sweep_run(client, exp_id, cfg.sweep_id, Path(cfg.paths.root), name=cfg.sweep_id)
+    if prefect_run.id:  # MLflow run <-> Prefect flow run, both ways (the flow run's logs name the MLflow run)
+        tags |= {"prefect.flow_run_id": prefect_run.id, "prefect.flow_run_name": name}
+    parent = RunLogger.create(client, exp_id, name, tags, sweep_parent)
+    close_orphaned_runs(client, exp_id, parent.run_id)
+    parent.log_params(flatten(to_dict(cfg)))
+    return parent
+
+
+def name_flow_run(name: str) -> None:
+    """The Prefect flow run carries the MLflow run's name (no random names, sweep members told apart)."""
+    if prefect_run.id:
+        from uuid import UUID
+
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as prefect:
+            prefect.update_flow_run(UUID(prefect_run.id), name=name)
 
 
 @flow(name="rlhf-pipeline", log_prints=True)
 def rlhf_pipeline(config: dict | None = None, overrides: list[str] | None = None, base_overrides: list[str] | None = None) -> dict:
-    """data -> SFT -> reward -> DPO | PPO -> eval, every stage cached on its key; one parent MLflow run.
+    """data -> SFT -> reward -> policy (DPO, PPO, ...) -> eval, every stage cached on its key; one parent MLflow run.
 
     ``config``: a composed config (the Hydra app, tests). Otherwise the config is composed from ``conf/``
     with ``base_overrides`` (a deployment's own, e.g. dispatch=pools) then ``overrides`` (a run's).
     """
+    logger = get_run_logger()
     if config is None:
         config = load_config([*(base_overrides or []), *(overrides or [])])
     cfg = validate(config)
@@ -134,18 +158,15 @@ def rlhf_pipeline(config: dict | None = None, overrides: list[str] | None = None
     root.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(uri)
     exp_id = experiment_id(client, cfg.tracking.experiment, root, uri)
-    algo = cfg.algo.algo
-    parent_tags = {"pipeline": "rlhf", "algo": algo, "git_commit": git_commit(), "mlflow.source.git.commit": git_commit(), **cfg.tags}
-    if cfg.sweep_id:
-        parent_tags["sweep_id"] = cfg.sweep_id
-    if prefect_run.id:  # MLflow run <-> Prefect flow run, both ways (the flow run's logs name the MLflow run)
-        parent_tags |= {"prefect.flow_run_id": prefect_run.id, "prefect.flow_run_name": prefect_run.name}
-    parent = RunLogger.create(client, exp_id, f"{algo}-beta{cfg.algo.beta:g}", parent_tags)
-    parent.log_params(flatten(to_dict(cfg)))
-    env = {"root": str(root), "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent.run_id, "runtime": to_dict(cfg.runtime)}
     keys = pipeline_keys(cfg)
-    stage = Stages(cfg, keys, env, parent)
-    model, has_gold = to_dict(cfg.model), cfg.data.source == "synthetic"
+    name = run_name(cfg, keys)
+    name_flow_run(name)
+    parent = open_parent_run(cfg, client, exp_id, name)
+    logger.info("MLflow run %s: %s%s", name, mlflow_link(uri, exp_id, parent.run_id), ui_hint(uri))
+    env = {"root": str(root), "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent.run_id, "run_name": name,
+           "runtime": to_dict(cfg.runtime), "tracking": to_dict(cfg.tracking)}
+    stage = Stages(cfg, keys, env, parent, logger)
+    algo, model, has_gold = cfg.algo.algo, to_dict(cfg.model), cfg.data.source == "synthetic"
     try:
         data = stage("data", data_stage, data=to_dict(cfg.data))
         sft = stage("sft", training_task("sft"), model=model, sft_cfg=to_dict(cfg.sft), data=data)
@@ -159,13 +180,16 @@ def rlhf_pipeline(config: dict | None = None, overrides: list[str] | None = None
         raise
     metrics = evaluation["metrics"]
     parent.log_metrics(metrics, step=0)
-    runs = client.get_run(parent.run_id).data.tags
-    cached = {name: runs.get(f"stage.{name}.cached") == "true" for name in keys}
-    create_markdown_artifact(key="rlhf-summary", markdown=summary_markdown(cfg, metrics, uri, exp_id, parent.run_id, cached),
-                             description="Held-out evaluation of this pipeline run")
+    log_datasets(client, parent.run_id, data["datasets"], SPLIT_CONTEXTS)
+    if policy.get("model_id"):  # the runs table's Model column: the tuned policy, also when its stage was Cached
+        client.log_outputs(parent.run_id, [LoggedModelOutput(policy["model_id"], step=0)])
+    publish(cfg, name, metrics, uri, exp_id, parent.run_id, stage.cached)
+    if all(stage.cached.values()):
+        logger.info("all stages cached: nothing trained")
+    logger.info("%s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
     parent.finish()
-    return {"run_id": parent.run_id, "experiment_id": exp_id, "tracking_uri": uri, "keys": keys, "cached": cached,
-            "metrics": metrics, "policy_path": policy["model_path"]}
+    return {"run_id": parent.run_id, "run_name": name, "experiment_id": exp_id, "tracking_uri": uri, "keys": keys, "cached": stage.cached,
+            "metrics": metrics, "policy_path": policy["model_path"], "records": {"data": data, "sft": sft, "reward": reward, algo: policy}}
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -179,8 +203,9 @@ def main(cfg: DictConfig) -> float:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     container = to_container(cfg)
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN and not container.get("sweep_id"):
-        container["sweep_id"] = sweep_id_for(hydra_cfg.sweep.dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        container["sweep_id"] = container.get("sweep_id") or sweep_id_for(hydra_cfg.sweep.dir)
+        container["sweep_member"] = hydra_cfg.job.num
     validate(container)
     result = rlhf_pipeline(container)
     m = result["metrics"]

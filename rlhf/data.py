@@ -11,6 +11,7 @@ Every split is a list of dict rows with a fixed schema:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -27,6 +28,25 @@ HH_SEPARATOR = "\n\nAssistant:"
 
 class DatasetError(ValueError):
     """A dataset is empty or lacks a mapped column; the message names the key and the fix."""
+
+
+def data_files_list(data_files) -> list[str]:
+    """``data.data_files`` (a str, a list, or split -> str | list) as a flat list."""
+    if data_files is None:
+        return []
+    if isinstance(data_files, str):
+        return [data_files]
+    if isinstance(data_files, dict):
+        return [f for v in data_files.values() for f in data_files_list(v)]
+    return [str(f) for f in data_files]
+
+
+def dataset_label(cfg: DataConfig) -> str:
+    """A short name of the data source for dataset names: synthetic, hh-rlhf, or a local file's stem."""
+    if cfg.source == "synthetic":
+        return "synthetic"
+    files = data_files_list(cfg.data_files)
+    return Path(files[0]).name.split(".")[0] if files else str(cfg.path).rstrip("/").rsplit("/", 1)[-1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,6 +136,18 @@ def save_splits(splits: dict[str, list[dict]], out_dir: Path) -> dict[str, int]:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
     return {name: len(rows) for name, rows in splits.items()}
+
+
+def fingerprint_splits(splits_dir: Path, label: str) -> dict[str, dict]:
+    """Per split file ``<name>.jsonl``: dataset name, content digest, source, columns and row count."""
+    out = {}
+    for path in sorted(Path(splits_dir).glob("*.jsonl")):
+        data = path.read_bytes()
+        lines = data.splitlines()
+        columns = list(json.loads(lines[0])) if lines else []
+        out[path.stem] = {"name": f"{label}.{path.stem}", "digest": hashlib.sha256(data).hexdigest()[:16],
+                          "source": path.resolve().as_uri(), "columns": columns, "n_rows": len(lines)}
+    return out
 
 
 def load_split(data_dir: str | Path, name: str) -> list[dict]:

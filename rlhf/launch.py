@@ -11,6 +11,7 @@ processes talk over gloo, on GPUs over NCCL: all of it is accelerate's and torch
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -82,6 +83,7 @@ def main(spec_path: str) -> None:
     from mlflow.tracking import MlflowClient
 
     from . import checkpoint, runtime
+    from .progress import ProgressSettings
     from .stages.common import StageContext
     from .tracking import RunLogger
 
@@ -94,7 +96,9 @@ def main(spec_path: str) -> None:
         torch.cuda.set_device(device)
     main_process = accelerator.is_main_process
     sink = RunLogger(MlflowClient(spec["tracking_uri"]), spec["run_id"]) if main_process else _NoSink()
-    ctx = StageContext(Path(spec["out_dir"]), sink, device, accelerator=accelerator)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # progress lines into the launch log
+    ctx = StageContext(Path(spec["out_dir"]), sink, device, accelerator=accelerator,
+                       progress_settings=ProgressSettings(rt.progress, rt.progress_every_s))
     result = spec["body"](ctx)
     sink.flush()
     if main_process:

@@ -5,19 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import PipelineConfig
-from .data import DatasetError
+from .data import DatasetError, data_files_list
 from .modeling import check_model_source
 from .tracking import check_reachable, resolve_uri
-
-
-def _files(data_files) -> list[str]:
-    if data_files is None:
-        return []
-    if isinstance(data_files, str):
-        return [data_files]
-    if isinstance(data_files, dict):
-        return [f for v in data_files.values() for f in _files(v)]
-    return [str(f) for f in data_files]
 
 
 def preflight(cfg: PipelineConfig) -> str:
@@ -26,7 +16,7 @@ def preflight(cfg: PipelineConfig) -> str:
         if value:
             check_model_source(value, key)
     if cfg.data.source == "hub":
-        missing = [f for f in _files(cfg.data.data_files) if "://" not in f and not any(c in f for c in "*?[") and not Path(f).exists()]
+        missing = [f for f in data_files_list(cfg.data.data_files) if "://" not in f and not any(c in f for c in "*?[") and not Path(f).exists()]
         if missing:
             raise DatasetError(f"data.data_files names missing file(s) {missing}. Fix: point data.data_files at existing files.")
     uri = resolve_uri(cfg.tracking, Path(cfg.paths.root))

@@ -7,12 +7,14 @@ Default store: SQLite at ``<paths.root>/mlflow.db`` with artifacts in ``<paths.r
 from __future__ import annotations
 
 import os
+import socket
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psutil
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -20,6 +22,10 @@ from .config import TrackingConfig
 
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
+# MLflow's UI opens an experiment without this tag in GenAI mode (traces); with it, on the runs table.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+# Which process owns a RUNNING run: a later run on this host closes the runs whose process is gone.
+HOST_TAG, PID_TAG, PROCESS_START_TAG, TAKEN_OVER_TAG = "rlhf.host", "rlhf.pid", "rlhf.process_start", "rlhf.taken_over_by"
 
 
 class TrackingUnavailableError(ConnectionError):
@@ -52,18 +58,47 @@ def check_reachable(uri: str, timeout_s: float) -> None:
 
 
 def experiment_id(client: MlflowClient, name: str, root: Path, uri: str) -> str:
-    """Get or create the experiment (local stores keep artifacts under ``<root>/mlartifacts``)."""
+    """Get or create the experiment as a model-training experiment, so the UI opens on its runs table
+    (local stores keep artifacts under ``<root>/mlartifacts``). An existing experiment without a kind is adopted."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = (Path(root).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+    if exp is None:
+        location = (Path(root).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+        try:
+            return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        except Exception:  # created by a concurrent process in between
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return exp.experiment_id
+
+
+def process_tags() -> dict[str, str]:
+    """This process, as tags of the runs it owns (see :func:`close_orphaned_runs`)."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PROCESS_START_TAG: f"{psutil.Process().create_time():.2f}"}
+
+
+def _process_alive(pid: str, started: str) -> bool:
     try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:  # created by a concurrent process in between
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+        return f"{psutil.Process(int(pid)).create_time():.2f}" == started  # the same process, not a reused PID
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+
+
+def close_orphaned_runs(client: MlflowClient, experiment: str, taken_over_by: str) -> list[str]:
+    """Mark KILLED every RUNNING run of ``experiment`` owned by a process of this host that no longer exists
+    (``kill -9``, OOM, a lost session), tagged with the run that found it. Returns their ids."""
+    query = f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{socket.gethostname()}'"
+    closed = []
+    for run in client.search_runs([experiment], query, max_results=1000):
+        tags = run.data.tags
+        if run.info.run_id == taken_over_by or _process_alive(tags.get(PID_TAG, ""), tags.get(PROCESS_START_TAG, "")):
+            continue
+        client.set_tag(run.info.run_id, TAKEN_OVER_TAG, taken_over_by)
+        client.set_terminated(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+    return closed
 
 
 class RunLogger:
@@ -78,7 +113,7 @@ class RunLogger:
 
     @classmethod
     def create(cls, client: MlflowClient, experiment: str, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> "RunLogger":
-        all_tags = {RUN_NAME_TAG: name, **tags}
+        all_tags = {RUN_NAME_TAG: name, **process_tags(), **tags}
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
         run = client.create_run(experiment, tags=all_tags, run_name=name)

@@ -26,6 +26,7 @@ from accelerate import Accelerator
 
 from . import checkpoint
 from .config import OptimConfig, SupervisedConfig
+from .progress import Progress, ProgressSettings
 
 
 class NonFiniteLossError(RuntimeError):
@@ -86,6 +87,7 @@ class Trainer:
         warmup = int(cfg.warmup_ratio * total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.schedule, warmup, total_steps))
         self.step = 0
+        self.progress = Progress(prefix, total_steps, ProgressSettings("off"))  # a stage sets its own (StageContext.progress)
         self._window: dict[str, list[float]] = defaultdict(list)
         self._tokens, self._window_start = 0, time.perf_counter()
 
@@ -170,6 +172,7 @@ class Trainer:
         for k, v in metrics.items():
             self._window[k].append(float(v))
         self._tokens += tokens
+        self.progress.update(self.step, metrics, tokens)
         if self.step == 1 or self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
             self.flush()
 
@@ -258,3 +261,4 @@ def fit(
             trainer.log(evaluate())
         if trainer.due(cfg.checkpoint_every):
             trainer.save()
+    trainer.progress.close()

@@ -11,5 +11,13 @@ for _name, _value in {
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "GIT_PYTHON_REFRESH": "quiet",
+    # Training progress and stage logs (loggers under `rlhf`) go to the flow run's logs in Prefect too.
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "rlhf",
 }.items():
     os.environ.setdefault(_name, _value)
+
+import logging  # noqa: E402
+
+logging.getLogger("rlhf").setLevel(logging.INFO)  # progress lines are INFO records
+for _quiet in ("mlflow.system_metrics", "mlflow.transformers"):  # start/stop notices, model-card and licence lookups
+    logging.getLogger(_quiet).setLevel(logging.ERROR)

@@ -1,13 +1,16 @@
 from prefect import task
 
 from rlhf.config import DataConfig, from_dict
+from rlhf.lineage import EVALUATION, TRAINING
 from rlhf.stages import prepare
 
-from .runner import run_stage
+from .runner import Lineage, run_stage
+
+SPLIT_CONTEXTS = {"sft": TRAINING, "pref": TRAINING, "ppo_prompts": TRAINING, "eval_prompts": EVALUATION, "eval_pref": EVALUATION}
 
 
 @task(name="data")
 def data_stage(key: str, data: dict, env: dict, fresh: bool = False) -> dict:
     """Build every split (synthetic task or hub dataset) and write them as JSON lines."""
     cfg = from_dict(DataConfig, data)
-    return run_stage("data", key, env, fresh, lambda ctx: prepare.run(cfg, ctx), seed=cfg.seed)
+    return run_stage("data", key, env, fresh, lambda ctx: prepare.run(cfg, ctx), seed=cfg.seed, lineage=Lineage(None, SPLIT_CONTEXTS))

@@ -35,10 +35,11 @@ def check_stage_deployment(dispatch: DispatchConfig) -> None:
 
 
 @task(name="dispatch")
-def dispatch_stage(stage: str, key: str, env: dict, inputs: dict, dispatch: dict, fresh: bool = False) -> dict:
-    """Run ``stage`` as a flow run of ``dispatch['deployment']``, wait for it, return its record."""
+def dispatch_stage(stage: str, key: str, env: dict, inputs: dict, dispatch: dict, flow_run_name: str, fresh: bool = False) -> dict:
+    """Run ``stage`` as a flow run ``flow_run_name`` of ``dispatch['deployment']``, wait for it, return its record."""
     flow_run = run_deployment(
         dispatch["deployment"],
+        flow_run_name=flow_run_name,
         parameters={"stage": stage, "key": key, "env": env, "inputs": inputs, "fresh": fresh,
                     "concurrency_tag": dispatch["concurrency_tag"]},
         job_variables=dispatch["job_variables"] or None,

@@ -1,9 +1,10 @@
 from prefect import task
 
 from rlhf.config import EvalConfig, ModelConfig, from_dict
+from rlhf.lineage import EVALUATION
 from rlhf.stages import evaluate
 
-from .runner import run_stage
+from .runner import Lineage, run_stage
 
 
 @task(name="eval")
@@ -16,4 +17,5 @@ def eval_stage(key: str, model: dict, eval_cfg: dict, has_gold: bool, data: dict
         ctx.sink.log_table(out.pop("table"), "eval/samples.json")
         return out
 
-    return run_stage("eval", key, env, fresh, body, seed=c.seed)
+    lineage = Lineage(data["datasets"], {"eval_prompts": EVALUATION, "eval_pref": EVALUATION}, {"policy": policy, "sft": sft, "reward": reward})
+    return run_stage("eval", key, env, fresh, body, seed=c.seed, lineage=lineage)

@@ -2,8 +2,10 @@ from prefect import task
 
 from rlhf.algorithms import PolicyInputs, registry
 from rlhf.config import ModelConfig, from_dict
+from rlhf.lineage import EVALUATION, TRAINING
+from rlhf.model_logging import GENERATION
 
-from .runner import run_stage
+from .runner import Lineage, run_stage
 
 
 @task(name="policy")
@@ -13,4 +15,7 @@ def policy_stage(algo: dict, key: str, model: dict, data: dict, sft: dict, env: 
     algorithm = registry()[algo["algo"]]
     m, c = from_dict(ModelConfig, model), from_dict(algorithm.schema, algo)
     inputs = PolicyInputs(data["data_dir"], sft["model_path"], reward["model_path"] if reward else None, has_gold)
-    return run_stage(algorithm.name, key, env, fresh, lambda ctx: algorithm.run(c, m, inputs, ctx), seed=c.seed)
+    # On-policy methods sample on prompts and are checked on held-out prompts; DPO learns from the pairs.
+    contexts = {"ppo_prompts": TRAINING, "eval_prompts": EVALUATION} if algorithm.needs_reward else {"pref": TRAINING, "eval_pref": EVALUATION}
+    lineage = Lineage(data["datasets"], contexts, {"sft": sft, "reward": reward}, GENERATION, "policy_model_name")
+    return run_stage(algorithm.name, key, env, fresh, lambda ctx: algorithm.run(c, m, inputs, ctx), seed=c.seed, lineage=lineage)

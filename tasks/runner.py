@@ -1,26 +1,35 @@
-"""What every stage task does around the ML: its folder, its nested MLflow run, its checkpoint artifact.
+"""What every stage task does around the ML: its folder, its nested MLflow run, its lineage and outputs.
 
-``run_stage`` is the one place that turns ``rlhf.stages.<stage>.run`` into a tracked, cached step;
+``run_stage`` is the one place that turns ``rlhf.stages.<stage>.run`` into a tracked, cached step (the
+datasets and upstream models it reads, system metrics while it trains, its final model as an MLflow
+model, figures, and checkpoints only when asked);
 ``stage_options`` is the one cache policy: the key computed in :mod:`tasks.keys`, results persisted
 under ``paths.root``, and a file lock per key so concurrent runs never train the same stage twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from mlflow.entities import LoggedModelInput
 from mlflow.tracking import MlflowClient
 from prefect.cache_policies import CacheKeyFnPolicy
 
 from rlhf import checkpoint, runtime
-from rlhf.config import RuntimeConfig, from_dict, training_stages
+from rlhf.config import RuntimeConfig, TrackingConfig, from_dict, training_stages
 from rlhf.launch import run_data_parallel
+from rlhf.lineage import log_datasets
+from rlhf.model_logging import log_final_model
+from rlhf.progress import ProgressSettings
 from rlhf.stages.common import CKPT_DIR, FINAL_DIR, StageContext
-from rlhf.tracking import RunLogger
+from rlhf.system_metrics import StageSystemMetrics
+from rlhf.tracking import RunLogger, process_tags
 
 from .locking import ProcessFileLockManager
 
@@ -69,48 +78,100 @@ def read_record(root: str | Path, stage: str, key: str) -> dict:
     return json.loads(path.read_text())
 
 
+@dataclass
+class Lineage:
+    """What a stage run reads and makes, for MLflow: the dataset splits it reads (with their context), the
+    upstream stages whose models it starts from, and how to log its own final model."""
+
+    datasets: dict | None  # the data stage's fingerprints (its record's "datasets"); None: the stage makes them (data)
+    contexts: dict  # split -> training | evaluation
+    parents: dict = field(default_factory=dict)  # role (sft, reward, policy) -> upstream record
+    model_task: str | None = None  # GENERATION or SCORING: log the final model with that pipeline task
+    registered_as: str | None = None  # the tracking field naming its registry entry (policy_model_name, ...)
+
+    def parent_models(self) -> dict[str, str]:
+        return {role: rec["model_uri"] for role, rec in self.parents.items() if rec and rec.get("model_uri")}
+
+
 def _resumed_run(client: MlflowClient, out_dir: Path) -> RunLogger | None:
     """A stage that failed after a checkpoint continues in its own MLflow run, so its metrics continue at their steps."""
     if not (checkpoint.latest(out_dir / "ckpt") and (out_dir / RUN_ID_FILE).exists()):
         return None
     run_id = (out_dir / RUN_ID_FILE).read_text().strip()
     client.update_run(run_id, status="RUNNING")
-    client.set_tag(run_id, "resumed", "true")
-    return RunLogger(client, run_id)
+    run = RunLogger(client, run_id)
+    run.set_tags({"resumed": "true", **process_tags()})  # this process owns it now
+    return run
 
 
-def run_stage(stage: str, key: str, env: dict, fresh: bool, body: Callable[[StageContext], dict], seed: int = 0) -> dict:
+def _track_inputs(client: MlflowClient, run: RunLogger, lineage: Lineage | None) -> None:
+    if lineage is None or lineage.datasets is None:
+        return
+    log_datasets(client, run.run_id, lineage.datasets, lineage.contexts)
+    models = [LoggedModelInput(uri.split("/", 1)[1]) for uri in lineage.parent_models().values()]
+    if models:
+        client.log_inputs(run.run_id, models=models)
+
+
+def _track_outputs(client: MlflowClient, run: RunLogger, stage: str, key: str, env: dict, out_dir: Path, lineage: Lineage | None,
+                   result: dict) -> dict:
+    """Upload what the stage made: the datasets it wrote, its final model as an MLflow model (registered
+    where configured), its figures and, with tracking.log_checkpoints, its resumable checkpoints. Returns
+    the model's ids."""
+    tracking = from_dict(TrackingConfig, env["tracking"])
+    logged: dict = {}
+    if lineage and lineage.datasets is None and "datasets" in result:
+        log_datasets(client, run.run_id, result["datasets"], lineage.contexts)
+    if lineage and lineage.model_task and tracking.log_models and (out_dir / FINAL_DIR / "config.json").exists():
+        registered = getattr(tracking, lineage.registered_as) if lineage.registered_as else None
+        version_tags = {"pipeline_run_id": env["parent_run_id"], "pipeline_run_name": env.get("run_name", ""), "stage": stage,
+                        "cache_key": key, "stage_run_id": run.run_id, **{f"parent.{k}": v for k, v in lineage.parent_models().items()}}
+        logged = log_final_model(client, env["tracking_uri"], env["experiment_id"], run.run_id, out_dir / FINAL_DIR, stage,
+                                 lineage.model_task, registered, version_tags)
+    if tracking.log_checkpoints:
+        for ckpt in checkpoint.complete_checkpoints(out_dir / CKPT_DIR):
+            run.log_artifacts(ckpt, f"checkpoints/{ckpt.name}")
+    if (out_dir / "figures").exists():
+        run.log_artifacts(out_dir / "figures", "figures")
+    return logged
+
+
+def run_stage(stage: str, key: str, env: dict, fresh: bool, body: Callable[[StageContext], dict], seed: int = 0,
+              lineage: Lineage | None = None) -> dict:
     """Run ``body`` inside a nested MLflow run; return the stage's record (paths, run id, key, metrics).
 
-    ``env``: root, tracking_uri, experiment_id, parent_run_id, runtime. ``fresh``: ignore checkpoints.
-    With ``runtime.num_processes > 1`` a training stage's body runs under ``accelerate launch``.
+    ``env``: root, tracking_uri, experiment_id, parent_run_id, run_name, runtime, tracking. ``fresh``:
+    ignore checkpoints. With ``runtime.num_processes > 1`` a training stage's body runs under
+    ``accelerate launch``. Training stages record system metrics while they run.
     """
     client = MlflowClient(env["tracking_uri"])
     out_dir = stage_dir(env["root"], stage, key)
     run = _resumed_run(client, out_dir) if not fresh else None
     if run is None:
-        run = RunLogger.create(client, env["experiment_id"], stage, {"stage": stage, "cache_key": key}, env["parent_run_id"])
+        run = RunLogger.create(client, env["experiment_id"], f"{stage}-{short_key(key)}", {"stage": stage, "cache_key": key}, env["parent_run_id"])
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / RUN_ID_FILE).write_text(run.run_id)
-    rt = from_dict(RuntimeConfig, env["runtime"])
+    rt, tracking = from_dict(RuntimeConfig, env["runtime"]), from_dict(TrackingConfig, env["tracking"])
+    training = stage in training_stages()
+    monitor = StageSystemMetrics(run.run_id, env["tracking_uri"], tracking.system_metrics_interval_s) \
+        if training and tracking.system_metrics else contextlib.nullcontext()
     try:
+        _track_inputs(client, run, lineage)
         started = time.perf_counter()
-        if rt.num_processes > 1 and stage in training_stages():
-            run.set_tags({"num_processes": rt.num_processes})
-            if fresh:
-                shutil.rmtree(out_dir / CKPT_DIR, ignore_errors=True)
-            result = run_data_parallel(body, out_dir, rt, seed, env["tracking_uri"], run.run_id)
-        else:
-            result = body(StageContext(out_dir, run, runtime.setup(rt, seed), fresh=fresh))
+        with monitor:
+            if rt.num_processes > 1 and training:
+                run.set_tags({"num_processes": rt.num_processes})
+                if fresh:
+                    shutil.rmtree(out_dir / CKPT_DIR, ignore_errors=True)
+                result = run_data_parallel(body, out_dir, rt, seed, env["tracking_uri"], run.run_id)
+            else:
+                ctx = StageContext(out_dir, run, runtime.setup(rt, seed), fresh=fresh,
+                                   progress_settings=ProgressSettings(rt.progress, rt.progress_every_s))
+                result = body(ctx)
         compute_s = time.perf_counter() - started  # the stage's own work; the rest of this function is tracking
         run.log_metrics({f"{stage}/compute_s": compute_s}, step=0)
         run.flush()
-        if (out_dir / FINAL_DIR / "config.json").exists():
-            run.log_artifacts(out_dir / FINAL_DIR, "checkpoint")
-        for ckpt in checkpoint.complete_checkpoints(out_dir / CKPT_DIR):
-            run.log_artifacts(ckpt, f"checkpoints/{ckpt.name}")
-        if (out_dir / "figures").exists():
-            run.log_artifacts(out_dir / "figures", "figures")
+        result = {**result, **_track_outputs(client, run, stage, key, env, out_dir, lineage, result)}
     except BaseException:
         run.finish("FAILED")
         raise
@@ -118,3 +179,8 @@ def run_stage(stage: str, key: str, env: dict, fresh: bool, body: Callable[[Stag
     record = {"stage": stage, "cache_key": key, "run_id": run.run_id, "out_dir": str(out_dir), "compute_s": compute_s, **result}
     write_record(out_dir, record)
     return record
+
+
+def short_key(key: str) -> str:
+    """The first hex digits of a stage key (``sft-3f9a...`` -> ``3f9a1c``): enough to tell runs apart in a name."""
+    return key.rsplit("-", 1)[-1][:6]

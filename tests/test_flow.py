@@ -1,7 +1,9 @@
 """The real flow on the micro config: MLflow contents, lineage tags, Cached re-runs, partial re-runs."""
 
+import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM
 
 from flows.pipeline import load_config, rlhf_pipeline
 
@@ -42,8 +44,9 @@ def test_first_run_trains_every_stage_and_logs_everything(first_run):
     root, cfg, result = first_run
     assert result["cached"] == {s: False for s in STAGES}
     client = MlflowClient(result["tracking_uri"])
+    assert client.get_experiment(result["experiment_id"]).tags["mlflow.experimentKind"] == "custom_model_development"
     parent = client.get_run(result["run_id"])
-    assert parent.info.status == "FINISHED"
+    assert parent.info.status == "FINISHED" and re.fullmatch(r"dpo-b0\.3-[0-9a-f]{6}", parent.info.run_name)
     assert parent.data.params["algo.beta"] == str(cfg["algo"]["beta"]) and parent.data.params["model.n_layer"] == "2"
     assert len(parent.data.tags["git_commit"]) >= 7
     runs = stage_runs(client, result["run_id"])
@@ -52,34 +55,81 @@ def test_first_run_trains_every_stage_and_logs_everything(first_run):
         assert parent.data.tags[f"stage.{s}.cache_key"] == result["keys"][s]
         assert parent.data.tags[f"stage.{s}.cached"] == "false"
         assert parent.data.tags[f"stage.{s}.run_id"] == runs[s].info.run_id
+        assert runs[s].info.run_name == f"{s}-{result['keys'][s].rsplit('-', 1)[1][:6]}"
     for s, names in STAGE_METRICS.items():
         assert names <= set(runs[s].data.metrics), (s, names - set(runs[s].data.metrics))
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(runs[s].data.metrics), s
     first_dpo = client.get_metric_history(runs["dpo"].info.run_id, "dpo/loss")[0]
     assert first_dpo.step == 1 and first_dpo.value == pytest.approx(math.log(2), abs=0.01)
     assert EVAL_METRICS <= set(runs["eval"].data.metrics) and EVAL_METRICS <= set(parent.data.metrics)
     assert parent.data.metrics["eval/win_rate_gold"] == runs["eval"].data.metrics["eval/win_rate_gold"]
 
 
-def test_checkpoints_are_artifacts_that_load_with_from_pretrained(first_run, tmp_path):
+def datasets_of(run) -> dict[str, tuple[str, str]]:
+    """name -> (digest, context) of a run's dataset inputs."""
+    return {d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags}["mlflow.data.context"]) for d in run.inputs.dataset_inputs}
+
+
+def test_every_run_records_the_datasets_it_read_by_digest(first_run):
     _, _, result = first_run
     client = MlflowClient(result["tracking_uri"])
     runs = stage_runs(client, result["run_id"])
-    for stage, cls in (("sft", AutoModelForCausalLM), ("dpo", AutoModelForCausalLM), ("reward", AutoModelForSequenceClassification)):
-        local = mlflow.artifacts.download_artifacts(run_id=runs[stage].info.run_id, artifact_path="checkpoint", dst_path=str(tmp_path / stage),
-                                                    tracking_uri=result["tracking_uri"])
-        assert cls.from_pretrained(local) is not None
-    files = [f.path for f in client.list_artifacts(runs["eval"].info.run_id, "eval")]
-    assert "eval/samples.json" in files
+    digest = {f["name"]: f["digest"] for f in result["records"]["data"]["datasets"].values()}
+    assert datasets_of(runs["sft"]) == {"synthetic.sft": (digest["synthetic.sft"], "training")}
+    assert datasets_of(runs["dpo"]) == {"synthetic.pref": (digest["synthetic.pref"], "training"),
+                                        "synthetic.eval_pref": (digest["synthetic.eval_pref"], "evaluation")}
+    assert set(datasets_of(runs["eval"])) == {"synthetic.eval_prompts", "synthetic.eval_pref"}
+    parent = client.get_run(result["run_id"])
+    assert {k: v[0] for k, v in datasets_of(parent).items()} == digest  # the member row's Dataset cell
+    assert json.loads(runs["sft"].inputs.dataset_inputs[0].dataset.profile)["num_rows"] == 96  # micro: n_sft=96
 
 
-def test_a_markdown_summary_links_the_mlflow_run(first_run):
+def test_final_models_are_mlflow_models_and_the_policy_and_reward_are_registered(first_run):
+    import mlflow
+
+    _, _, result = first_run
+    client = MlflowClient(result["tracking_uri"])
+    runs = stage_runs(client, result["run_id"])
+    sft, reward, dpo = (result["records"][s] for s in ("sft", "reward", "dpo"))
+    assert [o.model_id for o in runs["sft"].outputs.model_outputs] == [sft["model_id"]]
+    assert [o.model_id for o in client.get_run(result["run_id"]).outputs.model_outputs] == [dpo["model_id"]]  # the Model cell
+    policy_version = client.get_model_version("rlhf-policy", dpo["version"])
+    assert policy_version.tags["pipeline_run_id"] == result["run_id"] and policy_version.tags["cache_key"] == result["keys"]["dpo"]
+    assert policy_version.tags["parent.sft"] == sft["model_uri"] and policy_version.tags["stage"] == "dpo"
+    assert client.get_model_version("rlhf-reward", reward["version"]).tags["parent.sft"] == sft["model_uri"]
+    with mlflow.tracking._tracking_service.utils._use_tracking_uri(result["tracking_uri"]):
+        generator = mlflow.transformers.load_model(f"models:/rlhf-policy/{dpo['version']}")
+        scorer = mlflow.transformers.load_model(f"models:/rlhf-reward/{reward['version']}")
+    prompt = "topic: fruit. open: mango. avoid: plum. length: short. answer:"
+    text = generator(prompt, max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert text.startswith(prompt) and len(text) > len(prompt)
+    eos = scorer.tokenizer.eos_token
+    good, bad = scorer([f"{prompt} mango apple cherry grape{eos}", f"{prompt} dog dog dog dog dog dog dog dog{eos}"])
+    assert good["score"] != bad["score"]  # raw scores of the regression head, one per answer
+    for run in runs.values():  # resumable checkpoints stay under paths.root (tracking.log_checkpoints=false)
+        assert not client.list_artifacts(run.info.run_id, "checkpoints")
+
+
+def test_prefect_shows_names_progress_logs_and_artifacts(first_run):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId
 
     _, _, result = first_run
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rlhf-summary"])))
-    assert any(result["run_id"] in a.data and "eval/win_rate_gold" in a.data for a in artifacts)
+        flow_runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[result["run_name"]])))
+        assert len(flow_runs) == 1  # the Prefect flow run carries the MLflow run's name
+        task_runs = {t.name for t in client.read_task_runs() if t.flow_run_id == flow_runs[0].id}
+        assert {f"{s}-{result['keys'][s].rsplit('-', 1)[1][:6]}" for s in STAGES} <= task_runs
+        logs = [entry.message for entry in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_runs[0].id])))]
+        artifacts = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rlhf-summary", "rlhf-eval", "rlhf-mlflow"])))
+                     if a.flow_run_id == flow_runs[0].id}
+    text = "\n".join(logs)
+    assert result["run_id"] in text and "stage sft: ran in" in text
+    assert re.search(r"sft step \d+/\d+ .*loss [\d.]+.*tok/s.*eta", text), text[:2000]  # progress lines reach the flow run
+    assert re.search(r"dpo step \d+/\d+ ", text)
+    assert result["run_id"] in artifacts["rlhf-summary"].data and "eval/win_rate_gold" in artifacts["rlhf-summary"].data
+    assert any(row["metric"] == "eval/win_rate_gold" for row in json.loads(artifacts["rlhf-eval"].data))
+    assert f"/runs/{result['run_id']}" in artifacts["rlhf-mlflow"].data, artifacts["rlhf-mlflow"].data
 
 
 def test_second_run_is_fully_cached_with_the_same_lineage(first_run):
@@ -93,6 +143,8 @@ def test_second_run_is_fully_cached_with_the_same_lineage(first_run):
         assert tags[f"stage.{s}.run_id"] == first_tags[f"stage.{s}.run_id"]  # produced by the first run
     assert not stage_runs(client, again["run_id"])  # nothing trained, no stage runs
     assert again["metrics"] == result["metrics"]
+    assert len(client.search_model_versions("name = 'rlhf-policy'")) == 1  # a Cached stage registers no second version
+    assert [o.model_id for o in client.get_run(again["run_id"]).outputs.model_outputs] == [result["records"]["dpo"]["model_id"]]
 
 
 def test_changing_beta_reruns_only_dpo_and_eval(first_run):
@@ -109,7 +161,7 @@ def test_refresh_reruns_the_stage_and_what_follows(first_run):
 
 def test_ppo_pipeline_logs_every_step_and_the_kl_curve(first_run):
     root, _, _ = first_run
-    r = rlhf_pipeline(load_config(micro_overrides(root, "experiment=micro_ppo")))
+    r = rlhf_pipeline(load_config(micro_overrides(root, "experiment=micro_ppo", "tracking.log_checkpoints=true")))
     assert r["cached"] == {"data": True, "sft": True, "reward": True, "ppo": False, "eval": False}
     client = MlflowClient(r["tracking_uri"])
     run = stage_runs(client, r["run_id"])["ppo"]
@@ -120,7 +172,8 @@ def test_ppo_pipeline_logs_every_step_and_the_kl_curve(first_run):
     kl = client.get_metric_history(run.info.run_id, "ppo/kl")
     assert [m.step for m in kl] == [1, 2, 3, 4] and abs(kl[0].value) < 1e-4
     assert "figures/kl_curve.png" in [f.path for f in client.list_artifacts(run.info.run_id, "figures")]
-    assert [f.path for f in client.list_artifacts(run.info.run_id, "checkpoints")]
+    uploaded = [f.path for f in client.list_artifacts(run.info.run_id, "checkpoints")]  # tracking.log_checkpoints=true brings them back
+    assert uploaded and {"policy", "value", "trainer_state.pt"} <= {Path(f.path).name for f in client.list_artifacts(run.info.run_id, uploaded[-1])}
 
 
 def test_cli_first_run_on_fresh_homes_then_cached_in_a_new_process(tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from .. import checkpoint, runtime
 from ..config import SupervisedConfig
 from ..modeling import save_pretrained_atomic
+from ..progress import Progress, ProgressSettings
 from ..trainer import MetricSink, Trainer, steps_for
 
 
@@ -28,9 +29,15 @@ class StageContext:
     device: torch.device
     fresh: bool = False  # ignore existing checkpoints (refresh=[stage])
     accelerator: Accelerator | None = None  # None: this process alone
+    progress_settings: ProgressSettings = field(default_factory=ProgressSettings)  # runtime.progress*: bar, log lines or off
 
     def __post_init__(self) -> None:
         self.accelerator = self.accelerator or runtime.accelerator(self.device)
+
+    def progress(self, name: str, total: int, start: int = 0) -> Progress:
+        """The stage's progress bar or log lines (shown by the main process only)."""
+        settings = self.progress_settings if self.accelerator.is_main_process else ProgressSettings("off")
+        return Progress(name, total, settings, start)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -69,5 +76,6 @@ def supervised_trainer(name: str, model: torch.nn.Module, tokenizer, cfg: Superv
                       accelerator=ctx.accelerator)
     if resume:
         trainer.load(resume)
+    trainer.progress = ctx.progress(prefix, trainer.total_steps, trainer.step)
     model.train()
     return trainer

@@ -290,6 +290,7 @@ def run(cfg: PPOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: Stage
             ppo.score_offset = ppo.measure_score_offset()
     ctx.sink.log_metrics({"ppo/score_offset": ppo.score_offset}, ppo.iteration)
 
+    progress = ctx.progress("ppo", cfg.steps, ppo.iteration)
     metrics: dict[str, float] = {}
     while ppo.iteration < cfg.steps:
         t0 = time.perf_counter()
@@ -311,12 +312,14 @@ def run(cfg: PPOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: Stage
             with amp():
                 metrics.update({f"ppo/{k}": v for k, v in ppo.evaluate(eval_prompts, eval_ids, has_gold).items()})
         ctx.sink.log_metrics(metrics, ppo.iteration)
+        progress.update(ppo.iteration, metrics, int(gen_tokens + train_tokens))
         for k in ("ppo/kl", "ppo/kl_k3", "ppo/score", "ppo/eval_proxy_reward", "ppo/eval_gold_reward"):
             if k in metrics:
                 ppo.history.setdefault(k, []).append((ppo.iteration, metrics[k]))
         if ppo.iteration % cfg.checkpoint_every == 0 or ppo.iteration == cfg.steps:
             ppo.trainer.save(ppo.state())
 
+    progress.close()
     if ctx.accelerator.is_main_process:
         kl_curve_figure(ppo.history, ctx.out_dir / "figures" / "kl_curve.png")
     ctx.save_final(models.policy, tok, {"stage": "ppo", "iterations": ppo.iteration})
