@@ -17,10 +17,23 @@ def run_name(cfg: PipelineConfig, keys: dict[str, str]) -> str:
     return "-".join(parts)
 
 
+# MLflow's UI shows every experiment in its GenAI mode (traces) until the browser switches to "Model
+# training"; this query parameter switches it, so the links we print open on the runs table.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def _ui(tracking_uri: str) -> str:
+    return tracking_uri.rstrip("/") if tracking_uri.startswith("http") else "http://127.0.0.1:5000"
+
+
+def experiment_link(tracking_uri: str, exp_id: str) -> str:
+    """The experiment's runs table: on the tracking server, or on `mlflow ui` over the local store (port 5000)."""
+    return f"{_ui(tracking_uri)}/#/experiments/{exp_id}?{MODEL_TRAINING_VIEW}"
+
+
 def mlflow_link(tracking_uri: str, exp_id: str, run_id: str) -> str:
-    """The run's page: on the tracking server, or on `mlflow ui` over the local store (port 5000)."""
-    base = tracking_uri.rstrip("/") if tracking_uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{exp_id}/runs/{run_id}"
+    """The run's page (same host as :func:`experiment_link`)."""
+    return f"{_ui(tracking_uri)}/#/experiments/{exp_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
 
 
 def ui_hint(tracking_uri: str) -> str:

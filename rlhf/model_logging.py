@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -37,26 +38,43 @@ def _load(path: Path, task: str):
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def log_final_model(client: MlflowClient, tracking_uri: str, experiment_id: str, run_id: str, path: Path, name: str, task: str,
+def log_final_model(client: MlflowClient, experiment_id: str, run_id: str, pipeline_run_id: str, path: Path, name: str, task: str,
                     registered_name: str | None = None, version_tags: dict[str, str] | None = None) -> dict:
-    """Log the HF folder ``path`` as the MLflow model ``name`` of run ``run_id``; register it under
-    ``registered_name`` when given. Returns ``model_id``, ``model_uri`` and, when registered,
-    ``registered_model`` and ``version``."""
+    """Log the HF folder ``path`` as the MLflow model ``name``, made by stage run ``run_id`` of the pipeline
+    run ``pipeline_run_id``; register it under ``registered_name`` when given. Returns ``model_id``,
+    ``model_uri`` and, when registered, ``registered_model`` and ``version``.
+
+    The runs table's Models column lists a logged model on the run it names as its source and a
+    registered version on its run: the model's source is the pipeline run (the row people compare), the
+    version's run is the stage run that trained it.
+
+    Everything goes through ``client`` (no fluent API): the fluent calls read and reset the process's
+    global tracking URI, which is not ours to touch (several pipelines with different stores share a process).
+    """
     import mlflow
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
 
     model, tokenizer = _load(Path(path), task)
-    logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, tags={"task": task})
-    with _use_tracking_uri(tracking_uri):
-        info = mlflow.transformers.log_model(
-            {"model": model, "tokenizer": tokenizer}, name=name, task=task, model_id=logged.model_id, run_id=run_id,
-            pip_requirements=_requirements(), registered_model_name=registered_name, await_registration_for=0,
-        )
+    logged = client.create_logged_model(experiment_id, name=name, source_run_id=pipeline_run_id, tags={"task": task, "stage_run_id": run_id})
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "model"
+        meta = Model(artifact_path=logged.artifact_location, run_id=pipeline_run_id, model_id=logged.model_id)
+        mlflow.transformers.save_model({"model": model, "tokenizer": tokenizer}, str(local), task=task, mlflow_model=meta,
+                                       pip_requirements=_requirements())
+        client.log_model_artifacts(logged.model_id, str(local))
+    client.finalize_logged_model(logged.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
     out = {"model_id": logged.model_id, "model_uri": f"models:/{logged.model_id}"}
     if registered_name:
-        version = str(info.registered_model_version)
-        for key, value in (version_tags or {}).items():
-            client.set_model_version_tag(registered_name, version, key, str(value))
-        out.update(registered_model=registered_name, version=version)
-        log.info("registered %s version %s (%s)", registered_name, version, json.dumps(version_tags or {}))
+        try:
+            client.create_registered_model(registered_name)
+        except MlflowException:  # it exists (or another run made it just now)
+            pass
+        # The source is the artifact location: a models:/ source would be resolved against the global tracking URI.
+        version = client.create_model_version(registered_name, logged.artifact_location, run_id=run_id, model_id=logged.model_id,
+                                              tags={k: str(v) for k, v in (version_tags or {}).items()}, await_creation_for=0)
+        out.update(registered_model=registered_name, version=str(version.version))
+        log.info("registered %s version %s (%s)", registered_name, version.version, json.dumps(version_tags or {}))
     return out

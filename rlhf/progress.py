@@ -10,6 +10,7 @@ Prefect run those records also reach the flow run's logs (``PREFECT_LOGGING_EXTR
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -46,7 +47,8 @@ class Progress:
         if settings.mode != "off" and settings.uses_bar():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True, file=sys.stderr)
+            size = shutil.get_terminal_size((100, 24))  # a terminal that reports no size (0 x 0) would hide the bar
+            self.bar = tqdm(total=total, initial=start, desc=name, unit="step", ncols=size.columns, nrows=size.lines, file=sys.stderr)
 
     def rates(self) -> tuple[float, float, float]:
         """Tokens/s, elapsed seconds and the ETA of the remaining steps at this session's pace."""

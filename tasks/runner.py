@@ -126,7 +126,7 @@ def _track_outputs(client: MlflowClient, run: RunLogger, stage: str, key: str, e
         registered = getattr(tracking, lineage.registered_as) if lineage.registered_as else None
         version_tags = {"pipeline_run_id": env["parent_run_id"], "pipeline_run_name": env.get("run_name", ""), "stage": stage,
                         "cache_key": key, "stage_run_id": run.run_id, **{f"parent.{k}": v for k, v in lineage.parent_models().items()}}
-        logged = log_final_model(client, env["tracking_uri"], env["experiment_id"], run.run_id, out_dir / FINAL_DIR, stage,
+        logged = log_final_model(client, env["experiment_id"], run.run_id, env["parent_run_id"], out_dir / FINAL_DIR, stage,
                                  lineage.model_task, registered, version_tags)
     if tracking.log_checkpoints:
         for ckpt in checkpoint.complete_checkpoints(out_dir / CKPT_DIR):

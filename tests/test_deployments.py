@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -65,12 +66,12 @@ class Cluster:
         r.raise_for_status()
         return r.json()
 
-    def parent_run(self, flow_run_name: str) -> dict:
+    def parent_run(self, flow_run_id: str) -> dict:
         exp = self.mlflow_get("/experiments/get-by-name", experiment_name="rlhf")["experiment"]["experiment_id"]
         r = self.mlflow.post("/runs/search", json={"experiment_ids": [exp], "filter": "tags.pipeline = 'rlhf'", "max_results": 100})
         r.raise_for_status()
-        runs = [run for run in r.json()["runs"] if _tags(run).get("prefect.flow_run_name") == flow_run_name]
-        assert len(runs) == 1, f"expected one parent MLflow run for flow run {flow_run_name}, got {len(runs)}"
+        runs = [run for run in r.json()["runs"] if _tags(run).get("prefect.flow_run_id") == flow_run_id]
+        assert len(runs) == 1, f"expected one parent MLflow run for flow run {flow_run_id}, got {len(runs)}"
         return runs[0]
 
 
@@ -100,12 +101,15 @@ def test_triggered_pipeline_trains_on_the_gpu_pool_and_logs_to_the_tracking_serv
     # Each training stage ran as its own flow run of the stage deployment (gpu pool); data and eval did not.
     stages = sorted(r["parameters"]["stage"] for r in stage_runs.values())
     assert stages == ["dpo", "reward", "sft"]
+    for r in stage_runs.values():  # named after the stage, its key and the pipeline run, not at random
+        assert re.fullmatch(rf"{r['parameters']['stage']}-[0-9a-f]{{6}} of {re.escape(run['name'])}", r["name"]), r["name"]
+    assert re.fullmatch(r"dpo-b0\.3-[0-9a-f]{6}", run["name"])
     assert all(r["state_type"] == "COMPLETED" and r["work_pool_name"] == "gpu" for r in stage_runs.values())
     assert run["work_pool_name"] == "cpu"
     local = {t["name"].rsplit("-", 1)[0] for t in cluster.prefect.task_runs([run["id"]])}
     assert {"data", "eval"} <= local
 
-    parent = cluster.parent_run(run["name"])
+    parent = cluster.parent_run(run["id"])
     metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
     assert 0.0 <= metrics["eval/win_rate_gold"] <= 1.0 and "eval/kl" in metrics
     dpo_run = _tags(parent)["stage.dpo.run_id"]
@@ -113,12 +117,11 @@ def test_triggered_pipeline_trains_on_the_gpu_pool_and_logs_to_the_tracking_serv
     first_loss = min(history, key=lambda m: m["step"])
     assert first_loss["step"] == 1 and first_loss["value"] == pytest.approx(math.log(2), abs=0.01)
 
-    files = {f["path"] for f in cluster.mlflow_get("/artifacts/list", run_id=dpo_run, path="checkpoint")["files"]}
-    assert {"checkpoint/config.json", "checkpoint/model.safetensors"} <= files
-    config = httpx.get(f"{cluster.mlflow_url}/get-artifact", params={"path": "checkpoint/config.json", "run_uuid": dpo_run}).json()
-    assert config["model_type"] == "gpt2"
-    # Uploaded through the server into its artifact root, not written beside the worker.
+    versions = cluster.mlflow_get("/model-versions/search", filter="name='rlhf-policy'")["model_versions"]
+    assert len(versions) == 1 and {t["key"]: t["value"] for t in versions[0]["tags"]}["stage_run_id"] == dpo_run
+    # The model went through the server into its artifact root, not beside the worker.
     assert list((cluster.store / "artifacts").rglob("model.safetensors"))
+    assert not cluster.mlflow_get("/artifacts/list", run_id=dpo_run, path="checkpoints").get("files")  # checkpoints stay local
 
 
 def test_a_second_trigger_is_fully_cached_and_dispatches_nothing(cluster, first):
@@ -127,7 +130,7 @@ def test_a_second_trigger_is_fully_cached_and_dispatches_nothing(cluster, first)
     states = {t["name"].rsplit("-", 1)[0]: t["state_name"] for t in cluster.prefect.task_runs([run["id"]])}
     assert states == {s: "Cached" for s in ("data", "sft", "reward", "dpo", "eval")}
     assert set(cluster.stage_runs()) == before
-    assert _tags(cluster.parent_run(run["name"]))["stage.dpo.cached"] == "true"
+    assert _tags(cluster.parent_run(run["id"]))["stage.dpo.cached"] == "true"
 
 
 def test_a_schedule_runs_the_pipeline_without_a_trigger(cluster, first):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
@@ -84,7 +85,7 @@ def test_every_run_records_the_datasets_it_read_by_digest(first_run):
     assert json.loads(runs["sft"].inputs.dataset_inputs[0].dataset.profile)["num_rows"] == 96  # micro: n_sft=96
 
 
-def test_final_models_are_mlflow_models_and_the_policy_and_reward_are_registered(first_run):
+def test_final_models_are_mlflow_models_and_the_policy_and_reward_are_registered(first_run, monkeypatch):
     import mlflow
 
     _, _, result = first_run
@@ -97,9 +98,9 @@ def test_final_models_are_mlflow_models_and_the_policy_and_reward_are_registered
     assert policy_version.tags["pipeline_run_id"] == result["run_id"] and policy_version.tags["cache_key"] == result["keys"]["dpo"]
     assert policy_version.tags["parent.sft"] == sft["model_uri"] and policy_version.tags["stage"] == "dpo"
     assert client.get_model_version("rlhf-reward", reward["version"]).tags["parent.sft"] == sft["model_uri"]
-    with mlflow.tracking._tracking_service.utils._use_tracking_uri(result["tracking_uri"]):
-        generator = mlflow.transformers.load_model(f"models:/rlhf-policy/{dpo['version']}")
-        scorer = mlflow.transformers.load_model(f"models:/rlhf-reward/{reward['version']}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", result["tracking_uri"])  # where models:/ URIs resolve, as a user would set it
+    generator = mlflow.transformers.load_model(f"models:/rlhf-policy/{dpo['version']}")
+    scorer = mlflow.transformers.load_model(f"models:/rlhf-reward/{reward['version']}")
     prompt = "topic: fruit. open: mango. avoid: plum. length: short. answer:"
     text = generator(prompt, max_new_tokens=8, do_sample=False)[0]["generated_text"]
     assert text.startswith(prompt) and len(text) > len(prompt)
@@ -130,6 +131,23 @@ def test_prefect_shows_names_progress_logs_and_artifacts(first_run):
     assert result["run_id"] in artifacts["rlhf-summary"].data and "eval/win_rate_gold" in artifacts["rlhf-summary"].data
     assert any(row["metric"] == "eval/win_rate_gold" for row in json.loads(artifacts["rlhf-eval"].data))
     assert f"/runs/{result['run_id']}" in artifacts["rlhf-mlflow"].data, artifacts["rlhf-mlflow"].data
+
+
+def test_make_ui_serves_the_local_store_at_the_printed_link(first_run, tmp_path):
+    """`make ui` (README) over this run's store: the experiment it names in its link is the run's."""
+    from tests.servers import Processes, free_port
+
+    root, _, result = first_run
+    port, procs = free_port(), Processes(tmp_path / "logs")
+    env = {**os.environ, "RLHF_HOME": str(root)}
+    procs.start("ui", ["make", "-s", "ui", f"UI_PORT={port}"], env, cwd=Path(__file__).resolve().parents[1])
+    try:
+        procs.wait_healthy("ui", f"http://127.0.0.1:{port}/health", timeout=120)
+        experiment = httpx.get(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": "rlhf"}).json()
+        assert experiment["experiment"]["experiment_id"] == result["experiment_id"] == "1"
+        assert f"127.0.0.1:{port}/#/experiments/1?workflowType=machine_learning" in procs.tail("ui")
+    finally:
+        procs.stop_all()
 
 
 def test_second_run_is_fully_cached_with_the_same_lineage(first_run):
@@ -176,15 +194,50 @@ def test_ppo_pipeline_logs_every_step_and_the_kl_curve(first_run):
     assert uploaded and {"policy", "value", "trainer_state.pt"} <= {Path(f.path).name for f in client.list_artifacts(run.info.run_id, uploaded[-1])}
 
 
+def run_on_a_terminal(cmd: list[str], env: dict, cwd: Path, timeout: float = 600) -> tuple[int, str]:
+    """Run ``cmd`` with stdout and stderr on a pseudo-terminal, as `make run` in a shell; returns (exit status, output)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 rows x 120 columns
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=follower, stderr=follower, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([leader], [], [], 1.0)[0]:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # the terminal closed: the process ended
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    os.close(leader)
+    return proc.wait(timeout=60), b"".join(chunks).decode(errors="replace")
+
+
 def test_cli_first_run_on_fresh_homes_then_cached_in_a_new_process(tmp_path):
-    """As a new user: fresh PREFECT_HOME and MLflow store, offline; the second process finds everything Cached."""
+    """As a new user: fresh PREFECT_HOME and MLflow store, offline, on a terminal (a bar per training stage);
+    the second process, with its output redirected, finds everything Cached."""
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/store.db", "HF_HUB_OFFLINE": "1"}
     env.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, "-m", "flows.pipeline", "experiment=micro", f"paths.root={tmp_path / 'root'}"]
     cwd = Path(__file__).resolve().parents[1]
-    for _ in range(2):
-        out = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rc, shown = run_on_a_terminal(cmd, env, cwd)
+    assert rc == 0, shown[-3000:]
+    for stage, steps in (("sft", 6), ("rm", 12), ("dpo", 3)):  # micro: 96 rows / 16 per batch (x2 epochs for sft and rm)
+        assert re.search(rf"{stage}: 100%\|[^|]*\| {steps}/{steps} \[", shown), shown[-3000:]  # tqdm's bar, drawn to the end
+    assert "sft step 1/" not in shown  # a bar, not log lines, on a terminal
+    out = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "all stages cached" in out.stdout + out.stderr
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("rlhf").experiment_id], "tags.pipeline = 'rlhf'", order_by=["start_time ASC"])
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
