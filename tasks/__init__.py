@@ -13,6 +13,7 @@ for _name, _value in {
     "GIT_PYTHON_REFRESH": "quiet",
     # Training progress and stage logs (loggers under `rlhf`) go to the flow run's logs in Prefect too.
     "PREFECT_LOGGING_EXTRA_LOGGERS": "rlhf",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # the same loggers outside a flow run (a stage run alone)
 }.items():
     os.environ.setdefault(_name, _value)
 
