@@ -237,7 +237,8 @@ def trl(stage: str, cfg, rec: dict, work: Path) -> Meter:
 
     import trl as T
     from rlhf import runtime
-    from rlhf.data import answer_text, load_split
+    from rlhf.chat import render_answer
+    from rlhf.data import load_split
     from rlhf.stages.sft import EVAL_SHARE
 
     device = runtime.setup(cfg.runtime, 0)
@@ -247,7 +248,7 @@ def trl(stage: str, cfg, rec: dict, work: Path) -> Meter:
         start = str(Path(rec["sft"]["out_dir"]) / "base")
         rows = load_split(data_dir, "sft")
         rows = rows[max(1, int(EVAL_SHARE * len(rows))):]  # the rows our SFT trains on
-        ds = Dataset.from_list([{"prompt": r["prompt"], "completion": answer_text(r["response"])} for r in rows])
+        ds = Dataset.from_list([{"prompt": r["prompt"], "completion": render_answer(None, r["prompt"], r["response"])} for r in rows])
         args = T.SFTConfig(**trl_args(cfg.sft, work, device, max_length=max_length, completion_only_loss=True, packing=False))
         tok = AutoTokenizer.from_pretrained(start)
         trainer = T.SFTTrainer(model=AutoModelForCausalLM.from_pretrained(start), args=args, train_dataset=ds, processing_class=tok)
@@ -255,7 +256,7 @@ def trl(stage: str, cfg, rec: dict, work: Path) -> Meter:
         start = rec["sft"]["model_path"]
         tok = AutoTokenizer.from_pretrained(start)
         rows = load_split(data_dir, "pref")
-        ds = Dataset.from_list([{"prompt": r["prompt"], "chosen": answer_text(r["chosen"]), "rejected": answer_text(r["rejected"])} for r in rows])
+        ds = Dataset.from_list([{"prompt": r["prompt"], "chosen": render_answer(None, r["prompt"], r["chosen"]), "rejected": render_answer(None, r["prompt"], r["rejected"])} for r in rows])
         if stage == "reward":
             model = AutoModelForSequenceClassification.from_pretrained(start, num_labels=1)
             model.config.pad_token_id = tok.pad_token_id
@@ -288,13 +289,14 @@ def rows_that_fit(data_dir: str, tokenizer_dir: str, max_length: int, out_dir: P
     """
     from transformers import AutoTokenizer
 
-    from rlhf.data import answer_text, load_split, save_splits
+    from rlhf.chat import render_answer
+    from rlhf.data import load_split, save_splits
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
 
     def fits(prompt: str, *answers: str) -> bool:
         n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
-        return all(n_prompt + len(tok(answer_text(a), add_special_tokens=False)["input_ids"]) + 1 <= max_length for a in answers)
+        return all(n_prompt + len(tok(render_answer(None, prompt, a), add_special_tokens=False)["input_ids"]) + 1 <= max_length for a in answers)
 
     splits = {"sft": [r for r in load_split(data_dir, "sft") if fits(r["prompt"], r["response"])][:limit],
               "pref": [r for r in load_split(data_dir, "pref") if fits(r["prompt"], r["chosen"], r["rejected"])][:limit]}

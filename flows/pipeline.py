@@ -206,14 +206,11 @@ def main(cfg: DictConfig) -> float:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         container["sweep_id"] = container.get("sweep_id") or sweep_id_for(hydra_cfg.sweep.dir)
         container["sweep_member"] = hydra_cfg.job.num
-    validate(container)
+    objective = validate(container).objective_metric()  # a wrong objective fails here, before any training
     result = rlhf_pipeline(container)
     m = result["metrics"]
     print("\n".join(f"{k:28s} {v:.4f}" for k, v in sorted(m.items())))
-    if container["objective"] not in m:
-        raise ConfigError(f"objective={container['objective']} is not an eval metric of this run ({sorted(m)}). "
-                          f"Fix: pass objective=eval/proxy_reward (data without a gold reward).")
-    return float(m[container["objective"]])
+    return float(m[objective])
 
 
 if __name__ == "__main__":

@@ -39,19 +39,24 @@ def default(cls: type, name: str, value: Any) -> Any:
 # --------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
 @dataclass
 class ModelConfig:
     name: str = setting("tiny", "Short name used in run names and cache keys.")
     # Either a local folder / hub id loaded with from_pretrained, or null to build the tiny model.
     pretrained: Optional[str] = setting(None, "Hub id or local folder of a causal LM; null builds the tiny model from `arch`.")
     tokenizer: Optional[str] = setting(None, "Tokenizer hub id or folder; null = same as `pretrained` (or trained locally for tiny).")
-    arch: str = setting("gpt2", "transformers model_type for the tiny model built from a config.", choices=["gpt2", "llama"])
+    arch: str = setting("gpt2", "Architecture of the model built from a config (pretrained=null): a transformers model_type.",
+                        choices=["gpt2", "llama", "qwen2"])
     n_layer: int = setting(4, "Layers of the tiny model.", ge=1)
     n_embd: int = setting(128, "Hidden size of the tiny model.", ge=8)
     n_head: int = setting(4, "Attention heads of the tiny model.", ge=1)
     max_length: int = setting(64, "Context length (prompt + response) in tokens.", ge=8)
     vocab_size: int = setting(512, "Vocabulary size of the locally trained tokenizer.", ge=64)
-    dropout: float = setting(0.0, "Dropout of the tiny model during SFT / reward training (always 0 in DPO, PPO).", ge=0.0, lt=1.0)
+    dropout: float = setting(0.0, "Every dropout of a model built from a config (attention dropout included), in SFT and reward "
+                                  "training; DPO and the on-policy methods switch every form of it off.", ge=0.0, lt=1.0)
     dtype: str = setting("float32", "Weights dtype for training.", choices=["float32", "bfloat16", "float16"])
     autocast: str = setting("none", "Mixed precision: forwards in bfloat16 under torch.autocast, weights and optimizer in `dtype` "
                                "(float16 would need a loss scaler: not offered).", choices=["none", "bfloat16"])
@@ -60,6 +65,11 @@ class ModelConfig:
     lora_alpha: float = setting(16.0, "LoRA scaling numerator (the update is scaled by alpha / r).", gt=0.0)
     lora_dropout: float = setting(0.0, "Dropout on the LoRA input (off anyway in DPO and PPO).", ge=0.0, lt=1.0)
     lora_target_modules: Optional[list] = setting(None, "Modules to adapt, e.g. [q_proj, v_proj]; null = peft's default for the architecture.")
+    lora_shared_reference: bool = setting(True, "Under LoRA, the frozen reference (and the reward model, when the value model starts from "
+                                                "it) is the trained model with its adapters off: one copy of the base weights. false: "
+                                                "separate frozen copies (more memory, the same numbers).")
+    default_chat_template: str = setting(CHATML, "Jinja chat template for conversational data when the tokenizer has none (ChatML; "
+                                                 "its <|im_start|>/<|im_end|> markers are added as special tokens).")
 
     def check(self, key: str) -> None:
         if self.pretrained is None and self.n_embd % self.n_head:
@@ -72,6 +82,9 @@ class ModelConfig:
 # --------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------
+FILE_BUILDERS = ("json", "csv", "parquet", "text")  # `datasets` builders that read data.data_files
+
+
 @dataclass
 class DataConfig:
     source: str = setting("synthetic", "synthetic (known gold reward) or hub (a `datasets` id or local files).", choices=["synthetic", "hub"])
@@ -91,16 +104,28 @@ class DataConfig:
     data_files: Optional[Any] = setting(None, "Local files for builders like json (str, list or split->files).")
     train_split: str = setting("train", "Split for training.")
     test_split: str = setting("test", "Split for held-out evaluation.")
-    format: str = setting("hh", "Row format: hh (chosen/rejected dialogues sharing a prompt) or columns.", choices=["hh", "columns"])
-    columns: dict = setting({"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}, "Column mapping for format=columns.")
+    format: str = setting("hh", "Row format: hh (chosen/rejected dialogues sharing a prompt), columns (prompt/chosen/rejected text), "
+                                "or conversational (chosen/rejected message lists, the prompt explicit or the messages they share).",
+                          choices=["hh", "columns", "conversational"])
+    columns: dict = setting({"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"},
+                            "Column mapping for format=columns|conversational (conversational: a prompt column is optional).")
+    revision: Optional[str] = setting(None, "Hub dataset revision (a commit, tag or branch) to pin; null: the newest, resolved at "
+                                            "start-up and part of the data stage's key.")
     max_rows: Optional[int] = setting(None, "Keep at most this many training rows (null: all).", ge=1)
     max_prompt_chars: Optional[int] = setting(None, "Drop rows whose prompt is longer (characters; null: keep all). Prompts past the model's context fail loudly otherwise.", ge=1)
 
     def check(self, key: str) -> None:
         if self.source == "hub" and not self.path:
             raise ConfigError(f"{key}.path is required when {key}.source=hub. Fix: e.g. {key}.path=Anthropic/hh-rlhf.")
-        if self.format == "columns":
-            missing = {"prompt", "chosen", "rejected"} - set(self.columns)
+        if self.source == "hub" and self.path in FILE_BUILDERS and not self.data_files:
+            raise ConfigError(f"{key}.path={self.path} reads local files, and {key}.data_files is not set. "
+                              f"Fix: pass {key}.data_files=<file> (or a list, or {{train: ..., test: ...}}).")
+        if self.format != "hh" and self.source == "synthetic":
+            raise ConfigError(f"{key}.format={self.format} applies to hub / local datasets, not the synthetic task. "
+                              f"Fix: pass {key}=hh_rlhf_local (or {key}.source=hub with {key}.path) or drop {key}.format.")
+        if self.format in ("columns", "conversational"):
+            required = {"prompt", "chosen", "rejected"} if self.format == "columns" else {"chosen", "rejected"}
+            missing = required - set(self.columns)
             if missing:
                 raise ConfigError(f"{key}.columns lacks {sorted(missing)}. Fix: map each of prompt, chosen, rejected to a column.")
 
@@ -180,6 +205,8 @@ class OnPolicyConfig(OptimConfig):
     minibatch_size: int = setting(16, "Rollouts per optimizer step; must divide rollout_batch_size.", ge=1)
     ppo_epochs: int = setting(4, "Passes over each rollout batch.", ge=1)
     score_norm: bool = setting(True, "Shift scores so SFT answers score mean 0 (measured before training).")
+    forward_batch_size: int = setting(64, "Rollouts per forward in the experience pass (old / reference log-probs, values, scores): "
+                                          "bounds its activation memory.", ge=1)
     missing_eos_penalty: float = setting(1.0, "Subtracted from the score of answers that never end.", ge=0.0)
     lr: float = default(OptimConfig, "lr", 1e-4)
     warmup_ratio: float = default(OptimConfig, "warmup_ratio", 0.0)
@@ -190,6 +217,13 @@ class OnPolicyConfig(OptimConfig):
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(batch_size=64))
 
     def check(self, key: str) -> None:
+        if self.sampling.top_k or self.sampling.top_p < 1.0:
+            raise ConfigError(
+                f"{key}.sampling.top_k={self.sampling.top_k} / top_p={self.sampling.top_p}: the rollouts would come from the truncated "
+                f"distribution while the ratios, the KL penalty and the advantages use the policy's full (temperature-scaled) "
+                f"softmax, so the update would refer to a policy that did not sample the data. Fix: pass "
+                f"{key}.sampling.top_k=0 {key}.sampling.top_p=1.0 (lower {key}.sampling.temperature for more focused samples)."
+            )
         if self.rollout_batch_size % self.minibatch_size:
             raise ConfigError(
                 f"{key}.rollout_batch_size={self.rollout_batch_size} is not divisible by "
@@ -208,6 +242,15 @@ class EvalConfig:
     n_samples_table: int = setting(32, "Rows in the logged sample table.", ge=0)
     seed: int = setting(1234, "Sampling seed (the same for the policy and the SFT baseline).", ge=0)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def check(self, key: str) -> None:
+        if self.sampling.top_k or self.sampling.top_p < 1.0:
+            raise ConfigError(
+                f"{key}.sampling.top_k={self.sampling.top_k} / top_p={self.sampling.top_p}: eval/kl is the mean of log pi - log pi_SFT "
+                f"over the policy's answers, at the sampling temperature; answers drawn from a truncated distribution are not the "
+                f"policy's, and the estimate would be biased. Fix: pass {key}.sampling.top_k=0 {key}.sampling.top_p=1.0 "
+                f"(the temperature is used on both sides)."
+            )
 
 
 @dataclass
@@ -281,6 +324,10 @@ class DispatchConfig:
                               f"Fix: pass {key}.deployment=rlhf-stage/gpu (see `prefect deployment ls`).")
 
 
+# Metrics an objective may name, and whether they need a gold reward (the synthetic task).
+OBJECTIVES = {"eval/gold_reward": True, "eval/win_rate_gold": True, "eval/proxy_reward": False, "eval/win_rate_proxy": False}
+
+
 @dataclass
 class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -296,8 +343,19 @@ class PipelineConfig:
     refresh: list = setting([], "Stages to re-run even when cached, e.g. [dpo] (and every stage after them).")
     sweep_id: Optional[str] = setting(None, "Set by multirun: groups the parent runs of one sweep under one sweep run.")
     sweep_member: Optional[int] = setting(None, "Set by multirun: this run's number in its sweep (run names).")
-    objective: str = setting("eval/gold_reward", "Metric the app returns to Hydra sweepers (maximised by hparams_search).")
+    objective: Optional[str] = setting(None, "Eval metric the app returns to Hydra sweepers (maximised by hparams_search); null: "
+                                             "eval/gold_reward where the data has a gold reward (the synthetic task), else eval/proxy_reward.",
+                                       choices=[None, *OBJECTIVES])
     tags: dict = setting({}, "Extra tags for the parent MLflow run.")
+
+    def objective_metric(self) -> str:
+        """The metric sweeps maximise: ``objective``, or the data's natural one."""
+        return self.objective or ("eval/gold_reward" if self.data.source == "synthetic" else "eval/proxy_reward")
+
+    def check(self, key: str) -> None:
+        if self.objective and OBJECTIVES[self.objective] and self.data.source != "synthetic":
+            raise ConfigError(f"objective={self.objective} needs a gold reward, which only the synthetic task has (data.source="
+                              f"{self.data.source}). Fix: pass objective=eval/proxy_reward (or leave objective unset).")
 
 
 def stages() -> tuple[str, ...]:

@@ -11,16 +11,19 @@ Every split is a list of dict rows with a fixed schema:
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
 import random
+from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import synthetic
-from .config import DataConfig
+from .config import FILE_BUILDERS, DataConfig
 
 SPLITS = ("sft", "pref", "eval_prompts", "eval_pref", "ppo_prompts")
 HH_SEPARATOR = "\n\nAssistant:"
@@ -46,12 +49,56 @@ def dataset_label(cfg: DataConfig) -> str:
     if cfg.source == "synthetic":
         return "synthetic"
     files = data_files_list(cfg.data_files)
-    return Path(files[0]).name.split(".")[0] if files else str(cfg.path).rstrip("/").rsplit("/", 1)[-1]
+    return Path(files[0]).name.split(".")[0] if files and cfg.path in FILE_BUILDERS else str(cfg.path).rstrip("/").rsplit("/", 1)[-1]
 
 
 # --------------------------------------------------------------------------------------------------
 # Building the splits
 # --------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=256)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _resolved_revision(path: str, revision: str | None) -> str:
+    """The commit a hub dataset's revision points at now; offline, the configured revision as given."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return revision or "unresolved: offline (pin data.revision)"
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(path, revision=revision).sha
+    except Exception as e:  # no network, no such dataset: the data stage's own load will say which
+        return revision or f"unresolved: {type(e).__name__}"
+
+
+def source_fingerprint(cfg: DataConfig) -> dict | None:
+    """What the data stage reads, by content: the sha256 of every local file (``data.data_files``, globs
+    expanded, or the files of a local dataset folder), else the hub dataset's resolved revision. Part of
+    the data stage's cache key, so changed rows re-run data and everything after it; None for the
+    synthetic task, whose config is its content."""
+    if cfg.source == "synthetic":
+        return None
+    files = _local_files(data_files_list(cfg.data_files) or [cfg.path])
+    if files:
+        return {"files": {Path(f).name: _file_sha256(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files}}
+    return {"dataset": cfg.path, "revision": _resolved_revision(cfg.path, cfg.revision)}
+
+
+def _local_files(patterns: list[str]) -> list[str]:
+    """The files that local paths, globs or folders name (remote URLs and hub ids name none)."""
+    found = set()
+    for pattern in patterns:
+        for match in ([] if "://" in pattern else glob.glob(pattern)):
+            path = Path(match)
+            found.update(str(f) for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
+    return sorted(found)
+
+
 def build_splits(cfg: DataConfig) -> dict[str, list[dict]]:
     if cfg.source == "synthetic":
         return synthetic.make_splits(
@@ -73,7 +120,7 @@ def _load_split(cfg: DataConfig, split: str):
     import datasets
 
     try:
-        return datasets.load_dataset(cfg.path, data_files=cfg.data_files, split=split)
+        return datasets.load_dataset(cfg.path, data_files=cfg.data_files, split=split, revision=cfg.revision)
     except Exception as e:  # datasets raises many types (missing files, empty files, offline hub); all mean the same here
         raise DatasetError(
             f"data.path={cfg.path!r} split {split!r} could not be loaded ({type(e).__name__}: {e}). Fix: check data.path / data.data_files "
@@ -81,9 +128,56 @@ def _load_split(cfg: DataConfig, split: str):
         ) from e
 
 
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _messages(value, role: str, where: str) -> list[dict]:
+    """A conversation (list of {role, content}); a plain string becomes one message of ``role``."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if not isinstance(value, list) or not value:
+        raise DatasetError(f"{where} is {type(value).__name__} {value!r:.60}, not a list of messages. "
+                           f"Fix: give it as [{{role, content}}, ...] (data.format=conversational) or use data.format=columns for text.")
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DatasetError(f"{where}: message {j} is {m!r:.80}, which lacks a role in {list(ROLES)} or a string content. "
+                               f"Fix: every message needs role and content.")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def conversation_pair(prompt, chosen, rejected, where: str) -> dict | None:
+    """A preference row of message lists: the prompt (explicit, or the messages chosen and rejected
+    share) and the two completions (what follows it, starting with the assistant's turn). None for a
+    pair whose completions are the same."""
+    chosen, rejected = _messages(chosen, "assistant", f"{where} chosen"), _messages(rejected, "assistant", f"{where} rejected")
+    if prompt is None:  # implicit prompt: the messages both sides share
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        if not prompt:
+            raise DatasetError(f"{where}: chosen and rejected do not share their prompt (their first messages differ). "
+                               f"Fix: both must repeat the same conversation before the assistant's answer, or give a prompt column.")
+    else:
+        prompt = _messages(prompt, "user", f"{where} prompt")
+        chosen = chosen[len(prompt):] if chosen[: len(prompt)] == prompt else chosen  # full conversations beside a prompt column
+        rejected = rejected[len(prompt):] if rejected[: len(prompt)] == prompt else rejected
+    for name, completion in (("chosen", chosen), ("rejected", rejected)):
+        if not completion or completion[0]["role"] != "assistant" or not completion[0]["content"].strip():
+            raise DatasetError(f"{where}: the {name} answer {completion!r:.80} is not a non-empty assistant turn after the prompt. "
+                               f"Fix: every pair needs an assistant message with content after the shared prompt.")
+    return None if chosen == rejected else {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _prompt_chars(prompt) -> int:
+    return sum(len(m["content"]) for m in prompt) if isinstance(prompt, list) else len(prompt)
+
+
 def _rows(cfg: DataConfig, split: str) -> list[dict]:
     ds = _load_split(cfg, split)
     needed = {"chosen": "chosen", "rejected": "rejected"} if cfg.format == "hh" else dict(cfg.columns)
+    if cfg.format == "conversational" and needed.get("prompt") not in ds.column_names:
+        needed.pop("prompt", None)  # an implicit prompt: the messages chosen and rejected share
     missing = {role: col for role, col in needed.items() if col not in ds.column_names}
     if missing:
         raise DatasetError(
@@ -93,14 +187,19 @@ def _rows(cfg: DataConfig, split: str) -> list[dict]:
         )
     if len(ds) == 0:
         raise DatasetError(f"dataset {cfg.path!r} split {split!r} is empty. Fix: point data.path / data.data_files at non-empty data.")
-    if cfg.format == "hh":
-        rows = [split_hh(c, r) for c, r in zip(ds["chosen"], ds["rejected"])]
+    if cfg.format == "conversational":
+        prompts = ds[needed["prompt"]] if "prompt" in needed else [None] * len(ds)
+        pairs = zip(prompts, ds[needed["chosen"]], ds[needed["rejected"]])
+        rows = [r for i, (p, ch, rj) in enumerate(pairs) if (r := conversation_pair(p, ch, rj, f"{cfg.path} split {split!r} row {i}"))]
     else:
-        c = cfg.columns
-        rows = [{"prompt": p, "chosen": ch, "rejected": rj} for p, ch, rj in zip(ds[c["prompt"]], ds[c["chosen"]], ds[c["rejected"]])]
-    rows = [r for r in rows if r["prompt"] and r["chosen"].strip() and r["rejected"].strip() and r["chosen"] != r["rejected"]]
+        if cfg.format == "hh":
+            rows = [split_hh(c, r) for c, r in zip(ds["chosen"], ds["rejected"])]
+        else:
+            c = cfg.columns
+            rows = [{"prompt": p, "chosen": ch, "rejected": rj} for p, ch, rj in zip(ds[c["prompt"]], ds[c["chosen"]], ds[c["rejected"]])]
+        rows = [r for r in rows if r["prompt"] and r["chosen"].strip() and r["rejected"].strip() and r["chosen"] != r["rejected"]]
     if cfg.max_prompt_chars:
-        rows = [r for r in rows if len(r["prompt"]) <= cfg.max_prompt_chars]
+        rows = [r for r in rows if _prompt_chars(r["prompt"]) <= cfg.max_prompt_chars]
     if not rows:
         raise DatasetError(f"dataset {cfg.path!r} split {split!r} has no usable rows left (data.max_prompt_chars={cfg.max_prompt_chars}). "
                            f"Fix: raise data.max_prompt_chars or check the data.")
@@ -138,16 +237,30 @@ def save_splits(splits: dict[str, list[dict]], out_dir: Path) -> dict[str, int]:
     return {name: len(rows) for name, rows in splits.items()}
 
 
-def fingerprint_splits(splits_dir: Path, label: str) -> dict[str, dict]:
-    """Per split file ``<name>.jsonl``: dataset name, content digest, source, columns and row count."""
+def fingerprint_splits(splits_dir: Path, label: str, origin: dict | None = None) -> dict[str, dict]:
+    """Per split file ``<name>.jsonl``: dataset name, content digest, source (the split file, and the
+    ``origin`` it was made from: :func:`source_fingerprint`), columns and row count."""
     out = {}
     for path in sorted(Path(splits_dir).glob("*.jsonl")):
         data = path.read_bytes()
         lines = data.splitlines()
         columns = list(json.loads(lines[0])) if lines else []
         out[path.stem] = {"name": f"{label}.{path.stem}", "digest": hashlib.sha256(data).hexdigest()[:16],
-                          "source": path.resolve().as_uri(), "columns": columns, "n_rows": len(lines)}
+                          "source": path.resolve().as_uri(), "origin": origin, "columns": columns, "n_rows": len(lines)}
     return out
+
+
+def load_rows(data_dir: str | Path, name: str, tokenizer) -> list[dict]:
+    """A split's rows as the model reads them: conversations rendered with ``tokenizer``'s chat template,
+    plain answers after one space (:mod:`rlhf.chat`)."""
+    from .chat import render_row
+
+    return [render_row(tokenizer, r) for r in load_split(data_dir, name)]
+
+
+def is_conversational(data_dir: str | Path) -> bool:
+    """Do the splits hold message lists (data.format=conversational) rather than text?"""
+    return isinstance(load_split(data_dir, "eval_prompts")[0]["prompt"], list)
 
 
 def load_split(data_dir: str | Path, name: str) -> list[dict]:
@@ -177,6 +290,11 @@ class Encoded:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def first_target(self) -> int:
+        """The first target position any row scores (the earliest answer token): log-probs start there."""
+        return int((self.loss_mask.cumsum(1) == 0).sum(1).min())
+
     def batch(self, idx: torch.Tensor) -> "Encoded":
         """Rows ``idx``, trimmed to their longest sequence (no compute spent on all-pad columns)."""
         width = int(self.last_index[idx].max()) + 1
@@ -202,10 +320,6 @@ class Encoded:
         return Encoded(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.loss_mask, self.last_index)))
 
 
-def answer_text(response: str) -> str:
-    return response if response[:1].isspace() else " " + response
-
-
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int) -> list[list[int]]:
     """Token ids of each prompt; a prompt past ``max_prompt_len`` raises (it would not fit the context)."""
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
@@ -221,9 +335,10 @@ def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int) -> list[l
 
 
 def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> Encoded:
-    """Tokenise prompt + answer + EOS; answers are cut to fit ``max_length`` (the EOS always kept)."""
+    """Tokenise prompt + answer + EOS (texts as :func:`load_rows` renders them); answers are cut to fit
+    ``max_length`` (the EOS always kept)."""
     prompt_ids = encode_prompts(tokenizer, prompts, max_length - 2)
-    answer_ids = tokenizer([answer_text(r) for r in responses], add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
     n = len(prompts)
     seqs, starts = [], []
     for p, a in zip(prompt_ids, answer_ids):

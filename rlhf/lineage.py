@@ -19,7 +19,8 @@ TRAINING, EVALUATION = "training", "evaluation"
 
 def _entity(fp: dict) -> Dataset:
     schema = {"mlflow_colspec": [{"type": "string", "name": c, "required": True} for c in fp["columns"]]}
-    return Dataset(name=fp["name"], digest=fp["digest"], source_type="local", source=json.dumps({"uri": fp["source"]}),
+    source = {"uri": fp["source"], **({"origin": fp["origin"]} if fp.get("origin") else {})}
+    return Dataset(name=fp["name"], digest=fp["digest"], source_type="local", source=json.dumps(source),
                    schema=json.dumps(schema), profile=json.dumps({"num_rows": fp["n_rows"]}))
 
 

@@ -34,44 +34,49 @@ class ModelPathError(FileNotFoundError):
     """A model path or hub id cannot be loaded; the message names the config key and the fix."""
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on ``corpus`` with PAD distinct from EOS."""
+CHAT_MARKERS = ("<|im_start|>", "<|im_end|>")  # the default (ChatML) template's, special tokens of a chat tokenizer
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int, chat_template: str | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``corpus`` with PAD distinct from EOS; with ``chat_template``
+    it also has the ChatML markers as special tokens and the template (for conversational data)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    specials = [PAD_TOKEN, EOS_TOKEN] + (list(CHAT_MARKERS) if chat_template else [])
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[PAD_TOKEN, EOS_TOKEN],
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN,
+                                        additional_special_tokens=specials[2:] or None)
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
 
 
-def build_tiny(cfg: ModelConfig, corpus: Iterable[str], out_dir: Path) -> Path:
-    """Train the tokenizer, build the tiny causal LM from its config, and save both to ``out_dir``."""
-    tokenizer = train_tokenizer(corpus, cfg.vocab_size)
-    common = dict(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-    )
+def model_config(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: int):
+    """A transformers config of ``cfg.arch`` at the tiny sizes, every dropout at ``cfg.dropout``."""
+    common = dict(vocab_size=vocab_size, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id)
     if cfg.arch == "gpt2":
-        config = AutoConfig.for_model(
-            "gpt2", n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, n_positions=cfg.max_length,
-            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, **common,
-        )
-    else:
-        config = AutoConfig.for_model(
-            "llama", num_hidden_layers=cfg.n_layer, hidden_size=cfg.n_embd, num_attention_heads=cfg.n_head,
-            num_key_value_heads=cfg.n_head, intermediate_size=4 * cfg.n_embd, max_position_embeddings=cfg.max_length,
-            attention_dropout=cfg.dropout, tie_word_embeddings=True, **common,
-        )
-    model = AutoModelForCausalLM.from_config(config)
+        return AutoConfig.for_model("gpt2", n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, n_positions=cfg.max_length,
+                                    resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, **common)
+    # llama, qwen2: attention dropout is their only dropout
+    return AutoConfig.for_model(cfg.arch, num_hidden_layers=cfg.n_layer, hidden_size=cfg.n_embd, num_attention_heads=cfg.n_head,
+                                num_key_value_heads=cfg.n_head, intermediate_size=4 * cfg.n_embd, max_position_embeddings=cfg.max_length,
+                                attention_dropout=cfg.dropout, tie_word_embeddings=True, **common)
+
+
+def build_tiny(cfg: ModelConfig, corpus: Iterable[str], out_dir: Path, chat: bool = False) -> Path:
+    """Train the tokenizer (with a chat template for conversational data), build the tiny causal LM of
+    ``cfg.arch`` from its config, and save both to ``out_dir``."""
+    tokenizer = train_tokenizer(corpus, cfg.vocab_size, cfg.default_chat_template if chat else None)
+    model = AutoModelForCausalLM.from_config(model_config(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id))
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -190,11 +195,39 @@ def _align_vocab(model, tokenizer) -> None:
     model.config.eos_token_id = tokenizer.eos_token_id
 
 
+class FrozenModel:
+    """A model scored with and never trained: its own weights, or (``adapters_of``) a LoRA-trained model
+    with its adapters switched off, so the base weights are held once (a LoRA policy's reference, a LoRA
+    value model's reward model). ``with frozen.use() as model:`` gives the model to call."""
+
+    def __init__(self, model: torch.nn.Module | None = None, adapters_of: torch.nn.Module | None = None) -> None:
+        if (model is None) == (adapters_of is None):
+            raise ValueError("FrozenModel takes a model or adapters_of, one of them")
+        self.model = adapters_of if adapters_of is not None else model.eval().requires_grad_(False)
+        self.shared = adapters_of is not None
+
+    @contextlib.contextmanager
+    def use(self):
+        if not self.shared:
+            yield self.model
+            return
+        with self.model.disable_adapter():
+            yield self.model
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off: DPO and PPO compare log-probs of two forwards, which dropout would make noisy."""
+    """Every form of dropout off: DPO and the on-policy methods compare log-probs of two forwards, which
+    dropout would make noisy. Besides ``nn.Dropout`` modules, Llama / Qwen2 attention applies the float
+    ``attention_dropout`` in train mode, and configs carry dropout rates that new modules would read."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+        config = getattr(m, "config", None)
+        for name in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout"):
+            if isinstance(getattr(config, name, None), float):
+                setattr(config, name, 0.0)
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -202,38 +235,65 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log p(x_t | x_<t) for t = 1..T-1, shape (B, T-1); position t-1 of the output scores token t.
+def fp32_projection(hidden: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+    """``layer`` (the LM head or a scalar head) applied in fp32, outside autocast: bf16 logits carry
+    0.1-0.25 nats of rounding per token, which shows up as spurious clipping and a noisy KL."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        bias = layer.bias.float() if getattr(layer, "bias", None) is not None else None
+        return F.linear(hidden.float(), layer.weight.float(), bias)
 
-    Works for left and right padding (positions come from the mask). The gather is done with
-    ``logsumexp`` so the full (B, T, V) log-softmax is never materialised twice.
+
+class Logprobs(torch.nn.Module):
+    """log p(x_t | x_<t) of a causal LM, the LM head applied only where it is asked for.
+
+    ``forward(input_ids, attention_mask, first=0, temperature=1.0) -> (B, T-1)``: position t-1 of the
+    output scores token t (left or right padding: positions come from the mask). The backbone runs on the
+    whole sequence; the vocabulary projection (the largest activation, B x T x V) runs in fp32 only on
+    targets ``first`` onwards (the answers), and the earlier positions are 0. A module, so that a
+    data-parallel wrapper (DDP) owns the forward whose gradients it averages.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)).logits
-    logits = logits[:, :-1].float() / temperature  # (B, T-1, V)
-    targets = input_ids[:, 1:].unsqueeze(-1)  # (B, T-1, 1)
-    return logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)  # (B, T-1)
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int = 0, temperature: float = 1.0,
+                entropy: bool = False):
+        lm = unwrapped(self.model)
+        hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)).last_hidden_state
+        logits = fp32_projection(hidden[:, first:-1], lm.get_output_embeddings()) / temperature  # (B, T-1-first, V)
+        pad = lm.config.pad_token_id
+        if pad is not None:  # PAD is never sampled (rollout.generate): the policy is the softmax without it. A finite
+            # floor, not -inf: padded targets (masked out downstream) and the entropy's p * logit stay finite
+            logits = logits.index_fill(-1, torch.tensor([pad], device=logits.device), torch.finfo(logits.dtype).min)
+        lse = logits.logsumexp(-1)  # (B, T-1-first)
+        logp = logits.gather(-1, input_ids[:, first + 1:].unsqueeze(-1)).squeeze(-1) - lse
+        logp = F.pad(logp, (first, 0))  # (B, T-1), zeros where nothing was asked
+        if not entropy:
+            return logp
+        with torch.no_grad():  # a metric: H = logsumexp(l) - sum_v softmax(l)_v l_v, without a graph
+            ent = F.pad(lse.detach() - (logits.detach().softmax(-1) * logits.detach()).sum(-1), (first, 0))
+        return logp, ent
 
 
-def token_logprobs_and_entropy(model, input_ids, attention_mask, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """As :func:`token_logprobs`, plus the entropy of each next-token distribution, both (B, T-1).
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0, first: int = 0) -> torch.Tensor:
+    """:class:`Logprobs` of ``model`` (a causal LM, or a module that already is a :class:`Logprobs`): (B, T-1)."""
+    scorer = model if isinstance(getattr(model, "module", model), Logprobs) else Logprobs(model)
+    return scorer(input_ids, attention_mask, first, temperature)
 
-    The entropy H = logsumexp(l) - sum_v softmax(l)_v * l_v is a metric: computed without a graph, so
-    the backward pass costs what :func:`token_logprobs`'s does.
-    """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)).logits
-    logits = logits[:, :-1].float() / temperature  # (B, T-1, V)
-    lse = logits.logsumexp(-1)  # (B, T-1)
-    logp = logits.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1) - lse
-    with torch.no_grad():
-        entropy = lse.detach() - (logits.detach().softmax(-1) * logits.detach()).sum(-1)
-    return logp, entropy
+
+def token_logprobs_and_entropy(model, input_ids, attention_mask, temperature: float = 1.0, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`token_logprobs`, plus the entropy of each next-token distribution, both (B, T-1); the
+    entropy costs no backward."""
+    scorer = model if isinstance(getattr(model, "module", model), Logprobs) else Logprobs(model)
+    return scorer(input_ids, attention_mask, first, temperature, entropy=True)
 
 
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The scalar head on every position: (B, T). Used as the critic and, at one index, as the reward."""
     model = unwrapped(model)
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)).last_hidden_state
-    return model.score(hidden).squeeze(-1).float()  # (B, T)
+    return fp32_projection(hidden, model.score).squeeze(-1)  # (B, T)
 
 
 class TokenValues(torch.nn.Module):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import SamplingConfig
-from .modeling import positions
+from .modeling import fp32_projection, positions, unwrapped
 
 
 @dataclass
@@ -42,6 +42,11 @@ class Samples:
     def last_index(self) -> torch.Tensor:  # (B,) column of the last answer token (EOS if ended)
         return self.prompt_ids.shape[1] + self.response_mask.sum(1).long().clamp(min=1) - 1
 
+    @property
+    def first_target(self) -> int:
+        """Target position of the first answer token in ``token_logprobs`` output (answers start at column P)."""
+        return self.prompt_ids.shape[1] - 1
+
     def response_slice(self, per_token: torch.Tensor) -> torch.Tensor:
         """Cut the answer columns out of a (B, P + R - 1) per-target tensor from ``token_logprobs``."""
         start = self.prompt_ids.shape[1] - 1
@@ -68,20 +73,27 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def _next_logits(model, input_ids, attention_mask, position_ids, past=None):
+    """The next token's logits (B, V), the LM head in fp32 on the last position only (as the update's
+    log-probs are: the sampler and the ratio see the same numbers), and the KV cache."""
+    lm = unwrapped(model)
+    out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past, use_cache=True)
+    return fp32_projection(out.last_hidden_state[:, -1], lm.get_output_embeddings()), out.past_key_values
+
+
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: SamplingConfig, eos_id: int, pad_id: int, generator: torch.Generator | None = None) -> Samples:
     """Sample answers for a batch of left-padded prompts, reusing the KV cache between steps."""
     batch = prompt_ids.shape[0]
     mask = prompt_mask
     pos = positions(mask)
-    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    past, logits = out.past_key_values, out.logits[:, -1]
+    logits, past = _next_logits(model, prompt_ids, mask, pos)
     next_pos = pos[:, -1:] + 1  # (B, 1)
     done = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
     tokens = []
     for _ in range(cfg.max_new_tokens):
-        logits = logits.float() / cfg.temperature
-        logits[:, pad_id] = float("-inf")  # PAD is never an answer token
+        logits = logits / cfg.temperature
+        logits[:, pad_id] = float("-inf")  # PAD is never an answer token (Logprobs excludes it too)
         probs = filter_logits(logits, cfg.top_k, cfg.top_p).softmax(-1)
         tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
@@ -90,8 +102,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Sa
         if bool(done.all()):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=past, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1]
+        logits, past = _next_logits(model, tok[:, None], mask, next_pos, past)
         next_pos = next_pos + 1
     response = torch.stack(tokens, dim=1)  # (B, R)
     is_eos = response == eos_id

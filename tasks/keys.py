@@ -14,6 +14,7 @@ from functools import lru_cache
 
 from rlhf.algorithms import TRAINING_CODE, registry
 from rlhf.config import PipelineConfig, to_dict
+from rlhf.data import source_fingerprint
 
 # The core modules each non-policy stage executes; their source is part of the stage's key. A policy
 # algorithm declares its own (rlhf.algorithms.Algorithm.code_modules).
@@ -49,7 +50,7 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, dict]:
     precision = {"max_length": m.max_length, "dtype": m.dtype, "autocast": m.autocast, "gradient_checkpointing": m.gradient_checkpointing,
                  "lora": [m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules]}
     return {
-        "data": {"data": to_dict(cfg.data)},
+        "data": {"data": to_dict(cfg.data), "source": source_fingerprint(cfg.data)},  # the files' contents, the hub revision
         "sft": {"model": to_dict(cfg.model), "sft": to_dict(cfg.sft)},
         "reward": {"reward": to_dict(cfg.reward), **precision},
         cfg.algo.algo: {"algo": to_dict(cfg.algo), **precision},

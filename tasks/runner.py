@@ -28,7 +28,7 @@ from rlhf.lineage import log_datasets
 from rlhf.model_logging import log_final_model
 from rlhf.progress import ProgressSettings
 from rlhf.stages.common import CKPT_DIR, FINAL_DIR, StageContext
-from rlhf.system_metrics import StageSystemMetrics
+from rlhf.system_metrics import PeakMemory, StageSystemMetrics
 from rlhf.tracking import RunLogger, process_tags
 
 from .locking import ProcessFileLockManager
@@ -157,26 +157,26 @@ def run_stage(stage: str, key: str, env: dict, fresh: bool, body: Callable[[Stag
         if training and tracking.system_metrics else contextlib.nullcontext()
     try:
         _track_inputs(client, run, lineage)
+        device = runtime.setup(rt, seed)
         started = time.perf_counter()
-        with monitor:
+        with monitor, PeakMemory(device.type) as memory:
             if rt.num_processes > 1 and training:
                 run.set_tags({"num_processes": rt.num_processes})
                 if fresh:
                     shutil.rmtree(out_dir / CKPT_DIR, ignore_errors=True)
                 result = run_data_parallel(body, out_dir, rt, seed, env["tracking_uri"], run.run_id)
             else:
-                ctx = StageContext(out_dir, run, runtime.setup(rt, seed), fresh=fresh,
-                                   progress_settings=ProgressSettings(rt.progress, rt.progress_every_s))
-                result = body(ctx)
+                result = body(StageContext(out_dir, run, device, fresh=fresh, progress_settings=ProgressSettings(rt.progress, rt.progress_every_s)))
         compute_s = time.perf_counter() - started  # the stage's own work; the rest of this function is tracking
-        run.log_metrics({f"{stage}/compute_s": compute_s}, step=0)
+        run.log_metrics({f"{stage}/compute_s": compute_s, f"{stage}/peak_memory_mb": memory.peak_mb}, step=0)
         run.flush()
         result = {**result, **_track_outputs(client, run, stage, key, env, out_dir, lineage, result)}
     except BaseException:
         run.finish("FAILED")
         raise
     run.finish()
-    record = {"stage": stage, "cache_key": key, "run_id": run.run_id, "out_dir": str(out_dir), "compute_s": compute_s, **result}
+    record = {"stage": stage, "cache_key": key, "run_id": run.run_id, "out_dir": str(out_dir), "compute_s": compute_s,
+              "peak_memory_mb": memory.peak_mb, **result}
     write_record(out_dir, record)
     return record
 

@@ -18,7 +18,10 @@ def tok():
 
 
 def test_loss_mask_covers_the_answer_and_eos_only(tok):
-    enc = encode_pairs(tok, ["topic: fruit. answer:", "topic:"], ["apple banana", "cherry"], max_length=32)
+    from rlhf.chat import render_answer
+
+    prompts, answers = ["topic: fruit. answer:", "topic:"], ["apple banana", "cherry"]
+    enc = encode_pairs(tok, prompts, [render_answer(tok, p, a) for p, a in zip(prompts, answers)], max_length=32)  # plain text: one space
     for row in range(2):
         ids = enc.input_ids[row]
         targets = ids[1:][enc.loss_mask[row].bool()]  # the tokens the loss scores

@@ -93,15 +93,16 @@ def test_masked_positions_never_contribute():
 
 
 def test_token_entropy_matches_the_categorical_and_carries_no_gradient():
-    from types import SimpleNamespace
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     from rlhf.modeling import token_logprobs, token_logprobs_and_entropy
 
     torch.manual_seed(0)
-    logits = torch.randn(2, 5, 7, requires_grad=True)
-    model = lambda input_ids, attention_mask, position_ids: SimpleNamespace(logits=logits)  # noqa: E731
-    ids, mask = torch.randint(7, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=7, n_layer=1, n_embd=16, n_head=2, pad_token_id=0, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    ids, mask = torch.randint(1, 7, (2, 5)), torch.ones(2, 5, dtype=torch.long)
     logp, entropy = token_logprobs_and_entropy(model, ids, mask, temperature=0.7)
-    expected = torch.distributions.Categorical(logits=logits[:, :-1].detach() / 0.7).entropy()
+    logits = model(input_ids=ids).logits[:, :-1].detach() / 0.7
+    logits[..., 0] = float("-inf")  # PAD is outside the policy's support, as in the sampler
+    expected = torch.distributions.Categorical(logits=logits).entropy()
     assert torch.allclose(entropy, expected, atol=1e-5) and not entropy.requires_grad
     assert torch.allclose(logp, token_logprobs(model, ids, mask, temperature=0.7), atol=1e-6) and logp.requires_grad

@@ -51,15 +51,17 @@ def test_masks_stop_at_the_first_eos_and_pad_after():
     assert int(s.last_index[0]) == ids.shape[1] + int(s.response_mask[0].sum()) - 1
 
 
-def test_rollout_logprobs_align_with_the_answer_tokens():
+def test_rollout_logprobs_align_with_the_answer_tokens_and_the_sampler():
     model = tiny_lm()
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
     s = generate(model, ids, mask, SamplingConfig(max_new_tokens=4), eos_id=1, pad_id=0, generator=torch.Generator().manual_seed(0))
-    lp = s.response_slice(token_logprobs(model, s.input_ids, s.attention_mask))  # (B, R)
-    # recompute the first answer token's log-prob from the prompt alone
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[:, -1].log_softmax(-1)
-    expected = out.gather(1, s.response_ids[:, :1]).squeeze(1)
-    assert torch.allclose(lp[:, 0], expected, atol=1e-5)
+    full = s.response_slice(token_logprobs(model, s.input_ids, s.attention_mask))  # (B, R)
+    answers_only = s.response_slice(token_logprobs(model, s.input_ids, s.attention_mask, first=s.first_target))
+    assert torch.equal(full, answers_only)  # the LM head on the answers alone gives the same numbers
+    # recompute the first answer token's log-prob from the prompt alone, under the sampler's distribution (no PAD)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[:, -1]
+    expected = logits.index_fill(-1, torch.tensor([0]), float("-inf")).log_softmax(-1).gather(1, s.response_ids[:, :1]).squeeze(1)
+    assert torch.allclose(full[:, 0], expected, atol=1e-5)
 
 
 def test_top_k_and_top_p_filtering():

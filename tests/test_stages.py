@@ -77,17 +77,35 @@ def test_dpo_first_loss_is_ln2_and_the_policy_moves(upstream):
 def test_mixed_precision_and_gradient_checkpointing_train_in_bf16_with_fp32_weights(upstream, monkeypatch):
     from dataclasses import replace
 
-    seen = []
-    forward = torch.nn.Linear.forward
-    monkeypatch.setattr(torch.nn.Linear, "forward", 
-                        lambda self, x: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))) or forward(self, x))
+    from transformers.pytorch_utils import Conv1D
+
+    from rlhf import modeling
+
+    seen, heads = [], []
+    forward, projection = Conv1D.forward, modeling.fp32_projection
+    monkeypatch.setattr(Conv1D, "forward", lambda self, x: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))) or forward(self, x))
+    monkeypatch.setattr(modeling, "fp32_projection", lambda h, layer: heads.append(torch.is_autocast_enabled("cpu")) or projection(h, layer))
     model = replace(TINY_MODEL, autocast="bfloat16", gradient_checkpointing=True)
     c = ctx(upstream["root"], "dpo-bf16")
     out = dpo.run(DPOConfig(lr=1e-3, beta=0.1, **LOOP), model, PolicyInputs(upstream["data"], upstream["sft"]["model_path"]), c)
-    assert seen and set(seen) == {(True, torch.bfloat16)}  # every forward (lm_head) ran under bf16 autocast
+    assert seen and set(seen) == {(True, torch.bfloat16)}  # every transformer block's projection ran under bf16 autocast
+    assert heads and all(heads)  # the LM head was called inside autocast, and fp32_projection takes it out (next test)
     assert c.sink.first("dpo/loss") == pytest.approx(math.log(2), abs=0.02)  # bf16 forwards: ln 2 up to rounding
     assert all(math.isfinite(v) for _, v in c.sink.metrics["dpo/loss"])
     assert AutoModelForCausalLM.from_pretrained(out["model_path"]).dtype == torch.float32
+
+
+def test_the_output_projection_runs_in_fp32_under_bf16_autocast():
+    from rlhf.modeling import fp32_projection
+
+    torch.manual_seed(0)
+    head, hidden = torch.nn.Linear(64, 300, bias=False), torch.randn(4, 7, 64) * 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = head(hidden)
+        fp32 = fp32_projection(hidden, head)
+    assert bf16.dtype == torch.bfloat16 and fp32.dtype == torch.float32
+    exact = hidden @ head.weight.T
+    assert torch.allclose(fp32, exact, atol=1e-5) and (bf16.float() - exact).abs().max() > 1e-2  # bf16 logits round by 0.01+
 
 
 def test_lora_trains_adapters_only_resumes_from_them_and_saves_a_merged_model(upstream):
@@ -131,6 +149,33 @@ def test_ppo_first_step_has_zero_kl_and_no_clipping(upstream):
     assert not torch.allclose(params_of(upstream["sft"]["model_path"]), params_of(out["model_path"]))
     assert (c.out_dir / "figures" / "kl_curve.png").stat().st_size > 1000
     assert (c.ckpt_dir / "step-000012" / "COMPLETE").exists()  # 3 iterations x 2 epochs x 2 minibatches
+
+
+def test_lora_ppo_holds_each_base_once_and_matches_separate_frozen_copies(upstream):
+    from dataclasses import replace
+
+    from rlhf.stages.ppo import PPOModels
+
+    lora = replace(TINY_MODEL, lora_r=4, lora_alpha=8.0)
+    cfg = PPOConfig(steps=3, rollout_batch_size=8, minibatch_size=4, ppo_epochs=2, lr=1e-2, eval_every=100, checkpoint_every=100,
+                    forward_batch_size=3, sampling=SamplingConfig(max_new_tokens=8))
+    inputs = PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True)
+    models = PPOModels(cfg, lora, inputs.sft_path, inputs.reward_path, None, torch.device("cpu"))
+    assert models.reference.model is models.policy and models.reward.model is models.value  # adapters off, no second copy
+    storage = lambda *ms: {p.data_ptr() for m in ms for p in m.parameters()}  # noqa: E731
+    assert storage(models.policy, models.value, models.reference.model, models.reward.model) == storage(models.policy, models.value)
+    copies = PPOModels(cfg, replace(lora, lora_shared_reference=False), inputs.sft_path, inputs.reward_path, None, torch.device("cpu"))
+    assert not storage(copies.reference.model) & storage(copies.policy)  # the old way: a frozen copy of the SFT weights
+
+    runs = {}
+    for name, model in (("shared", lora), ("copies", replace(lora, lora_shared_reference=False))):
+        c = ctx(upstream["root"], f"ppo-lora-{name}")
+        torch.manual_seed(0)  # the LoRA initialisation (as runtime.setup seeds a stage)
+        ppo.run(cfg, model, inputs, c)
+        runs[name] = c.sink.metrics
+    for key in ("ppo/kl", "ppo/score", "ppo/policy_loss", "ppo/value_loss"):  # the adapters moved: the KL grows from 0
+        assert [v for _, v in runs["shared"][key]] == pytest.approx([v for _, v in runs["copies"][key]], abs=1e-5), key
+    assert abs(runs["shared"]["ppo/kl"][-1][1]) > 1e-3
 
 
 def test_evaluation_of_the_sft_policy_against_itself_is_a_tie(upstream):

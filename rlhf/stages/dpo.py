@@ -8,9 +8,9 @@ import torch
 
 from ..algorithms import Algorithm, PolicyInputs
 from ..config import ModelConfig, SupervisedConfig, default, setting
-from ..data import Encoded, load_split
+from ..data import Encoded, load_rows
 from ..losses import dpo_loss
-from ..modeling import autocast, disable_dropout, load_policy, load_tokenizer, load_trainable, token_logprobs
+from ..modeling import Logprobs, autocast, disable_dropout, load_policy, load_tokenizer, load_trainable, token_logprobs
 from ..trainer import fit
 from .common import StageContext, batched, supervised_trainer
 from .reward import encode_preferences
@@ -30,7 +30,7 @@ class DPOConfig(SupervisedConfig):
 def pair_logps(model, chosen: Encoded, rejected: Encoded, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Sequence log-probs (sum over answer tokens) of chosen and rejected, one forward: (B,), (B,), tokens."""
     both = Encoded.stack(chosen.batch(idx), rejected.batch(idx)).to(device)
-    seq = (token_logprobs(model, both.input_ids, both.attention_mask) * both.loss_mask).sum(1)  # (2B,)
+    seq = (token_logprobs(model, both.input_ids, both.attention_mask, first=both.first_target) * both.loss_mask).sum(1)  # (2B,)
     return seq[: len(idx)], seq[len(idx):], int(both.attention_mask.sum())
 
 
@@ -44,7 +44,7 @@ def run(cfg: DPOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: Stage
     data_dir, sft_path = inputs.data_dir, inputs.sft_path
     max_length, dtype, amp = model_cfg.max_length, model_cfg.dtype, autocast(model_cfg, ctx.device)
     tokenizer = load_tokenizer(sft_path)
-    rows, held = load_split(data_dir, "pref"), load_split(data_dir, "eval_pref")
+    rows, held = load_rows(data_dir, "pref", tokenizer), load_rows(data_dir, "eval_pref", tokenizer)
     chosen, rejected = encode_preferences(tokenizer, rows, max_length)
     held_c, held_r = encode_preferences(tokenizer, held, max_length)
 
@@ -57,7 +57,7 @@ def run(cfg: DPOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: Stage
     policy = load_trainable("policy", sft_path, resume and resume / "policy", tokenizer, model_cfg).to(ctx.device)
     disable_dropout(policy)
     trainer = supervised_trainer("policy", policy, tokenizer, cfg, len(rows), "dpo", ctx, resume, amp)
-    trained = trainer.wrap(policy)
+    trained = trainer.wrap(Logprobs(policy))
 
     def micro_loss(idx: torch.Tensor):
         pc, pr, tokens = pair_logps(trained, chosen, rejected, idx, ctx.device)

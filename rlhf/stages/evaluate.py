@@ -11,7 +11,7 @@ import torch
 
 from .. import synthetic
 from ..config import EvalConfig
-from ..data import encode_prompts, left_pad, load_split
+from ..data import encode_prompts, left_pad, load_rows
 from ..modeling import load_policy, load_scalar_model, load_tokenizer, sequence_scores, token_logprobs
 from ..rollout import Samples, decode_responses, generate
 from .common import StageContext
@@ -30,7 +30,7 @@ def sample_all(model, prompt_ids: list[list[int]], cfg: EvalConfig, tokenizer, d
 @torch.no_grad()
 def sequence_logp(model, samples: Samples, temperature: float) -> torch.Tensor:
     """Sum of answer-token log-probs under ``model``: (B,)."""
-    lp = samples.response_slice(token_logprobs(model, samples.input_ids, samples.attention_mask, temperature))
+    lp = samples.response_slice(token_logprobs(model, samples.input_ids, samples.attention_mask, temperature, samples.first_target))
     return (lp * samples.response_mask).sum(1)
 
 
@@ -47,7 +47,7 @@ def win_rate(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def run(cfg: EvalConfig, max_length: int, has_gold: bool, data_dir: str, policy_path: str, sft_path: str, reward_path: str | None, ctx: StageContext) -> dict:
     tokenizer = load_tokenizer(sft_path)
-    prompts = [r["prompt"] for r in load_split(data_dir, "eval_prompts")][: cfg.n_prompts]
+    prompts = [r["prompt"] for r in load_rows(data_dir, "eval_prompts", tokenizer)][: cfg.n_prompts]
     prompt_ids = encode_prompts(tokenizer, prompts, max_length - cfg.sampling.max_new_tokens)
     policy = load_policy(policy_path, tokenizer).to(ctx.device).eval()
     sft = load_policy(sft_path, tokenizer).to(ctx.device).eval()
@@ -82,7 +82,7 @@ def run(cfg: EvalConfig, max_length: int, has_gold: bool, data_dir: str, policy_
     if reward is not None:
         metrics.update({"eval/proxy_reward": float(scores["policy"].mean()), "eval/sft_proxy_reward": float(scores["sft"].mean()),
                         "eval/win_rate_proxy": win_rate(scores["policy"], scores["sft"])})
-        held = load_split(data_dir, "eval_pref")
+        held = load_rows(data_dir, "eval_pref", tokenizer)
         acc = pair_accuracy(reward, held, tokenizer, max_length, ctx.device)
         metrics["eval/rm_accuracy"] = acc["eval_accuracy"]
         if "eval_gold_accuracy" in acc:

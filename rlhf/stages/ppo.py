@@ -30,10 +30,10 @@ from .. import synthetic
 from ..advantages import RunningMoments, gae, whiten
 from ..algorithms import Algorithm, PolicyInputs
 from ..config import ModelConfig, OnPolicyConfig, SamplingConfig, setting
-from ..data import encode_prompts, left_pad, load_split
+from ..data import encode_prompts, left_pad, load_rows
 from ..kl_control import make_controller
 from ..losses import kl_k1, kl_k3, masked_mean, masked_var, policy_loss, value_loss
-from ..modeling import (TokenValues, autocast, disable_dropout, load_policy, load_scalar_model, load_trainable, load_tokenizer,
+from ..modeling import (FrozenModel, Logprobs, TokenValues, autocast, disable_dropout, load_policy, load_scalar_model, load_trainable, load_tokenizer,
                         sequence_scores, token_logprobs, token_logprobs_and_entropy, token_values)
 from ..rollout import Samples, decode_responses, generate
 from ..trainer import Trainer, epoch_order
@@ -83,7 +83,12 @@ class Experience:
 
 
 class PPOModels:
-    """Policy and value (trained), reference and reward (frozen), all with dropout off."""
+    """Policy and value (trained), reference and reward (frozen), all with dropout off.
+
+    Under LoRA (``model.lora_shared_reference``) the reference is the policy with its adapters off and,
+    when the value model starts from the reward model, the reward model is the value model with its
+    adapters (and trained head) off: one copy of each base's weights instead of two.
+    """
 
     def __init__(self, cfg: PPOConfig, model_cfg: ModelConfig, sft_path: str, reward_path: str, resume: Path | None, device) -> None:
         dtype = model_cfg.dtype
@@ -92,9 +97,11 @@ class PPOModels:
         self.policy = load_trainable("policy", sft_path, resume and resume / "policy", tok, model_cfg).to(device)
         value_start = reward_path if cfg.value_init == "reward" else sft_path
         self.value = load_trainable("scalar", value_start, resume and resume / "value", tok, model_cfg, zero_head=cfg.value_init == "sft").to(device)
-        self.reference = load_policy(sft_path, tok, dtype).to(device).eval().requires_grad_(False)
-        self.reward = load_scalar_model(reward_path, tok, dtype, zero_head=False).to(device).eval().requires_grad_(False)
-        for m in (self.policy, self.value, self.reference, self.reward):
+        share = model_cfg.lora_r > 0 and model_cfg.lora_shared_reference
+        self.reference = FrozenModel(adapters_of=self.policy) if share else FrozenModel(load_policy(sft_path, tok, dtype).to(device))
+        self.reward = FrozenModel(adapters_of=self.value) if share and cfg.value_init == "reward" else \
+            FrozenModel(load_scalar_model(reward_path, tok, dtype, zero_head=False).to(device))
+        for m in (self.policy, self.value, self.reference.model, self.reward.model):
             disable_dropout(m)
         self.amp = autocast(model_cfg, device)
 
@@ -115,7 +122,7 @@ class PPO:
         self.trainer = Trainer({"policy": models.policy, "value": models.value}, models.tokenizer, cfg, n_optimizer_steps, "ppo", ctx.sink,
                                ctx.ckpt_dir, groups, amp=models.amp, accelerator=ctx.accelerator)
         self.rank, self.world = self.trainer.rank, self.trainer.world
-        self.policy_train = self.trainer.wrap(models.policy)  # the update's forwards (DDP under accelerate launch)
+        self.policy_train = self.trainer.wrap(Logprobs(models.policy))  # the update's forwards (DDP under accelerate launch)
         self.value_train = self.trainer.wrap(TokenValues(models.value))
 
     # ---- state ----------------------------------------------------------------------------------
@@ -151,24 +158,38 @@ class PPO:
     @torch.no_grad()
     def raw_scores(self, samples: Samples) -> torch.Tensor:
         """Reward-model score at the last answer token, minus the penalty for answers that never ended."""
-        scores = sequence_scores(self.m.reward, samples.input_ids, samples.attention_mask, samples.last_index)
+        with self.m.reward.use() as reward:
+            scores = sequence_scores(reward, samples.input_ids, samples.attention_mask, samples.last_index)
         return scores - self.cfg.missing_eos_penalty * (~samples.ended).float()
 
     @torch.no_grad()
     def measure_score_offset(self) -> float:
         """Mean score of SFT answers (Huang et al. 2024: normalise the reward so SFT scores 0)."""
-        scores = [self.raw_scores(self.rollout(self.m.reference, -1 - i)) for i in range(SCORE_NORM_BATCHES)]
+        with self.m.reference.use() as sft:
+            answers = [self.rollout(sft, -1 - i) for i in range(SCORE_NORM_BATCHES)]
+        scores = [self.raw_scores(a) for a in answers]
         return float(self.trainer.average({"score": torch.cat(scores).mean()})["score"])
 
     @torch.no_grad()
+    def forwards(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Old and reference log-probs, values (B, R) and raw scores (B,), in chunks of ``forward_batch_size``
+        rollouts (activation memory is one chunk's)."""
+        m, t, first = self.m, self.cfg.sampling.temperature, samples.first_target
+        parts = []
+        for i in range(0, len(samples.ended), self.cfg.forward_batch_size):
+            s = samples[i : i + self.cfg.forward_batch_size]
+            ids, attn = s.input_ids, s.attention_mask
+            old = s.response_slice(token_logprobs(m.policy, ids, attn, t, first))
+            with m.reference.use() as reference:
+                ref = s.response_slice(token_logprobs(reference, ids, attn, t, first))
+            parts.append((old, ref, s.response_slice(token_values(m.value, ids, attn)[:, :-1]), self.raw_scores(s)))
+        return tuple(torch.cat(p) for p in zip(*parts))
+
+    @torch.no_grad()
     def experience(self, samples: Samples) -> tuple[Experience, dict]:
-        cfg, m = self.cfg, self.m
-        t = cfg.sampling.temperature
-        ids, attn, mask = samples.input_ids, samples.attention_mask, samples.response_mask
-        old_logp = samples.response_slice(token_logprobs(m.policy, ids, attn, t)) * mask  # (B, R)
-        ref_logp = samples.response_slice(token_logprobs(m.reference, ids, attn, t)) * mask  # (B, R)
-        values = samples.response_slice(token_values(m.value, ids, attn)[:, :-1]) * mask  # (B, R)
-        raw = self.raw_scores(samples)
+        cfg, mask = self.cfg, samples.response_mask
+        old_logp, ref_logp, values, raw = self.forwards(samples)
+        old_logp, ref_logp, values = old_logp * mask, ref_logp * mask, values * mask  # (B, R) each
         scores = raw - self.score_offset if cfg.score_norm else raw
         if cfg.normalize_reward:
             self.score_moments.update(self.ctx.accelerator.gather(scores))  # the same moments in every process
@@ -206,7 +227,7 @@ class PPO:
             metrics = dict(vf_metrics)
             loss = cfg.vf_coef * vf_loss
             if train_policy:
-                logp, entropy = token_logprobs_and_entropy(self.policy_train, ids, attn, cfg.sampling.temperature)
+                logp, entropy = token_logprobs_and_entropy(self.policy_train, ids, attn, cfg.sampling.temperature, s.first_target)
                 logp, entropy = s.response_slice(logp), s.response_slice(entropy)
                 pg_loss, pg_metrics = policy_loss(logp, e.old_logp, e.advantages, e.mask, cfg.clip_range)
                 metrics.update(pg_metrics, entropy=masked_mean(entropy.detach(), e.mask))
@@ -278,8 +299,8 @@ def run(cfg: PPOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: Stage
     amp, max_length = models.amp, model_cfg.max_length
     tok = models.tokenizer
     max_prompt = max_length - cfg.sampling.max_new_tokens
-    prompts = encode_prompts(tok, [r["prompt"] for r in load_split(data_dir, "ppo_prompts")], max_prompt)
-    eval_prompts = [r["prompt"] for r in load_split(data_dir, "eval_prompts")][:EVAL_PROMPTS]
+    prompts = encode_prompts(tok, [r["prompt"] for r in load_rows(data_dir, "ppo_prompts", tok)], max_prompt)
+    eval_prompts = [r["prompt"] for r in load_rows(data_dir, "eval_prompts", tok)][:EVAL_PROMPTS]
     eval_ids = encode_prompts(tok, eval_prompts, max_prompt)
     n_updates = cfg.steps * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
     ppo = PPO(cfg, models, prompts, ctx, n_updates)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import DataConfig
-from ..data import build_splits, dataset_label, fingerprint_splits, save_splits
+from ..data import build_splits, dataset_label, fingerprint_splits, save_splits, source_fingerprint
 from .common import StageContext
 
 
@@ -24,5 +24,5 @@ def run(cfg: DataConfig, ctx: StageContext) -> dict:
         demos = splits["sft"]
         summary["data/sft_gold_reward"] = sum(gold_reward(r["prompt"], r["response"]) for r in demos) / len(demos)
     ctx.sink.log_metrics(summary, 0)
-    datasets = fingerprint_splits(ctx.out_dir / "splits", dataset_label(cfg))
+    datasets = fingerprint_splits(ctx.out_dir / "splits", dataset_label(cfg), source_fingerprint(cfg))
     return {"data_dir": str(ctx.out_dir / "splits"), "metrics": summary, "datasets": datasets}

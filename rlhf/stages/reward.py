@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig, RewardConfig
-from ..data import Encoded, encode_pairs, load_split
+from ..data import Encoded, encode_pairs, load_rows
 from ..losses import pairwise_loss
 from ..modeling import TokenValues, autocast, load_tokenizer, load_trainable
 from ..trainer import fit
@@ -50,7 +50,7 @@ def run(cfg: RewardConfig, model_cfg: ModelConfig, data_dir: str, sft_path: str,
     resume = ctx.resume_point()
     model = load_trainable("scalar", sft_path, resume and resume / "reward", tokenizer, model_cfg, zero_head=True).to(ctx.device)
     amp, max_length = autocast(model_cfg, ctx.device), model_cfg.max_length
-    rows, held = load_split(data_dir, "pref"), load_split(data_dir, "eval_pref")
+    rows, held = load_rows(data_dir, "pref", tokenizer), load_rows(data_dir, "eval_pref", tokenizer)
     chosen, rejected = encode_preferences(tokenizer, rows, max_length)
 
     trainer = supervised_trainer("reward", model, tokenizer, cfg, len(rows), "rm", ctx, resume, amp)

@@ -7,10 +7,11 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint
+from ..chat import prepare_tokenizer, texts
 from ..config import ModelConfig, SFTConfig
-from ..data import encode_pairs, load_split
+from ..data import encode_pairs, is_conversational, load_rows, load_split
 from ..losses import sft_loss
-from ..modeling import autocast, build_tiny, load_tokenizer, load_trainable, token_logprobs
+from ..modeling import Logprobs, autocast, build_tiny, load_tokenizer, load_trainable, token_logprobs
 from ..trainer import fit
 from .common import StageContext, batched, supervised_trainer
 
@@ -23,10 +24,9 @@ def base_model(model_cfg: ModelConfig, data_dir: Path, ctx: StageContext) -> str
         return model_cfg.pretrained
     base = ctx.out_dir / "base"
     if not (base / "config.json").exists():
-        corpus = [r["prompt"] + " " + r["response"] for r in load_split(data_dir, "sft")]
-        corpus += [r["prompt"] + " " + r["chosen"] + " " + r["rejected"] for r in load_split(data_dir, "pref")]
+        corpus = [" ".join(texts(r)) for split in ("sft", "pref") for r in load_split(data_dir, split)]
         with checkpoint.atomic_dir(base) as tmp:
-            build_tiny(model_cfg, corpus, tmp)
+            build_tiny(model_cfg, corpus, tmp, chat=is_conversational(data_dir))
     return str(base)
 
 
@@ -34,21 +34,23 @@ def run(model_cfg: ModelConfig, cfg: SFTConfig, data_dir: str, ctx: StageContext
     with ctx.accelerator.main_process_first():  # one process builds the tiny base; the others load it
         base = base_model(model_cfg, Path(data_dir), ctx)
     tokenizer = load_tokenizer(model_cfg.tokenizer or base, "model.tokenizer" if model_cfg.tokenizer else "model.pretrained")
+    if is_conversational(data_dir):  # the template and its end-of-turn EOS travel with the SFT model to every later stage
+        prepare_tokenizer(tokenizer, model_cfg.default_chat_template)
     resume = ctx.resume_point()
     model = load_trainable("policy", base, resume and resume / "policy", tokenizer, model_cfg).to(ctx.device)
     amp = autocast(model_cfg, ctx.device)
 
-    rows = load_split(data_dir, "sft")
+    rows = load_rows(data_dir, "sft", tokenizer)
     n_eval = max(1, int(EVAL_SHARE * len(rows))) if len(rows) > 1 else 0
     train = encode_pairs(tokenizer, [r["prompt"] for r in rows[n_eval:]], [r["response"] for r in rows[n_eval:]], model_cfg.max_length)
     held = encode_pairs(tokenizer, [r["prompt"] for r in rows[:n_eval]], [r["response"] for r in rows[:n_eval]], model_cfg.max_length) if n_eval else None
 
     trainer = supervised_trainer("policy", model, tokenizer, cfg, len(train), "sft", ctx, resume, amp)
-    trained = trainer.wrap(model)
+    trained = trainer.wrap(Logprobs(model))
 
     def micro_loss(idx: torch.Tensor):
         b = train.batch(idx).to(ctx.device)
-        loss, metrics = sft_loss(token_logprobs(trained, b.input_ids, b.attention_mask), b.loss_mask)
+        loss, metrics = sft_loss(token_logprobs(trained, b.input_ids, b.attention_mask, first=b.first_target), b.loss_mask)
         return loss, metrics, int(b.attention_mask.sum())
 
     def evaluate() -> dict:
@@ -59,7 +61,7 @@ def run(model_cfg: ModelConfig, cfg: SFTConfig, data_dir: str, ctx: StageContext
         def nll(idx):
             b = held.batch(idx).to(ctx.device)
             with amp():
-                lp = token_logprobs(model, b.input_ids, b.attention_mask)
+                lp = token_logprobs(model, b.input_ids, b.attention_mask, first=b.first_target)
             return torch.stack([-(lp * b.loss_mask).sum(), b.loss_mask.sum()])[None]
 
         sums = batched(nll, len(held), 256).sum(0)
