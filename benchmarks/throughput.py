@@ -343,7 +343,7 @@ def child_ppo(spec: dict) -> dict:
     if spec["impl"] == "ours":
         sink = NullSink()
         with tempfile.TemporaryDirectory() as work:
-            ppo.run(ppo_cfg, cfg.model, PolicyInputs(rec["data"]["data_dir"], sft_path, reward_path),
+            ppo.run(ppo_cfg, cfg.model, PolicyInputs(rec["data"]["data_dir"], sft_path, reward_path, missing_eos_penalty=cfg.reward.missing_eos_penalty),
                     StageContext(Path(work), sink, device, fresh=True))
         steps = [m for step, m in sink.history if step > 1 and "ppo/time_update_s" in m]  # step 1 warms up
         timing = {k: [m[f"ppo/time_{k}_s"] for m in steps] for k in ("generation", "scoring", "update")}

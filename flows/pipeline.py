@@ -171,9 +171,11 @@ def rlhf_pipeline(config: dict | None = None, overrides: list[str] | None = None
         data = stage("data", data_stage, data=to_dict(cfg.data))
         sft = stage("sft", training_task("sft"), model=model, sft_cfg=to_dict(cfg.sft), data=data)
         reward = stage("reward", training_task("reward"), model=model, reward_cfg=to_dict(cfg.reward), data=data, sft=sft)
-        policy_inputs = {"reward": reward, "has_gold": has_gold} if registry()[algo].needs_reward else {}
+        policy_inputs = {"reward": reward, "has_gold": has_gold, "missing_eos_penalty": cfg.reward.missing_eos_penalty} \
+            if registry()[algo].needs_reward else {}
         policy = stage(algo, training_task(algo), model=model, algo=to_dict(cfg.algo), data=data, sft=sft, **policy_inputs)
         evaluation = stage("eval", eval_stage, model=model, eval_cfg=to_dict(cfg.eval), has_gold=has_gold,
+                           missing_eos_penalty=cfg.reward.missing_eos_penalty,
                            data=data, sft=sft, reward=reward, policy=policy)
     except BaseException:
         parent.finish("FAILED")

@@ -31,6 +31,7 @@ class PolicyInputs:
     sft_path: str
     reward_path: str | None = None  # only for algorithms with ``needs_reward``
     has_gold: bool = False  # the data has a known gold reward (the synthetic task): held-out gold during training
+    missing_eos_penalty: float = 0.0  # the reward model's scoring rule (reward.missing_eos_penalty)
 
 
 @dataclass(frozen=True)

@@ -180,6 +180,11 @@ class RewardConfig(SupervisedConfig):
     epochs: float = default(SupervisedConfig, "epochs", 2.0)
     checkpoint_every: int = default(SupervisedConfig, "checkpoint_every", 100)
     center_rewards_coef: float = setting(0.0, "Penalty on the squared mean reward (keeps scores centred).", ge=0.0)
+    missing_eos_penalty: float = setting(1.0, "The reward model's scoring rule wherever it scores sampled answers (on-policy training, "
+                                              "evaluation): subtracted from answers that never end. Not part of the reward model's "
+                                              "training, so not of its cache key.", ge=0.0)
+
+    SCORING_ONLY = ("missing_eos_penalty",)  # fields that change how scores are used, not the trained reward model
 
 
 @dataclass
@@ -207,7 +212,6 @@ class OnPolicyConfig(OptimConfig):
     score_norm: bool = setting(True, "Shift scores so SFT answers score mean 0 (measured before training).")
     forward_batch_size: int = setting(64, "Rollouts per forward in the experience pass (old / reference log-probs, values, scores): "
                                           "bounds its activation memory.", ge=1)
-    missing_eos_penalty: float = setting(1.0, "Subtracted from the score of answers that never end.", ge=0.0)
     lr: float = default(OptimConfig, "lr", 1e-4)
     warmup_ratio: float = default(OptimConfig, "warmup_ratio", 0.0)
     schedule: str = default(OptimConfig, "schedule", "constant")

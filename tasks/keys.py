@@ -13,7 +13,7 @@ import json
 from functools import lru_cache
 
 from rlhf.algorithms import TRAINING_CODE, registry
-from rlhf.config import PipelineConfig, to_dict
+from rlhf.config import PipelineConfig, RewardConfig, to_dict
 from rlhf.data import source_fingerprint
 
 # The core modules each non-policy stage executes; their source is part of the stage's key. A policy
@@ -47,14 +47,15 @@ def stage_key(stage: str, config: dict, upstream: list[str]) -> str:
 def stage_configs(cfg: PipelineConfig) -> dict[str, dict]:
     """The part of the config each stage's result depends on."""
     m = cfg.model
+    scoring = {"missing_eos_penalty": cfg.reward.missing_eos_penalty}  # how answers are scored, beside what was trained
     precision = {"max_length": m.max_length, "dtype": m.dtype, "autocast": m.autocast, "gradient_checkpointing": m.gradient_checkpointing,
                  "lora": [m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules]}
     return {
         "data": {"data": to_dict(cfg.data), "source": source_fingerprint(cfg.data)},  # the files' contents, the hub revision
         "sft": {"model": to_dict(cfg.model), "sft": to_dict(cfg.sft)},
-        "reward": {"reward": to_dict(cfg.reward), **precision},
-        cfg.algo.algo: {"algo": to_dict(cfg.algo), **precision},
-        "eval": {"eval": to_dict(cfg.eval), "max_length": cfg.model.max_length},
+        "reward": {"reward": {k: v for k, v in to_dict(cfg.reward).items() if k not in RewardConfig.SCORING_ONLY}, **precision},
+        cfg.algo.algo: {"algo": to_dict(cfg.algo), **precision, **(scoring if registry()[cfg.algo.algo].needs_reward else {})},
+        "eval": {"eval": to_dict(cfg.eval), "max_length": cfg.model.max_length, **scoring},
     }
 
 

@@ -10,11 +10,11 @@ from .runner import Lineage, run_stage
 
 @task(name="policy")
 def policy_stage(algo: dict, key: str, model: dict, data: dict, sft: dict, env: dict, reward: dict | None = None, has_gold: bool = False,
-                 fresh: bool = False) -> dict:
+                 missing_eos_penalty: float = 0.0, fresh: bool = False) -> dict:
     """Tune the SFT policy with the algorithm ``algo['algo']`` names (DPO, PPO, ...: rlhf.algorithms)."""
     algorithm = registry()[algo["algo"]]
     m, c = from_dict(ModelConfig, model), from_dict(algorithm.schema, algo)
-    inputs = PolicyInputs(data["data_dir"], sft["model_path"], reward["model_path"] if reward else None, has_gold)
+    inputs = PolicyInputs(data["data_dir"], sft["model_path"], reward["model_path"] if reward else None, has_gold, missing_eos_penalty)
     # On-policy methods sample on prompts and are checked on held-out prompts; DPO learns from the pairs.
     contexts = {"ppo_prompts": TRAINING, "eval_prompts": EVALUATION} if algorithm.needs_reward else {"pref": TRAINING, "eval_pref": EVALUATION}
     lineage = Lineage(data["datasets"], contexts, {"sft": sft, "reward": reward}, GENERATION, "policy_model_name")

@@ -37,7 +37,7 @@ def run_ppo(setup, beta, name):
     c = ctx(root, name)
     cfg = PPOConfig(beta=beta, steps=24, rollout_batch_size=32, minibatch_size=16, ppo_epochs=4, lr=3e-4, eval_every=4,
                     checkpoint_every=1000, sampling=SamplingConfig(max_new_tokens=16))
-    ppo.run(cfg, MODEL, PolicyInputs(data, sft_path, rm_path, True), c)
+    ppo.run(cfg, MODEL, PolicyInputs(data, sft_path, rm_path, True, missing_eos_penalty=1.0), c)
     return {k: [v for _, v in c.sink.metrics[k]] for k in ("ppo/kl", "ppo/eval_proxy_reward", "ppo/eval_gold_reward", "ppo/response_length")}
 
 

@@ -154,17 +154,17 @@ def test_ppo_first_step_has_zero_kl_and_no_clipping(upstream):
 def test_lora_ppo_holds_each_base_once_and_matches_separate_frozen_copies(upstream):
     from dataclasses import replace
 
-    from rlhf.stages.ppo import PPOModels
+    from rlhf.onpolicy import OnPolicyModels
 
     lora = replace(TINY_MODEL, lora_r=4, lora_alpha=8.0)
     cfg = PPOConfig(steps=3, rollout_batch_size=8, minibatch_size=4, ppo_epochs=2, lr=1e-2, eval_every=100, checkpoint_every=100,
                     forward_batch_size=3, sampling=SamplingConfig(max_new_tokens=8))
     inputs = PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True)
-    models = PPOModels(cfg, lora, inputs.sft_path, inputs.reward_path, None, torch.device("cpu"))
+    models = OnPolicyModels(lora, inputs, None, torch.device("cpu"), value_init="reward")
     assert models.reference.model is models.policy and models.reward.model is models.value  # adapters off, no second copy
     storage = lambda *ms: {p.data_ptr() for m in ms for p in m.parameters()}  # noqa: E731
     assert storage(models.policy, models.value, models.reference.model, models.reward.model) == storage(models.policy, models.value)
-    copies = PPOModels(cfg, replace(lora, lora_shared_reference=False), inputs.sft_path, inputs.reward_path, None, torch.device("cpu"))
+    copies = OnPolicyModels(replace(lora, lora_shared_reference=False), inputs, None, torch.device("cpu"), value_init="reward")
     assert not storage(copies.reference.model) & storage(copies.policy)  # the old way: a frozen copy of the SFT weights
 
     runs = {}

@@ -1,0 +1,316 @@
+"""The on-policy loop PPO, RLOO and GRPO share: sample, score, update with the clipped surrogate.
+
+Each iteration of :func:`train`:
+  1. sample answers for the iteration's prompts with the KV cache, ``samples_per_prompt`` each  (rollout)
+  2. once per batch, under no_grad and in chunks: old and reference log-probs, the reward model's
+     scores (and values, where a method has a critic)                                          (experience)
+  3. the method's advantages: :meth:`OnPolicy.experience`
+  4. ``ppo_epochs`` passes over shuffled minibatches of :meth:`OnPolicy.minibatch_losses`        (update)
+and, every ``eval_every`` iterations, the held-out proxy (and gold) reward of the current policy.
+
+A method subclasses :class:`OnPolicy` with its experience and its losses; the rollout, the scoring
+(the reward model, the missing-EOS penalty, the SFT score offset), the KL bookkeeping, the trainer, the
+checkpoints, the progress, the metrics (``<algo>/...``) and the KL curve figure are these. Policy from
+SFT, frozen reference = SFT, dropout off everywhere. Under ``accelerate launch`` each process samples its
+share of the prompts (a prompt's group of answers stays in one process) and updates DDP copies on its
+share of every minibatch; the statistics and the score offset are taken over all processes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from . import synthetic
+from .algorithms import PolicyInputs
+from .config import ModelConfig, OnPolicyConfig, SamplingConfig
+from .data import encode_prompts, left_pad, load_rows
+from .kl_control import FixedKLController
+from .losses import kl_k1, kl_k3
+from .modeling import (FrozenModel, Logprobs, autocast, disable_dropout, load_policy, load_scalar_model, load_tokenizer, load_trainable,
+                       sequence_scores, token_logprobs, token_values)
+from .rollout import Samples, decode_responses, generate
+from .stages.common import StageContext
+from .trainer import Trainer, epoch_order
+
+SCORE_NORM_BATCHES = 2  # rollout batches of the SFT policy used to measure the score offset
+EVAL_PROMPTS = 128  # held-out prompts scored at each evaluation during training
+CURVES = ("kl", "kl_k3", "score", "eval_proxy_reward", "eval_gold_reward")  # what the KL curve figure plots
+
+
+@dataclass
+class Experience:
+    """A rollout batch with everything an update needs, computed once per batch under no_grad.
+
+    All (B, R) tensors are aligned with the answer tokens; ``mask`` is 1 up to and including EOS.
+    Critic-free methods leave ``old_values`` and ``returns`` empty.
+    """
+
+    samples: Samples
+    mask: torch.Tensor  # (B, R)
+    old_logp: torch.Tensor  # (B, R) log pi_old(y_t)
+    ref_logp: torch.Tensor  # (B, R) log pi_ref(y_t)
+    scores: torch.Tensor  # (B,)   reward-model score as used (shifted, penalised, normalised)
+    advantages: torch.Tensor  # (B, R) per token (a sequence's advantage repeated on its tokens for critic-free methods)
+    old_values: torch.Tensor | None = None  # (B, R) V(x, y_<t)
+    returns: torch.Tensor | None = None  # (B, R) value targets
+
+    def __getitem__(self, idx) -> "Experience":
+        return Experience(self.samples[idx], *(None if (t := getattr(self, f.name)) is None else t[idx] for f in fields(self)[1:]))
+
+
+class OnPolicyModels:
+    """The policy (trained), the reference and the reward model (frozen) and, with ``value_init``, a
+    value model (trained); dropout off in all of them.
+
+    Under LoRA (``model.lora_shared_reference``) the reference is the policy with its adapters off, and
+    the reward model is the value model with its adapters (and trained head) off when the value model
+    starts from it: one copy of each base's weights instead of two.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, inputs: PolicyInputs, resume: Path | None, device, value_init: str | None = None) -> None:
+        dtype, sft_path, reward_path = model_cfg.dtype, inputs.sft_path, inputs.reward_path
+        self.tokenizer = tok = load_tokenizer(sft_path)
+        self.policy = load_trainable("policy", sft_path, resume and resume / "policy", tok, model_cfg).to(device)
+        self.value = None
+        if value_init:
+            start = reward_path if value_init == "reward" else sft_path
+            self.value = load_trainable("scalar", start, resume and resume / "value", tok, model_cfg, zero_head=value_init == "sft").to(device)
+        share = model_cfg.lora_r > 0 and model_cfg.lora_shared_reference
+        self.reference = FrozenModel(adapters_of=self.policy) if share else FrozenModel(load_policy(sft_path, tok, dtype).to(device))
+        self.reward = FrozenModel(adapters_of=self.value) if share and value_init == "reward" else \
+            FrozenModel(load_scalar_model(reward_path, tok, dtype, zero_head=False).to(device))
+        for m in (self.policy, self.value, self.reference.model, self.reward.model):
+            if m is not None:
+                disable_dropout(m)
+        self.amp = autocast(model_cfg, device)
+
+    def trained(self) -> dict[str, torch.nn.Module]:
+        return {"policy": self.policy, **({"value": self.value} if self.value is not None else {})}
+
+
+class OnPolicy:
+    """One on-policy run: the state that must survive a resume, the rollout, scoring and update loop.
+
+    Subclasses give :meth:`experience` (advantages from the batch) and :meth:`minibatch_losses`, and may
+    add trained models through :meth:`param_groups`.
+    """
+
+    samples_per_prompt = 1  # answers sampled for each prompt of an iteration
+
+    def __init__(self, name: str, cfg: OnPolicyConfig, models: OnPolicyModels, prompts: list[list[int]], ctx: StageContext,
+                 inputs: PolicyInputs) -> None:
+        self.name, self.cfg, self.m, self.prompts, self.ctx = name, cfg, models, prompts, ctx
+        self.missing_eos_penalty = inputs.missing_eos_penalty
+        self.kl_ctl = FixedKLController(cfg.beta)
+        self.score_offset = 0.0
+        self.iteration = 0
+        self.history: dict[str, list[tuple[int, float]]] = {}  # the KL curve, kept across resumes
+        n_updates = cfg.steps * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
+        self.trainer = Trainer(models.trained(), models.tokenizer, cfg, n_updates, name, ctx.sink, ctx.ckpt_dir, self.param_groups(),
+                               amp=models.amp, accelerator=ctx.accelerator)
+        self.rank, self.world = self.trainer.rank, self.trainer.world
+        self.policy_train = self.trainer.wrap(Logprobs(models.policy))  # the update's forwards (DDP under accelerate launch)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.m.policy.parameters() if p.requires_grad]}]  # LoRA: adapters only
+
+    # ---- state ----------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"iteration": self.iteration, "kl_ctl": self.kl_ctl.state_dict(), "score_offset": self.score_offset, "history": self.history}
+
+    def load(self, ckpt: Path) -> dict:
+        extra = self.trainer.load(ckpt)
+        self.iteration, self.score_offset, self.history = extra["iteration"], extra["score_offset"], extra["history"]
+        self.kl_ctl.load_state_dict(extra["kl_ctl"])
+        return extra
+
+    # ---- rollout --------------------------------------------------------------------------------
+    def prompt_batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's prompts of an iteration, each repeated ``samples_per_prompt`` times (a group stays
+        together): a pure function of (seed, iteration, rank), so resuming replays the same data."""
+        n, b = len(self.prompts), self.cfg.rollout_batch_size // self.samples_per_prompt
+        position = iteration * b + torch.arange(b)  # position in the endless stream of shuffled epochs
+        epochs = position // n
+        orders = {int(e): epoch_order(n, self.cfg.seed, int(e)) for e in epochs.unique()}
+        idx = [int(orders[int(e)][p % n]) for e, p in zip(epochs, position)][self.rank :: self.world]
+        ids, mask = left_pad([self.prompts[i] for i in idx for _ in range(self.samples_per_prompt)], self.m.tokenizer.pad_token_id)
+        return ids.to(self.ctx.device), mask.to(self.ctx.device)
+
+    def rollout(self, model, iteration: int, sampling: SamplingConfig | None = None) -> Samples:
+        generator = torch.Generator(device=self.ctx.device).manual_seed((self.cfg.seed * 1_000_003 + iteration) * self.world + self.rank)
+        ids, mask = self.prompt_batch(iteration)
+        model.eval()
+        tok = self.m.tokenizer
+        return generate(model, ids, mask, sampling or self.cfg.sampling, tok.eos_token_id, tok.pad_token_id, generator)
+
+    # ---- scoring --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def raw_scores(self, samples: Samples) -> torch.Tensor:
+        """Reward-model score at the last answer token, minus the penalty for answers that never ended: (B,)."""
+        with self.m.reward.use() as reward:
+            scores = sequence_scores(reward, samples.input_ids, samples.attention_mask, samples.last_index)
+        return scores - self.missing_eos_penalty * (~samples.ended).float()
+
+    @torch.no_grad()
+    def measure_score_offset(self) -> float:
+        """Mean score of SFT answers (Huang et al. 2024: normalise the reward so SFT scores 0)."""
+        with self.m.reference.use() as sft:
+            answers = [self.rollout(sft, -1 - i) for i in range(SCORE_NORM_BATCHES)]
+        scores = [self.raw_scores(a) for a in answers]
+        return float(self.trainer.average({"score": torch.cat(scores).mean()})["score"])
+
+    @torch.no_grad()
+    def forwards(self, samples: Samples) -> dict[str, torch.Tensor]:
+        """Old and reference log-probs (B, R), values (B, R) where there is a critic, and raw scores (B,),
+        in chunks of ``forward_batch_size`` rollouts (activation memory is one chunk's)."""
+        m, t, first = self.m, self.cfg.sampling.temperature, samples.first_target
+        parts: dict[str, list[torch.Tensor]] = {}
+        for i in range(0, len(samples.ended), self.cfg.forward_batch_size):
+            s = samples[i : i + self.cfg.forward_batch_size]
+            ids, attn = s.input_ids, s.attention_mask
+            out = {"old_logp": s.response_slice(token_logprobs(m.policy, ids, attn, t, first))}
+            with m.reference.use() as reference:
+                out["ref_logp"] = s.response_slice(token_logprobs(reference, ids, attn, t, first))
+            if m.value is not None:
+                out["values"] = s.response_slice(token_values(m.value, ids, attn)[:, :-1])
+            out["raw"] = self.raw_scores(s)
+            for k, v in out.items():
+                parts.setdefault(k, []).append(v)
+        mask = samples.response_mask
+        return {k: torch.cat(v) * (mask if v[0].dim() == 2 else 1) for k, v in parts.items()}
+
+    def scores(self, raw: torch.Tensor) -> torch.Tensor:
+        """The score a method optimises: raw minus the SFT offset (``score_norm``)."""
+        return raw - self.score_offset if self.cfg.score_norm else raw
+
+    def kl_stats(self, old_logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Sequence KL to the reference, k1 and k3, mean over the batch."""
+        return {"kl": (kl_k1(old_logp, ref_logp) * mask).sum(1).mean(), "kl_k3": (kl_k3(old_logp, ref_logp) * mask).sum(1).mean()}
+
+    # ---- the method -----------------------------------------------------------------------------
+    def experience(self, samples: Samples) -> tuple[Experience, dict]:
+        raise NotImplementedError
+
+    def minibatch_losses(self, exp: Experience, train_policy: bool):
+        """Yield (loss, metrics) per micro-batch of a minibatch."""
+        raise NotImplementedError
+
+    def trains_policy(self) -> bool:
+        return True
+
+    # ---- update ---------------------------------------------------------------------------------
+    def update(self, exp: Experience) -> dict:
+        cfg, train_policy = self.cfg, self.trains_policy()
+        for model in self.m.trained().values():
+            model.train()
+        sums: dict[str, float] = {}
+        count, first = 0, {}
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + self.iteration)
+        minibatch = cfg.minibatch_size // self.world  # this process's share of a minibatch
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(len(exp.mask), generator=g)
+            for j in range(0, len(order), minibatch):
+                metrics = self.trainer.optimizer_step(self.minibatch_losses(exp[order[j : j + minibatch]], train_policy))
+                metrics = {k: float(v) for k, v in metrics.items()}
+                if not first:  # the policy still equals the rollout policy: ratio 1, clipfrac 0, approx_kl 0
+                    first = {f"{k}_first_minibatch": metrics[k] for k in ("clipfrac", "approx_kl") if k in metrics}
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+        return {**{k: v / count for k, v in sums.items()}, **first}
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, eval_prompts: list[str], eval_ids: list[list[int]], has_gold: bool) -> dict:
+        """Proxy (the scoring rule of the eval stage: raw score with the missing-EOS penalty) and, when
+        known, gold reward of the current policy on held-out prompts."""
+        tok = self.m.tokenizer
+        ids, mask = left_pad(eval_ids, tok.pad_token_id)
+        generator = torch.Generator(device=self.ctx.device).manual_seed(self.cfg.seed + 99)
+        self.m.policy.eval()
+        s = generate(self.m.policy, ids.to(self.ctx.device), mask.to(self.ctx.device), self.cfg.sampling, tok.eos_token_id, tok.pad_token_id, generator)
+        out = {"eval_proxy_reward": float(self.raw_scores(s).mean())}
+        if has_gold:
+            texts = decode_responses(tok, s)
+            out["eval_gold_reward"] = sum(synthetic.gold_reward(p, a, bool(e)) for p, a, e in zip(eval_prompts, texts, s.ended)) / len(texts)
+        return out
+
+
+def kl_curve_figure(history: dict[str, list[tuple[int, float]]], name: str, out_file: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, keys in zip(axes, (CURVES[:2], CURVES[2:])):
+        for k in (f"{name}/{c}" for c in keys):
+            if history.get(k):
+                steps, values = zip(*history[k])
+                ax.plot(steps, values, label=k, marker="." if len(steps) < 30 else None)
+        ax.set_xlabel(f"{name} iteration")
+        ax.legend()
+    axes[0].set_ylabel("nats")
+    fig.tight_layout()
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_file, dpi=100)
+    plt.close(fig)
+    return out_file
+
+
+def prompts_of(cfg: OnPolicyConfig, model_cfg: ModelConfig, inputs: PolicyInputs, tokenizer) -> tuple[list, list[str], list]:
+    """Training prompt ids, and the held-out prompts (text and ids) scored during training."""
+    max_prompt = model_cfg.max_length - cfg.sampling.max_new_tokens
+    prompts = encode_prompts(tokenizer, [r["prompt"] for r in load_rows(inputs.data_dir, "ppo_prompts", tokenizer)], max_prompt)
+    eval_prompts = [r["prompt"] for r in load_rows(inputs.data_dir, "eval_prompts", tokenizer)][:EVAL_PROMPTS]
+    return prompts, eval_prompts, encode_prompts(tokenizer, eval_prompts, max_prompt)
+
+
+def train(method: OnPolicy, eval_prompts: list[str], eval_ids: list, inputs: PolicyInputs, resume: Path | None) -> dict:
+    """The on-policy loop (see the module docstring); returns the stage's record."""
+    cfg, ctx, m, name = method.cfg, method.ctx, method.m, method.name
+    if resume:
+        method.load(resume)
+    elif cfg.score_norm:
+        with m.amp():
+            method.score_offset = method.measure_score_offset()
+    ctx.sink.log_metrics({f"{name}/score_offset": method.score_offset}, method.iteration)
+
+    progress = ctx.progress(name, cfg.steps, method.iteration)
+    metrics: dict[str, float] = {}
+    while method.iteration < cfg.steps:
+        t0 = time.perf_counter()
+        with m.amp():
+            samples = method.rollout(m.policy, method.iteration)
+            t1 = time.perf_counter()
+            exp, stats = method.experience(samples)
+            t2 = time.perf_counter()
+        method.iteration += 1
+        trained = method.update(exp)
+        t3 = time.perf_counter()
+        method.kl_ctl.update(float(stats["kl"]), cfg.rollout_batch_size)
+        gen_tokens, train_tokens = ctx.accelerator.reduce(torch.stack([exp.mask.sum(), samples.attention_mask.sum() * cfg.ppo_epochs]).float(), "sum").tolist()
+        metrics = {f"{name}/{k}": float(v) for k, v in {**stats, **trained}.items()}
+        metrics.update({f"{name}/gen_tokens_per_s": gen_tokens / (t1 - t0), f"{name}/train_tokens_per_s": train_tokens / (t3 - t2),
+                        f"{name}/time_generation_s": t1 - t0, f"{name}/time_scoring_s": t2 - t1, f"{name}/time_update_s": t3 - t2})
+        evaluating = method.iteration % cfg.eval_every == 0 or method.iteration == cfg.steps or method.iteration == 1
+        if evaluating and ctx.accelerator.is_main_process:  # the one process that logs
+            with m.amp():
+                metrics.update({f"{name}/{k}": v for k, v in method.evaluate(eval_prompts, eval_ids, inputs.has_gold).items()})
+        ctx.sink.log_metrics(metrics, method.iteration)
+        progress.update(method.iteration, metrics, int(gen_tokens + train_tokens))
+        for k in (f"{name}/{c}" for c in CURVES):
+            if k in metrics:
+                method.history.setdefault(k, []).append((method.iteration, metrics[k]))
+        if method.iteration % cfg.checkpoint_every == 0 or method.iteration == cfg.steps:
+            method.trainer.save(method.state())
+
+    progress.close()
+    if ctx.accelerator.is_main_process:
+        kl_curve_figure(method.history, name, ctx.out_dir / "figures" / "kl_curve.png")
+    ctx.save_final(m.policy, m.tokenizer, {"stage": name, "iterations": method.iteration})
+    return {"model_path": str(ctx.final_dir), "metrics": {k: v for k, v in metrics.items() if "/time_" not in k}, "steps": method.iteration}
