@@ -35,6 +35,30 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
+def leave_one_out(rewards: torch.Tensor) -> torch.Tensor:
+    """RLOO advantages (Kool et al. 2019; Ahmadian et al. 2024): each sample's baseline is the mean reward
+    of the other k - 1 samples of its prompt.
+
+        A_i = r_i - 1/(k-1) sum_{j != i} r_j = k/(k-1) (r_i - mean_j r_j)
+
+    rewards: (G, k), G prompts with k >= 2 samples each -> (G, k).
+    """
+    k = rewards.shape[1]
+    return (rewards - rewards.mean(1, keepdim=True)) * k / (k - 1)
+
+
+def group_normalized(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO advantages (Shao et al. 2024): each reward against its group's mean, divided by the group's
+    standard deviation (unbiased) when ``scale``.
+
+        A_i = (r_i - mean_j r_j) / (std_j r_j + eps)
+
+    rewards: (G, k) -> (G, k). A group whose answers all score the same has advantages 0.
+    """
+    centred = rewards - rewards.mean(1, keepdim=True)
+    return centred / (rewards.std(1, keepdim=True) + eps) if scale else centred
+
+
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """(x - mean) / std over the masked entries; masked-out entries are returned as 0."""
     mean, var = masked_mean(x, mask), masked_var(x, mask)

@@ -20,7 +20,7 @@ from typing import Callable
 TRAINING_CODE = ("rlhf.config", "rlhf.data", "rlhf.modeling", "rlhf.checkpoint", "rlhf.stages.common", "rlhf.trainer", "rlhf.losses")
 
 # The stage modules that declare an ALGORITHM, in the order `--help` lists them.
-MODULES = ("rlhf.stages.dpo", "rlhf.stages.ppo")
+MODULES = ("rlhf.stages.dpo", "rlhf.stages.ppo", "rlhf.stages.rloo", "rlhf.stages.grpo", "rlhf.stages.best_of_n")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class Algorithm:
     run: Callable
     needs_reward: bool  # samples and scores with the reward model (on-policy) rather than learning from pairs
     code: tuple[str, ...]  # core modules beyond TRAINING_CODE whose source is in the stage's cache key
+    sampler: Callable | None = None  # how the eval stage samples "the policy" when it is not one model (rlhf.stages.evaluate.Sampler)
     module: str = ""  # filled by registry(): the declaring module, hashed with the rest
 
     @property

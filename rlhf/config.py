@@ -243,6 +243,7 @@ class OnPolicyConfig(OptimConfig):
 @dataclass
 class EvalConfig:
     n_prompts: int = setting(256, "Held-out prompts to generate on (at most the data's held-out set).", ge=1)
+    n_samples: int = setting(1, "Answers per prompt from the policy and from SFT (standard errors are over prompts).", ge=1)
     n_samples_table: int = setting(32, "Rows in the logged sample table.", ge=0)
     seed: int = setting(1234, "Sampling seed (the same for the policy and the SFT baseline).", ge=0)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

@@ -104,10 +104,21 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return log_ratio.exp() - 1 - log_ratio
 
 
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token") -> torch.Tensor:
+    """A per-token loss (B, T) as one number.
+
+        token:    sum_{i,t} m_it l_it / sum_{i,t} m_it          (every answer token weighs the same)
+        sequence: mean_i [ sum_t m_it l_it / sum_t m_it ]       (every answer weighs the same: Shao et al. 2024)
+    """
+    if how == "sequence":
+        return masked_mean(per_token, mask, dim=1).mean()
+    return masked_mean(per_token, mask)
+
+
 def policy_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float, aggregation: str = "token"
 ) -> tuple[torch.Tensor, dict]:
-    """PPO clipped surrogate (Schulman et al. 2017), averaged over answer tokens.
+    """PPO clipped surrogate (Schulman et al. 2017), aggregated over answer tokens (:func:`aggregate`).
 
         rho_t = exp(log pi(y_t) - log pi_old(y_t))
         L = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))
@@ -118,7 +129,7 @@ def policy_loss(
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation)
     with torch.no_grad():
         metrics = {
             "policy_loss": loss.detach(),
@@ -127,6 +138,19 @@ def policy_loss(
             "ratio": masked_mean(ratio, mask),
         }
     return loss, metrics
+
+
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, aggregation: str = "token") -> tuple[torch.Tensor, dict]:
+    """KL to the reference as a loss term (GRPO, Shao et al. 2024; RLOO's loss-side option): the k3 estimator
+    of KL(pi || pi_ref) on the sampled tokens, with gradient through log pi.
+
+        r_t = pi_ref(y_t) / pi(y_t);   L = aggregate(r_t - 1 - log r_t)
+
+    logp, ref_logp, mask: (B, T).
+    """
+    per_token = kl_k3(logp, ref_logp)
+    loss = aggregate(per_token, mask, aggregation)
+    return loss, {"kl_loss": loss.detach()}
 
 
 def value_loss(

@@ -29,9 +29,9 @@ from .algorithms import PolicyInputs
 from .config import ModelConfig, OnPolicyConfig, SamplingConfig
 from .data import encode_prompts, left_pad, load_rows
 from .kl_control import FixedKLController
-from .losses import kl_k1, kl_k3
+from .losses import kl_k1, kl_k3, kl_loss, masked_mean, policy_loss
 from .modeling import (FrozenModel, Logprobs, autocast, disable_dropout, load_policy, load_scalar_model, load_tokenizer, load_trainable,
-                       sequence_scores, token_logprobs, token_values)
+                       sequence_scores, token_logprobs, token_logprobs_and_entropy, token_values)
 from .rollout import Samples, decode_responses, generate
 from .stages.common import StageContext
 from .trainer import Trainer, epoch_order
@@ -195,12 +195,48 @@ class OnPolicy:
     def experience(self, samples: Samples) -> tuple[Experience, dict]:
         raise NotImplementedError
 
+    def sequence_experience(self, samples: Samples, advantages_of, kl_in_reward: bool) -> tuple[Experience, dict]:
+        """Experience of a critic-free method: one advantage per answer, from the rewards of its prompt's group
+        (``advantages_of``: (G, k) rewards -> (G, k) advantages), repeated on the answer's tokens. With
+        ``kl_in_reward`` an answer's reward is its score minus beta times its sequence KL (k1)."""
+        mask, f = samples.response_mask, self.forwards(samples)
+        scores = self.scores(f["raw"])
+        seq_kl = ((f["old_logp"] - f["ref_logp"]) * mask).sum(1)  # (B,)
+        beta = self.kl_ctl.value
+        rewards = scores - beta * seq_kl if kl_in_reward else scores
+        advantages = advantages_of(rewards.view(-1, self.samples_per_prompt)).reshape(-1)  # (B,)
+        stats = {**self.kl_stats(f["old_logp"], f["ref_logp"], mask), "kl_coef": torch.tensor(beta), "score": scores.mean(),
+                 "score_raw": f["raw"].mean(), "reward": rewards.mean(), "eos_rate": samples.ended.float().mean(),
+                 "response_length": mask.sum(1).mean(), "advantages_mean": advantages.mean(), "advantages_std": advantages.std(),
+                 "group_reward_std": rewards.view(-1, self.samples_per_prompt).std(1).mean()}
+        exp = Experience(samples, mask, f["old_logp"], f["ref_logp"], scores, advantages[:, None] * mask)
+        return exp, self.trainer.average(stats)
+
     def minibatch_losses(self, exp: Experience, train_policy: bool):
         """Yield (loss, metrics) per micro-batch of a minibatch."""
         raise NotImplementedError
 
     def trains_policy(self) -> bool:
         return True
+
+    def micro_batches(self, exp: Experience):
+        """A minibatch in ``grad_accum`` micro-batches."""
+        micro = len(exp.mask) // self.cfg.grad_accum
+        for i in range(0, len(exp.mask), micro):
+            yield exp[slice(i, i + micro)]
+
+    def policy_terms(self, e: Experience, aggregation: str = "token", kl_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+        """The clipped surrogate on a micro-batch (and, with ``kl_coef``, the k3 KL to the reference as a loss term)."""
+        s = e.samples
+        logp, entropy = token_logprobs_and_entropy(self.policy_train, s.input_ids, s.attention_mask, self.cfg.sampling.temperature, s.first_target)
+        logp, entropy = s.response_slice(logp) * e.mask, s.response_slice(entropy)  # PAD after EOS: 0, as old / ref log-probs
+        loss, metrics = policy_loss(logp, e.old_logp, e.advantages, e.mask, self.cfg.clip_range, aggregation)
+        metrics["entropy"] = masked_mean(entropy.detach(), e.mask)
+        if kl_coef:
+            kl_term, kl_metrics = kl_loss(logp, e.ref_logp, e.mask, aggregation)
+            loss = loss + kl_coef * kl_term
+            metrics.update(kl_metrics)
+        return loss, metrics
 
     # ---- update ---------------------------------------------------------------------------------
     def update(self, exp: Experience) -> dict:

@@ -1,5 +1,6 @@
 from prefect import task
 
+from rlhf.algorithms import registry
 from rlhf.config import EvalConfig, ModelConfig, from_dict
 from rlhf.lineage import EVALUATION
 from rlhf.stages import evaluate
@@ -8,12 +9,15 @@ from .runner import Lineage, run_stage
 
 
 @task(name="eval")
-def eval_stage(key: str, model: dict, eval_cfg: dict, has_gold: bool, data: dict, sft: dict, reward: dict, policy: dict, env: dict, fresh: bool = False) -> dict:
+def eval_stage(key: str, model: dict, eval_cfg: dict, has_gold: bool, data: dict, sft: dict, reward: dict, policy: dict, env: dict,
+               missing_eos_penalty: float = 0.0, fresh: bool = False) -> dict:
     """Generate on held-out prompts with the tuned and the SFT policy; score, compare, log a sample table."""
     m, c = from_dict(ModelConfig, model), from_dict(EvalConfig, eval_cfg)
+    sampler = registry()[policy["stage"]].sampler
 
     def body(ctx):
-        out = evaluate.run(c, m.max_length, has_gold, data["data_dir"], policy["model_path"], sft["model_path"], reward["model_path"], ctx)
+        out = evaluate.run(c, m.max_length, has_gold, data["data_dir"], policy["model_path"], sft["model_path"], reward["model_path"], ctx,
+                           missing_eos_penalty, sampler, policy.get("sampler_args"))
         ctx.sink.log_table(out.pop("table"), "eval/samples.json")
         return out
 

@@ -18,4 +18,4 @@ def policy_stage(algo: dict, key: str, model: dict, data: dict, sft: dict, env: 
     # On-policy methods sample on prompts and are checked on held-out prompts; DPO learns from the pairs.
     contexts = {"ppo_prompts": TRAINING, "eval_prompts": EVALUATION} if algorithm.needs_reward else {"pref": TRAINING, "eval_pref": EVALUATION}
     lineage = Lineage(data["datasets"], contexts, {"sft": sft, "reward": reward}, GENERATION, "policy_model_name")
-    return run_stage(algorithm.name, key, env, fresh, lambda ctx: algorithm.run(c, m, inputs, ctx), seed=c.seed, lineage=lineage)
+    return run_stage(algorithm.name, key, env, fresh, lambda ctx: algorithm.run(c, m, inputs, ctx), seed=getattr(c, "seed", 0), lineage=lineage)

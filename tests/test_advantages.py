@@ -76,3 +76,22 @@ def test_adaptive_kl_controller_hand_computed():
     fixed = FixedKLController(0.05)
     fixed.update(100.0, 1000)
     assert fixed.value == 0.05
+
+
+def test_leave_one_out_baseline_is_the_mean_of_the_others():
+    from rlhf.advantages import leave_one_out
+
+    r = torch.tensor([[1.0, 2.0, 6.0], [0.0, 0.0, 3.0]])
+    # 1 - (2+6)/2 = -3; 2 - (1+6)/2 = -1.5; 6 - (1+2)/2 = 4.5 ; 0 - 1.5 = -1.5 twice; 3 - 0 = 3
+    assert leave_one_out(r).tolist() == [[-3.0, -1.5, 4.5], [-1.5, -1.5, 3.0]]
+    assert torch.allclose(leave_one_out(r).sum(1), torch.zeros(2))  # a constant reward (and any offset) cancels
+
+
+def test_group_normalised_advantages():
+    from rlhf.advantages import group_normalized
+
+    r = torch.tensor([[1.0, 2.0, 3.0, 6.0], [5.0, 5.0, 5.0, 5.0]])
+    std = torch.tensor([1.0, 2.0, 3.0, 6.0]).std().item()  # unbiased: sqrt(14/3)
+    expected = [[(x - 3.0) / (std + 1e-4) for x in (1.0, 2.0, 3.0, 6.0)], [0.0] * 4]
+    assert torch.allclose(group_normalized(r), torch.tensor(expected), atol=1e-6)  # a group that agrees teaches nothing
+    assert group_normalized(r, scale=False)[0].tolist() == [-2.0, -1.0, 0.0, 3.0]

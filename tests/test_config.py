@@ -106,7 +106,7 @@ def test_help_lists_groups_and_typed_fields_and_cfg_job_prints_the_schema():
     run = lambda *a: subprocess.run([sys.executable, "-m", "flows.pipeline", *a], cwd=CONF.parent, capture_output=True, text=True, timeout=120)  # noqa: E731
     help_text = run("--help").stdout
     groups = dict(line.split(": ", 1) for line in help_text.split("== Config groups (group=option) ==\n")[1].split("\n\n")[0].splitlines())
-    assert groups["algo"] == "dpo, ppo" and {"tiny", "gpt2", "qwen2_450m"} <= set(groups["model"].split(", "))
+    assert groups["algo"] == "best_of_n, dpo, grpo, ppo, rloo" and {"tiny", "gpt2", "qwen2_450m"} <= set(groups["model"].split(", "))
     assert "algo.clip_range: float = 0.2" in help_text and "Ratio clip epsilon" in help_text
     assert "paths.root: str = '${oc.env:RLHF_HOME,.rlhf}'" in help_text
     job = yaml.safe_load(run("algo=ppo", "--cfg", "job").stdout)
@@ -116,3 +116,11 @@ def test_help_lists_groups_and_typed_fields_and_cfg_job_prints_the_schema():
 def test_documented_overrides_of_schema_keys_need_no_plus():
     cfg = validate(load_config(["data=hh_rlhf_local", "data.max_prompt_chars=300", "data.columns.prompt=question", "tracking.log_checkpoints=true"]))
     assert cfg.data.max_prompt_chars == 300 and cfg.data.columns["prompt"] == "question" and cfg.tracking.log_checkpoints
+
+
+@pytest.mark.skipif(not (CONF.parent / ".git").exists(), reason="needs the git checkout")
+@pytest.mark.parametrize("name", ["rloo", "grpo", "best_of_n"])
+def test_an_algorithm_is_named_only_in_its_stage_module_its_config_and_the_registry(name):
+    out = subprocess.run(["git", "grep", "-l", f'"{name}"'], cwd=CONF.parent, capture_output=True, text=True).stdout.split()
+    allowed = {f"rlhf/stages/{name}.py", f"conf/algo/{name}.yaml"}
+    assert {f for f in out if not f.startswith(("tests/", "docs/", "benchmarks/")) and not f.endswith(".md")} <= allowed, out

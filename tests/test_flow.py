@@ -22,7 +22,8 @@ from .conftest import SHARED_HH, micro_overrides
 pytestmark = pytest.mark.slow
 STAGES = ("data", "sft", "reward", "dpo", "eval")
 EVAL_METRICS = {"eval/gold_reward", "eval/sft_gold_reward", "eval/proxy_reward", "eval/kl", "eval/win_rate_gold", "eval/win_rate_proxy",
-                "eval/response_length", "eval/eos_rate", "eval/distinct_2", "eval/rm_accuracy"}
+                "eval/response_length", "eval/eos_rate", "eval/distinct_2", "eval/rm_accuracy", "eval/gold_gain", "eval/proxy_gain",
+                "eval/gold_reward_se", "eval/win_rate_gold_se", "eval/gold_gain_se", "eval/kl_se", "eval/win_rate_proxy_se"}
 STAGE_METRICS = {
     "sft": {"sft/loss", "sft/eval_loss", "sft/tokens_per_s", "sft/lr", "sft/grad_norm"},
     "reward": {"rm/loss", "rm/accuracy", "rm/eval_accuracy", "rm/margin", "rm/lr", "rm/grad_norm"},
@@ -227,6 +228,26 @@ def run_on_a_terminal(cmd: list[str], env: dict, cwd: Path, timeout: float = 600
             break
     os.close(leader)
     return proc.wait(timeout=60), b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.parametrize("algo, extra", [("rloo", ["experiment=micro_onpolicy"]), ("grpo", ["experiment=micro_onpolicy"]),
+                                         ("best_of_n", ["algo.n=4"])])
+def test_every_algorithm_is_a_stage_on_the_same_cached_upstream(first_run, algo, extra):
+    root, _, _ = first_run
+    r = rlhf_pipeline(load_config(micro_overrides(root, f"algo={algo}", *extra)))
+    assert r["cached"] == {"data": True, "sft": True, "reward": True, algo: False, "eval": False}
+    client = MlflowClient(r["tracking_uri"])
+    runs = stage_runs(client, r["run_id"])
+    assert set(runs) == {algo, "eval"} and EVAL_METRICS <= set(r["metrics"])
+    if algo == "best_of_n":  # nothing trained: the eval samples 4 SFT answers per prompt and keeps the reward model's pick
+        assert r["metrics"]["eval/kl_analytic"] == pytest.approx(math.log(4) - 0.75) and r["run_name"].startswith("best_of_n-")
+        return
+    assert re.fullmatch(rf"{algo}-b[\d.]+-c0\.2-[0-9a-f]{{6}}", r["run_name"])
+    kl = client.get_metric_history(runs[algo].info.run_id, f"{algo}/kl")
+    assert [m.step for m in kl] == [1, 2, 3, 4] and abs(kl[0].value) < 1e-4
+    assert "figures/kl_curve.png" in [f.path for f in client.list_artifacts(runs[algo].info.run_id, "figures")]
+    versions = client.search_model_versions("name = 'rlhf-policy'")
+    assert any(v.tags.get("stage") == algo for v in versions)
 
 
 def test_cli_first_run_on_fresh_homes_then_cached_in_a_new_process(tmp_path):

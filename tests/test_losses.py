@@ -106,3 +106,24 @@ def test_token_entropy_matches_the_categorical_and_carries_no_gradient():
     expected = torch.distributions.Categorical(logits=logits).entropy()
     assert torch.allclose(entropy, expected, atol=1e-5) and not entropy.requires_grad
     assert torch.allclose(logp, token_logprobs(model, ids, mask, temperature=0.7), atol=1e-6) and logp.requires_grad
+
+
+def test_token_and_sequence_aggregation():
+    from rlhf.losses import aggregate
+
+    per_token = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    assert aggregate(per_token, mask, "token") == pytest.approx(8 / 5)  # every token weighs the same
+    assert aggregate(per_token, mask, "sequence") == pytest.approx((1 + 4) / 2)  # every answer weighs the same
+
+
+def test_kl_loss_is_k3_with_gradient_through_the_policy():
+    from rlhf.losses import kl_loss
+
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.0]])
+    loss, metrics = kl_loss(logp, ref, torch.ones(1, 2))
+    expected = (0.0 + (math.exp(1.0) - 1 - 1.0)) / 2  # r = pi_ref / pi = e^(ref - logp): 1 and e
+    assert float(loss) == pytest.approx(expected) and float(metrics["kl_loss"]) == pytest.approx(expected)
+    loss.backward()
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 1] < 0  # d/dlogp (e^(ref-logp) - 1 - (ref-logp)) = 1 - e^(ref-logp)

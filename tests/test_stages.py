@@ -178,6 +178,43 @@ def test_lora_ppo_holds_each_base_once_and_matches_separate_frozen_copies(upstre
     assert abs(runs["shared"]["ppo/kl"][-1][1]) > 1e-3
 
 
+@pytest.mark.parametrize("name", ["rloo", "grpo"])
+def test_critic_free_methods_start_at_zero_kl_and_ratio_one_and_move_the_policy(upstream, name):
+    from rlhf.stages import grpo, rloo
+
+    module, schema = {"rloo": (rloo, rloo.RLOOConfig), "grpo": (grpo, grpo.GRPOConfig)}[name]
+    c = ctx(upstream["root"], name)
+    cfg = schema(steps=3, rollout_batch_size=8, minibatch_size=4, ppo_epochs=2, lr=1e-3, eval_every=2, checkpoint_every=2,
+                 samples_per_prompt=4, sampling=SamplingConfig(max_new_tokens=8))
+    out = module.run(cfg, TINY_MODEL, PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True, 1.0), c)
+    m = c.sink
+    assert abs(m.first(f"{name}/kl")) < 1e-4 and m.first(f"{name}/clipfrac_first_minibatch") == 0
+    assert abs(m.first(f"{name}/approx_kl_first_minibatch")) < 1e-6 and m.first(f"{name}/ratio") == pytest.approx(1.0, abs=0.05)
+    assert [s for s, _ in m.metrics[f"{name}/kl"]] == [1, 2, 3] and f"{name}/eval_gold_reward" in m.metrics
+    assert f"{name}/group_reward_std" in m.metrics and f"{name}/entropy" in m.metrics
+    assert not torch.allclose(params_of(upstream["sft"]["model_path"]), params_of(out["model_path"]))
+    assert (c.out_dir / "figures" / "kl_curve.png").stat().st_size > 1000
+    assert (c.ckpt_dir / "step-000012" / "COMPLETE").exists()  # resumable: 3 iterations x 2 epochs x 2 minibatches
+
+
+def test_best_of_one_is_sft_sampling_and_the_analytic_kl(upstream):
+    from rlhf.stages.best_of_n import BestOfNConfig, analytic_kl, sample
+    from rlhf.stages.best_of_n import run as best_of_n_run
+
+    assert analytic_kl(1) == 0 and analytic_kl(16) == pytest.approx(math.log(16) - 15 / 16)
+    s, rm = upstream["sft"]["model_path"], upstream["rm"]["model_path"]
+    record = best_of_n_run(BestOfNConfig(n=1), TINY_MODEL, PolicyInputs(upstream["data"], s, rm, True, 1.0), ctx(upstream["root"], "bon1"))
+    assert record["model_path"] == s and record["sampler_args"] == {"n": 1}
+    cfg = EvalConfig(n_prompts=16, sampling=SamplingConfig(max_new_tokens=8))
+    one = evaluate.run(cfg, TINY_MODEL.max_length, True, upstream["data"], s, s, rm, ctx(upstream["root"], "eval-bon1"), 1.0, sample, {"n": 1})
+    m = one["metrics"]
+    assert m["eval/win_rate_gold"] == 0.5 and m["eval/kl"] == 0 and m["eval/kl_analytic"] == 0  # the same answers as SFT's
+    four = evaluate.run(cfg, TINY_MODEL.max_length, True, upstream["data"], s, s, rm, ctx(upstream["root"], "eval-bon4"), 1.0, sample, {"n": 4})
+    m4 = four["metrics"]
+    assert m4["eval/proxy_gain"] > 0 and m4["eval/win_rate_proxy"] > 0.5  # the reward model picks what it likes
+    assert m4["eval/kl_analytic"] == pytest.approx(math.log(4) - 0.75) and 0 < m4["eval/kl"] <= math.log(4)
+
+
 def test_evaluation_of_the_sft_policy_against_itself_is_a_tie(upstream):
     s = upstream["sft"]["model_path"]
     out = evaluate.run(EvalConfig(n_prompts=16, sampling=SamplingConfig(max_new_tokens=8)), TINY_MODEL.max_length, True, upstream["data"],

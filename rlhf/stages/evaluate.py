@@ -1,11 +1,21 @@
 """Held-out evaluation: the tuned policy against the SFT policy on prompts never trained on.
 
-Both policies sample with the same settings and seed. Metrics: gold reward (when the task has one),
-proxy reward (the reward model), KL(policy || SFT) estimated on the policy's samples, win rates,
-length, EOS rate, distinct-2 and the reward model's held-out pair accuracy.
+Each of ``eval.n_prompts`` held-out prompts gets ``eval.n_samples`` answers from the policy and as many
+from SFT, with the same sampling settings and seed. Metrics, each with its standard error over prompts
+(``<metric>_se``; paired where it compares with SFT: the per-prompt difference, or the per-prompt win
+share): gold reward (when the task has one), proxy reward (the reward model under the on-policy stages'
+scoring rule: raw score minus ``reward.missing_eos_penalty`` for answers that never end), their gains
+over SFT, win rates (ties count one half), KL(policy || SFT) on the policy's answers, length, EOS rate,
+distinct-2, and the reward model's held-out pair accuracy.
+
+A policy that is not one model (best-of-n: SFT samples picked by the reward model) brings its own
+sampler through its algorithm's declaration (:attr:`rlhf.algorithms.Algorithm.sampler`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -14,17 +24,36 @@ from ..config import EvalConfig
 from ..data import encode_prompts, left_pad, load_rows
 from ..modeling import load_policy, load_scalar_model, load_tokenizer, sequence_scores, token_logprobs
 from ..rollout import Samples, decode_responses, generate
+from ..stats import mean_se, per_prompt, wins
 from .common import StageContext
 from .reward import pair_accuracy
 
 
-def sample_all(model, prompt_ids: list[list[int]], cfg: EvalConfig, tokenizer, device) -> list[Samples]:
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    out = []
-    for i in range(0, len(prompt_ids), cfg.sampling.batch_size):
-        ids, mask = left_pad(prompt_ids[i : i + cfg.sampling.batch_size], tokenizer.pad_token_id)
-        out.append(generate(model, ids.to(device), mask.to(device), cfg.sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, generator))
-    return out
+@dataclass
+class EvalEnv:
+    """What a sampler may use: the SFT model, the reward model's score, the settings, one generator."""
+
+    sft: torch.nn.Module
+    score: Callable[[Samples], torch.Tensor]  # (B,) the scoring rule: raw reward-model score minus the missing-EOS penalty
+    cfg: EvalConfig
+    tokenizer: object
+    device: torch.device
+    generator: torch.Generator
+
+    def sample(self, model, prompt_ids: list[list[int]]) -> list[Samples]:
+        """Answers of ``model`` to ``prompt_ids``, in batches of ``eval.sampling.batch_size``."""
+        size = self.cfg.sampling.batch_size
+        return [self.sample_batch(model, prompt_ids[i : i + size]) for i in range(0, len(prompt_ids), size)]
+
+    def sample_batch(self, model, prompt_ids: list[list[int]]) -> Samples:
+        """Answers of ``model`` to ``prompt_ids`` in one batch."""
+        tok = self.tokenizer
+        ids, mask = left_pad(prompt_ids, tok.pad_token_id)
+        return generate(model, ids.to(self.device), mask.to(self.device), self.cfg.sampling, tok.eos_token_id, tok.pad_token_id, self.generator)
+
+
+# A sampler: (env, prompt ids (one per answer), its args) -> (answers, per-answer KL to SFT (N,) or None, extra metrics)
+Sampler = Callable[[EvalEnv, list[list[int]], dict], tuple[list[Samples], torch.Tensor | None, dict]]
 
 
 @torch.no_grad()
@@ -39,59 +68,73 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
     return len(set(grams)) / max(1, len(grams))
 
 
-def win_rate(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Share of prompts where a beats b; ties count one half."""
-    return float(((a > b).float() + 0.5 * (a == b).float()).mean())
+def _answers(batches: list[Samples], tokenizer, score) -> dict:
+    return {"texts": [t for b in batches for t in decode_responses(tokenizer, b)], "ended": torch.cat([b.ended.cpu() for b in batches]),
+            "length": torch.cat([b.lengths().cpu() for b in batches]),
+            "proxy": torch.cat([score(b).cpu() for b in batches]) if score else None}
+
+
+def _with_se(metrics: dict, name: str, values: torch.Tensor, n_samples: int) -> None:
+    """``name`` and ``name_se`` from per-answer values (prompt-major), the SE over prompts."""
+    metrics[name], metrics[f"{name}_se"] = mean_se(per_prompt(values.float(), n_samples))
+
+
+def comparison_metrics(kind: str, policy: torch.Tensor, sft: torch.Tensor, n_samples: int) -> dict:
+    """Policy and SFT values of a reward (gold or proxy) per answer: means, the paired gain and the win rate, with SEs."""
+    out: dict = {}
+    _with_se(out, f"eval/{kind}_reward", policy, n_samples)
+    _with_se(out, f"eval/sft_{kind}_reward", sft, n_samples)
+    _with_se(out, f"eval/{kind}_gain", policy - sft, n_samples)  # paired: the same prompt, the same sample index
+    _with_se(out, f"eval/win_rate_{kind}", wins(policy, sft), n_samples)
+    return out
 
 
 @torch.no_grad()
-def run(cfg: EvalConfig, max_length: int, has_gold: bool, data_dir: str, policy_path: str, sft_path: str, reward_path: str | None, ctx: StageContext) -> dict:
+def run(cfg: EvalConfig, max_length: int, has_gold: bool, data_dir: str, policy_path: str, sft_path: str, reward_path: str | None,
+        ctx: StageContext, missing_eos_penalty: float = 0.0, sampler: Sampler | None = None, sampler_args: dict | None = None) -> dict:
     tokenizer = load_tokenizer(sft_path)
-    prompts = [r["prompt"] for r in load_rows(data_dir, "eval_prompts", tokenizer)][: cfg.n_prompts]
+    raw_prompts = [r["prompt"] for r in load_rows(data_dir, "eval_prompts", tokenizer)][: cfg.n_prompts]
+    S = cfg.n_samples
+    prompts = [p for p in raw_prompts for _ in range(S)]  # prompt-major: answers j*S .. j*S+S-1 answer prompt j
     prompt_ids = encode_prompts(tokenizer, prompts, max_length - cfg.sampling.max_new_tokens)
-    policy = load_policy(policy_path, tokenizer).to(ctx.device).eval()
     sft = load_policy(sft_path, tokenizer).to(ctx.device).eval()
     reward = load_scalar_model(reward_path, tokenizer, zero_head=False).to(ctx.device).eval() if reward_path else None
 
-    answers, texts, ended, scores, kl = {}, {}, {}, {}, []
-    for name, model in (("policy", policy), ("sft", sft)):
-        batches = sample_all(model, prompt_ids, cfg, tokenizer, ctx.device)
-        texts[name] = [t for b in batches for t in decode_responses(tokenizer, b)]
-        ended[name] = torch.cat([b.ended.cpu() for b in batches])
-        answers[name] = batches
-        if reward is not None:
-            scores[name] = torch.cat([sequence_scores(reward, b.input_ids, b.attention_mask, b.last_index).cpu() for b in batches])
-    t = cfg.sampling.temperature
-    kl = torch.cat([(sequence_logp(policy, b, t) - sequence_logp(sft, b, t)).cpu() for b in answers["policy"]])
-    lengths = torch.cat([b.lengths().cpu() for b in answers["policy"]])
+    def score(s: Samples) -> torch.Tensor:
+        return sequence_scores(reward, s.input_ids, s.attention_mask, s.last_index) - missing_eos_penalty * (~s.ended).float()
 
-    metrics = {
-        "eval/kl": float(kl.mean()),
-        "eval/response_length": float(lengths.mean()),
-        "eval/sft_response_length": float(torch.cat([b.lengths().cpu() for b in answers["sft"]]).mean()),
-        "eval/eos_rate": float(ended["policy"].float().mean()),
-        "eval/distinct_2": distinct_n(texts["policy"]),
-        "eval/n_prompts": len(prompts),
-    }
+    env = EvalEnv(sft, score if reward is not None else None, cfg, tokenizer, ctx.device, torch.Generator(device=ctx.device).manual_seed(cfg.seed))
+    t = cfg.sampling.temperature
+    if sampler is None:
+        policy = load_policy(policy_path, tokenizer).to(ctx.device).eval()
+        batches = env.sample(policy, prompt_ids)
+        kl, extra = torch.cat([(sequence_logp(policy, b, t) - sequence_logp(sft, b, t)).cpu() for b in batches]), {}
+    else:
+        batches, kl, extra = sampler(env, prompt_ids, sampler_args or {})
+    env.generator.manual_seed(cfg.seed)  # SFT's answers from the same seed as the policy's (the default sampler's)
+    answers = {"policy": _answers(batches, tokenizer, env.score), "sft": _answers(env.sample(sft, prompt_ids), tokenizer, env.score)}
+
+    metrics = {"eval/n_prompts": len(raw_prompts), "eval/n_samples": S, "eval/eos_rate": float(answers["policy"]["ended"].float().mean()),
+               "eval/distinct_2": distinct_n(answers["policy"]["texts"]), **extra}
+    _with_se(metrics, "eval/kl", kl, S)
+    _with_se(metrics, "eval/response_length", answers["policy"]["length"], S)
+    _with_se(metrics, "eval/sft_response_length", answers["sft"]["length"], S)
     gold = {}
     if has_gold:
-        for name in ("policy", "sft"):
-            gold[name] = torch.tensor([synthetic.gold_reward(p, a, bool(e)) for p, a, e in zip(prompts, texts[name], ended[name])])
-        metrics.update({"eval/gold_reward": float(gold["policy"].mean()), "eval/sft_gold_reward": float(gold["sft"].mean()),
-                        "eval/win_rate_gold": win_rate(gold["policy"], gold["sft"])})
+        for who, a in answers.items():
+            gold[who] = torch.tensor([synthetic.gold_reward(p, x, bool(e)) for p, x, e in zip(prompts, a["texts"], a["ended"])])
+        metrics.update(comparison_metrics("gold", gold["policy"], gold["sft"], S))
     if reward is not None:
-        metrics.update({"eval/proxy_reward": float(scores["policy"].mean()), "eval/sft_proxy_reward": float(scores["sft"].mean()),
-                        "eval/win_rate_proxy": win_rate(scores["policy"], scores["sft"])})
-        held = load_rows(data_dir, "eval_pref", tokenizer)
-        acc = pair_accuracy(reward, held, tokenizer, max_length, ctx.device)
+        metrics.update(comparison_metrics("proxy", answers["policy"]["proxy"], answers["sft"]["proxy"], S))
+        acc = pair_accuracy(reward, load_rows(data_dir, "eval_pref", tokenizer), tokenizer, max_length, ctx.device)
         metrics["eval/rm_accuracy"] = acc["eval_accuracy"]
         if "eval_gold_accuracy" in acc:
             metrics["eval/rm_gold_accuracy"] = acc["eval_gold_accuracy"]
 
     n = min(cfg.n_samples_table, len(prompts))
-    table = {"prompt": prompts[:n], "sft_answer": texts["sft"][:n], "policy_answer": texts["policy"][:n]}
-    for name, values in (("gold", gold), ("proxy", scores)):
+    table = {"prompt": prompts[:n], "sft_answer": answers["sft"]["texts"][:n], "policy_answer": answers["policy"]["texts"][:n]}
+    for kind, values in (("gold", gold), ("proxy", {w: a["proxy"] for w, a in answers.items() if a["proxy"] is not None})):
         for who in values:
-            table[f"{who}_{name}_reward"] = [round(float(x), 4) for x in values[who][:n]]
+            table[f"{who}_{kind}_reward"] = [round(float(x), 4) for x in values[who][:n]]
     ctx.sink.log_metrics(metrics, 0)
     return {"metrics": metrics, "table": table}

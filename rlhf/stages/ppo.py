@@ -26,8 +26,8 @@ from ..advantages import RunningMoments, gae, whiten
 from ..algorithms import Algorithm, PolicyInputs
 from ..config import ModelConfig, OnPolicyConfig, setting
 from ..kl_control import make_controller
-from ..losses import masked_mean, masked_var, policy_loss, value_loss
-from ..modeling import TokenValues, token_logprobs_and_entropy
+from ..losses import masked_mean, masked_var, value_loss
+from ..modeling import TokenValues
 from ..onpolicy import Experience, OnPolicy, OnPolicyModels, prompts_of, train
 from ..rollout import Samples
 from .common import StageContext
@@ -116,21 +116,15 @@ class PPO(OnPolicy):
         """Yield (loss, metrics) per micro-batch of a minibatch: clipped policy loss + vf_coef * clipped value loss."""
         cfg = self.cfg
         shift, scale = self.value_scale()
-        micro = len(exp.mask) // cfg.grad_accum
-        for i in range(0, len(exp.mask), micro):
-            e = exp[slice(i, i + micro)]
+        for e in self.micro_batches(exp):
             s = e.samples
-            ids, attn = s.input_ids, s.attention_mask
-            values = (s.response_slice(self.value_train(ids, attn)[:, :-1]) - shift) / scale
-            vf_loss, vf_metrics = value_loss(values, e.old_values, e.returns, e.mask, cfg.value_clip_range)
-            metrics = dict(vf_metrics)
+            values = (s.response_slice(self.value_train(s.input_ids, s.attention_mask)[:, :-1]) - shift) / scale
+            vf_loss, metrics = value_loss(values, e.old_values, e.returns, e.mask, cfg.value_clip_range)
             loss = cfg.vf_coef * vf_loss
             if train_policy:
-                logp, entropy = token_logprobs_and_entropy(self.policy_train, ids, attn, cfg.sampling.temperature, s.first_target)
-                logp, entropy = s.response_slice(logp), s.response_slice(entropy)
-                pg_loss, pg_metrics = policy_loss(logp, e.old_logp, e.advantages, e.mask, cfg.clip_range)
-                metrics.update(pg_metrics, entropy=masked_mean(entropy.detach(), e.mask))
+                pg_loss, pg_metrics = self.policy_terms(e)
                 loss = loss + pg_loss
+                metrics = {**metrics, **pg_metrics}
             yield loss, metrics
 
 
