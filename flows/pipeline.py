@@ -27,7 +27,7 @@ from flows.report import mlflow_link, publish, run_name, ui_hint
 from flows.stage import training_task
 from flows.sweep import sweep_run
 from rlhf.algorithms import registry
-from rlhf.config import ConfigError, PipelineConfig, flatten, to_dict, training_stages, validate
+from rlhf.config import ConfigError, PipelineConfig, flatten, reward_member, stage_kind, to_dict, training_stages, validate
 from rlhf.lineage import log_datasets
 from rlhf.preflight import preflight
 from rlhf.tracking import RunLogger, close_orphaned_runs, experiment_id
@@ -88,7 +88,8 @@ class Stages:
         first = min((order.index(s) for s in cfg.refresh if s in order), default=len(order))
         self.refreshed = set(order[first:])
 
-    def __call__(self, name: str, task, **inputs) -> dict:
+    def _placed(self, name: str, task, inputs: dict):
+        """The task to call for stage ``name`` (here, or its dispatch to the work pool), its inputs, and refresh."""
         refresh = name in self.refreshed
         options = {**stage_options(self.root, refresh), "task_run_name": f"{name}-{short_key(self.keys[name])}"}
         dispatch = self.cfg.dispatch
@@ -97,9 +98,12 @@ class Stages:
             inputs = {"stage": name, "inputs": inputs, "dispatch": to_dict(dispatch),
                       "flow_run_name": f"{name}-{short_key(self.keys[name])} of {self.env['run_name']}"}
         else:
-            task = task.with_options(**options, tags=[dispatch.concurrency_tag] if name in training_stages() else [])
+            task = task.with_options(**options, tags=[dispatch.concurrency_tag] if stage_kind(name) in training_stages() else [])
         self.log.info("stage %s: starting (key %s)", name, self.keys[name])
-        state = task(key=self.keys[name], env=self.env, fresh=refresh, return_state=True, **inputs)
+        return task, {"key": self.keys[name], "env": self.env, "fresh": refresh, **inputs}
+
+    def _record(self, name: str, state) -> dict:
+        """Bookkeeping of a finished stage: its tags on the parent run, a log line; its record (or its exception)."""
         self.cached[name] = state.name == "Cached"
         tags = {f"stage.{name}.cache_key": self.keys[name], f"stage.{name}.cached": str(self.cached[name]).lower()}
         if state.is_failed() or state.is_crashed():
@@ -110,6 +114,21 @@ class Stages:
         how = f"Cached (made by MLflow run {record['run_id']})" if self.cached[name] else f"ran in {record['compute_s']:.1f} s (MLflow run {record['run_id']})"
         self.log.info("stage %s: %s", name, how)
         return record
+
+    def __call__(self, name: str, task, **inputs) -> dict:
+        task, inputs = self._placed(name, task, inputs)
+        return self._record(name, task(return_state=True, **inputs))
+
+    def all(self, calls: list[tuple[str, object, dict]]) -> list[dict]:
+        """Independent stages (a reward-model ensemble's members): on the work pool all at once, each its own
+        flow run; in this process one after the other (torch's global RNG and threads are per process)."""
+        if not all(self.cfg.dispatch.dispatched(name) for name, _, _ in calls):
+            return [self(name, task, **inputs) for name, task, inputs in calls]
+        futures = [(name, task.submit(**inputs)) for name, task, inputs in (
+            (name, *self._placed(name, task, inputs)) for name, task, inputs in calls)]
+        for _, future in futures:
+            future.wait()
+        return [self._record(name, future.state) for name, future in futures]
 
 
 def open_parent_run(cfg: PipelineConfig, client: MlflowClient, exp_id: str, name: str) -> RunLogger:
@@ -170,13 +189,14 @@ def rlhf_pipeline(config: dict | None = None, overrides: list[str] | None = None
     try:
         data = stage("data", data_stage, data=to_dict(cfg.data))
         sft = stage("sft", training_task("sft"), model=model, sft_cfg=to_dict(cfg.sft), data=data)
-        reward = stage("reward", training_task("reward"), model=model, reward_cfg=to_dict(cfg.reward), data=data, sft=sft)
-        policy_inputs = {"reward": reward, "has_gold": has_gold, "missing_eos_penalty": cfg.reward.missing_eos_penalty} \
+        rewards = stage.all([(reward_member(i), training_task("reward"), dict(model=model, reward_cfg=to_dict(cfg.reward), data=data, sft=sft,
+                                                                             member=i)) for i in range(cfg.reward.ensemble_size)])
+        policy_inputs = {"rewards": rewards, "has_gold": has_gold, "missing_eos_penalty": cfg.reward.missing_eos_penalty} \
             if registry()[algo].needs_reward else {}
         policy = stage(algo, training_task(algo), model=model, algo=to_dict(cfg.algo), data=data, sft=sft, **policy_inputs)
         evaluation = stage("eval", eval_stage, model=model, eval_cfg=to_dict(cfg.eval), has_gold=has_gold,
                            missing_eos_penalty=cfg.reward.missing_eos_penalty,
-                           data=data, sft=sft, reward=reward, policy=policy)
+                           data=data, sft=sft, rewards=rewards, policy=policy)
     except BaseException:
         parent.finish("FAILED")
         raise
@@ -191,7 +211,7 @@ def rlhf_pipeline(config: dict | None = None, overrides: list[str] | None = None
     logger.info("%s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
     parent.finish()
     return {"run_id": parent.run_id, "run_name": name, "experiment_id": exp_id, "tracking_uri": uri, "keys": keys, "cached": stage.cached,
-            "metrics": metrics, "policy_path": policy["model_path"], "records": {"data": data, "sft": sft, "reward": reward, algo: policy}}
+            "metrics": metrics, "policy_path": policy["model_path"], "records": {"data": data, "sft": sft, **{reward_member(i): r for i, r in enumerate(rewards)}, algo: policy}}
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

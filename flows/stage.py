@@ -10,7 +10,7 @@ import tasks  # noqa: F401  (Prefect defaults first)
 
 from prefect import flow
 
-from rlhf.config import training_stages
+from rlhf.config import stage_kind, training_stages
 from tasks.policy import policy_stage
 from tasks.reward import reward_stage
 from tasks.sft import sft_stage
@@ -25,6 +25,7 @@ def training_task(stage: str):
 
 @flow(name="rlhf-stage", log_prints=True)
 def rlhf_stage(stage: str, key: str, env: dict, inputs: dict, fresh: bool = False, concurrency_tag: str = "gpu") -> dict:
-    """Train ``stage`` (sft, reward or a policy algorithm) with the inputs the pipeline resolved; returns its record."""
-    train = training_task(stage).with_options(tags=[concurrency_tag], retries=0)
+    """Train ``stage`` (sft, reward or a policy algorithm; a reward ensemble's member is reward with its
+    ``member`` input) with the inputs the pipeline resolved; returns its record."""
+    train = training_task(stage_kind(stage)).with_options(tags=[concurrency_tag], retries=0)
     return train(key=key, env=env, fresh=fresh, **inputs)

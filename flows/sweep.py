@@ -1,4 +1,5 @@
-"""Hydra multirun: one MLflow row per sweep, its members nested under it, its summary on that row.
+"""Hydra multirun: one MLflow row per sweep, its members nested under it, its summary on that row
+(members table, KL curves, reward-vs-KL frontier, and Gao et al.'s forms fitted to it: alpha, beta, R^2, d*).
 
 Every member of one multirun derives the same sweep id from the sweep folder. The sweep's run is made
 once (by the callback when the multirun starts, or by the first member to need it: a file lock in
@@ -78,7 +79,7 @@ class SweepSummary(Callback):
         log.info("sweep %s: MLflow run %s", sweep.sweep_id, sweep.run_id())
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from rlhf.reports import frontier_figure, kl_curves_figure, member_table, sweep_members
+        from rlhf.reports import frontier_figure, kl_curves_figure, member_table, sweep_frontier, sweep_members
         from rlhf.tracking import RunLogger
 
         sweep = _Sweep(config)
@@ -88,10 +89,13 @@ class SweepSummary(Callback):
             log.warning("sweep %s: no finished member runs to summarise", sweep.sweep_id)
             summary.finish("FAILED")
             return
-        stage = runs[0].data.tags.get("algo", "ppo")
         summary.log_table(member_table(runs), "sweep/members.json")
-        summary.log_figure(kl_curves_figure(sweep.client, runs, stage), "sweep/kl_curves.png")
+        summary.log_figure(kl_curves_figure(sweep.client, runs), "sweep/kl_curves.png")
         summary.log_figure(frontier_figure(runs), "sweep/reward_vs_kl.png")
+        fitted, figure = sweep_frontier(runs)
+        if figure is not None:
+            summary.log_figure(figure, "sweep/frontier_fit.png")
+            summary.log_metrics(fitted, step=0)
         summary.log_params({"n_members": len(runs), "swept": ",".join(swept_keys(config))})
         summary.set_tags({"sweep_summary": "true"})
         summary.finish()

@@ -32,6 +32,11 @@ class PolicyInputs:
     reward_path: str | None = None  # only for algorithms with ``needs_reward``
     has_gold: bool = False  # the data has a known gold reward (the synthetic task): held-out gold during training
     missing_eos_penalty: float = 0.0  # the reward model's scoring rule (reward.missing_eos_penalty)
+    extra_reward_paths: tuple[str, ...] = ()  # reward-model ensemble members 1.. (reward.ensemble_size > 1)
+
+    @property
+    def reward_paths(self) -> tuple[str, ...]:
+        return (self.reward_path, *self.extra_reward_paths) if self.reward_path else ()
 
 
 @dataclass(frozen=True)

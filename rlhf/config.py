@@ -183,8 +183,13 @@ class RewardConfig(SupervisedConfig):
     missing_eos_penalty: float = setting(1.0, "The reward model's scoring rule wherever it scores sampled answers (on-policy training, "
                                               "evaluation): subtracted from answers that never end. Not part of the reward model's "
                                               "training, so not of its cache key.", ge=0.0)
+    ensemble_size: int = setting(1, "Reward models trained (Coste et al. 2023): member i uses seed + i (its data order) and, with "
+                                    "bootstrap, its own resample of the pairs; each member is a cached stage (reward, reward.1, ...), "
+                                    "so a larger ensemble re-uses the smaller one's members.", ge=1)
+    bootstrap: bool = setting(False, "Train each ensemble member on a bootstrap resample of the pairs (members > 0 when the ensemble "
+                                     "has one member: member 0 is always the single reward model).")
 
-    SCORING_ONLY = ("missing_eos_penalty",)  # fields that change how scores are used, not the trained reward model
+    SCORING_ONLY = ("missing_eos_penalty", "ensemble_size")  # fields that do not change what a member trains
 
 
 @dataclass
@@ -210,6 +215,20 @@ class OnPolicyConfig(OptimConfig):
     minibatch_size: int = setting(16, "Rollouts per optimizer step; must divide rollout_batch_size.", ge=1)
     ppo_epochs: int = setting(4, "Passes over each rollout batch.", ge=1)
     score_norm: bool = setting(True, "Shift scores so SFT answers score mean 0 (measured before training).")
+    reward_ensemble: str = setting("mean", "How a reward-model ensemble (reward.ensemble_size > 1) scores an answer, each member "
+                                           "first standardised on SFT answers: mean, worst (the minimum, WCO) or uncertainty "
+                                           "(mean - uncertainty_coef * variance, UWO; Coste et al. 2023).",
+                                   choices=["mean", "worst", "uncertainty"])
+    uncertainty_coef: float = setting(0.5, "lambda of reward_ensemble=uncertainty.", ge=0.0)
+    guard: str = setting("none", "Over-optimisation guard (never sees gold): keep the held-out checkpoint with the best guard_score "
+                                 "(conservative), the latest within guard_kl_budget (kl), or the best within the budget (both); the "
+                                 "stage returns that checkpoint and stops early (guard_patience). none: the last iteration.",
+                         choices=["none", "conservative", "kl", "both"])
+    guard_score: str = setting("worst", "The guard's held-out score: the reward ensemble aggregated this way (mean, worst, "
+                                        "uncertainty); with one reward model, its score.", choices=["mean", "worst", "uncertainty"])
+    guard_kl_budget: Optional[float] = setting(None, "Largest held-out KL to the reference (nats per answer) a kept checkpoint may have; "
+                                                     "past it training stops. Required by guard=kl|both.", gt=0.0)
+    guard_patience: int = setting(3, "Evaluations without a better guard score before training stops (0: never early).", ge=0)
     forward_batch_size: int = setting(64, "Rollouts per forward in the experience pass (old / reference log-probs, values, scores): "
                                           "bounds its activation memory.", ge=1)
     lr: float = default(OptimConfig, "lr", 1e-4)
@@ -221,6 +240,9 @@ class OnPolicyConfig(OptimConfig):
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(batch_size=64))
 
     def check(self, key: str) -> None:
+        if self.guard in ("kl", "both") and self.guard_kl_budget is None:
+            raise ConfigError(f"{key}.guard={self.guard} keeps checkpoints within a KL budget, and {key}.guard_kl_budget is not set. "
+                              f"Fix: pass {key}.guard_kl_budget=<nats>, e.g. 2.0, or {key}.guard=conservative.")
         if self.sampling.top_k or self.sampling.top_p < 1.0:
             raise ConfigError(
                 f"{key}.sampling.top_k={self.sampling.top_k} / top_p={self.sampling.top_p}: the rollouts would come from the truncated "
@@ -299,6 +321,16 @@ def training_stages() -> tuple[str, ...]:
     return SUPERVISED_STAGES + tuple(registry())
 
 
+def stage_kind(name: str) -> str:
+    """What a stage is: a reward-model ensemble's member ``reward.2`` is a ``reward`` stage."""
+    return name.split(".", 1)[0]
+
+
+def reward_member(i: int) -> str:
+    """The stage name of reward-model ensemble member ``i`` (member 0 is the single reward model)."""
+    return "reward" if i == 0 else f"reward.{i}"
+
+
 @dataclass
 class DispatchConfig:
     """Where stages run. ``local``: every stage in the flow's own process. ``deployments``: each training
@@ -317,7 +349,7 @@ class DispatchConfig:
 
     def dispatched(self, stage: str) -> bool:
         """Does ``stage`` run on the work pool?"""
-        return self.mode == "deployments" and stage in (self.stages if self.stages is not None else training_stages())
+        return self.mode == "deployments" and stage_kind(stage) in (self.stages if self.stages is not None else training_stages())
 
     def check(self, key: str) -> None:
         unknown = set(self.stages or ()) - set(training_stages())
@@ -421,7 +453,7 @@ def validate(config: Any) -> PipelineConfig:
         cfg: PipelineConfig = OmegaConf.to_object(merged)
     _check_bounds(cfg, "")
     _check_data_parallel(cfg)
-    unknown = set(cfg.refresh) - set(stages())
+    unknown = {stage_kind(s) for s in cfg.refresh} - set(stages())
     if unknown:
         raise ConfigError(f"refresh={cfg.refresh} names unknown stages {sorted(unknown)}. Fix: use stages among {list(stages())}.")
     return cfg

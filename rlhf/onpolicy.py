@@ -18,27 +18,30 @@ share of every minibatch; the statistics and the score offset are taken over all
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast_object_list
 
-from . import synthetic
+from . import checkpoint, frontier, synthetic
 from .algorithms import PolicyInputs
 from .config import ModelConfig, OnPolicyConfig, SamplingConfig
 from .data import encode_prompts, left_pad, load_rows
 from .kl_control import FixedKLController
 from .losses import kl_k1, kl_k3, kl_loss, masked_mean, policy_loss
 from .modeling import (FrozenModel, Logprobs, autocast, disable_dropout, load_policy, load_scalar_model, load_tokenizer, load_trainable,
-                       sequence_scores, token_logprobs, token_logprobs_and_entropy, token_values)
+                       save_pretrained_atomic, sequence_scores, token_logprobs, token_logprobs_and_entropy, token_values)
 from .rollout import Samples, decode_responses, generate
 from .stages.common import StageContext
 from .trainer import Trainer, epoch_order
 
 SCORE_NORM_BATCHES = 2  # rollout batches of the SFT policy used to measure the score offset
+GUARD_DIR = "guard_best"  # the checkpoint the over-optimisation guard keeps (a stage folder's)
 EVAL_PROMPTS = 128  # held-out prompts scored at each evaluation during training
-CURVES = ("kl", "kl_k3", "score", "eval_proxy_reward", "eval_gold_reward")  # what the KL curve figure plots
+CURVES = ("kl", "kl_k3", "score", "eval_proxy_reward", "eval_gold_reward", "eval_guard_score")  # what the KL curve figure plots
 
 
 @dataclass
@@ -63,8 +66,8 @@ class Experience:
 
 
 class OnPolicyModels:
-    """The policy (trained), the reference and the reward model (frozen) and, with ``value_init``, a
-    value model (trained); dropout off in all of them.
+    """The policy (trained), the reference and the reward model(s) (frozen: ``rewards``, one per ensemble
+    member) and, with ``value_init``, a value model (trained); dropout off in all of them.
 
     Under LoRA (``model.lora_shared_reference``) the reference is the policy with its adapters off, and
     the reward model is the value model with its adapters (and trained head) off when the value model
@@ -81,9 +84,10 @@ class OnPolicyModels:
             self.value = load_trainable("scalar", start, resume and resume / "value", tok, model_cfg, zero_head=value_init == "sft").to(device)
         share = model_cfg.lora_r > 0 and model_cfg.lora_shared_reference
         self.reference = FrozenModel(adapters_of=self.policy) if share else FrozenModel(load_policy(sft_path, tok, dtype).to(device))
-        self.reward = FrozenModel(adapters_of=self.value) if share and value_init == "reward" else \
+        first = FrozenModel(adapters_of=self.value) if share and value_init == "reward" else \
             FrozenModel(load_scalar_model(reward_path, tok, dtype, zero_head=False).to(device))
-        for m in (self.policy, self.value, self.reference.model, self.reward.model):
+        self.rewards = [first] + [FrozenModel(load_scalar_model(p, tok, dtype, zero_head=False).to(device)) for p in inputs.extra_reward_paths]
+        for m in (self.policy, self.value, self.reference.model, *(r.model for r in self.rewards)):
             if m is not None:
                 disable_dropout(m)
         self.amp = autocast(model_cfg, device)
@@ -107,6 +111,8 @@ class OnPolicy:
         self.missing_eos_penalty = inputs.missing_eos_penalty
         self.kl_ctl = FixedKLController(cfg.beta)
         self.score_offset = 0.0
+        self.member_stats = torch.zeros(len(models.rewards), 2)  # (K, 2) mean and std of each member's scores on SFT answers
+        self.guard = {"best": None, "iteration": None, "since": 0, "stopped": None}  # the over-optimisation guard's memory
         self.iteration = 0
         self.history: dict[str, list[tuple[int, float]]] = {}  # the KL curve, kept across resumes
         n_updates = cfg.steps * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
@@ -120,11 +126,13 @@ class OnPolicy:
 
     # ---- state ----------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"iteration": self.iteration, "kl_ctl": self.kl_ctl.state_dict(), "score_offset": self.score_offset, "history": self.history}
+        return {"iteration": self.iteration, "kl_ctl": self.kl_ctl.state_dict(), "score_offset": self.score_offset, "history": self.history,
+                "member_stats": self.member_stats, "guard": self.guard}
 
     def load(self, ckpt: Path) -> dict:
         extra = self.trainer.load(ckpt)
         self.iteration, self.score_offset, self.history = extra["iteration"], extra["score_offset"], extra["history"]
+        self.member_stats, self.guard = extra["member_stats"], extra["guard"]
         self.kl_ctl.load_state_dict(extra["kl_ctl"])
         return extra
 
@@ -149,19 +157,41 @@ class OnPolicy:
 
     # ---- scoring --------------------------------------------------------------------------------
     @torch.no_grad()
+    def member_scores(self, samples: Samples) -> torch.Tensor:
+        """Each reward model's raw score at the last answer token: (K, B)."""
+        out = []
+        for reward in self.m.rewards:
+            with reward.use() as model:
+                out.append(sequence_scores(model, samples.input_ids, samples.attention_mask, samples.last_index))
+        return torch.stack(out)
+
+    def penalty(self, samples: Samples) -> torch.Tensor:
+        return self.missing_eos_penalty * (~samples.ended).float()
+
+    def ensemble(self, members: torch.Tensor, how: str | None = None) -> torch.Tensor:
+        """The score a method optimises from its members' raw scores (K, B): the single model's score, or the
+        ensemble's ``reward_ensemble`` of the members standardised on SFT answers."""
+        if len(members) == 1:
+            return members[0]
+        z = (members - self.member_stats[:, :1].to(members.device)) / self.member_stats[:, 1:].to(members.device)
+        return ensemble_score(z, how or self.cfg.reward_ensemble, self.cfg.uncertainty_coef)
+
+    @torch.no_grad()
     def raw_scores(self, samples: Samples) -> torch.Tensor:
-        """Reward-model score at the last answer token, minus the penalty for answers that never ended: (B,)."""
-        with self.m.reward.use() as reward:
-            scores = sequence_scores(reward, samples.input_ids, samples.attention_mask, samples.last_index)
-        return scores - self.missing_eos_penalty * (~samples.ended).float()
+        """The (ensemble's) score of each answer minus the penalty for answers that never ended: (B,)."""
+        return self.ensemble(self.member_scores(samples)) - self.penalty(samples)
 
     @torch.no_grad()
     def measure_score_offset(self) -> float:
-        """Mean score of SFT answers (Huang et al. 2024: normalise the reward so SFT scores 0)."""
+        """Mean score of SFT answers (Huang et al. 2024: normalise the reward so SFT scores 0); with an ensemble,
+        each member's mean and std on the same answers first."""
         with self.m.reference.use() as sft:
             answers = [self.rollout(sft, -1 - i) for i in range(SCORE_NORM_BATCHES)]
-        scores = [self.raw_scores(a) for a in answers]
-        return float(self.trainer.average({"score": torch.cat(scores).mean()})["score"])
+        members = torch.cat([self.member_scores(a) for a in answers], 1)  # (K, N)
+        gathered = self.ctx.accelerator.gather(members.T.contiguous()).T  # every process's answers: the same statistics
+        self.member_stats = torch.stack([gathered.mean(1), gathered.std(1).clamp(min=1e-6)], 1).cpu()
+        penalties = torch.cat([self.penalty(a) for a in answers])
+        return float(self.trainer.average({"score": (self.ensemble(members) - penalties).mean()})["score"])
 
     @torch.no_grad()
     def forwards(self, samples: Samples) -> dict[str, torch.Tensor]:
@@ -177,7 +207,10 @@ class OnPolicy:
                 out["ref_logp"] = s.response_slice(token_logprobs(reference, ids, attn, t, first))
             if m.value is not None:
                 out["values"] = s.response_slice(token_values(m.value, ids, attn)[:, :-1])
-            out["raw"] = self.raw_scores(s)
+            members = self.member_scores(s)
+            out["raw"] = self.ensemble(members) - self.penalty(s)
+            if len(members) > 1:  # how much the members disagree on each answer (standardised units)
+                out["disagreement"] = ((members - self.member_stats[:, :1].to(members.device)) / self.member_stats[:, 1:].to(members.device)).std(0)
             for k, v in out.items():
                 parts.setdefault(k, []).append(v)
         mask = samples.response_mask
@@ -186,6 +219,10 @@ class OnPolicy:
     def scores(self, raw: torch.Tensor) -> torch.Tensor:
         """The score a method optimises: raw minus the SFT offset (``score_norm``)."""
         return raw - self.score_offset if self.cfg.score_norm else raw
+
+    def ensemble_stats(self, forwards: dict) -> dict[str, torch.Tensor]:
+        """How much an ensemble's members disagree on the batch (standardised units), where there is one."""
+        return {"ensemble_std": forwards["disagreement"].mean()} if "disagreement" in forwards else {}
 
     def kl_stats(self, old_logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Sequence KL to the reference, k1 and k3, mean over the batch."""
@@ -208,7 +245,7 @@ class OnPolicy:
         stats = {**self.kl_stats(f["old_logp"], f["ref_logp"], mask), "kl_coef": torch.tensor(beta), "score": scores.mean(),
                  "score_raw": f["raw"].mean(), "reward": rewards.mean(), "eos_rate": samples.ended.float().mean(),
                  "response_length": mask.sum(1).mean(), "advantages_mean": advantages.mean(), "advantages_std": advantages.std(),
-                 "group_reward_std": rewards.view(-1, self.samples_per_prompt).std(1).mean()}
+                 "group_reward_std": rewards.view(-1, self.samples_per_prompt).std(1).mean(), **self.ensemble_stats(f)}
         exp = Experience(samples, mask, f["old_logp"], f["ref_logp"], scores, advantages[:, None] * mask)
         return exp, self.trainer.average(stats)
 
@@ -262,18 +299,63 @@ class OnPolicy:
     # ---- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, eval_prompts: list[str], eval_ids: list[list[int]], has_gold: bool) -> dict:
-        """Proxy (the scoring rule of the eval stage: raw score with the missing-EOS penalty) and, when
-        known, gold reward of the current policy on held-out prompts."""
-        tok = self.m.tokenizer
+        """The current policy on held-out prompts: proxy reward (the eval stage's: the members' mean raw score
+        minus the missing-EOS penalty), gold reward where known, KL to the reference, and the guard's score
+        (the ensemble's ``guard_score`` aggregation, which never sees gold)."""
+        tok, t = self.m.tokenizer, self.cfg.sampling.temperature
         ids, mask = left_pad(eval_ids, tok.pad_token_id)
         generator = torch.Generator(device=self.ctx.device).manual_seed(self.cfg.seed + 99)
         self.m.policy.eval()
         s = generate(self.m.policy, ids.to(self.ctx.device), mask.to(self.ctx.device), self.cfg.sampling, tok.eos_token_id, tok.pad_token_id, generator)
-        out = {"eval_proxy_reward": float(self.raw_scores(s).mean())}
+        members, penalty = self.member_scores(s), self.penalty(s)
+        logp = s.response_slice(token_logprobs(self.m.policy, s.input_ids, s.attention_mask, t, s.first_target))
+        with self.m.reference.use() as reference:
+            ref = s.response_slice(token_logprobs(reference, s.input_ids, s.attention_mask, t, s.first_target))
+        out = {"eval_proxy_reward": float((members.mean(0) - penalty).mean()), "eval_kl": float(((logp - ref) * s.response_mask).sum(1).mean()),
+               "eval_guard_score": float((self.ensemble(members, self.cfg.guard_score) - penalty).mean())}
+        if len(members) > 1:
+            out["eval_ensemble_std"] = float(members.std(0).mean())
         if has_gold:
             texts = decode_responses(tok, s)
             out["eval_gold_reward"] = sum(synthetic.gold_reward(p, a, bool(e)) for p, a, e in zip(eval_prompts, texts, s.ended)) / len(texts)
         return out
+
+    # ---- the over-optimisation guard ------------------------------------------------------------
+    def guard_step(self, held_out: dict) -> bool:
+        """After an evaluation (main process): keep this checkpoint if the guard prefers it; True when
+        training should stop.
+
+        Eligible checkpoints are those within ``guard_kl_budget`` (held-out KL to the reference); among them
+        the guard keeps the best ``eval_guard_score`` (``guard=conservative|both``) or the latest
+        (``guard=kl``). It stops once the budget is exceeded, or after ``guard_patience`` evaluations
+        without a better score.
+        """
+        cfg, g = self.cfg, self.guard
+        within = cfg.guard_kl_budget is None or held_out["eval_kl"] <= cfg.guard_kl_budget
+        score = held_out["eval_guard_score"] if cfg.guard in ("conservative", "both") else float(self.iteration)
+        if within and (g["best"] is None or score > g["best"]):
+            g.update(best=score, iteration=self.iteration, since=0)
+            save_pretrained_atomic(self.m.policy, self.m.tokenizer, self.ctx.out_dir / GUARD_DIR, {"iteration": self.iteration})
+            return False
+        g["since"] += 1
+        stop = not within or (cfg.guard_patience and g["since"] >= cfg.guard_patience)
+        if stop:
+            g["stopped"] = self.iteration
+        return bool(stop)
+
+
+def ensemble_score(z: torch.Tensor, how: str, coef: float = 0.5) -> torch.Tensor:
+    """A reward-model ensemble's score from its K members' standardised scores z (K, B) (Coste et al. 2023):
+
+        mean:         mean_k z_k
+        worst:        min_k z_k                            (worst-case optimisation, WCO)
+        uncertainty:  mean_k z_k - coef * var_k z_k        (uncertainty-weighted optimisation, UWO)
+    """
+    if how == "worst":
+        return z.min(0).values
+    if how == "uncertainty":
+        return z.mean(0) - coef * z.var(0)
+    return z.mean(0)
 
 
 def kl_curve_figure(history: dict[str, list[tuple[int, float]]], name: str, out_file: Path) -> Path:
@@ -306,19 +388,50 @@ def prompts_of(cfg: OnPolicyConfig, model_cfg: ModelConfig, inputs: PolicyInputs
     return prompts, eval_prompts, encode_prompts(tokenizer, eval_prompts, max_prompt)
 
 
+def frontier_fit(history: dict, name: str, has_gold: bool) -> tuple[dict, object]:
+    """Gao et al.'s RL form fitted over a run's evaluations (d = sqrt(held-out KL), the reward gain over the
+    evaluation before training): metrics ``<name>/frontier_<gold|proxy>_<alpha|beta|r2|d_star>`` and the figure."""
+    kl = dict(history.get(f"{name}/eval_kl", []))
+    points, fits = {}, {}
+    for kind in ("gold", "proxy") if has_gold else ("proxy",):
+        series = dict(history.get(f"{name}/eval_{kind}_reward", []))
+        steps = sorted(set(series) & set(kl))
+        if len(steps) < 3 or steps[0] != 0:
+            continue
+        d = frontier.distance([kl[s] for s in steps])
+        gain = torch.tensor([series[s] - series[0] for s in steps], dtype=torch.float64)
+        points[kind], fits[kind] = (d.tolist(), gain.tolist()), frontier.fit("rl", d, gain)
+    metrics = {k: v for kind, f in fits.items() for k, v in f.metrics(f"{name}/frontier_{kind}").items()}
+    return metrics, (frontier.figure(points, fits, f"{name}: reward gain vs sqrt(KL) over its evaluations") if fits else None)
+
+
 def train(method: OnPolicy, eval_prompts: list[str], eval_ids: list, inputs: PolicyInputs, resume: Path | None) -> dict:
     """The on-policy loop (see the module docstring); returns the stage's record."""
     cfg, ctx, m, name = method.cfg, method.ctx, method.m, method.name
+
+    def held_out() -> dict:
+        """Evaluate on held-out prompts (main process: the one that logs) and let the guard see it."""
+        if not ctx.accelerator.is_main_process:
+            return {}
+        with m.amp():
+            out = {f"{name}/{k}": v for k, v in method.evaluate(eval_prompts, eval_ids, inputs.has_gold).items()}
+        for k in (f"{name}/{c}" for c in (*CURVES, "eval_kl")):
+            if k in out:
+                method.history.setdefault(k, []).append((method.iteration, out[k]))
+        return out
+
     if resume:
         method.load(resume)
-    elif cfg.score_norm:
-        with m.amp():
-            method.score_offset = method.measure_score_offset()
-    ctx.sink.log_metrics({f"{name}/score_offset": method.score_offset}, method.iteration)
+    else:
+        if cfg.score_norm or len(m.rewards) > 1:
+            with m.amp():
+                offset = method.measure_score_offset()
+            method.score_offset = offset if cfg.score_norm else 0.0
+        ctx.sink.log_metrics({f"{name}/score_offset": method.score_offset, **held_out()}, 0)  # the policy before training: SFT
 
     progress = ctx.progress(name, cfg.steps, method.iteration)
     metrics: dict[str, float] = {}
-    while method.iteration < cfg.steps:
+    while method.iteration < cfg.steps and method.guard["stopped"] is None:
         t0 = time.perf_counter()
         with m.amp():
             samples = method.rollout(m.policy, method.iteration)
@@ -333,20 +446,44 @@ def train(method: OnPolicy, eval_prompts: list[str], eval_ids: list, inputs: Pol
         metrics = {f"{name}/{k}": float(v) for k, v in {**stats, **trained}.items()}
         metrics.update({f"{name}/gen_tokens_per_s": gen_tokens / (t1 - t0), f"{name}/train_tokens_per_s": train_tokens / (t3 - t2),
                         f"{name}/time_generation_s": t1 - t0, f"{name}/time_scoring_s": t2 - t1, f"{name}/time_update_s": t3 - t2})
-        evaluating = method.iteration % cfg.eval_every == 0 or method.iteration == cfg.steps or method.iteration == 1
-        if evaluating and ctx.accelerator.is_main_process:  # the one process that logs
-            with m.amp():
-                metrics.update({f"{name}/{k}": v for k, v in method.evaluate(eval_prompts, eval_ids, inputs.has_gold).items()})
+        if method.iteration % cfg.eval_every == 0 or method.iteration == cfg.steps or method.iteration == 1:
+            evaluated = held_out()
+            metrics.update(evaluated)
+            if cfg.guard != "none":
+                if ctx.accelerator.is_main_process:
+                    method.guard_step({k.split("/", 1)[1]: v for k, v in evaluated.items()})
+                method.guard = broadcast_object_list([method.guard])[0]  # every process stops together
+                if method.guard["stopped"] is not None:
+                    metrics[f"{name}/guard_stopped_at"] = method.iteration
         ctx.sink.log_metrics(metrics, method.iteration)
         progress.update(method.iteration, metrics, int(gen_tokens + train_tokens))
-        for k in (f"{name}/{c}" for c in CURVES):
-            if k in metrics:
-                method.history.setdefault(k, []).append((method.iteration, metrics[k]))
-        if method.iteration % cfg.checkpoint_every == 0 or method.iteration == cfg.steps:
+        for k in (f"{name}/{c}" for c in CURVES[:3]):
+            method.history.setdefault(k, []).append((method.iteration, metrics[k]))
+        if method.iteration % cfg.checkpoint_every == 0 or method.iteration == cfg.steps or method.guard["stopped"] is not None:
             method.trainer.save(method.state())
 
     progress.close()
+    summary = dict(metrics)
     if ctx.accelerator.is_main_process:
         kl_curve_figure(method.history, name, ctx.out_dir / "figures" / "kl_curve.png")
-    ctx.save_final(m.policy, m.tokenizer, {"stage": name, "iterations": method.iteration})
-    return {"model_path": str(ctx.final_dir), "metrics": {k: v for k, v in metrics.items() if "/time_" not in k}, "steps": method.iteration}
+        fitted, fig = frontier_fit(method.history, name, inputs.has_gold)
+        if fig is not None:
+            fig.savefig(ctx.out_dir / "figures" / "frontier.png", dpi=100)
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+        ctx.sink.log_metrics(fitted, method.iteration)
+        summary.update(fitted)
+    kept = ctx.out_dir / GUARD_DIR
+    if cfg.guard != "none" and method.guard["iteration"] is not None and (kept / "config.json").exists():
+        # the guard's checkpoint is the stage's model: the eval stage evaluates what the guard chose
+        if ctx.accelerator.is_main_process:
+            with checkpoint.atomic_dir(ctx.final_dir) as tmp:
+                shutil.copytree(kept, tmp, dirs_exist_ok=True)
+        ctx.accelerator.wait_for_everyone()
+        guard = {f"{name}/guard_iteration": method.guard["iteration"], f"{name}/guard_score": method.guard["best"]}
+        ctx.sink.log_metrics(guard, method.iteration)
+        summary.update(guard)
+    else:
+        ctx.save_final(m.policy, m.tokenizer, {"stage": name, "iterations": method.iteration})
+    return {"model_path": str(ctx.final_dir), "metrics": {k: v for k, v in summary.items() if "/time_" not in k}, "steps": method.iteration}

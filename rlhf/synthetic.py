@@ -5,8 +5,9 @@ topic, of a given length::
 
     topic: fruit. open: mango. avoid: plum. length: short. answer:
 
-There are 6 x 8 x 7 x 2 = 672 such prompts; a fixed fifth of them (by a stable hash) is held out: the
-evaluation prompts and pairs come only from those, training data never does.
+There are 10 x 8 x 7 x 3 = 1680 such prompts; a fixed fifth of them (by a stable hash: 340 prompts) is
+held out: the evaluation prompts (distinct, drawn without replacement) and pairs come only from those,
+training data never does.
 
 An answer is a sequence of words. The gold reward (:func:`gold_reward`) is prompt-dependent and more
 than a bag of words:
@@ -21,9 +22,13 @@ than a bag of words:
 The best answer (keyword first, then distinct on-topic words without the avoided one, exactly the
 target length) scores 1.5.
 
-Simulated annotators label pairs through a Bradley-Terry model with noise and a bias toward longer
-answers (:func:`annotator_prob`), so a reward model learned from their labels is a *proxy* that can be
-exploited: it rewards length past the point where the gold reward starts to fall.
+Simulated annotators label pairs through a Bradley-Terry model on the gold reward with noise
+(``annotator_temperature``) and a bias every annotator shares toward longer answers
+(``annotator_length_bias`` per word, :func:`annotator_prob`). A reward model learned from their labels is
+a *proxy* with two sources of error: the shared bias (past the target length the gold reward loses
+``LONG_PENALTY`` per word, the annotators' preference gains ``annotator_length_bias`` per word; with a bias
+above the penalty, the proxy keeps rewarding length where gold falls) and the reward model's own errors
+from a limited, noisy sample of pairs (``n_pref``, the temperature).
 
 SFT demonstrations come from a decent-but-not-optimal demonstrator; preference pairs from a broader
 behaviour distribution so the reward model sees good and bad answers.
@@ -44,9 +49,13 @@ TOPICS: dict[str, tuple[str, ...]] = {
     "weather": ("rain", "snow", "wind", "storm", "sun", "cloud", "fog", "thunder"),
     "sport": ("soccer", "tennis", "golf", "hockey", "rugby", "boxing", "cycling", "rowing"),
     "music": ("piano", "guitar", "violin", "drum", "flute", "trumpet", "cello", "harp"),
+    "vehicle": ("car", "bus", "train", "truck", "boat", "plane", "bike", "tram"),
+    "tool": ("hammer", "saw", "drill", "wrench", "chisel", "pliers", "ruler", "shovel"),
+    "city": ("paris", "rome", "tokyo", "cairo", "lima", "oslo", "dublin", "berlin"),
+    "body": ("hand", "foot", "head", "knee", "elbow", "ankle", "wrist", "shoulder"),
 }
 FILLER: tuple[str, ...] = ("and", "the", "very", "with", "some", "many")
-TARGET_LENGTH = {"short": 4, "long": 8}
+TARGET_LENGTH = {"short": 4, "medium": 6, "long": 8}
 
 OPEN_BONUS = 0.5
 AVOID_PENALTY = 0.5
@@ -112,6 +121,21 @@ def annotator_prob(gold_a: float, gold_b: float, len_a: int, len_b: int, tempera
     """P(annotator prefers a over b) = sigmoid((g_a - g_b + length_bias * (len_a - len_b)) / temperature)."""
     z = (gold_a - gold_b + length_bias * (len_a - len_b)) / temperature
     return 1.0 / (1.0 + math.exp(-max(min(z, 60.0), -60.0)))
+
+
+def all_specs(held_out: bool) -> list[Spec]:
+    """Every prompt spec of the held-out fifth (``held_out``) or of the training rest, in a fixed order."""
+    specs = [Spec(t, k, a, length) for t in sorted(TOPICS) for k in TOPICS[t] for a in TOPICS[t] if a != k for length in sorted(TARGET_LENGTH)]
+    return [s for s in specs if s.held_out == held_out]
+
+
+def distinct_held_out_prompts(rng: random.Random, n: int) -> list[str]:
+    """``n`` different held-out prompts (evaluation: no prompt counted twice)."""
+    specs = all_specs(held_out=True)
+    if n > len(specs):
+        raise ValueError(f"data.n_eval_prompts={n} asks for more distinct held-out prompts than the task has ({len(specs)}). "
+                         f"Fix: pass data.n_eval_prompts<={len(specs)} (and eval.n_samples > 1 for more answers per prompt).")
+    return [s.prompt() for s in rng.sample(specs, n)]
 
 
 def random_spec(rng: random.Random, held_out: bool) -> Spec:
@@ -186,6 +210,6 @@ def make_splits(
     label = dict(temperature=annotator_temperature, length_bias=annotator_length_bias)
     pref = [preference_pair(streams["pref"], random_spec(streams["pref"], False), **label) for _ in range(n_pref)]
     eval_pref = [preference_pair(streams["eval_pref"], random_spec(streams["eval_pref"], True), **label) for _ in range(n_eval_pref)]
-    eval_prompts = [{"prompt": random_spec(streams["eval"], True).prompt()} for _ in range(n_eval_prompts)]
+    eval_prompts = [{"prompt": p} for p in distinct_held_out_prompts(streams["eval"], n_eval_prompts)]
     ppo_prompts = [{"prompt": random_spec(streams["ppo"], False).prompt()} for _ in range(n_ppo_prompts)]
     return {"sft": sft, "pref": pref, "eval_prompts": eval_prompts, "eval_pref": eval_pref, "ppo_prompts": ppo_prompts}

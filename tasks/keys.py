@@ -13,7 +13,7 @@ import json
 from functools import lru_cache
 
 from rlhf.algorithms import TRAINING_CODE, registry
-from rlhf.config import PipelineConfig, RewardConfig, to_dict
+from rlhf.config import PipelineConfig, RewardConfig, reward_member, to_dict
 from rlhf.data import source_fingerprint
 
 # The core modules each non-policy stage executes; their source is part of the stage's key. A policy
@@ -53,7 +53,8 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, dict]:
     return {
         "data": {"data": to_dict(cfg.data), "source": source_fingerprint(cfg.data)},  # the files' contents, the hub revision
         "sft": {"model": to_dict(cfg.model), "sft": to_dict(cfg.sft)},
-        "reward": {"reward": {k: v for k, v in to_dict(cfg.reward).items() if k not in RewardConfig.SCORING_ONLY}, **precision},
+        **{reward_member(i): {"reward": {k: v for k, v in to_dict(cfg.reward).items() if k not in RewardConfig.SCORING_ONLY}, **precision,
+                              **({"member": i} if i else {})} for i in range(cfg.reward.ensemble_size)},
         cfg.algo.algo: {"algo": to_dict(cfg.algo), **precision, **(scoring if registry()[cfg.algo.algo].needs_reward else {})},
         "eval": {"eval": to_dict(cfg.eval), "max_length": cfg.model.max_length, **scoring},
     }
@@ -65,7 +66,11 @@ def pipeline_keys(cfg: PipelineConfig) -> dict[str, str]:
     policy = cfg.algo.algo
     keys = {"data": stage_key("data", sections["data"], [])}
     keys["sft"] = stage_key("sft", sections["sft"], [keys["data"]])
-    keys["reward"] = stage_key("reward", sections["reward"], [keys["data"], keys["sft"]])
-    keys[policy] = stage_key(policy, sections[policy], [keys[s] for s in registry()[policy].upstream])
-    keys["eval"] = stage_key("eval", sections["eval"], [keys["data"], keys["sft"], keys["reward"], keys[policy]])
+    members = [reward_member(i) for i in range(cfg.reward.ensemble_size)]
+    for name in members:
+        keys[name] = stage_key("reward", sections[name], [keys["data"], keys["sft"]])
+    rewards = [keys[m] for m in members]
+    upstream = [k for s in registry()[policy].upstream for k in (rewards if s == "reward" else [keys[s]])]
+    keys[policy] = stage_key(policy, sections[policy], upstream)
+    keys["eval"] = stage_key("eval", sections["eval"], [keys["data"], keys["sft"], *rewards, keys[policy]])
     return keys

@@ -67,7 +67,7 @@ def test_ppo_in_two_processes_starts_at_zero_kl_and_logs_each_iteration_once(ups
     assert [s for s, _ in metric("ppo/kl")] == [1, 2]
     assert abs(metric("ppo/kl")[0][1]) < 1e-4  # policy = reference at the first rollout, in both processes
     assert metric("ppo/clipfrac_first_minibatch")[0][1] == 0 and abs(metric("ppo/approx_kl_first_minibatch")[0][1]) < 1e-6
-    assert [s for s, _ in metric("ppo/eval_gold_reward")] == [1, 2]
+    assert [s for s, _ in metric("ppo/eval_gold_reward")] == [0, 1, 2]  # 0: the policy before training (SFT)
     assert not torch.allclose(params_of(upstream["sft"]), params_of(out["model_path"]))
     assert (root / "ppo-two" / "ckpt" / "step-000008" / "COMPLETE").exists()  # 2 iterations x 2 epochs x 2 minibatches
     assert (root / "ppo-two" / "figures" / "kl_curve.png").exists()

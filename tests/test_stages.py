@@ -44,6 +44,7 @@ def ctx(root: Path, name: str, **kw) -> StageContext:
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
+    torch.manual_seed(0)  # the tiny model's initialisation: the same upstream whichever tests ran before
     data = prepare.run(DataConfig(n_sft=64, n_pref=64, n_eval_prompts=16, n_eval_pref=16, n_ppo_prompts=32), ctx(root, "data"))
     c = ctx(root, "sft")
     s = sft.run(TINY_MODEL, SFTConfig(lr=3e-3, epochs=2, **LOOP), data["data_dir"], c)
@@ -161,9 +162,9 @@ def test_lora_ppo_holds_each_base_once_and_matches_separate_frozen_copies(upstre
                     forward_batch_size=3, sampling=SamplingConfig(max_new_tokens=8))
     inputs = PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True)
     models = OnPolicyModels(lora, inputs, None, torch.device("cpu"), value_init="reward")
-    assert models.reference.model is models.policy and models.reward.model is models.value  # adapters off, no second copy
+    assert models.reference.model is models.policy and models.rewards[0].model is models.value  # adapters off, no second copy
     storage = lambda *ms: {p.data_ptr() for m in ms for p in m.parameters()}  # noqa: E731
-    assert storage(models.policy, models.value, models.reference.model, models.reward.model) == storage(models.policy, models.value)
+    assert storage(models.policy, models.value, models.reference.model, models.rewards[0].model) == storage(models.policy, models.value)
     copies = OnPolicyModels(replace(lora, lora_shared_reference=False), inputs, None, torch.device("cpu"), value_init="reward")
     assert not storage(copies.reference.model) & storage(copies.policy)  # the old way: a frozen copy of the SFT weights
 
@@ -213,6 +214,29 @@ def test_best_of_one_is_sft_sampling_and_the_analytic_kl(upstream):
     m4 = four["metrics"]
     assert m4["eval/proxy_gain"] > 0 and m4["eval/win_rate_proxy"] > 0.5  # the reward model picks what it likes
     assert m4["eval/kl_analytic"] == pytest.approx(math.log(4) - 0.75) and 0 < m4["eval/kl"] <= math.log(4)
+
+
+def test_a_reward_ensemble_scores_conservatively_and_the_guard_returns_its_checkpoint(upstream):
+    from rlhf.onpolicy import GUARD_DIR
+
+    second = reward.run(RewardConfig(lr=1e-3, epochs=1, bootstrap=True, **LOOP), TINY_MODEL, upstream["data"], upstream["sft"]["model_path"],
+                        ctx(upstream["root"], "rm-1"), member=1)
+    assert not torch.allclose(params_of(second["model_path"]), params_of(upstream["rm"]["model_path"]))  # another seed, another resample
+    c = ctx(upstream["root"], "ppo-ensemble")
+    cfg = PPOConfig(steps=12, rollout_batch_size=8, minibatch_size=4, ppo_epochs=2, lr=3e-3, eval_every=1, checkpoint_every=100,
+                    reward_ensemble="worst", guard="conservative", guard_patience=2, sampling=SamplingConfig(max_new_tokens=8))
+    inputs = PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True, 1.0, (second["model_path"],))
+    out = ppo.run(cfg, TINY_MODEL, inputs, c)
+    m = c.sink.metrics
+    assert "ppo/ensemble_std" in m and "ppo/eval_ensemble_std" in m and "ppo/eval_guard_score" in m
+    scores = dict(m["ppo/eval_guard_score"])  # every evaluation's held-out conservative score, step 0 = SFT
+    kept = int(c.sink.first("ppo/guard_iteration"))
+    assert scores[kept] == max(v for k, v in scores.items() if k >= 1)  # the best evaluated checkpoint (the guard never saw gold)
+    stopped = m.get("ppo/guard_stopped_at")
+    assert stopped is None or stopped[0][1] - kept >= 2  # it stopped only after 2 evaluations without a better score
+    assert torch.equal(params_of(out["model_path"]), params_of(c.out_dir / GUARD_DIR))  # the stage's model is the kept one
+    assert {"ppo/frontier_gold_alpha", "ppo/frontier_gold_r2", "ppo/frontier_proxy_d_star"} <= set(m)
+    assert (c.out_dir / "figures" / "frontier.png").stat().st_size > 1000
 
 
 def test_evaluation_of_the_sft_policy_against_itself_is_a_tie(upstream):

@@ -90,18 +90,25 @@ def comparison_metrics(kind: str, policy: torch.Tensor, sft: torch.Tensor, n_sam
 
 
 @torch.no_grad()
-def run(cfg: EvalConfig, max_length: int, has_gold: bool, data_dir: str, policy_path: str, sft_path: str, reward_path: str | None,
+def run(cfg: EvalConfig, max_length: int, has_gold: bool, data_dir: str, policy_path: str, sft_path: str, reward_paths: list[str] | str | None,
         ctx: StageContext, missing_eos_penalty: float = 0.0, sampler: Sampler | None = None, sampler_args: dict | None = None) -> dict:
+    """Evaluate the policy at ``policy_path`` (or ``sampler``'s) against SFT; ``reward_paths``: the reward
+    model, or an ensemble's members (the proxy is their mean score; ``eval/ensemble_std`` their disagreement)."""
     tokenizer = load_tokenizer(sft_path)
     raw_prompts = [r["prompt"] for r in load_rows(data_dir, "eval_prompts", tokenizer)][: cfg.n_prompts]
     S = cfg.n_samples
     prompts = [p for p in raw_prompts for _ in range(S)]  # prompt-major: answers j*S .. j*S+S-1 answer prompt j
     prompt_ids = encode_prompts(tokenizer, prompts, max_length - cfg.sampling.max_new_tokens)
     sft = load_policy(sft_path, tokenizer).to(ctx.device).eval()
-    reward = load_scalar_model(reward_path, tokenizer, zero_head=False).to(ctx.device).eval() if reward_path else None
+    paths = [reward_paths] if isinstance(reward_paths, str) else list(reward_paths or [])
+    rewards = [load_scalar_model(p, tokenizer, zero_head=False).to(ctx.device).eval() for p in paths]
+    reward = rewards[0] if rewards else None
+
+    def members(s: Samples) -> torch.Tensor:  # (K, B)
+        return torch.stack([sequence_scores(r, s.input_ids, s.attention_mask, s.last_index) for r in rewards])
 
     def score(s: Samples) -> torch.Tensor:
-        return sequence_scores(reward, s.input_ids, s.attention_mask, s.last_index) - missing_eos_penalty * (~s.ended).float()
+        return members(s).mean(0) - missing_eos_penalty * (~s.ended).float()
 
     env = EvalEnv(sft, score if reward is not None else None, cfg, tokenizer, ctx.device, torch.Generator(device=ctx.device).manual_seed(cfg.seed))
     t = cfg.sampling.temperature
@@ -126,6 +133,8 @@ def run(cfg: EvalConfig, max_length: int, has_gold: bool, data_dir: str, policy_
         metrics.update(comparison_metrics("gold", gold["policy"], gold["sft"], S))
     if reward is not None:
         metrics.update(comparison_metrics("proxy", answers["policy"]["proxy"], answers["sft"]["proxy"], S))
+        if len(rewards) > 1:  # the members' disagreement on the policy's answers (raw units)
+            _with_se(metrics, "eval/ensemble_std", torch.cat([members(b).std(0).cpu() for b in batches]), S)
         acc = pair_accuracy(reward, load_rows(data_dir, "eval_pref", tokenizer), tokenizer, max_length, ctx.device)
         metrics["eval/rm_accuracy"] = acc["eval_accuracy"]
         if "eval_gold_accuracy" in acc:

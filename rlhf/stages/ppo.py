@@ -108,6 +108,7 @@ class PPO(OnPolicy):
             "eos_rate": samples.ended.float().mean(), "response_length": mask.sum(1).mean(),
             "advantages_mean": masked_mean(raw_adv, mask), "advantages_std": masked_var(raw_adv, mask).sqrt(),
             "explained_variance": 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8),
+            **self.ensemble_stats(f),
         }
         exp = Experience(samples, mask, old_logp, ref_logp, scores, advantages, old_values=values, returns=returns)
         return exp, self.trainer.average(stats)

@@ -1,0 +1,34 @@
+"""Gao et al.'s over-optimisation forms fitted to known curves; ensemble scores; the guard's choice."""
+
+import math
+
+import pytest
+import torch
+
+from rlhf import frontier
+from rlhf.onpolicy import ensemble_score
+
+
+@pytest.mark.parametrize("form, alpha, beta", [("rl", 1.2, 0.8), ("bon", 0.9, 0.3)])
+def test_fits_recover_the_parameters_and_the_peak_of_a_known_curve(form, alpha, beta):
+    d = torch.linspace(0, 4, 17, dtype=torch.float64)
+    truth = frontier.Fit(form, alpha, beta, 1.0, len(d))
+    noise = torch.randn(17, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.01
+    f = frontier.fit(form, d, truth.predict(d) + noise)
+    assert f.alpha == pytest.approx(alpha, abs=0.03) and f.beta == pytest.approx(beta, abs=0.03) and f.r2 > 0.99
+    expected_peak = alpha / (2 * beta) if form == "bon" else math.exp(alpha / beta - 1)
+    assert f.d_star == pytest.approx(expected_peak, rel=0.05)
+
+
+def test_a_curve_that_never_turns_has_no_peak_and_a_flat_one_explains_nothing():
+    d = torch.linspace(0, 3, 10)
+    assert frontier.fit("rl", d, 0.5 * d).d_star == math.inf  # beta ~ 0: still rising
+    assert frontier.fit("bon", d, torch.zeros(10)).r2 == 0.0
+    assert frontier.distance([-0.2, 4.0]).tolist() == [0.0, 2.0]  # a negative KL estimate is no distance
+
+
+def test_ensemble_scores():
+    z = torch.tensor([[1.0, 0.0], [3.0, 0.0], [2.0, 0.0]])  # 3 members, 2 answers
+    assert ensemble_score(z, "mean").tolist() == [2.0, 0.0]
+    assert ensemble_score(z, "worst").tolist() == [1.0, 0.0]
+    assert ensemble_score(z, "uncertainty", 0.5).tolist() == pytest.approx([2.0 - 0.5 * 1.0, 0.0])  # var(1, 3, 2) = 1
