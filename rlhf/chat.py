@@ -61,7 +61,7 @@ def render_answer(tokenizer, prompt, answer) -> str:
     """The text that follows the rendered prompt: the assistant turn (without its end marker, the EOS),
     or, for plain text, the answer after one space."""
     if not is_conversation(answer):
-        return answer if answer[:1].isspace() else " " + answer
+        return answer if not answer or answer[:1].isspace() else " " + answer  # an empty answer is just the EOS
     head, full = _render(tokenizer, prompt, True), _render(tokenizer, prompt + answer, False)
     suffix = end_of_turn(tokenizer)
     if not full.startswith(head) or not full.endswith(suffix):

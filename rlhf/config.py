@@ -120,6 +120,13 @@ class DataConfig:
         if self.source == "hub" and self.path in FILE_BUILDERS and not self.data_files:
             raise ConfigError(f"{key}.path={self.path} reads local files, and {key}.data_files is not set. "
                               f"Fix: pass {key}.data_files=<file> (or a list, or {{train: ..., test: ...}}).")
+        if self.source == "synthetic":
+            from .synthetic import all_specs
+
+            held_out = len(all_specs(held_out=True))
+            if self.n_eval_prompts > held_out:
+                raise ConfigError(f"{key}.n_eval_prompts={self.n_eval_prompts}: the synthetic task has {held_out} distinct held-out "
+                                  f"prompts. Fix: pass {key}.n_eval_prompts<={held_out} (eval.n_samples>1 for more answers per prompt).")
         if self.format != "hh" and self.source == "synthetic":
             raise ConfigError(f"{key}.format={self.format} applies to hub / local datasets, not the synthetic task. "
                               f"Fix: pass {key}=hh_rlhf_local (or {key}.source=hub with {key}.path) or drop {key}.format.")
@@ -222,13 +229,14 @@ class OnPolicyConfig(OptimConfig):
     uncertainty_coef: float = setting(0.5, "lambda of reward_ensemble=uncertainty.", ge=0.0)
     guard: str = setting("none", "Over-optimisation guard (never sees gold): keep the held-out checkpoint with the best guard_score "
                                  "(conservative), the latest within guard_kl_budget (kl), or the best within the budget (both); the "
-                                 "stage returns that checkpoint and stops early (guard_patience). none: the last iteration.",
+                                 "stage returns that checkpoint, and may stop early (guard_patience). none: the last iteration.",
                          choices=["none", "conservative", "kl", "both"])
     guard_score: str = setting("worst", "The guard's held-out score: the reward ensemble aggregated this way (mean, worst, "
                                         "uncertainty); with one reward model, its score.", choices=["mean", "worst", "uncertainty"])
-    guard_kl_budget: Optional[float] = setting(None, "Largest held-out KL to the reference (nats per answer) a kept checkpoint may have; "
-                                                     "past it training stops. Required by guard=kl|both.", gt=0.0)
-    guard_patience: int = setting(3, "Evaluations without a better guard score before training stops (0: never early).", ge=0)
+    guard_kl_budget: Optional[float] = setting(None, "Largest held-out KL to the reference (nats per answer) a kept checkpoint may have. "
+                                                     "Required by guard=kl|both.", gt=0.0)
+    guard_patience: int = setting(3, "Evaluations without a better eligible checkpoint (one past the KL budget counts as none) "
+                                     "before training stops; 0: train to the end and keep the guard's checkpoint.", ge=0)
     forward_batch_size: int = setting(64, "Rollouts per forward in the experience pass (old / reference log-probs, values, scores): "
                                           "bounds its activation memory.", ge=1)
     lr: float = default(OptimConfig, "lr", 1e-4)

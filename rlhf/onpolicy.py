@@ -35,6 +35,7 @@ from .losses import kl_k1, kl_k3, kl_loss, masked_mean, policy_loss
 from .modeling import (FrozenModel, Logprobs, autocast, disable_dropout, load_policy, load_scalar_model, load_tokenizer, load_trainable,
                        save_pretrained_atomic, sequence_scores, token_logprobs, token_logprobs_and_entropy, token_values)
 from .rollout import Samples, decode_responses, generate
+from .stats import mean_se
 from .stages.common import StageContext
 from .trainer import Trainer, epoch_order
 
@@ -317,7 +318,8 @@ class OnPolicy:
             out["eval_ensemble_std"] = float(members.std(0).mean())
         if has_gold:
             texts = decode_responses(tok, s)
-            out["eval_gold_reward"] = sum(synthetic.gold_reward(p, a, bool(e)) for p, a, e in zip(eval_prompts, texts, s.ended)) / len(texts)
+            gold = torch.tensor([synthetic.gold_reward(p, a, bool(e)) for p, a, e in zip(eval_prompts, texts, s.ended)])
+            out["eval_gold_reward"], out["eval_gold_reward_se"] = mean_se(gold)
         return out
 
     # ---- the over-optimisation guard ------------------------------------------------------------
@@ -327,8 +329,8 @@ class OnPolicy:
 
         Eligible checkpoints are those within ``guard_kl_budget`` (held-out KL to the reference); among them
         the guard keeps the best ``eval_guard_score`` (``guard=conservative|both``) or the latest
-        (``guard=kl``). It stops once the budget is exceeded, or after ``guard_patience`` evaluations
-        without a better score.
+        (``guard=kl``). Training stops after ``guard_patience`` evaluations without a better eligible
+        checkpoint (one past the budget counts as none); with ``guard_patience=0`` it runs to the end.
         """
         cfg, g = self.cfg, self.guard
         within = cfg.guard_kl_budget is None or held_out["eval_kl"] <= cfg.guard_kl_budget
@@ -338,10 +340,10 @@ class OnPolicy:
             save_pretrained_atomic(self.m.policy, self.m.tokenizer, self.ctx.out_dir / GUARD_DIR, {"iteration": self.iteration})
             return False
         g["since"] += 1
-        stop = not within or (cfg.guard_patience and g["since"] >= cfg.guard_patience)
+        stop = bool(cfg.guard_patience) and g["since"] >= cfg.guard_patience
         if stop:
             g["stopped"] = self.iteration
-        return bool(stop)
+        return stop
 
 
 def ensemble_score(z: torch.Tensor, how: str, coef: float = 0.5) -> torch.Tensor:
@@ -443,7 +445,9 @@ def train(method: OnPolicy, eval_prompts: list[str], eval_ids: list, inputs: Pol
         t3 = time.perf_counter()
         method.kl_ctl.update(float(stats["kl"]), cfg.rollout_batch_size)
         gen_tokens, train_tokens = ctx.accelerator.reduce(torch.stack([exp.mask.sum(), samples.attention_mask.sum() * cfg.ppo_epochs]).float(), "sum").tolist()
+        method.trainer.tokens_trained += int(train_tokens)
         metrics = {f"{name}/{k}": float(v) for k, v in {**stats, **trained}.items()}
+        metrics[f"{name}/tokens_trained"] = method.trainer.tokens_trained
         metrics.update({f"{name}/gen_tokens_per_s": gen_tokens / (t1 - t0), f"{name}/train_tokens_per_s": train_tokens / (t3 - t2),
                         f"{name}/time_generation_s": t1 - t0, f"{name}/time_scoring_s": t2 - t1, f"{name}/time_update_s": t3 - t2})
         if method.iteration % cfg.eval_every == 0 or method.iteration == cfg.steps or method.iteration == 1:

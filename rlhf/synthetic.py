@@ -5,9 +5,9 @@ topic, of a given length::
 
     topic: fruit. open: mango. avoid: plum. length: short. answer:
 
-There are 10 x 8 x 7 x 3 = 1680 such prompts; a fixed fifth of them (by a stable hash: 340 prompts) is
-held out: the evaluation prompts (distinct, drawn without replacement) and pairs come only from those,
-training data never does.
+There are 6 x 8 x 7 x 2 = 672 such prompts; a fixed two fifths of them (by a stable hash: 258 prompts)
+are held out: the evaluation prompts (distinct, drawn without replacement) and pairs come only from
+those, training data never does.
 
 An answer is a sequence of words. The gold reward (:func:`gold_reward`) is prompt-dependent and more
 than a bag of words:
@@ -49,17 +49,13 @@ TOPICS: dict[str, tuple[str, ...]] = {
     "weather": ("rain", "snow", "wind", "storm", "sun", "cloud", "fog", "thunder"),
     "sport": ("soccer", "tennis", "golf", "hockey", "rugby", "boxing", "cycling", "rowing"),
     "music": ("piano", "guitar", "violin", "drum", "flute", "trumpet", "cello", "harp"),
-    "vehicle": ("car", "bus", "train", "truck", "boat", "plane", "bike", "tram"),
-    "tool": ("hammer", "saw", "drill", "wrench", "chisel", "pliers", "ruler", "shovel"),
-    "city": ("paris", "rome", "tokyo", "cairo", "lima", "oslo", "dublin", "berlin"),
-    "body": ("hand", "foot", "head", "knee", "elbow", "ankle", "wrist", "shoulder"),
 }
 FILLER: tuple[str, ...] = ("and", "the", "very", "with", "some", "many")
-TARGET_LENGTH = {"short": 4, "medium": 6, "long": 8}
+TARGET_LENGTH = {"short": 4, "long": 8}
 
 OPEN_BONUS = 0.5
 AVOID_PENALTY = 0.5
-HELD_OUT_SHARE = 5  # one prompt spec in five is held out
+HELD_OUT_FIFTHS = 2  # two prompt specs in five are held out (enough for 256 distinct evaluation prompts)
 REPEAT_PENALTY = 1.0
 LONG_PENALTY = 0.3
 SHORT_PENALTY = 0.2
@@ -89,7 +85,7 @@ class Spec:
     @property
     def held_out(self) -> bool:
         digest = hashlib.sha256(self.prompt().encode()).digest()
-        return digest[0] % HELD_OUT_SHARE == 0
+        return digest[0] % 5 < HELD_OUT_FIFTHS
 
 
 def parse_prompt(prompt: str) -> Spec:
@@ -150,7 +146,7 @@ def random_spec(rng: random.Random, held_out: bool) -> Spec:
 
 def sample_answer(rng: random.Random, spec: Spec, on_topic: float, open_prob: float, length_jitter: tuple[int, int]) -> str:
     """An answer from a noisy writer: ``on_topic`` share of on-topic words, the rest filler or off-topic."""
-    n = max(1, spec.target + rng.randint(*length_jitter))
+    n = max(0, spec.target + rng.randint(*length_jitter))
     others = [w for t, ws in TOPICS.items() if t != spec.topic for w in ws]
     words = []
     for i in range(n):
@@ -172,9 +168,15 @@ def demonstration(rng: random.Random, spec: Spec, quality: float) -> str:
     return sample_answer(rng, spec, on_topic=quality, open_prob=0.5, length_jitter=(-2, 2))
 
 
+DEGENERATE_SHARE = 0.1  # behaviour answers of 0-2 words: the reward model must see (and learn to dislike) them
+
+
 def behaviour_answer(rng: random.Random, spec: Spec) -> str:
-    """An answer from the broad behaviour policy that produces the preference pairs."""
-    return sample_answer(rng, spec, on_topic=rng.uniform(0.2, 1.0), open_prob=rng.random(), length_jitter=(-3, 6))
+    """An answer from the broad behaviour policy that produces the preference pairs: 3 words short of the
+    target to 6 past it, and now and then a degenerate one (empty to 2 words) that a policy could otherwise
+    find as a hole in the reward model."""
+    jitter = (-spec.target, 2 - spec.target) if rng.random() < DEGENERATE_SHARE else (-3, 6)
+    return sample_answer(rng, spec, on_topic=rng.uniform(0.2, 1.0), open_prob=rng.random(), length_jitter=jitter)
 
 
 def preference_pair(rng: random.Random, spec: Spec, temperature: float, length_bias: float) -> dict:

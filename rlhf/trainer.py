@@ -90,6 +90,7 @@ class Trainer:
         self.progress = Progress(prefix, total_steps, ProgressSettings("off"))  # a stage sets its own (StageContext.progress)
         self._window: dict[str, list[float]] = defaultdict(list)
         self._tokens, self._window_start = 0, time.perf_counter()
+        self.tokens_trained = 0  # every process's training tokens so far (kept in checkpoints): the stage's compute, in tokens
 
     # ---- data parallelism ------------------------------------------------------------------------
     @property
@@ -172,6 +173,7 @@ class Trainer:
         for k, v in metrics.items():
             self._window[k].append(float(v))
         self._tokens += tokens
+        self.tokens_trained += tokens
         self.progress.update(self.step, metrics, tokens)
         if self.step == 1 or self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
             self.flush()
@@ -199,7 +201,8 @@ class Trainer:
     def save(self, extra_state: dict | None = None) -> Path:
         """Checkpoint (main process only; DDP keeps every copy identical); every process waits for it."""
         if self.accelerator.is_main_process:
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "extra": extra_state or {}}
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "extra": extra_state or {},
+                     "tokens_trained": self.tokens_trained}
             self.sink.flush()  # metrics up to a checkpoint are never lost with the process
             checkpoint.save(self.ckpt_dir, self.step, self.models, self.tokenizer, state)
         self.accelerator.wait_for_everyone()
@@ -211,7 +214,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
-        self.step = state["step"]
+        self.step, self.tokens_trained = state["step"], state.get("tokens_trained", 0)
         return state["extra"]
 
 

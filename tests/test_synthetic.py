@@ -85,3 +85,18 @@ def test_demonstrations_are_decent_not_optimal():
     s = S.make_splits(0, 1000, 10, 10, 10, 10, 0.3, 0.1, 0.65)
     mean = sum(S.gold_reward(r["prompt"], r["response"]) for r in s["sft"]) / 1000
     assert 0.0 < mean < 1.0  # the best possible is 1.5
+
+
+def test_evaluation_prompts_are_distinct_and_there_are_at_least_256():
+    s = S.make_splits(0, 10, 10, 256, 10, 10, 0.3, 0.1, 0.65)
+    prompts = [r["prompt"] for r in s["eval_prompts"]]
+    assert len(set(prompts)) == 256 and all(S.parse_prompt(p).held_out for p in prompts)
+    assert len(S.all_specs(held_out=True)) >= 256
+
+
+def test_asking_for_more_held_out_prompts_than_exist_is_refused_before_training():
+    from flows.pipeline import load_config
+    from rlhf.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"data\.n_eval_prompts=400.*Fix: pass data\.n_eval_prompts<="):
+        validate(load_config(["data.n_eval_prompts=400"]))

@@ -77,6 +77,8 @@ def run(cfg: DPOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: Stage
     fit(trainer, len(rows), micro_loss, evaluate)
     final = evaluate()
     ctx.save_final(policy, tokenizer, {"stage": "dpo", "step": trainer.step})
+    final["tokens_trained"] = trainer.tokens_trained
+    ctx.sink.log_metrics({"dpo/tokens_trained": trainer.tokens_trained}, trainer.step)
     return {"model_path": str(ctx.final_dir), "metrics": {f"dpo/{k}": v for k, v in final.items()}, "steps": trainer.step}
 
 

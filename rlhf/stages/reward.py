@@ -87,6 +87,8 @@ def run(cfg: RewardConfig, model_cfg: ModelConfig, data_dir: str, sft_path: str,
     fit(trainer, len(rows), micro_loss, evaluate)
     final = {**evaluate(), **report_on(model, load_split(data_dir, "eval_pref"), held, tokenizer, max_length, ctx, amp, trainer.step)}
     ctx.save_final(model, tokenizer, {"stage": "reward", "step": trainer.step})
+    final["tokens_trained"] = trainer.tokens_trained
+    ctx.sink.log_metrics({"rm/tokens_trained": trainer.tokens_trained}, trainer.step)
     return {"model_path": str(ctx.final_dir), "metrics": {f"rm/{k}": v for k, v in final.items()}, "steps": trainer.step}
 
 

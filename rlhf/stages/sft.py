@@ -71,4 +71,6 @@ def run(model_cfg: ModelConfig, cfg: SFTConfig, data_dir: str, ctx: StageContext
     fit(trainer, len(train), micro_loss, evaluate)
     final = evaluate()
     ctx.save_final(model, tokenizer, {"stage": "sft", "step": trainer.step})
+    final["tokens_trained"] = trainer.tokens_trained
+    ctx.sink.log_metrics({"sft/tokens_trained": trainer.tokens_trained}, trainer.step)
     return {"model_path": str(ctx.final_dir), "metrics": {f"sft/{k}": v for k, v in final.items()}, "steps": trainer.step}
