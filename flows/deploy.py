@@ -24,7 +24,8 @@ from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL
 from prefect.workers.process import ProcessWorker
 
-from flows.pipeline import CONF_DIR, PROJECT_DIR, rlhf_pipeline
+from flows.dag import rlhf_pipeline
+from flows.pipeline import CONF_DIR, PROJECT_DIR
 from flows.stage import rlhf_stage
 from rlhf.config import ConfigError
 
@@ -83,7 +84,7 @@ def deploy(cfg: dict) -> dict[str, str]:
         description="One training stage (sft, reward, dpo, ppo); started by the pipeline with run_deployment.",
     ))
     sched = pipe["schedule"]
-    ids[f"{rlhf_pipeline.name}/{pipe['name']}"] = str(rlhf_pipeline.from_source(source, "flows/pipeline.py:rlhf_pipeline").deploy(
+    ids[f"{rlhf_pipeline.name}/{pipe['name']}"] = str(rlhf_pipeline.from_source(source, "flows/dag.py:rlhf_pipeline").deploy(
         name=pipe["name"], work_pool_name=pipe["pool"], job_variables=pipe["job_variables"], tags=pipe["tags"],
         parameters={"base_overrides": pipe["base_overrides"]},
         schedules=[Cron(sched["cron"], timezone=sched["timezone"], active=sched["active"])] if sched["cron"] else [],

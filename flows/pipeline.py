@@ -1,45 +1,36 @@
-"""The RLHF pipeline as one Prefect flow: data -> SFT -> reward -> DPO | PPO -> eval.
+"""The command line of the pipeline, and its config.
 
-Entry points:
     python -m flows.pipeline [hydra overrides]      (also the console script ``rlhf-pipeline``)
-    rlhf_pipeline(load_config([...overrides]))     (tests, benchmarks)
-    deployment rlhf-pipeline/nightly                (flows/deploy.py; parameter ``overrides``)
+    rlhf_pipeline(load_config([...overrides]))     (tests, benchmarks: the Prefect flow, flows/dag.py)
+
+A run whose every stage is already cached is answered here, from the stage keys and the persisted results,
+without starting Prefect or loading a model (:mod:`flows.cached`); the rest goes to the Prefect flow.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 from pathlib import Path
 
-import tasks  # noqa: F401  (Prefect defaults first)
-
 import hydra
-from mlflow.entities import LoggedModelOutput
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
-from prefect import flow, get_run_logger
-from prefect.runtime import flow_run as prefect_run
 
 from flows import schema
-from flows.report import mlflow_link, publish, run_name, ui_hint
-from flows.stage import training_task
-from flows.sweep import sweep_run
-from rlhf.algorithms import registry
-from rlhf.config import ConfigError, PipelineConfig, flatten, reward_member, stage_kind, to_dict, training_stages, validate
-from rlhf.lineage import log_datasets
-from rlhf.preflight import preflight
-from rlhf.tracking import RunLogger, close_orphaned_runs, experiment_id
-from tasks.data import SPLIT_CONTEXTS, data_stage
-from tasks.dispatch import check_stage_deployment, dispatch_stage
-from tasks.evaluate import eval_stage
-from tasks.keys import pipeline_keys
-from tasks.runner import short_key, stage_options
+from rlhf.config import ConfigError, validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PROJECT_DIR = CONF_DIR.parent
 schema.register(CONF_DIR)
+
+
+def __getattr__(name: str):
+    """``rlhf_pipeline`` (the Prefect flow) is imported when asked for: the command line needs Prefect only
+    when something is left to run."""
+    if name == "rlhf_pipeline":
+        from flows.dag import rlhf_pipeline
+
+        return rlhf_pipeline
+    raise AttributeError(name)
 
 
 def load_config(overrides: list[str] | None = None) -> dict:
@@ -63,157 +54,6 @@ def to_container(cfg: DictConfig) -> dict:
     return container
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-class Stages:
-    """Calls stage tasks with their cache options and records, per stage, the key, whether it was
-    Cached, and the MLflow run that produced its artifacts (lineage) as tags of the parent run.
-
-    Placement (``dispatch``): a training stage runs here, tagged with the concurrency tag, or, with
-    ``dispatch=pools``, as a flow run of the stage deployment; both sit behind the same cache key.
-    """
-
-    def __init__(self, cfg: PipelineConfig, keys: dict[str, str], env: dict, parent: RunLogger, logger) -> None:
-        self.cfg, self.keys, self.env, self.parent, self.log = cfg, keys, env, parent, logger
-        self.root = Path(cfg.paths.root)
-        self.cached: dict[str, bool] = {}
-        # Refreshing a stage re-runs everything downstream of it too (their inputs change).
-        order = list(keys)
-        first = min((order.index(s) for s in cfg.refresh if s in order), default=len(order))
-        self.refreshed = set(order[first:])
-
-    def _placed(self, name: str, task, inputs: dict):
-        """The task to call for stage ``name`` (here, or its dispatch to the work pool), its inputs, and refresh."""
-        refresh = name in self.refreshed
-        options = {**stage_options(self.root, refresh), "task_run_name": f"{name}-{short_key(self.keys[name])}"}
-        dispatch = self.cfg.dispatch
-        if dispatch.dispatched(name):
-            task = dispatch_stage.with_options(name=name, **options)
-            inputs = {"stage": name, "inputs": inputs, "dispatch": to_dict(dispatch),
-                      "flow_run_name": f"{name}-{short_key(self.keys[name])} of {self.env['run_name']}"}
-        else:
-            task = task.with_options(**options, tags=[dispatch.concurrency_tag] if stage_kind(name) in training_stages() else [])
-        self.log.info("stage %s: starting (key %s)", name, self.keys[name])
-        return task, {"key": self.keys[name], "env": self.env, "fresh": refresh, **inputs}
-
-    def _record(self, name: str, state) -> dict:
-        """Bookkeeping of a finished stage: its tags on the parent run, a log line; its record (or its exception)."""
-        self.cached[name] = state.name == "Cached"
-        tags = {f"stage.{name}.cache_key": self.keys[name], f"stage.{name}.cached": str(self.cached[name]).lower()}
-        if state.is_failed() or state.is_crashed():
-            self.parent.set_tags({**tags, "failed_stage": name})
-            self.log.error("stage %s: %s. Finished stages stay cached; run the same command again to continue.", name, state.name)
-        record = state.result()  # re-raises the stage's exception
-        self.parent.set_tags({**tags, f"stage.{name}.run_id": record["run_id"]})
-        how = f"Cached (made by MLflow run {record['run_id']})" if self.cached[name] else f"ran in {record['compute_s']:.1f} s (MLflow run {record['run_id']})"
-        self.log.info("stage %s: %s", name, how)
-        return record
-
-    def __call__(self, name: str, task, **inputs) -> dict:
-        task, inputs = self._placed(name, task, inputs)
-        return self._record(name, task(return_state=True, **inputs))
-
-    def all(self, calls: list[tuple[str, object, dict]]) -> list[dict]:
-        """Independent stages (a reward-model ensemble's members): on the work pool all at once, each its own
-        flow run; in this process one after the other (torch's global RNG and threads are per process)."""
-        if not all(self.cfg.dispatch.dispatched(name) for name, _, _ in calls):
-            return [self(name, task, **inputs) for name, task, inputs in calls]
-        futures = [(name, task.submit(**inputs)) for name, task, inputs in (
-            (name, *self._placed(name, task, inputs)) for name, task, inputs in calls)]
-        for _, future in futures:
-            future.wait()
-        return [self._record(name, future.state) for name, future in futures]
-
-
-def open_parent_run(cfg: PipelineConfig, client: MlflowClient, exp_id: str, name: str) -> RunLogger:
-    """The pipeline's parent MLflow run: under the sweep's run when it is a sweep member; earlier runs whose
-    process died (kill -9) are closed as KILLED, naming this run as the one that took over."""
-    tags = {"pipeline": "rlhf", "algo": cfg.algo.algo, "git_commit": git_commit(), "mlflow.source.git.commit": git_commit(),
-            "mlflow.source.name": "flows/pipeline.py", "mlflow.source.type": "JOB", **cfg.tags}
-    sweep_parent = None
-    if cfg.sweep_id:
-        tags["sweep_id"] = cfg.sweep_id
-        sweep_parent = sweep_run(client, exp_id, cfg.sweep_id, Path(cfg.paths.root), name=cfg.sweep_id)
-    if prefect_run.id:  # MLflow run <-> Prefect flow run, both ways (the flow run's logs name the MLflow run)
-        tags |= {"prefect.flow_run_id": prefect_run.id, "prefect.flow_run_name": name}
-    parent = RunLogger.create(client, exp_id, name, tags, sweep_parent)
-    close_orphaned_runs(client, exp_id, parent.run_id)
-    parent.log_params(flatten(to_dict(cfg)))
-    return parent
-
-
-def name_flow_run(name: str) -> None:
-    """The Prefect flow run carries the MLflow run's name (no random names, sweep members told apart)."""
-    if prefect_run.id:
-        from uuid import UUID
-
-        from prefect.client.orchestration import get_client
-
-        with get_client(sync_client=True) as prefect:
-            prefect.update_flow_run(UUID(prefect_run.id), name=name)
-
-
-@flow(name="rlhf-pipeline", log_prints=True)
-def rlhf_pipeline(config: dict | None = None, overrides: list[str] | None = None, base_overrides: list[str] | None = None) -> dict:
-    """data -> SFT -> reward -> policy (DPO, PPO, ...) -> eval, every stage cached on its key; one parent MLflow run.
-
-    ``config``: a composed config (the Hydra app, tests). Otherwise the config is composed from ``conf/``
-    with ``base_overrides`` (a deployment's own, e.g. dispatch=pools) then ``overrides`` (a run's).
-    """
-    logger = get_run_logger()
-    if config is None:
-        config = load_config([*(base_overrides or []), *(overrides or [])])
-    cfg = validate(config)
-    uri = preflight(cfg)
-    if cfg.dispatch.mode == "deployments":
-        check_stage_deployment(cfg.dispatch)
-    root = Path(cfg.paths.root)
-    root.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(uri)
-    exp_id = experiment_id(client, cfg.tracking.experiment, root, uri)
-    keys = pipeline_keys(cfg)
-    name = run_name(cfg, keys)
-    name_flow_run(name)
-    parent = open_parent_run(cfg, client, exp_id, name)
-    logger.info("MLflow run %s: %s%s", name, mlflow_link(uri, exp_id, parent.run_id), ui_hint(uri))
-    env = {"root": str(root), "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent.run_id, "run_name": name,
-           "runtime": to_dict(cfg.runtime), "tracking": to_dict(cfg.tracking)}
-    stage = Stages(cfg, keys, env, parent, logger)
-    algo, model, has_gold = cfg.algo.algo, to_dict(cfg.model), cfg.data.source == "synthetic"
-    try:
-        data = stage("data", data_stage, data=to_dict(cfg.data))
-        sft = stage("sft", training_task("sft"), model=model, sft_cfg=to_dict(cfg.sft), data=data)
-        rewards = stage.all([(reward_member(i), training_task("reward"), dict(model=model, reward_cfg=to_dict(cfg.reward), data=data, sft=sft,
-                                                                             member=i)) for i in range(cfg.reward.ensemble_size)])
-        policy_inputs = {"rewards": rewards, "has_gold": has_gold, "missing_eos_penalty": cfg.reward.missing_eos_penalty} \
-            if registry()[algo].needs_reward else {}
-        policy = stage(algo, training_task(algo), model=model, algo=to_dict(cfg.algo), data=data, sft=sft, **policy_inputs)
-        evaluation = stage("eval", eval_stage, model=model, eval_cfg=to_dict(cfg.eval), has_gold=has_gold,
-                           missing_eos_penalty=cfg.reward.missing_eos_penalty,
-                           data=data, sft=sft, rewards=rewards, policy=policy)
-    except BaseException:
-        parent.finish("FAILED")
-        raise
-    metrics = evaluation["metrics"]
-    parent.log_metrics(metrics, step=0)
-    log_datasets(client, parent.run_id, data["datasets"], SPLIT_CONTEXTS)
-    if policy.get("model_id"):  # the runs table's Model column: the tuned policy, also when its stage was Cached
-        client.log_outputs(parent.run_id, [LoggedModelOutput(policy["model_id"], step=0)])
-    publish(cfg, name, metrics, uri, exp_id, parent.run_id, stage.cached)
-    if all(stage.cached.values()):
-        logger.info("all stages cached: nothing trained")
-    logger.info("%s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
-    parent.finish()
-    return {"run_id": parent.run_id, "run_name": name, "experiment_id": exp_id, "tracking_uri": uri, "keys": keys, "cached": stage.cached,
-            "metrics": metrics, "policy_path": policy["model_path"], "records": {"data": data, "sft": sft, **{reward_member(i): r for i, r in enumerate(rewards)}, algo: policy}}
-
-
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     """Hydra app: compose, validate (fails before any training), run the flow; returns the objective."""
@@ -228,8 +68,15 @@ def main(cfg: DictConfig) -> float:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         container["sweep_id"] = container.get("sweep_id") or sweep_id_for(hydra_cfg.sweep.dir)
         container["sweep_member"] = hydra_cfg.job.num
-    objective = validate(container).objective_metric()  # a wrong objective fails here, before any training
-    result = rlhf_pipeline(container)
+    cfg = validate(container)
+    objective = cfg.objective_metric()  # a wrong objective fails here, before any training
+    from flows.cached import cached_run
+
+    result = cached_run(cfg)
+    if result is None:
+        from flows.dag import rlhf_pipeline
+
+        result = rlhf_pipeline(container)
     m = result["metrics"]
     print("\n".join(f"{k:28s} {v:.4f}" for k, v in sorted(m.items())))
     return float(m[objective])

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-
 from rlhf.config import PipelineConfig
-from tasks.runner import short_key
+from tasks.keys import short_key
 
 
 def run_name(cfg: PipelineConfig, keys: dict[str, str]) -> str:
@@ -42,6 +40,8 @@ def ui_hint(tracking_uri: str) -> str:
 
 def publish(cfg: PipelineConfig, name: str, metrics: dict, tracking_uri: str, exp_id: str, run_id: str, cached: dict) -> None:
     """Prefect artifacts of the flow run: a markdown summary, a table of the eval metrics, a link to MLflow."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
     link = mlflow_link(tracking_uri, exp_id, run_id)
     stages = ", ".join(f"{k}: {'Cached' if v else 'ran'}" for k, v in cached.items())
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()))

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 CONTEXT_TAG = "mlflow.data.context"  # the key MLflow's UI reads the context from
 TRAINING, EVALUATION = "training", "evaluation"
+SPLIT_CONTEXTS = {"sft": TRAINING, "pref": TRAINING, "ppo_prompts": TRAINING, "eval_prompts": EVALUATION, "eval_pref": EVALUATION}
 
 
 def _entity(fp: dict) -> Dataset:

@@ -41,7 +41,7 @@ from .trainer import Trainer, epoch_order
 
 SCORE_NORM_BATCHES = 2  # rollout batches of the SFT policy used to measure the score offset
 GUARD_DIR = "guard_best"  # the checkpoint the over-optimisation guard keeps (a stage folder's)
-EVAL_PROMPTS = 128  # held-out prompts scored at each evaluation during training
+EVAL_PROMPTS = 256  # held-out prompts scored at each evaluation during training (the default task has 258)
 CURVES = ("kl", "kl_k3", "score", "eval_proxy_reward", "eval_gold_reward", "eval_guard_score")  # what the KL curve figure plots
 
 
@@ -64,6 +64,13 @@ class Experience:
 
     def __getitem__(self, idx) -> "Experience":
         return Experience(self.samples[idx], *(None if (t := getattr(self, f.name)) is None else t[idx] for f in fields(self)[1:]))
+
+    def trimmed(self) -> "Experience":
+        """Without the padding every row shares (:meth:`Samples.trimmed`): what an update's forwards run on."""
+        samples = self.samples.trimmed()
+        width = samples.response_ids.shape[1]
+        cut = lambda t: t if t is None or t.dim() == 1 else t[:, :width]  # noqa: E731
+        return Experience(samples, *(cut(getattr(self, f.name)) for f in fields(self)[1:]))
 
 
 class OnPolicyModels:
@@ -171,11 +178,13 @@ class OnPolicy:
 
     def ensemble(self, members: torch.Tensor, how: str | None = None) -> torch.Tensor:
         """The score a method optimises from its members' raw scores (K, B): the single model's score, or the
-        ensemble's ``reward_ensemble`` of the members standardised on SFT answers."""
+        ensemble's ``reward_ensemble`` of the members standardised on SFT answers, put back on the members'
+        mean scale (so beta means what it means with one reward model)."""
         if len(members) == 1:
             return members[0]
-        z = (members - self.member_stats[:, :1].to(members.device)) / self.member_stats[:, 1:].to(members.device)
-        return ensemble_score(z, how or self.cfg.reward_ensemble, self.cfg.uncertainty_coef)
+        stats = self.member_stats.to(members.device)
+        z = (members - stats[:, :1]) / stats[:, 1:]
+        return ensemble_score(z, how or self.cfg.reward_ensemble, self.cfg.uncertainty_coef) * stats[:, 1].mean() + stats[:, 0].mean()
 
     @torch.no_grad()
     def raw_scores(self, samples: Samples) -> torch.Tensor:
@@ -198,16 +207,18 @@ class OnPolicy:
     def forwards(self, samples: Samples) -> dict[str, torch.Tensor]:
         """Old and reference log-probs (B, R), values (B, R) where there is a critic, and raw scores (B,),
         in chunks of ``forward_batch_size`` rollouts (activation memory is one chunk's)."""
-        m, t, first = self.m, self.cfg.sampling.temperature, samples.first_target
+        m, t = self.m, self.cfg.sampling.temperature
         parts: dict[str, list[torch.Tensor]] = {}
+        width = samples.response_ids.shape[1]
+        pad = lambda x: torch.nn.functional.pad(x, (0, width - x.shape[1]))  # noqa: E731  (a trimmed chunk back to the batch's width)
         for i in range(0, len(samples.ended), self.cfg.forward_batch_size):
-            s = samples[i : i + self.cfg.forward_batch_size]
-            ids, attn = s.input_ids, s.attention_mask
-            out = {"old_logp": s.response_slice(token_logprobs(m.policy, ids, attn, t, first))}
+            s = samples[i : i + self.cfg.forward_batch_size].trimmed()
+            ids, attn, first = s.input_ids, s.attention_mask, s.first_target
+            out = {"old_logp": pad(s.response_slice(token_logprobs(m.policy, ids, attn, t, first)))}
             with m.reference.use() as reference:
-                out["ref_logp"] = s.response_slice(token_logprobs(reference, ids, attn, t, first))
+                out["ref_logp"] = pad(s.response_slice(token_logprobs(reference, ids, attn, t, first)))
             if m.value is not None:
-                out["values"] = s.response_slice(token_values(m.value, ids, attn)[:, :-1])
+                out["values"] = pad(s.response_slice(token_values(m.value, ids, attn)[:, :-1]))
             members = self.member_scores(s)
             out["raw"] = self.ensemble(members) - self.penalty(s)
             if len(members) > 1:  # how much the members disagree on each answer (standardised units)
@@ -258,10 +269,10 @@ class OnPolicy:
         return True
 
     def micro_batches(self, exp: Experience):
-        """A minibatch in ``grad_accum`` micro-batches."""
+        """A minibatch in ``grad_accum`` micro-batches, each without the padding all its rows share."""
         micro = len(exp.mask) // self.cfg.grad_accum
         for i in range(0, len(exp.mask), micro):
-            yield exp[slice(i, i + micro)]
+            yield exp[slice(i, i + micro)].trimmed()
 
     def policy_terms(self, e: Experience, aggregation: str = "token", kl_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
         """The clipped surrogate on a micro-batch (and, with ``kl_coef``, the k3 KL to the reference as a loss term)."""

@@ -55,6 +55,13 @@ class Samples:
     def lengths(self) -> torch.Tensor:
         return self.response_mask.sum(1)
 
+    def trimmed(self) -> "Samples":
+        """The same answers without the columns that are padding in every row: the left padding all prompts
+        share and the right padding past the longest answer (a minibatch of short answers costs what they do)."""
+        left = self.prompt_ids.shape[1] - int(self.prompt_mask.sum(1).max())  # columns that are padding in every prompt
+        width = max(1, int(self.response_mask.sum(1).max()))
+        return Samples(self.prompt_ids[:, left:], self.prompt_mask[:, left:], self.response_ids[:, :width], self.response_mask[:, :width], self.ended)
+
     def __getitem__(self, idx) -> "Samples":
         return Samples(self.prompt_ids[idx], self.prompt_mask[idx], self.response_ids[idx], self.response_mask[idx], self.ended[idx])
 

@@ -1,12 +1,10 @@
 from prefect import task
 
 from rlhf.config import DataConfig, from_dict
-from rlhf.lineage import EVALUATION, TRAINING
+from rlhf.lineage import SPLIT_CONTEXTS
 from rlhf.stages import prepare
 
 from .runner import Lineage, run_stage
-
-SPLIT_CONTEXTS = {"sft": TRAINING, "pref": TRAINING, "ppo_prompts": TRAINING, "eval_prompts": EVALUATION, "eval_pref": EVALUATION}
 
 
 @task(name="data")

@@ -12,7 +12,7 @@ from prefect.settings import PREFECT_API_URL
 
 from rlhf.config import ConfigError, DispatchConfig
 
-from .runner import read_record
+from .records import read_record
 
 
 class StageDispatchError(RuntimeError):

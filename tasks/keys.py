@@ -74,3 +74,8 @@ def pipeline_keys(cfg: PipelineConfig) -> dict[str, str]:
     keys[policy] = stage_key(policy, sections[policy], upstream)
     keys["eval"] = stage_key("eval", sections["eval"], [keys["data"], keys["sft"], *rewards, keys[policy]])
     return keys
+
+
+def short_key(key: str) -> str:
+    """The first hex digits of a stage key (``sft-3f9a...`` -> ``3f9a1c``): enough to tell runs apart in a name."""
+    return key.rsplit("-", 1)[-1][:6]

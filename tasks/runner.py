@@ -10,7 +10,6 @@ under ``paths.root``, and a file lock per key so concurrent runs never train the
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,8 @@ from rlhf.stages.common import CKPT_DIR, FINAL_DIR, StageContext
 from rlhf.system_metrics import PeakMemory, StageSystemMetrics
 from rlhf.tracking import RunLogger, process_tags
 
+from .keys import short_key
+from .records import RUN_ID_FILE, stage_dir, write_record
 from .locking import ProcessFileLockManager
 
 
@@ -54,28 +55,6 @@ def stage_options(root: Path, refresh: bool, retries: int = 2) -> dict:
         cache_policy=policy, persist_result=True, result_storage=root / "prefect-results", refresh_cache=refresh,
         retries=retries, retry_delay_seconds=5, retry_condition_fn=_transient,
     )
-
-
-def stage_dir(root: str | Path, stage: str, key: str) -> Path:
-    return Path(root) / "stages" / stage / key
-
-
-RUN_ID_FILE = "mlflow_run_id"
-RECORD_FILE = "record.json"
-
-
-def write_record(out_dir: Path, record: dict) -> None:
-    """The finished stage's record beside its outputs (written last, atomically): a stage that ran in
-    another process (a work pool's flow run) hands its result back through it."""
-    checkpoint.atomic_write_json(out_dir / RECORD_FILE, record)
-
-
-def read_record(root: str | Path, stage: str, key: str) -> dict:
-    path = stage_dir(root, stage, key) / RECORD_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"stage {stage} finished without {path}. Fix: give the pipeline's and the stage's workers "
-                                f"the same paths.root (a shared volume); it is {root} here.")
-    return json.loads(path.read_text())
 
 
 @dataclass
@@ -179,8 +158,3 @@ def run_stage(stage: str, key: str, env: dict, fresh: bool, body: Callable[[Stag
               "peak_memory_mb": memory.peak_mb, **result}
     write_record(out_dir, record)
     return record
-
-
-def short_key(key: str) -> str:
-    """The first hex digits of a stage key (``sft-3f9a...`` -> ``3f9a1c``): enough to tell runs apart in a name."""
-    return key.rsplit("-", 1)[-1][:6]

@@ -262,9 +262,12 @@ def test_cli_first_run_on_fresh_homes_then_cached_in_a_new_process(tmp_path):
     for stage, steps in (("sft", 6), ("rm", 12), ("dpo", 3)):  # micro: 96 rows / 16 per batch (x2 epochs for sft and rm)
         assert re.search(rf"{stage}: 100%\|[^|]*\| {steps}/{steps} \[", shown), shown[-3000:]  # tqdm's bar, drawn to the end
     assert "sft step 1/" not in shown  # a bar, not log lines, on a terminal
+    started = time.monotonic()
     out = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    elapsed = time.monotonic() - started
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "all stages cached" in out.stdout + out.stderr
+    assert "all stages cached" in out.stdout and "/#/experiments/" in out.stdout
+    assert "Starting temporary server" not in out.stdout + out.stderr and elapsed < 20  # no Prefect, no model: ~6 s here
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("rlhf").experiment_id], "tags.pipeline = 'rlhf'", order_by=["start_time ASC"])
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)

@@ -69,3 +69,15 @@ def test_top_k_and_top_p_filtering():
     assert torch.isinf(filter_logits(logits, 2, 1.0)[0, 2:]).all() and torch.isfinite(filter_logits(logits, 2, 1.0)[0, :2]).all()
     kept = torch.isfinite(filter_logits(logits, 0, 0.7)[0])
     assert kept.tolist() == [True, True, False, False]  # 0.5 + 0.3 >= 0.7
+
+
+def test_trimming_drops_only_the_padding_every_row_shares_and_keeps_the_log_probs():
+    model = tiny_lm()
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [3, 4], [10, 11, 12]], pad_id=0)
+    s = generate(model, ids, mask, SamplingConfig(max_new_tokens=10), eos_id=1, pad_id=0, generator=torch.Generator().manual_seed(0))
+    part = s[1:]  # the two short prompts: their common left padding is 2 columns
+    t = part.trimmed()
+    assert t.prompt_ids.shape[1] == 3 and t.response_ids.shape[1] == int(part.response_mask.sum(1).max())
+    full = part.response_slice(token_logprobs(model, part.input_ids, part.attention_mask))[:, : t.response_ids.shape[1]] * t.response_mask
+    trim = t.response_slice(token_logprobs(model, t.input_ids, t.attention_mask, first=t.first_target)) * t.response_mask
+    assert torch.allclose(full, trim, atol=1e-5) and torch.equal(part.last_index - 2, t.last_index)
