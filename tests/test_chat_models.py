@@ -28,7 +28,7 @@ def ultrafeedback_rows(n: int, seed: int = 0) -> list[dict]:
     for _ in range(n):
         spec = random_spec(rng, held_out=False)
         user = {"role": "user", "content": spec.prompt()}
-        a, b = behaviour_answer(rng, spec), behaviour_answer(rng, spec)
+        a, b = (behaviour_answer(rng, spec) or spec.keyword for _ in range(2))  # a chat answer is never empty
         rows.append({"chosen": [user, {"role": "assistant", "content": a}], "rejected": [user, {"role": "assistant", "content": b}],
                      "score_chosen": 8.0, "score_rejected": 4.0})
     return rows
