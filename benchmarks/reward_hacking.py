@@ -87,6 +87,7 @@ def overoptimisation() -> dict:
     peak, last = max(steps, key=gold.get), steps[-1]
     kept = int(client().get_run(ppo_run).data.metrics["ppo/guard_iteration"])
     metrics = client().get_run(ppo_run).data.metrics
+    budget = float(client().get_run(r["run_id"]).data.params["algo.guard_kl_budget"])
     fall_se = math.hypot(se[peak], se[last])
     out = {
         "peak_iteration": peak, "peak_gold": gold[peak], "peak_se": se[peak], "last_gold": gold[last], "last_se": se[last],
@@ -108,7 +109,7 @@ def overoptimisation() -> dict:
           f"while the proxy rose from {proxy[peak]:.3f} to {proxy[last]:.3f}.", "",
           f"Gao et al.'s RL form fitted over the run's evaluations (d = sqrt(held-out KL)): alpha {out['fit_gold_alpha']:.3f}, beta "
           f"{out['fit_gold_beta']:.3f}, R2 {out['fit_gold_r2']:.2f}, peak d* {out['fit_gold_d_star']:.2f} (KL {out['fit_gold_d_star'] ** 2:.2f}).", "",
-          f"The guard (`guard=kl`, budget 2 nats, never seeing gold) kept iteration {kept} (held-out KL {kl[kept]:.2f}): gold "
+          f"The guard (`guard=kl`, budget {budget:g} nats, never seeing gold) kept iteration {kept} (held-out KL {kl[kept]:.2f}): gold "
           f"{gold[kept]:+.3f}, {'within' if out['guard_within_2se_of_best'] else 'outside'} 2 SE of the best and "
           f"{'above' if out['guard_above_last'] else 'not above'} the last. The eval stage evaluated the guard's checkpoint: "
           f"gold gain over SFT {r['metrics']['eval/gold_gain']:+.3f} +- {r['metrics']['eval/gold_gain_se']:.3f}, win rate "
