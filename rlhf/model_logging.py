@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import re
 import tempfile
 from pathlib import Path
 
@@ -20,6 +21,12 @@ from mlflow.tracking import MlflowClient
 
 GENERATION, SCORING = "text-generation", "text-classification"
 log = logging.getLogger(__name__)
+
+
+def logged_model_name(stage: str) -> str:
+    """The MLflow logged-model name of ``stage``: MLflow refuses ``/ : . % " '`` in one, and ensemble
+    members are stages ``reward.1``, ``reward.2``, ... (they become ``reward-1``, ...)."""
+    return re.sub(r"[/:.%\"']", "-", stage)
 
 
 def _requirements() -> list[str]:
@@ -57,7 +64,7 @@ def log_final_model(client: MlflowClient, experiment_id: str, run_id: str, pipel
     from mlflow.models import Model
 
     model, tokenizer = _load(Path(path), task)
-    logged = client.create_logged_model(experiment_id, name=name, source_run_id=pipeline_run_id, tags={"task": task, "stage_run_id": run_id})
+    logged = client.create_logged_model(experiment_id, name=logged_model_name(name), source_run_id=pipeline_run_id, tags={"task": task, "stage_run_id": run_id})
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "model"
         meta = Model(artifact_path=logged.artifact_location, run_id=pipeline_run_id, model_id=logged.model_id)

@@ -87,3 +87,14 @@ def test_a_stage_shorter_than_the_sampling_interval_still_has_system_metrics(sto
         time.sleep(0.3)
     metrics = client.get_run(run.run_id).data.metrics
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
+
+
+def test_every_stage_name_is_a_model_name_mlflow_accepts(store):
+    from rlhf.config import reward_member
+    from rlhf.model_logging import logged_model_name
+
+    _, _, client, exp = store
+    names = [logged_model_name(s) for s in ("sft", "ppo", reward_member(0), reward_member(1), reward_member(3))]
+    assert names[2:] == ["reward", "reward-1", "reward-3"]
+    for name in names:  # the store's own validation, as a stage run hits it
+        assert client.create_logged_model(exp, name=name).name == name
