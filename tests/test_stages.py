@@ -205,11 +205,14 @@ def test_best_of_one_is_sft_sampling_and_the_analytic_kl(upstream):
     assert analytic_kl(1) == 0 and analytic_kl(16) == pytest.approx(math.log(16) - 15 / 16)
     s, rm = upstream["sft"]["model_path"], upstream["rm"]["model_path"]
     record = best_of_n_run(BestOfNConfig(n=1), TINY_MODEL, PolicyInputs(upstream["data"], s, rm, True, 1.0), ctx(upstream["root"], "bon1"))
-    assert record["model_path"] == s and record["sampler_args"] == {"n": 1}
+    assert record["model_path"] == s and record["sampler_args"] == {"n": 1, "seed": 0}
     cfg = EvalConfig(n_prompts=16, sampling=SamplingConfig(max_new_tokens=8))
     one = evaluate.run(cfg, TINY_MODEL.max_length, True, upstream["data"], s, s, rm, ctx(upstream["root"], "eval-bon1"), 1.0, sample, {"n": 1})
     m = one["metrics"]
     assert m["eval/win_rate_gold"] == 0.5 and m["eval/kl"] == 0 and m["eval/kl_analytic"] == 0  # the same answers as SFT's
+    reseeded = evaluate.run(cfg, TINY_MODEL.max_length, True, upstream["data"], s, s, rm, ctx(upstream["root"], "eval-bon1s"), 1.0, sample,
+                            {"n": 1, "seed": 1})["metrics"]
+    assert reseeded["eval/win_rate_gold"] != 0.5  # algo.seed draws other candidates; SFT's answers stay those of eval.seed
     four = evaluate.run(cfg, TINY_MODEL.max_length, True, upstream["data"], s, s, rm, ctx(upstream["root"], "eval-bon4"), 1.0, sample, {"n": 4})
     m4 = four["metrics"]
     assert m4["eval/proxy_gain"] > 0 and m4["eval/win_rate_proxy"] > 0.5  # the reward model picks what it likes

@@ -30,6 +30,7 @@ from .common import StageContext
 class BestOfNConfig:
     algo: str = setting("best_of_n", "Algorithm name.", choices=["best_of_n"])
     n: int = setting(16, "Answers sampled from SFT per prompt; the reward model keeps the best.", ge=1)
+    seed: int = setting(0, "Seed of the candidates' draws (added to eval.seed); the SFT answers compared with them keep eval.seed.")
 
 
 def analytic_kl(n: int) -> float:
@@ -48,6 +49,7 @@ def sample(env, prompt_ids: list[list[int]], args: dict) -> tuple[list[Samples],
     """The eval stage's sampler (:data:`rlhf.stages.evaluate.Sampler`): best-of-n answers to ``prompt_ids``,
     the sampled KL estimate per answer, and ``eval/kl_analytic``."""
     n = args["n"]
+    env.generator.manual_seed(env.cfg.seed + args.get("seed", 0))
     group = max(1, env.cfg.sampling.batch_size // n)  # prompts per generation batch, n candidates each
     answers, kls = [], []
     for i in range(0, len(prompt_ids), group):
@@ -67,7 +69,7 @@ def sample(env, prompt_ids: list[list[int]], args: dict) -> tuple[list[Samples],
 def run(cfg: BestOfNConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: StageContext) -> dict:
     """Nothing to train: the record names the SFT model and n, which the eval stage samples with :func:`sample`."""
     ctx.sink.log_metrics({"best_of_n/n": cfg.n, "best_of_n/kl_analytic": analytic_kl(cfg.n)}, 0)
-    return {"model_path": inputs.sft_path, "sampler_args": {"n": cfg.n}, "metrics": {"best_of_n/kl_analytic": analytic_kl(cfg.n)}, "steps": 0}
+    return {"model_path": inputs.sft_path, "sampler_args": {"n": cfg.n, "seed": cfg.seed}, "metrics": {"best_of_n/kl_analytic": analytic_kl(cfg.n)}, "steps": 0}
 
 
 ALGORITHM = Algorithm("best_of_n", BestOfNConfig, run, needs_reward=True, code=("rlhf.rollout",), sampler=sample)
