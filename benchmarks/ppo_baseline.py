@@ -32,7 +32,9 @@ def _values(model, ids, attn):
     return model.score(hidden)[..., 0]
 
 
-def run_baseline(cfg, max_length: int, data_dir: str, sft_path: str, reward_path: str, device) -> tuple[dict, list, list]:
+def run_baseline(cfg, max_length: int, data_dir: str, sft_path: str, reward_path: str, device, out_dir=None) -> list[dict]:
+    """``cfg.steps`` iterations; per iteration after the first: seconds of each phase and tokens/s (the keys of
+    ``benchmarks/throughput.py``'s PPO rows). Saves the trained policy to ``out_dir`` when given."""
     tok = AutoTokenizer.from_pretrained(sft_path)
     tok.padding_side = "left"
     policy = AutoModelForCausalLM.from_pretrained(sft_path).to(device)
@@ -44,8 +46,7 @@ def run_baseline(cfg, max_length: int, data_dir: str, sft_path: str, reward_path
     opt = torch.optim.AdamW([{"params": policy.parameters()}, {"params": value.parameters(), "lr": cfg.value_lr or cfg.lr}], lr=cfg.lr)
     prompts = [r["prompt"] for r in load_split(data_dir, "ppo_prompts")]
     s = cfg.sampling
-    timing = {"generation": [], "scoring": [], "update": []}
-    gen_tps, train_tps = [], []
+    rows = []
     g = torch.Generator().manual_seed(cfg.seed)
     for step in range(cfg.steps):
         batch = [prompts[i] for i in torch.randint(len(prompts), (cfg.rollout_batch_size,), generator=g)]
@@ -105,9 +106,10 @@ def run_baseline(cfg, max_length: int, data_dir: str, sft_path: str, reward_path
                 opt.step()
         t3 = time.perf_counter()
         if step > 0:  # the first step warms up
-            timing["generation"].append(t1 - t0)
-            timing["scoring"].append(t2 - t1)
-            timing["update"].append(t3 - t2)
-            gen_tps.append(float(mask.sum()) / (t1 - t0))
-            train_tps.append(float(attn.sum()) * cfg.ppo_epochs / (t3 - t2))
-    return timing, gen_tps, train_tps
+            rows.append({"step_s": t3 - t0, "generation_s": t1 - t0, "scoring_s": t2 - t1, "update_s": t3 - t2,
+                         "gen_tokens_per_s": float(mask.sum()) / (t1 - t0), "train_tokens_per_s": float(attn.sum()) * cfg.ppo_epochs / (t3 - t2),
+                         "tokens_per_s": float(attn.sum()) / (t3 - t0)})
+    if out_dir is not None:
+        policy.save_pretrained(out_dir)
+        tok.save_pretrained(out_dir)
+    return rows

@@ -103,9 +103,11 @@ class NullSink:
 
     def __init__(self) -> None:
         self.history: list[tuple[int, dict]] = []
+        self.times: list[float] = []  # when each entry of history was logged (perf_counter)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         self.history.append((step, dict(metrics)))
+        self.times.append(time.perf_counter())
 
     def log_table(self, *_a, **_k) -> None:
         pass
@@ -119,7 +121,7 @@ def pipeline_inputs(overrides: list[str]):
     from flows.pipeline import load_config
     from rlhf.config import validate
     from tasks.keys import pipeline_keys
-    from tasks.runner import read_record
+    from tasks.records import read_record
 
     cfg = validate(load_config(overrides))
     keys = pipeline_keys(cfg)
@@ -139,7 +141,7 @@ def child_pipeline(spec: dict) -> dict:
     from flows.pipeline import load_config, rlhf_pipeline
     from rlhf.config import validate
     from rlhf.tracking import experiment_id, resolve_uri
-    from tasks.runner import read_record
+    from tasks.records import read_record
 
     t_imported = time.time()
     with get_client(sync_client=True) as client:  # starts Prefect's ephemeral server
@@ -324,46 +326,133 @@ def child_stage(spec: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# phase 3: PPO, ours vs a plain PyTorch loop
+# phase 3: PPO, ours against TRL's PPOTrainer and a plain PyTorch loop, then held-out gold of each
 # ------------------------------------------------------------------------------------------------
-def child_ppo(spec: dict) -> dict:
-    import statistics
+TRL_PPO = "1.12.0"  # the last TRL release with PPOTrainer
+TRL_VENV = PROJECT / "benchmarks" / ".venv-trl-ppo"
 
+
+def trl_ppo_python() -> Path:
+    """The interpreter of TRL 1.12's own virtual environment, made on first use with our torch and transformers."""
+    import importlib.metadata as md
+
+    python = TRL_VENV / "bin" / "python"
+    if not python.exists():
+        print(f"installing trl=={TRL_PPO} into {TRL_VENV} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
+        pip = [str(python), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, f"torch=={md.version('torch')}"], check=True)  # the local CPU wheel, as in the README
+        subprocess.run([*pip, f"trl=={TRL_PPO}", f"transformers=={md.version('transformers')}"], check=True)
+    return python
+
+
+def ppo_settings(spec: dict):
+    from rlhf.config import from_dict
+    from rlhf.stages.ppo import PPOConfig
+
+    return from_dict(PPOConfig, {**spec["ppo"], "steps": spec["steps"], "eval_every": 10**6, "checkpoint_every": 10**6})
+
+
+def child_ppo(spec: dict) -> dict:
+    """Ours or the plain loop for ``steps`` iterations; the trained policy goes to ``policy_dir``."""
     from rlhf import runtime
     from rlhf.algorithms import PolicyInputs
-    from rlhf.config import from_dict
     from rlhf.stages import ppo
-    from rlhf.stages.ppo import PPOConfig
     from rlhf.stages.common import StageContext
 
     cfg, rec = pipeline_inputs(spec["overrides"])
-    ppo_cfg = from_dict(PPOConfig, {**spec["ppo"], "steps": spec["steps"], "eval_every": 10**6, "checkpoint_every": 10**6})
+    ppo_cfg = ppo_settings(spec)
     device = runtime.setup(cfg.runtime, 0)
     sft_path, reward_path = rec["sft"]["model_path"], rec["reward"]["model_path"]
     if spec["impl"] == "ours":
         sink = NullSink()
         with tempfile.TemporaryDirectory() as work:
-            ppo.run(ppo_cfg, cfg.model, PolicyInputs(rec["data"]["data_dir"], sft_path, reward_path, missing_eos_penalty=cfg.reward.missing_eos_penalty),
-                    StageContext(Path(work), sink, device, fresh=True))
-        steps = [m for step, m in sink.history if step > 1 and "ppo/time_update_s" in m]  # step 1 warms up
-        timing = {k: [m[f"ppo/time_{k}_s"] for m in steps] for k in ("generation", "scoring", "update")}
-        gen_tps = [m["ppo/gen_tokens_per_s"] for m in steps]
-        train_tps = [m["ppo/train_tokens_per_s"] for m in steps]
+            ctx = StageContext(Path(work), sink, device, fresh=True)
+            ppo.run(ppo_cfg, cfg.model, PolicyInputs(rec["data"]["data_dir"], sft_path, reward_path, missing_eos_penalty=cfg.reward.missing_eos_penalty), ctx)
+            shutil.copytree(ctx.final_dir, spec["policy_dir"])
+        logged = [(t, m) for (_, m), t in zip(sink.history, sink.times) if "ppo/time_update_s" in m]
+        rows = []
+        for (t_prev, _), (t, m) in zip(logged, logged[1:]):  # the first step warms up
+            tokens = m["ppo/train_tokens_per_s"] * m["ppo/time_update_s"] / ppo_cfg.ppo_epochs  # prompt + answer tokens of the rollout
+            rows.append({"step_s": t - t_prev, **{f"{k}_s": m[f"ppo/time_{k}_s"] for k in ("generation", "scoring", "update")},
+                         "gen_tokens_per_s": m["ppo/gen_tokens_per_s"], "train_tokens_per_s": m["ppo/train_tokens_per_s"], "tokens_per_s": tokens / (t - t_prev)})
     else:
         from benchmarks.ppo_baseline import run_baseline
 
-        timing, gen_tps, train_tps = run_baseline(ppo_cfg, cfg.model.max_length, rec["data"]["data_dir"], sft_path, reward_path, device)
-    med = {k: statistics.median(v) for k, v in timing.items()}
+        rows = run_baseline(ppo_cfg, cfg.model.max_length, rec["data"]["data_dir"], sft_path, reward_path, device, spec["policy_dir"])
+    return {"steps": rows, "flops_per_token": ppo_flops(cfg, rec, ppo_cfg), **peak_memory_mb()}
+
+
+def ppo_flops(cfg, rec: dict, ppo_cfg) -> float:
+    """Training FLOPs per token of PPO's update: the policy and the value model."""
+    sft_path, reward_path = rec["sft"]["model_path"], rec["reward"]["model_path"]
     value_path = reward_path if ppo_cfg.value_init == "reward" else sft_path
-    flops = (training_flops_per_token(sft_path, cfg.model.max_length)
-             + training_flops_per_token(value_path, cfg.model.max_length, scalar=True))  # policy + value, per trained token
-    train = statistics.median(train_tps)
-    return {"step_s": sum(med.values()), **{f"{k}_s": v for k, v in med.items()},
-            "gen_tokens_per_s": statistics.median(gen_tps), "train_tokens_per_s": train, "update_tflops": flops * train / 1e12,
-            **peak_memory_mb()}
+    return training_flops_per_token(sft_path, cfg.model.max_length) + training_flops_per_token(value_path, cfg.model.max_length, scalar=True)
 
 
-CHILDREN = {"pipeline": child_pipeline, "stage": child_stage, "ppo": child_ppo}
+def run_trl_ppo(spec: dict) -> dict:
+    """TRL's PPOTrainer (``benchmarks/trl_ppo.py`` in its own environment) on the same models, prompts and settings."""
+    import dataclasses
+
+    import torch
+
+    from rlhf import runtime
+    from rlhf.data import encode_prompts, load_rows
+    from rlhf.modeling import load_tokenizer
+
+    cfg, rec = pipeline_inputs(spec["overrides"])
+    ppo_cfg = ppo_settings(spec)
+    runtime.setup(cfg.runtime, 0)  # the threads ours runs with
+    sft_path, reward_path = rec["sft"]["model_path"], rec["reward"]["model_path"]
+    tok = load_tokenizer(sft_path)
+    prompts = encode_prompts(tok, [r["prompt"] for r in load_rows(rec["data"]["data_dir"], "ppo_prompts", tok)],
+                             cfg.model.max_length - ppo_cfg.sampling.max_new_tokens)
+    if ppo_cfg.value_init == "sft":
+        raise SystemExit("value_init=sft zeroes our value head; TRL's value model keeps its head: compare with value_init=reward")
+    with tempfile.TemporaryDirectory() as work:
+        trl_spec = {"sft_path": sft_path, "reward_path": reward_path, "value_path": reward_path, "prompt_ids": prompts,
+                    "ppo": dataclasses.asdict(ppo_cfg), "steps": spec["steps"], "out_dir": work,
+                    "missing_eos_penalty": cfg.reward.missing_eos_penalty, "threads": torch.get_num_threads()}
+        (Path(work) / "spec.json").write_text(json.dumps(trl_spec))
+        out = subprocess.run([str(trl_ppo_python()), str(PROJECT / "benchmarks" / "trl_ppo.py"), str(Path(work) / "spec.json")], cwd=PROJECT,
+                             env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, capture_output=True, text=True, timeout=3600)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+        if out.returncode != 0 or not lines:
+            raise RuntimeError(f"TRL PPO failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+        result = json.loads(lines[-1][len("RESULT "):])
+        shutil.copytree(result.pop("policy_dir"), spec["policy_dir"])
+    return {**result, "flops_per_token": ppo_flops(cfg, rec, ppo_cfg)}
+
+
+def child_ppo_gold(spec: dict) -> dict:
+    """Held-out gold of each trained policy against SFT: our eval stage with the config's eval settings."""
+    from rlhf import runtime
+    from rlhf.stages import evaluate
+    from rlhf.stages.common import StageContext
+
+    cfg, rec = pipeline_inputs(spec["overrides"])
+    device = runtime.setup(cfg.runtime, 0)
+    out = {}
+    for impl, policy_dir in spec["policies"].items():
+        with tempfile.TemporaryDirectory() as work:
+            m = evaluate.run(cfg.eval, cfg.model.max_length, True, rec["data"]["data_dir"], policy_dir, rec["sft"]["model_path"],
+                             [rec["reward"]["model_path"]], StageContext(Path(work), NullSink(), device, fresh=True),
+                             cfg.reward.missing_eos_penalty)["metrics"]
+        out[impl] = {k: m[f"eval/{k}"] for k in ("gold_gain", "gold_gain_se", "win_rate_gold", "win_rate_gold_se", "kl", "kl_se", "proxy_gain")}
+    return out
+
+
+def summarize(run: dict) -> dict:
+    """Medians over the steps after the first, beside every step's time."""
+    import statistics
+
+    rows = run["steps"]
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    return {**med, "update_tflops": run["flops_per_token"] * med["train_tokens_per_s"] / 1e12,
+            **{k: v for k, v in run.items() if k not in ("steps", "flops_per_token")}, "step_s_each": [r["step_s"] for r in rows]}
+
+
+CHILDREN = {"pipeline": child_pipeline, "stage": child_stage, "ppo": child_ppo, "ppo_gold": child_ppo_gold, "trl_ppo": run_trl_ppo}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -415,18 +504,37 @@ def markdown(report: dict) -> str:
         lines.append(f"| {stage} | {o['tokens_per_s']:,.0f} | {refs[stage]} | {t['tokens_per_s']:,.0f} | **{r['ratio']:.2f}x** | "
                      f"{o['seconds']:.1f} | {t['seconds']:.1f} | {o['tokens']:,} / {t['tokens']:,} | {mem(o)} / {mem(t)} | "
                      f"{o['tflops']:.4g} | {mfu(o['tflops'])} |")
-    o, b = report["ppo"]["ours"], report["ppo"]["reference"]
+    ppo = report["ppo"]
+    o = ppo["ours"]
     lines += [
-        f"\n## PPO: seconds per step (median of {report['ppo']['steps'] - 1} steps after the first)\n",
-        "| | generation s | scoring s | update s | step s | gen tok/s | train tok/s | peak MB | update TFLOP/s | update MFU |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"\n## PPO: {ppo['steps']} iterations each on the default PPO settings; medians over the iterations after the first\n",
+        "tokens/s = the rollout's real tokens (prompt + answer) per second of an iteration's wall time (end of one iteration "
+        "to the end of the next); generation, scoring and update split it.\n",
+        "| | step s | tokens/s | generation s | scoring s | update s | gen tok/s | train tok/s | peak MB | update TFLOP/s | update MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in (("ours (rlhf/stages/ppo.py)", o), ("plain PyTorch loop (benchmarks/ppo_baseline.py)", b)):
-        lines.append(f"| {name} | {r['generation_s']:.3f} | {r['scoring_s']:.3f} | {r['update_s']:.3f} | {r['step_s']:.3f} | "
-                     f"{r['gen_tokens_per_s']:,.0f} | {r['train_tokens_per_s']:,.0f} | {r.get('peak_cuda_mb', r['peak_rss_mb']):.0f} | "
-                     f"{r['update_tflops']:.4g} | {mfu(r['update_tflops'])} |")
-    lines.append(f"| ours / plain, speed-up | {b['generation_s'] / o['generation_s']:.2f}x | {b['scoring_s'] / o['scoring_s']:.2f}x | "
-                 f"{b['update_s'] / o['update_s']:.2f}x | **{b['step_s'] / o['step_s']:.2f}x** | | | | | |")
+    names = {"ours": "ours (rlhf/stages/ppo.py)", "trl": f"TRL {report['versions'].get('trl_ppo', '1.12.0')} PPOTrainer (benchmarks/trl_ppo.py)",
+             "reference": "plain PyTorch loop (benchmarks/ppo_baseline.py)"}
+    for impl, name in names.items():
+        r = ppo[impl]
+        lines.append(f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['generation_s']:.3f} | {r['scoring_s']:.3f} | "
+                     f"{r['update_s']:.3f} | {r['gen_tokens_per_s']:,.0f} | {r['train_tokens_per_s']:,.0f} | "
+                     f"{r.get('peak_cuda_mb', r['peak_rss_mb']):.0f} | {r['update_tflops']:.4g} | {mfu(r['update_tflops'])} |")
+    for impl in ("trl", "reference"):
+        r = ppo[impl]
+        lines.append(f"| ours / {impl if impl == 'trl' else 'plain'}, speed-up | {r['step_s'] / o['step_s']:.2f}x | "
+                     f"**{o['tokens_per_s'] / r['tokens_per_s']:.2f}x** | {r['generation_s'] / o['generation_s']:.2f}x | "
+                     f"{r['scoring_s'] / o['scoring_s']:.2f}x | {r['update_s'] / o['update_s']:.2f}x | | | | | |")
+    g = ppo["gold"]
+    lines += [
+        f"\nHeld-out gold after the {ppo['steps']} iterations (our eval stage on each trained policy, the config's eval prompts and seed; "
+        "± one standard error over prompts):\n",
+        "| | gold gain over SFT | win rate (gold) | KL to SFT | proxy gain |", "|---|---|---|---|---|",
+    ]
+    for impl, name in names.items():
+        r = g[impl]
+        lines.append(f"| {name} | {r['gold_gain']:+.3f} ± {r['gold_gain_se']:.3f} | {r['win_rate_gold']:.3f} ± {r['win_rate_gold_se']:.3f} | "
+                     f"{r['kl']:.2f} ± {r['kl_se']:.2f} | {r['proxy_gain']:+.3f} |")
     lines.append(f"\nMFU: model FLOPs (6 N + 12 L d T per trained token) over the dense peak of {report['precision']} on this device "
                  f"({f'{peak:g} TFLOP/s' if peak else 'unknown: pass --peak-tflops'}).")
     return "\n".join(lines) + "\n"
@@ -435,12 +543,13 @@ def markdown(report: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
-    ap.add_argument("--ppo-steps", type=int, default=6, help="PPO iterations per implementation (the first is a warm-up)")
+    ap.add_argument("--ppo-steps", type=int, default=0, help="PPO iterations per implementation (0: the config's algo.steps; the first warms up)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the config's)")
     ap.add_argument("--rows", type=int, default=768, help="training rows (SFT examples, preference pairs) per stage comparison")
     ap.add_argument("--repeats", type=int, default=3, help="measurements per implementation, alternating which goes first")
     ap.add_argument("--root", default=None, help="pipeline root (default: a fresh temporary folder)")
-    ap.add_argument("--skip-pipeline", action="store_true", help="re-use the pipeline of --root (phase 2-3 only)")
+    ap.add_argument("--phases", default="pipeline,stages,ppo",
+                    help="phases to measure; the others keep the last results' values (without pipeline, --root must hold a finished one)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak TFLOP/s for MFU (default: known GPUs)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of the pipeline config")
     args = ap.parse_args()
@@ -459,14 +568,18 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(root / "prefect-home"), "TOKENIZERS_PARALLELISM": "false"}
     env.pop("PREFECT_API_URL", None)
     report: dict = {"overrides": args.overrides, "date": time.strftime("%Y-%m-%d"), "rows": args.rows, "repeats": args.repeats,
-                    "versions": {p: md.version(p) for p in ("torch", "trl", "transformers", "prefect", "mlflow")}}
-    if not args.skip_pipeline:
+                    "versions": {**{p: md.version(p) for p in ("torch", "trl", "transformers", "prefect", "mlflow")}, "trl_ppo": TRL_PPO}}
+    phases = set(args.phases.split(","))
+    if unknown := phases - {"pipeline", "stages", "ppo"}:
+        ap.error(f"--phases: unknown {sorted(unknown)}; choose from pipeline, stages, ppo")
+    last = json.loads((RESULTS / "throughput_cpu.json").read_text()) if (RESULTS / "throughput_cpu.json").exists() else {}
+    report.update({k: last[k] for k in ("pipeline", "stages", "ppo") if k not in phases and k in last})
+    report["measured"] = {k: report["date"] if k in phases else last.get("measured", {}).get(k, last.get("date")) for k in ("pipeline", "stages", "ppo")}
+    if "pipeline" in phases:
         print("pipeline ...", flush=True)
         report["pipeline"] = run_child("pipeline", {"overrides": overrides}, env)
-    elif (RESULTS / "throughput_cpu.json").exists():  # keep the last measured pipeline section
-        report["pipeline"] = json.loads((RESULTS / "throughput_cpu.json").read_text()).get("pipeline")
-    report["stages"] = {}
-    for stage in ("sft", "reward", "dpo"):
+    for stage in ("sft", "reward", "dpo") if "stages" in phases else ():
+        report.setdefault("stages", {})
         print(f"{stage}: ours, TRL ...", flush=True)
         runs: dict[str, list[dict]] = {"ours": [], "trl": []}
         for i in range(args.repeats):  # ABBA order: neither implementation always runs on a warmer machine
@@ -477,10 +590,8 @@ def main() -> None:
                                    "tokens_per_s_each": {impl: [x["tokens_per_s"] for x in rs] for impl, rs in runs.items()}}
     from flows.pipeline import load_config
 
-    ppo_cfg = load_config(["algo=ppo", *overrides])["algo"]
-    print("ppo: ours, plain loop ...", flush=True)
-    report["ppo"] = {"steps": args.ppo_steps, **{impl: run_child("ppo", {"overrides": overrides, "impl": impl, "ppo": ppo_cfg, "steps": args.ppo_steps}, env)
-                                                 for impl in ("ours", "reference")}}
+    if "ppo" in phases:
+        report["ppo"] = measure_ppo(load_config(["algo=ppo", *overrides])["algo"], args.ppo_steps, overrides, env)
     report["device"] = run_child_device(env)
     from rlhf.config import validate
 
@@ -492,6 +603,22 @@ def main() -> None:
     (RESULTS / f"throughput_{tag}.json").write_text(json.dumps(report, indent=1))
     (RESULTS / f"throughput_{tag}.md").write_text(markdown(report))
     print(markdown(report))
+
+
+def measure_ppo(ppo_cfg: dict, steps: int, overrides: list[str], env: dict) -> dict:
+    """Ours, TRL's PPOTrainer and the plain loop one after the other for the same iterations, then the
+    held-out gold each trained policy reaches."""
+    steps = steps or ppo_cfg["steps"]
+    policies = Path(tempfile.mkdtemp(prefix="rlhf-bench-ppo-"))
+    out: dict = {"steps": steps}
+    for impl, kind in (("ours", "ppo"), ("trl", "trl_ppo"), ("reference", "ppo")):
+        print(f"ppo: {impl}, {steps} iterations ...", flush=True)
+        spec = {"overrides": overrides, "impl": impl, "ppo": ppo_cfg, "steps": steps, "policy_dir": str(policies / impl)}
+        out[impl] = summarize(run_child(kind, spec, env))
+    print("ppo: held-out gold of each ...", flush=True)
+    out["gold"] = run_child("ppo_gold", {"overrides": overrides, "policies": {i: str(policies / i) for i in ("ours", "trl", "reference")}}, env)
+    shutil.rmtree(policies, ignore_errors=True)
+    return out
 
 
 def best_run(runs: list[dict]) -> dict:
