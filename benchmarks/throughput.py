@@ -1,6 +1,6 @@
 """Speed, measured on one machine in one run: each stage against the reference a user would pick instead.
 
-    python -m benchmarks.throughput [--ppo-steps N] [--threads T] [hydra overrides ...]
+    python -m benchmarks.throughput [--phases pipeline,stages,ppo] [--ppo-steps N] [--threads T] [hydra overrides ...]
 
 1. The pipeline (default config unless overridden) in a child process: wall time of the flow against
    the sum of the stages' own compute (``compute_s`` of each stage record) = orchestration overhead
@@ -11,9 +11,15 @@
    process (clean peak memory), same start model, data, batch size, epochs, learning rate, schedule,
    sequence length, precision. Tokens/s = real (non-pad) tokens of the training batches / seconds of
    training (for DPO including the reference log-probs, which both compute).
-3. PPO: our stage against ``benchmarks/ppo_baseline.py`` (a plain PyTorch loop: HF ``generate``, separate
-   forwards, GAE looped over tokens), same models and batch sizes; seconds per step split into
-   generation, scoring (old/ref log-probs, values, reward) and update.
+3. PPO, the config's iterations each, one after the other: our stage, TRL's PPOTrainer (1.12, the last
+   release that has it, in its own virtual environment ``benchmarks/.venv-trl-ppo`` made on first use:
+   ``benchmarks/trl_ppo.py``), ``benchmarks/ppo_baseline.py`` (a plain PyTorch loop: HF ``generate``,
+   separate forwards, GAE looped over tokens), then ours with one change undone (AdamW's fused kernel)
+   or added (``runtime.compile``). Same start model, reward and value models, prompts and settings.
+   Seconds per iteration = wall time from the end of one iteration to the end of the next, split into
+   generation, scoring (old/ref log-probs, values, reward) and update; tokens/s = the rollout's real
+   tokens per second of it. Then each trained policy's held-out gold reward against SFT (our eval stage):
+   a faster PPO that learns less does not count.
 
 Model-FLOPs utilisation of the training phases (PaLM's convention): a trained token costs
 6 N + 12 L d T FLOPs, N the parameters that multiply (embedding lookups excluded, a tied LM head
@@ -353,8 +359,13 @@ def ppo_settings(spec: dict):
     return from_dict(PPOConfig, {**spec["ppo"], "steps": spec["steps"], "eval_every": 10**6, "checkpoint_every": 10**6})
 
 
+OURS = ("ours", "ours_foreach_adamw", "ours_compiled")  # as shipped, then one change at a time
+
+
 def child_ppo(spec: dict) -> dict:
-    """Ours or the plain loop for ``steps`` iterations; the trained policy goes to ``policy_dir``."""
+    """Ours (or a variant of :data:`OURS`) or the plain loop for ``steps`` iterations; the trained policy goes to ``policy_dir``."""
+    import torch
+
     from rlhf import runtime
     from rlhf.algorithms import PolicyInputs
     from rlhf.stages import ppo
@@ -364,10 +375,15 @@ def child_ppo(spec: dict) -> dict:
     ppo_cfg = ppo_settings(spec)
     device = runtime.setup(cfg.runtime, 0)
     sft_path, reward_path = rec["sft"]["model_path"], rec["reward"]["model_path"]
-    if spec["impl"] == "ours":
+    started = time.perf_counter()
+    if spec["impl"] in OURS:
+        if spec["impl"] == "ours_foreach_adamw":  # one change undone: AdamW without the fused kernel
+            import rlhf.trainer as trainer_mod
+
+            trainer_mod.adamw = lambda groups, c: torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.95), eps=1e-8)
         sink = NullSink()
         with tempfile.TemporaryDirectory() as work:
-            ctx = StageContext(Path(work), sink, device, fresh=True)
+            ctx = StageContext(Path(work), sink, device, fresh=True, compile=spec["impl"] == "ours_compiled")
             ppo.run(ppo_cfg, cfg.model, PolicyInputs(rec["data"]["data_dir"], sft_path, reward_path, missing_eos_penalty=cfg.reward.missing_eos_penalty), ctx)
             shutil.copytree(ctx.final_dir, spec["policy_dir"])
         logged = [(t, m) for (_, m), t in zip(sink.history, sink.times) if "ppo/time_update_s" in m]
@@ -380,7 +396,7 @@ def child_ppo(spec: dict) -> dict:
         from benchmarks.ppo_baseline import run_baseline
 
         rows = run_baseline(ppo_cfg, cfg.model.max_length, rec["data"]["data_dir"], sft_path, reward_path, device, spec["policy_dir"])
-    return {"steps": rows, "flops_per_token": ppo_flops(cfg, rec, ppo_cfg), **peak_memory_mb()}
+    return {"steps": rows, "wall_s": time.perf_counter() - started, "flops_per_token": ppo_flops(cfg, rec, ppo_cfg), **peak_memory_mb()}
 
 
 def ppo_flops(cfg, rec: dict, ppo_cfg) -> float:
@@ -525,16 +541,30 @@ def markdown(report: dict) -> str:
         lines.append(f"| ours / {impl if impl == 'trl' else 'plain'}, speed-up | {r['step_s'] / o['step_s']:.2f}x | "
                      f"**{o['tokens_per_s'] / r['tokens_per_s']:.2f}x** | {r['generation_s'] / o['generation_s']:.2f}x | "
                      f"{r['scoring_s'] / o['scoring_s']:.2f}x | {r['update_s'] / o['update_s']:.2f}x | | | | | |")
+    variants = {"ours_foreach_adamw": "ours with AdamW's foreach kernel (the fused kernel undone)",
+                "ours_compiled": "ours + `runtime.compile=true` (torch.compile of policy and value)"}
+    if all(v in ppo for v in variants):
+        lines += [
+            "\nOne change at a time (the same iterations; the compile time falls in the first iteration, which the medians leave out, "
+            "and in the whole run's wall time, which also holds our held-out evaluations before training, after the first iteration "
+            "and after the last):\n",
+            "| | step s | tokens/s | generation s | scoring s | update s | whole run s | ours / this |", "|---|---|---|---|---|---|---|---|",
+        ]
+        for impl, name in {"ours": "ours as shipped", **variants}.items():
+            r = ppo[impl]
+            lines.append(f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['generation_s']:.3f} | {r['scoring_s']:.3f} | "
+                         f"{r['update_s']:.3f} | {r['wall_s']:.1f} | {o['tokens_per_s'] / r['tokens_per_s']:.2f}x |")
     g = ppo["gold"]
     lines += [
         f"\nHeld-out gold after the {ppo['steps']} iterations (our eval stage on each trained policy, the config's eval prompts and seed; "
         "± one standard error over prompts):\n",
         "| | gold gain over SFT | win rate (gold) | KL to SFT | proxy gain |", "|---|---|---|---|---|",
     ]
-    for impl, name in names.items():
-        r = g[impl]
-        lines.append(f"| {name} | {r['gold_gain']:+.3f} ± {r['gold_gain_se']:.3f} | {r['win_rate_gold']:.3f} ± {r['win_rate_gold_se']:.3f} | "
-                     f"{r['kl']:.2f} ± {r['kl_se']:.2f} | {r['proxy_gain']:+.3f} |")
+    for impl, name in {**names, **variants}.items():
+        if impl in g:
+            r = g[impl]
+            lines.append(f"| {name} | {r['gold_gain']:+.3f} ± {r['gold_gain_se']:.3f} | {r['win_rate_gold']:.3f} ± {r['win_rate_gold_se']:.3f} | "
+                         f"{r['kl']:.2f} ± {r['kl_se']:.2f} | {r['proxy_gain']:+.3f} |")
     lines.append(f"\nMFU: model FLOPs (6 N + 12 L d T per trained token) over the dense peak of {report['precision']} on this device "
                  f"({f'{peak:g} TFLOP/s' if peak else 'unknown: pass --peak-tflops'}).")
     return "\n".join(lines) + "\n"
@@ -606,17 +636,17 @@ def main() -> None:
 
 
 def measure_ppo(ppo_cfg: dict, steps: int, overrides: list[str], env: dict) -> dict:
-    """Ours, TRL's PPOTrainer and the plain loop one after the other for the same iterations, then the
-    held-out gold each trained policy reaches."""
+    """Ours, TRL's PPOTrainer, the plain loop and ours with one change undone or added, one after the other
+    for the same iterations; then the held-out gold each trained policy reaches."""
     steps = steps or ppo_cfg["steps"]
     policies = Path(tempfile.mkdtemp(prefix="rlhf-bench-ppo-"))
     out: dict = {"steps": steps}
-    for impl, kind in (("ours", "ppo"), ("trl", "trl_ppo"), ("reference", "ppo")):
+    for impl, kind in (("ours", "ppo"), ("trl", "trl_ppo"), ("reference", "ppo"), ("ours_foreach_adamw", "ppo"), ("ours_compiled", "ppo")):
         print(f"ppo: {impl}, {steps} iterations ...", flush=True)
         spec = {"overrides": overrides, "impl": impl, "ppo": ppo_cfg, "steps": steps, "policy_dir": str(policies / impl)}
         out[impl] = summarize(run_child(kind, spec, env))
     print("ppo: held-out gold of each ...", flush=True)
-    out["gold"] = run_child("ppo_gold", {"overrides": overrides, "policies": {i: str(policies / i) for i in ("ours", "trl", "reference")}}, env)
+    out["gold"] = run_child("ppo_gold", {"overrides": overrides, "policies": {i: str(policies / i) for i in out if i != "steps"}}, env)
     shutil.rmtree(policies, ignore_errors=True)
     return out
 

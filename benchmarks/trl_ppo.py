@@ -96,7 +96,9 @@ def main(spec_path: str) -> None:
             steps.append({**now, "t_end": time.perf_counter()})
 
     trainer.add_callback(StepEnd())
+    started = time.perf_counter()
     trainer.train()
+    wall = time.perf_counter() - started
 
     rows = []
     for prev, s in zip(steps, steps[1:]):  # the first step warms up
@@ -107,7 +109,7 @@ def main(spec_path: str) -> None:
     policy_dir = out / "policy"
     trainer.policy_model.save_pretrained(policy_dir)
     tok.save_pretrained(policy_dir)
-    print("RESULT " + json.dumps({"steps": rows, "policy_dir": str(policy_dir), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print("RESULT " + json.dumps({"steps": rows, "wall_s": wall, "policy_dir": str(policy_dir), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                                   "trl": __import__("trl").__version__}))
 
 

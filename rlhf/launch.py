@@ -98,7 +98,7 @@ def main(spec_path: str) -> None:
     sink = RunLogger(MlflowClient(spec["tracking_uri"]), spec["run_id"]) if main_process else _NoSink()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # progress lines into the launch log
     ctx = StageContext(Path(spec["out_dir"]), sink, device, accelerator=accelerator,
-                       progress_settings=ProgressSettings(rt.progress, rt.progress_every_s))
+                       progress_settings=ProgressSettings(rt.progress, rt.progress_every_s), compile=rt.compile)
     result = spec["body"](ctx)
     sink.flush()
     if main_process:

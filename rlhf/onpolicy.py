@@ -116,6 +116,9 @@ class OnPolicy:
     def __init__(self, name: str, cfg: OnPolicyConfig, models: OnPolicyModels, prompts: list[list[int]], ctx: StageContext,
                  inputs: PolicyInputs) -> None:
         self.name, self.cfg, self.m, self.prompts, self.ctx = name, cfg, models, prompts, ctx
+        if ctx.compile:  # in place: parameter names, checkpoints and saved models stay those of the plain modules
+            for model in models.trained().values():
+                model.compile(dynamic=True)
         self.missing_eos_penalty = inputs.missing_eos_penalty
         self.kl_ctl = FixedKLController(cfg.beta)
         self.score_offset = 0.0

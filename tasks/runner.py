@@ -145,7 +145,8 @@ def run_stage(stage: str, key: str, env: dict, fresh: bool, body: Callable[[Stag
                     shutil.rmtree(out_dir / CKPT_DIR, ignore_errors=True)
                 result = run_data_parallel(body, out_dir, rt, seed, env["tracking_uri"], run.run_id)
             else:
-                result = body(StageContext(out_dir, run, device, fresh=fresh, progress_settings=ProgressSettings(rt.progress, rt.progress_every_s)))
+                result = body(StageContext(out_dir, run, device, fresh=fresh, progress_settings=ProgressSettings(rt.progress, rt.progress_every_s),
+                                           compile=rt.compile))
         compute_s = time.perf_counter() - started  # the stage's own work; the rest of this function is tracking
         run.log_metrics({f"{stage}/compute_s": compute_s, f"{stage}/peak_memory_mb": memory.peak_mb}, step=0)
         run.flush()

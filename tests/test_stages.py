@@ -152,6 +152,22 @@ def test_ppo_first_step_has_zero_kl_and_no_clipping(upstream):
     assert (c.ckpt_dir / "step-000012" / "COMPLETE").exists()  # 3 iterations x 2 epochs x 2 minibatches
 
 
+def test_compiled_ppo_trains_the_same_modules_and_adamw_is_fused(upstream):
+    from safetensors.torch import load_file
+
+    from rlhf.trainer import adamw
+
+    assert adamw([{"params": [torch.nn.Parameter(torch.zeros(3))]}], PPOConfig()).defaults["fused"] is True
+    c = ctx(upstream["root"], "ppo-compiled", compile=True)
+    cfg = PPOConfig(steps=2, rollout_batch_size=8, minibatch_size=4, ppo_epochs=1, lr=1e-3, eval_every=10, checkpoint_every=10,
+                    sampling=SamplingConfig(max_new_tokens=8))
+    out = ppo.run(cfg, TINY_MODEL, PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True), c)
+    assert abs(c.sink.first("ppo/kl")) < 1e-4 and abs(c.sink.first("ppo/approx_kl_first_minibatch")) < 1e-5  # compiled = eager numerics
+    saved = load_file(Path(out["model_path"]) / "model.safetensors")
+    assert set(saved) == set(load_file(Path(upstream["sft"]["model_path"]) / "model.safetensors"))  # no _orig_mod. prefixes
+    assert not torch.allclose(params_of(upstream["sft"]["model_path"]), params_of(out["model_path"]))
+
+
 def test_lora_ppo_holds_each_base_once_and_matches_separate_frozen_copies(upstream):
     from dataclasses import replace
 

@@ -30,6 +30,7 @@ class StageContext:
     fresh: bool = False  # ignore existing checkpoints (refresh=[stage])
     accelerator: Accelerator | None = None  # None: this process alone
     progress_settings: ProgressSettings = field(default_factory=ProgressSettings)  # runtime.progress*: bar, log lines or off
+    compile: bool = False  # runtime.compile: torch.compile the models an on-policy stage trains
 
     def __post_init__(self) -> None:
         self.accelerator = self.accelerator or runtime.accelerator(self.device)
