@@ -311,6 +311,7 @@ def rows_that_fit(data_dir: str, tokenizer_dir: str, max_length: int, out_dir: P
     # Our stages also score a held-out set (DPO: its reference log-probs up front); TRL's runs have no eval
     # set: one held-out row keeps that extra work out of the comparison.
     splits["eval_pref"] = load_split(data_dir, "eval_pref")[:1]
+    splits["eval_prompts"] = load_split(data_dir, "eval_prompts")[:1]  # where the stages read the data's format
     save_splits(splits, out_dir)
     return str(out_dir)
 
