@@ -459,6 +459,147 @@ def child_ppo_gold(spec: dict) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------------
+# phase 4: RLOO and GRPO, ours against TRL's RLOOTrainer and GRPOTrainer
+# ------------------------------------------------------------------------------------------------
+def onpolicy_settings(spec: dict):
+    from rlhf.algorithms import registry
+    from rlhf.config import from_dict
+
+    algorithm = registry()[spec["algo_cfg"]["algo"]]
+    return algorithm, from_dict(algorithm.schema, {**spec["algo_cfg"], "steps": spec["steps"], "eval_every": 10**6, "checkpoint_every": 10**6})
+
+
+def child_critic_free(spec: dict) -> dict:
+    """RLOO or GRPO for ``steps`` iterations, ours or TRL's trainer (its current release, the project's
+    environment): every iteration's real tokens (prompts + answers) and when it ended; the policy to ``policy_dir``.
+
+    TRL's iteration: one generation batch of ``rollout_batch_size`` answers (``generation_batch_size``), then
+    ``ppo_epochs`` (``num_iterations``) passes of ``rollout_batch_size / minibatch_size`` optimizer steps
+    (``steps_per_generation``) of ``minibatch_size`` answers (``per_device_train_batch_size``). Its reward is
+    our reward model under our scoring rule (the score at the answer's last token, EOS included, minus the
+    missing-EOS penalty), as a reward function on the token ids TRL sampled."""
+    from rlhf import runtime
+    from rlhf.algorithms import PolicyInputs
+    from rlhf.stages.common import StageContext
+
+    cfg, rec = pipeline_inputs(spec["overrides"])
+    algorithm, c = onpolicy_settings(spec)
+    device = runtime.setup(cfg.runtime, 0)
+    sft_path, reward_path = rec["sft"]["model_path"], rec["reward"]["model_path"]
+    ends: list[tuple[float, float]] = []  # (when an iteration ended, its real tokens)
+    started = time.perf_counter()
+    if spec["impl"] == "ours":
+        sink = NullSink()
+        with tempfile.TemporaryDirectory() as work:
+            ctx = StageContext(Path(work), sink, device, fresh=True)
+            algorithm.run(c, cfg.model, PolicyInputs(rec["data"]["data_dir"], sft_path, reward_path, missing_eos_penalty=cfg.reward.missing_eos_penalty), ctx)
+            shutil.copytree(ctx.final_dir, spec["policy_dir"])
+        name = c.algo
+        ends = [(t, m[f"{name}/train_tokens_per_s"] * m[f"{name}/time_update_s"] / c.ppo_epochs)
+                for (_, m), t in zip(sink.history, sink.times) if f"{name}/time_update_s" in m]
+    else:
+        ends = trl_critic_free(spec, cfg, rec, c, device)
+    import statistics
+
+    spans = [(t - t_prev, n) for (t_prev, _), (t, n) in zip(ends, ends[1:])]  # the first iteration warms up
+    return {"iterations": len(ends), "tokens_per_s": statistics.median(n / dt for dt, n in spans),
+            "iteration_s": statistics.median(dt for dt, _ in spans), "wall_s": time.perf_counter() - started, **peak_memory_mb()}
+
+
+def trl_critic_free(spec: dict, cfg, rec: dict, c, device) -> list[tuple[float, float]]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    import trl as T
+    from rlhf.data import load_rows
+    from rlhf.modeling import load_scalar_model, load_tokenizer, sequence_scores
+
+    sft_path, reward_path = rec["sft"]["model_path"], rec["reward"]["model_path"]
+    tok = load_tokenizer(sft_path)
+    tok.padding_side = "left"
+    reward_model = load_scalar_model(reward_path, tok, zero_head=False).to(device).eval()
+    eos, penalty = tok.eos_token_id, cfg.reward.missing_eos_penalty
+    prompts = [r["prompt"] for r in load_rows(rec["data"]["data_dir"], "ppo_prompts", tok)]
+
+    @torch.no_grad()
+    def our_reward(prompts, completions, completion_ids, prompt_ids=None, **_):
+        """Our reward model's score at the answer's last token (EOS included), minus the missing-EOS penalty."""
+        p_ids = tok(prompts, add_special_tokens=False)["input_ids"]
+        rows = [p + a for p, a in zip(p_ids, completion_ids)]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):  # left padding: the last token of every row in the last column
+            ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+        scores = sequence_scores(reward_model, ids.to(device), mask.to(device), torch.full((len(rows),), width - 1, device=device))
+        ended = torch.tensor([eos in a for a in completion_ids], device=device)
+        return (scores - penalty * (~ended).float()).tolist()
+
+    common = dict(output_dir=str(Path(spec["policy_dir"]).with_suffix(".trainer")), learning_rate=c.lr, lr_scheduler_type=c.schedule,
+                  warmup_steps=c.warmup_ratio, weight_decay=c.weight_decay, adam_beta2=0.95, max_grad_norm=c.max_grad_norm, seed=c.seed,
+                  per_device_train_batch_size=c.minibatch_size, steps_per_generation=c.rollout_batch_size // c.minibatch_size,
+                  num_generations=c.samples_per_prompt, num_iterations=c.ppo_epochs, max_completion_length=c.sampling.max_new_tokens,
+                  temperature=c.sampling.temperature, top_k=0, top_p=1.0, beta=c.beta, epsilon=c.clip_range,
+                  max_steps=spec["steps"] * (c.rollout_batch_size // c.minibatch_size) * c.ppo_epochs, logging_steps=10**6,
+                  save_strategy="no", report_to="none", disable_tqdm=True, bf16=False, fp16=False, use_cpu=device.type == "cpu",
+                  dataloader_num_workers=0, log_completions=False)
+    if c.algo == "grpo":
+        trainer_cls, args = T.GRPOTrainer, T.GRPOConfig(**common, loss_type="grpo" if c.loss_aggregation == "sequence" else "dapo",
+                                                         scale_rewards="group" if c.scale_rewards else "none")
+    else:
+        trainer_cls, args = T.RLOOTrainer, T.RLOOConfig(**common, normalize_advantages=c.whiten_advantages)
+    trainer = trainer_cls(model=AutoModelForCausalLM.from_pretrained(sft_path), reward_funcs=our_reward, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok)
+    batches: list[float] = []
+    score = trainer._generate_and_score_completions
+
+    def counting(inputs):
+        out = score(inputs)
+        batches.append(float(out["prompt_mask"].sum() + out["completion_mask"].sum()))
+        return out
+
+    trainer._generate_and_score_completions = counting
+    per_iteration = args.steps_per_generation * args.num_iterations
+    ends: list[tuple[float, float]] = []
+
+    class IterationEnd(TrainerCallback):
+        def on_step_end(self, args_, state, control, **kwargs):
+            if state.global_step % per_iteration == 0:
+                ends.append((time.perf_counter(), batches[-1]))
+
+    trainer.add_callback(IterationEnd())
+    trainer.train()
+    trainer.model.save_pretrained(spec["policy_dir"])
+    tok.save_pretrained(spec["policy_dir"])
+    return ends
+
+
+def measure_critic_free(overrides: list[str], steps: int, env: dict) -> dict:
+    """RLOO and GRPO: ours and TRL's for the same iterations, then each policy's held-out gold."""
+    from flows.pipeline import load_config
+
+    policies = Path(tempfile.mkdtemp(prefix="rlhf-bench-cf-"))
+    out: dict = {}
+    for algo in ("rloo", "grpo"):
+        algo_cfg = load_config([f"algo={algo}", *overrides])["algo"]
+        n = steps or algo_cfg["steps"]
+        out[algo] = {"steps": n}
+        for impl in ("ours", "trl"):
+            print(f"{algo}: {impl}, {n} iterations ...", flush=True)
+            spec = {"overrides": overrides, "impl": impl, "algo_cfg": algo_cfg, "steps": n, "policy_dir": str(policies / f"{algo}-{impl}")}
+            out[algo][impl] = run_child("critic_free", spec, env)
+        out[algo]["ratio"] = out[algo]["ours"]["tokens_per_s"] / out[algo]["trl"]["tokens_per_s"]
+    print("rloo, grpo: held-out gold of each ...", flush=True)
+    gold = run_child("ppo_gold", {"overrides": overrides, "policies": {f"{a}-{i}": str(policies / f"{a}-{i}") for a in ("rloo", "grpo")
+                                                                         for i in ("ours", "trl")}}, env)
+    for algo in ("rloo", "grpo"):
+        out[algo]["gold"] = {i: gold[f"{algo}-{i}"] for i in ("ours", "trl")}
+    shutil.rmtree(policies, ignore_errors=True)
+    return out
+
+
 def summarize(run: dict) -> dict:
     """Medians over the steps after the first, beside every step's time."""
     import statistics
@@ -469,7 +610,8 @@ def summarize(run: dict) -> dict:
             **{k: v for k, v in run.items() if k not in ("steps", "flops_per_token")}, "step_s_each": [r["step_s"] for r in rows]}
 
 
-CHILDREN = {"pipeline": child_pipeline, "stage": child_stage, "ppo": child_ppo, "ppo_gold": child_ppo_gold, "trl_ppo": run_trl_ppo}
+CHILDREN = {"pipeline": child_pipeline, "stage": child_stage, "ppo": child_ppo, "ppo_gold": child_ppo_gold, "trl_ppo": run_trl_ppo,
+            "critic_free": child_critic_free}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -566,9 +708,27 @@ def markdown(report: dict) -> str:
             r = g[impl]
             lines.append(f"| {name} | {r['gold_gain']:+.3f} ± {r['gold_gain_se']:.3f} | {r['win_rate_gold']:.3f} ± {r['win_rate_gold_se']:.3f} | "
                          f"{r['kl']:.2f} ± {r['kl_se']:.2f} | {r['proxy_gain']:+.3f} |")
+    cf = report.get("critic_free")
+    if cf:
+        lines += [
+            f"\n## RLOO and GRPO: ours against TRL {report['versions']['trl']}'s RLOOTrainer and GRPOTrainer\n",
+            "The same iterations of each method's default settings; tokens/s = an iteration's real tokens (prompts + answers) over "
+            "its wall time, median over the iterations after the first. TRL's reward is our reward model under our scoring rule. Held-out gold "
+            "± one standard error over prompts.\n",
+            "| method | ours tok/s | TRL tok/s | ours / TRL | ours s / iteration | TRL s / iteration | gold gain ours | gold gain TRL | "
+            "win rate ours | win rate TRL |", "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for algo, r in cf.items():
+            o, t, g = r["ours"], r["trl"], r["gold"]
+            lines.append(f"| {algo} ({r['steps']} iterations) | {o['tokens_per_s']:,.0f} | {t['tokens_per_s']:,.0f} | **{r['ratio']:.2f}x** | "
+                         f"{o['iteration_s']:.2f} | {t['iteration_s']:.2f} | {g['ours']['gold_gain']:+.3f} ± {g['ours']['gold_gain_se']:.3f} | "
+                         f"{g['trl']['gold_gain']:+.3f} ± {g['trl']['gold_gain_se']:.3f} | {g['ours']['win_rate_gold']:.3f} | {g['trl']['win_rate_gold']:.3f} |")
     lines.append(f"\nMFU: model FLOPs (6 N + 12 L d T per trained token) over the dense peak of {report['precision']} on this device "
                  f"({f'{peak:g} TFLOP/s' if peak else 'unknown: pass --peak-tflops'}).")
     return "\n".join(lines) + "\n"
+
+
+PHASES = ("pipeline", "stages", "ppo", "critic_free")
 
 
 def main() -> None:
@@ -579,7 +739,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=768, help="training rows (SFT examples, preference pairs) per stage comparison")
     ap.add_argument("--repeats", type=int, default=3, help="measurements per implementation, alternating which goes first")
     ap.add_argument("--root", default=None, help="pipeline root (default: a fresh temporary folder)")
-    ap.add_argument("--phases", default="pipeline,stages,ppo",
+    ap.add_argument("--phases", default="pipeline,stages,ppo,critic_free",
                     help="phases to measure; the others keep the last results' values (without pipeline, --root must hold a finished one)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak TFLOP/s for MFU (default: known GPUs)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of the pipeline config")
@@ -601,11 +761,11 @@ def main() -> None:
     report: dict = {"overrides": args.overrides, "date": time.strftime("%Y-%m-%d"), "rows": args.rows, "repeats": args.repeats,
                     "versions": {**{p: md.version(p) for p in ("torch", "trl", "transformers", "prefect", "mlflow")}, "trl_ppo": TRL_PPO}}
     phases = set(args.phases.split(","))
-    if unknown := phases - {"pipeline", "stages", "ppo"}:
-        ap.error(f"--phases: unknown {sorted(unknown)}; choose from pipeline, stages, ppo")
+    if unknown := phases - set(PHASES):
+        ap.error(f"--phases: unknown {sorted(unknown)}; choose from {', '.join(PHASES)}")
     last = json.loads((RESULTS / "throughput_cpu.json").read_text()) if (RESULTS / "throughput_cpu.json").exists() else {}
-    report.update({k: last[k] for k in ("pipeline", "stages", "ppo") if k not in phases and k in last})
-    report["measured"] = {k: report["date"] if k in phases else last.get("measured", {}).get(k, last.get("date")) for k in ("pipeline", "stages", "ppo")}
+    report.update({k: last[k] for k in PHASES if k not in phases and k in last})
+    report["measured"] = {k: report["date"] if k in phases else last.get("measured", {}).get(k, last.get("date")) for k in PHASES}
     if "pipeline" in phases:
         print("pipeline ...", flush=True)
         report["pipeline"] = run_child("pipeline", {"overrides": overrides}, env)
@@ -623,6 +783,8 @@ def main() -> None:
 
     if "ppo" in phases:
         report["ppo"] = measure_ppo(load_config(["algo=ppo", *overrides])["algo"], args.ppo_steps, overrides, env)
+    if "critic_free" in phases:
+        report["critic_free"] = measure_critic_free(overrides, args.ppo_steps, env)
     report["device"] = run_child_device(env)
     from rlhf.config import validate
 
