@@ -154,13 +154,13 @@ def main() -> None:
     args = parser.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     started = time.time()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True).stdout.strip()  # the code that runs
     seeds = ",".join(str(s) for s in range(args.seeds))
     sweep = multirun(args.root, [f"algo={','.join(METHODS)}", f"algo.seed={seeds}", *args.overrides], env)
     bon_sweep = multirun(args.root, ["algo=best_of_n", f"algo.n={','.join(str(n) for n in (*BON_FIT, BON_CHECK))}", *args.overrides], env)
     client, runs = members(args.root, sweep)
     _, bon_runs = members(args.root, bon_sweep)
     rows, bon = method_rows(client, runs), best_of_n_check(bon_runs)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True).stdout.strip()
     import torch
 
     meta = {"command": "python -m benchmarks.methods " + " ".join(sys.argv[1:]), "seeds": args.seeds, "commit": commit,

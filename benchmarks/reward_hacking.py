@@ -60,11 +60,13 @@ def history(run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client().get_metric_history(run_id, key)}
 
 
+COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True).stdout.strip()  # the code this process runs
+
+
 def meta(started: float) -> dict:
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True).stdout.strip()
-    return {"command": "python -m benchmarks.reward_hacking " + " ".join(sys.argv[1:]), "commit": commit, "minutes": (time.time() - started) / 60,
+    return {"command": "python -m benchmarks.reward_hacking " + " ".join(sys.argv[1:]), "commit": COMMIT, "minutes": (time.time() - started) / 60,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                        f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}"}
 

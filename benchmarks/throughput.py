@@ -633,7 +633,8 @@ def markdown(report: dict) -> str:
         f"# Throughput: ours against the reference implementations\n",
         f"Device: {report['device']}. Config: `{' '.join(report['overrides']) or 'default'}`; torch {report['versions']['torch']}, "
         f"trl {report['versions']['trl']}, transformers {report['versions']['transformers']}, prefect {report['versions']['prefect']}, "
-        f"mlflow {report['versions']['mlflow']}. Measured {report['date']}.\n",
+        f"mlflow {report['versions']['mlflow']}. Measured {report['date']} at commit {report.get('commit', '?')}: `{report.get('command', '')}`"
+        + (f" (phases measured on other dates keep theirs: {report['measured']})" if len(set(report.get('measured', {}).values())) > 1 else "") + ".\n",
     ]
     if p:
         lines += [
@@ -758,7 +759,9 @@ def main() -> None:
         overrides.append(f"runtime.threads={args.threads}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(root / "prefect-home"), "TOKENIZERS_PARALLELISM": "false"}
     env.pop("PREFECT_API_URL", None)
-    report: dict = {"overrides": args.overrides, "date": time.strftime("%Y-%m-%d"), "rows": args.rows, "repeats": args.repeats,
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True).stdout.strip()
+    report: dict = {"overrides": args.overrides, "date": time.strftime("%Y-%m-%d"), "commit": commit, "command": " ".join(["python -m benchmarks.throughput", *sys.argv[1:]]),
+                    "rows": args.rows, "repeats": args.repeats,
                     "versions": {**{p: md.version(p) for p in ("torch", "trl", "transformers", "prefect", "mlflow")}, "trl_ppo": TRL_PPO}}
     phases = set(args.phases.split(","))
     if unknown := phases - set(PHASES):
