@@ -32,6 +32,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -168,18 +169,19 @@ def ensembles() -> dict:
 
 
 # ---- the beta sweep's fitted frontier ---------------------------------------------------------------
-def beta_sweep() -> dict:
+def beta_sweep(report_only: bool = False) -> dict:
     started = time.time()
     cmd = [sys.executable, "-m", "flows.pipeline", "-m", "algo=ppo", f"algo.beta={','.join(str(b) for b in BETAS)}", f"paths.root={STORE}"]
-    subprocess.run(cmd, cwd=PROJECT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
+    if not report_only:
+        subprocess.run(cmd, cwd=PROJECT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
     c = client()
     exp = c.get_experiment_by_name("rlhf").experiment_id
     (row,) = c.search_runs([exp], "tags.`rlhf.sweep` = 'true'", order_by=["attributes.start_time DESC"], max_results=1)
     members = c.search_runs([exp], f"tags.mlflow.parentRunId = '{row.info.run_id}'")
     fitted = {k: v for k, v in row.data.metrics.items() if k.startswith("sweep/")}
     figure = RESULTS / "beta_sweep_frontier.png"
-    c.download_artifacts(row.info.run_id, "sweep/frontier_fit.png", str(STORE))
-    figure.write_bytes((STORE / "sweep" / "frontier_fit.png").read_bytes())
+    with tempfile.TemporaryDirectory() as tmp:
+        figure.write_bytes(Path(c.download_artifacts(row.info.run_id, "sweep/frontier_fit.png", tmp)).read_bytes())
     out = {"sweep_run": row.info.run_id, "sweep_name": row.info.run_name, "fit": fitted,
            "members": sorted(({"beta": float(m.data.params["algo.beta"]), **{k: m.data.metrics[k] for k in (
                "eval/kl", "eval/gold_gain", "eval/gold_gain_se", "eval/proxy_gain", "eval/win_rate_gold")}} for m in members), key=lambda x: x["beta"]),
@@ -198,8 +200,14 @@ def beta_sweep() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["overoptimisation", "ensembles", "beta_sweep", "all"])
+    parser.add_argument("--report-only", action="store_true", help="beta_sweep: report the store's latest sweep row without running one")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.report_only:
+        if args.what != "beta_sweep":
+            parser.error("--report-only applies to beta_sweep")
+        beta_sweep(report_only=True)
+        return
     for name in (("overoptimisation", "ensembles", "beta_sweep") if args.what == "all" else (args.what,)):
         globals()[name]()
 
