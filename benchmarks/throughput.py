@@ -768,7 +768,8 @@ def main() -> None:
         ap.error(f"--phases: unknown {sorted(unknown)}; choose from {', '.join(PHASES)}")
     last = json.loads((RESULTS / "throughput_cpu.json").read_text()) if (RESULTS / "throughput_cpu.json").exists() else {}
     report.update({k: last[k] for k in PHASES if k not in phases and k in last})
-    report["measured"] = {k: report["date"] if k in phases else last.get("measured", {}).get(k, last.get("date")) for k in PHASES}
+    stamp = f"{report['date']} at {commit}"
+    report["measured"] = {k: stamp if k in phases else last.get("measured", {}).get(k, f"{last.get('date')} at {last.get('commit', '?')}") for k in PHASES}
     if "pipeline" in phases:
         print("pipeline ...", flush=True)
         report["pipeline"] = run_child("pipeline", {"overrides": overrides}, env)
