@@ -354,10 +354,7 @@ def trl_ppo_python() -> Path:
 
 
 def ppo_settings(spec: dict):
-    from rlhf.config import from_dict
-    from rlhf.stages.ppo import PPOConfig
-
-    return from_dict(PPOConfig, {**spec["ppo"], "steps": spec["steps"], "eval_every": 10**6, "checkpoint_every": 10**6})
+    return onpolicy_settings({"algo_cfg": spec["ppo"], "steps": spec["steps"]})[1]
 
 
 OURS = ("ours", "ours_foreach_adamw", "ours_compiled")  # as shipped, then one change at a time

@@ -56,8 +56,8 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
 
 
 def adamw(groups: list[dict], cfg) -> torch.optim.AdamW:
-    """AdamW with the fused kernel (one kernel over all parameters; 3-5 % of a tiny-model PPO step on a
-    2-core CPU, see benchmarks/results/throughput_cpu.md) where the parameters' device and dtype allow it."""
+    """AdamW with the fused kernel (one kernel over all parameters) where the parameters' device and dtype
+    allow it; on the 2-core CPU default it is within noise of the foreach kernel (benchmarks/results/throughput_cpu.md)."""
     kwargs = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), eps=1e-8)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
