@@ -14,8 +14,8 @@
 3. PPO, the config's iterations each, one after the other: our stage, TRL's PPOTrainer (1.12, the last
    release that has it, in its own virtual environment ``benchmarks/.venv-trl-ppo`` made on first use:
    ``benchmarks/trl_ppo.py``), ``benchmarks/ppo_baseline.py`` (a plain PyTorch loop: HF ``generate``,
-   separate forwards, GAE looped over tokens), then ours with one change undone (AdamW's fused kernel)
-   or added (``runtime.compile``). Same start model, reward and value models, prompts and settings.
+   separate forwards, GAE looped over tokens), then ours with one change undone (the fused GELU kernel
+   our loader swaps in for GPT-2's, AdamW's fused kernel) or added (``runtime.compile``). Same start model, reward and value models, prompts and settings.
    Seconds per iteration = wall time from the end of one iteration to the end of the next, split into
    generation, scoring (old/ref log-probs, values, reward) and update; tokens/s = the rollout's real
    tokens per second of it. Then each trained policy's held-out gold reward against SFT (our eval stage):
@@ -357,7 +357,7 @@ def ppo_settings(spec: dict):
     return onpolicy_settings({"algo_cfg": spec["ppo"], "steps": spec["steps"]})[1]
 
 
-OURS = ("ours", "ours_foreach_adamw", "ours_compiled")  # as shipped, then one change at a time
+OURS = ("ours", "ours_gpt2_gelu", "ours_foreach_adamw", "ours_compiled")  # as shipped, then one change at a time
 
 
 def child_ppo(spec: dict) -> dict:
@@ -375,6 +375,10 @@ def child_ppo(spec: dict) -> dict:
     sft_path, reward_path = rec["sft"]["model_path"], rec["reward"]["model_path"]
     started = time.perf_counter()
     if spec["impl"] in OURS:
+        if spec["impl"] == "ours_gpt2_gelu":  # one change undone: GPT-2's GELU as saved (Python-level ops), not the fused kernel
+            import rlhf.modeling as modeling_mod
+
+            modeling_mod.FUSED_ACTIVATIONS.clear()
         if spec["impl"] == "ours_foreach_adamw":  # one change undone: AdamW without the fused kernel
             import rlhf.trainer as trainer_mod
 
@@ -682,7 +686,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| ours / {impl if impl == 'trl' else 'plain'}, speed-up | {r['step_s'] / o['step_s']:.2f}x | "
                      f"**{o['tokens_per_s'] / r['tokens_per_s']:.2f}x** | {r['generation_s'] / o['generation_s']:.2f}x | "
                      f"{r['scoring_s'] / o['scoring_s']:.2f}x | {r['update_s'] / o['update_s']:.2f}x | | | | | |")
-    variants = {"ours_foreach_adamw": "ours with AdamW's foreach kernel (the fused kernel undone)",
+    variants = {"ours_gpt2_gelu": "ours with GPT-2's GELU as saved (the fused-kernel swap undone)",
+                "ours_foreach_adamw": "ours with AdamW's foreach kernel (the fused kernel undone)",
                 "ours_compiled": "ours + `runtime.compile=true` (torch.compile of policy and value)"}
     if all(v in ppo for v in variants):
         lines += [
@@ -805,7 +810,7 @@ def measure_ppo(ppo_cfg: dict, steps: int, overrides: list[str], env: dict) -> d
     steps = steps or ppo_cfg["steps"]
     policies = Path(tempfile.mkdtemp(prefix="rlhf-bench-ppo-"))
     out: dict = {"steps": steps}
-    for impl, kind in (("ours", "ppo"), ("trl", "trl_ppo"), ("reference", "ppo"), ("ours_foreach_adamw", "ppo"), ("ours_compiled", "ppo")):
+    for impl, kind in (("ours", "ppo"), ("trl", "trl_ppo"), ("reference", "ppo"), *((v, "ppo") for v in OURS[1:])):
         print(f"ppo: {impl}, {steps} iterations ...", flush=True)
         spec = {"overrides": overrides, "impl": impl, "ppo": ppo_cfg, "steps": steps, "policy_dir": str(policies / impl)}
         out[impl] = summarize(run_child(kind, spec, env))

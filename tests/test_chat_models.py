@@ -111,6 +111,21 @@ def test_dropout_off_means_every_form_of_it(tmp_path, arch):
     assert torch.allclose(token_logprobs(model, ids, mask), token_logprobs(model.eval(), ids, mask), atol=1e-6)
 
 
+def test_gpt2s_gelu_loads_as_the_fused_kernel_with_the_same_outputs(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tok = chat_tokenizer()
+    torch.manual_seed(0)
+    saved = AutoModelForCausalLM.from_config(model_config(ModelConfig(n_layer=2, n_embd=32, n_head=2), len(tok), tok.pad_token_id, tok.eos_token_id))
+    assert saved.config.activation_function == "gelu_new"  # GPT-2's own: the tanh formula as Python-level ops
+    saved.save_pretrained(tmp_path)
+    loaded = load_policy(str(tmp_path), tok)
+    assert loaded.config.activation_function == "gelu_pytorch_tanh"  # one kernel, the same formula
+    ids = torch.randint(5, 200, (4, 12))
+    mask = torch.ones_like(ids)
+    assert torch.allclose(token_logprobs(loaded.eval(), ids, mask), token_logprobs(saved.eval(), ids, mask), atol=1e-5)
+
+
 # ---- the pipeline on chat architectures and conversational data ----------------------------------
 @pytest.fixture(scope="module")
 def conversations(tmp_path_factory):
