@@ -181,13 +181,15 @@ class OnPolicy:
 
     def ensemble(self, members: torch.Tensor, how: str | None = None) -> torch.Tensor:
         """The score a method optimises from its members' raw scores (K, B): the single model's score, or the
-        ensemble's ``reward_ensemble`` of the members standardised on SFT answers, put back on the members'
-        mean scale (so beta means what it means with one reward model)."""
+        ensemble's ``reward_ensemble`` of the members standardised on SFT answers, put on the scale of member 0
+        (the single reward model of ``reward.ensemble_size=1``), so that beta means what it means with that
+        model alone and an ensemble differs from it in the aggregation only. (On the members' mean scale,
+        bootstrapped members, with wider score spreads than member 0, ran the ensembles at a smaller effective beta.)"""
         if len(members) == 1:
             return members[0]
-        stats = self.member_stats.to(members.device)
-        z = (members - stats[:, :1]) / stats[:, 1:]
-        return ensemble_score(z, how or self.cfg.reward_ensemble, self.cfg.uncertainty_coef) * stats[:, 1].mean() + stats[:, 0].mean()
+        stats = self.member_stats.to(members.device)  # (K, 2) mean, std
+        z = (members - stats[:, :1]) / stats[:, 1:]  # (K, B)
+        return ensemble_score(z, how or self.cfg.reward_ensemble, self.cfg.uncertainty_coef) * stats[0, 1] + stats[0, 0]
 
     @torch.no_grad()
     def raw_scores(self, samples: Samples) -> torch.Tensor:

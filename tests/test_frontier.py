@@ -1,12 +1,13 @@
 """Gao et al.'s over-optimisation forms fitted to known curves; ensemble scores; the guard's choice."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from rlhf import frontier
-from rlhf.onpolicy import ensemble_score
+from rlhf.onpolicy import OnPolicy, ensemble_score
 
 
 @pytest.mark.parametrize("form, alpha, beta", [("rl", 1.2, 0.8), ("bon", 0.9, 0.3)])
@@ -32,3 +33,12 @@ def test_ensemble_scores():
     assert ensemble_score(z, "mean").tolist() == [2.0, 0.0]
     assert ensemble_score(z, "worst").tolist() == [1.0, 0.0]
     assert ensemble_score(z, "uncertainty", 0.5).tolist() == pytest.approx([2.0 - 0.5 * 1.0, 0.0])  # var(1, 3, 2) = 1
+
+
+@pytest.mark.parametrize("how", ["mean", "worst", "uncertainty"])
+def test_an_ensemble_scores_on_the_single_models_scale_whatever_its_other_members_spread(how):
+    single = torch.tensor([0.5, 1.0, 2.5, 1.0])  # member 0's raw scores of 4 answers
+    members = torch.stack([single, 3 * single - 2, 0.5 * single + 7])  # members that agree with it on a wider and a narrower scale
+    stats = torch.stack([members.mean(1), members.std(1)], 1)  # (K, 2) as measured on SFT answers
+    run = SimpleNamespace(member_stats=stats, cfg=SimpleNamespace(reward_ensemble=how, uncertainty_coef=0.5))
+    assert torch.allclose(OnPolicy.ensemble(run, members), single)  # beta means what it means with member 0 alone
