@@ -11,11 +11,14 @@
    process (clean peak memory), same start model, data, batch size, epochs, learning rate, schedule,
    sequence length, precision. Tokens/s = real (non-pad) tokens of the training batches / seconds of
    training (for DPO including the reference log-probs, which both compute).
-3. PPO, the config's iterations each, one after the other: our stage, TRL's PPOTrainer (1.12, the last
-   release that has it, in its own virtual environment ``benchmarks/.venv-trl-ppo`` made on first use:
-   ``benchmarks/trl_ppo.py``), ``benchmarks/ppo_baseline.py`` (a plain PyTorch loop: HF ``generate``,
-   separate forwards, GAE looped over tokens), then ours with one change undone (the fused GELU kernel
-   our loader swaps in for GPT-2's, AdamW's fused kernel) or added (``runtime.compile``). Same start model, reward and value models, prompts and settings.
+3. PPO, the config's iterations each, one after the other in ``--ppo-repeats`` rounds of alternating
+   order (the fastest run of each counts: identical runs differ by up to 12 % on a shared 2-core host):
+   our stage, TRL's PPOTrainer (1.12, the last release that has it, in its own virtual environment
+   ``benchmarks/.venv-trl-ppo`` made on first use: ``benchmarks/trl_ppo.py``),
+   ``benchmarks/ppo_baseline.py`` (a plain PyTorch loop: HF ``generate``, separate forwards, GAE looped
+   over tokens), then ours with one change undone (the fused GELU kernel our loader swaps in for
+   GPT-2's, AdamW's fused kernel) or added (``runtime.compile``). Same start model, reward and value
+   models, prompts and settings.
    Seconds per iteration = wall time from the end of one iteration to the end of the next, split into
    generation, scoring (old/ref log-probs, values, reward) and update; tokens/s = the rollout's real
    tokens per second of it. Then each trained policy's held-out gold reward against SFT (our eval stage):
@@ -375,10 +378,11 @@ def child_ppo(spec: dict) -> dict:
     sft_path, reward_path = rec["sft"]["model_path"], rec["reward"]["model_path"]
     started = time.perf_counter()
     if spec["impl"] in OURS:
-        if spec["impl"] == "ours_gpt2_gelu":  # one change undone: GPT-2's GELU as saved (Python-level ops), not the fused kernel
+        if spec["impl"] == "ours_gpt2_gelu":  # one change undone: GPT-2's own GELU (Python-level ops), not the fused kernel
             import rlhf.modeling as modeling_mod
 
             modeling_mod.FUSED_ACTIVATIONS.clear()
+            modeling_mod.FUSED_ACTIVATIONS["gelu_pytorch_tanh"] = "gelu_new"  # the checkpoints we trained were saved with the swap
         if spec["impl"] == "ours_foreach_adamw":  # one change undone: AdamW without the fused kernel
             import rlhf.trainer as trainer_mod
 
@@ -577,24 +581,31 @@ def trl_critic_free(spec: dict, cfg, rec: dict, c, device) -> list[tuple[float, 
     return ends
 
 
-def measure_critic_free(overrides: list[str], steps: int, env: dict) -> dict:
-    """RLOO and GRPO: ours and TRL's for the same iterations, then each policy's held-out gold."""
+def measure_critic_free(overrides: list[str], steps: int, env: dict, repeats: int) -> dict:
+    """RLOO and GRPO: ours and TRL's for the same iterations, ``repeats`` rounds in alternating order (the
+    fastest run of each counts), then the held-out gold of each counted run's policy."""
     from flows.pipeline import load_config
 
     policies = Path(tempfile.mkdtemp(prefix="rlhf-bench-cf-"))
     out: dict = {}
+    counted: dict[str, str] = {}
     for algo in ("rloo", "grpo"):
         algo_cfg = load_config([f"algo={algo}", *overrides])["algo"]
         n = steps or algo_cfg["steps"]
-        out[algo] = {"steps": n}
-        for impl in ("ours", "trl"):
-            print(f"{algo}: {impl}, {n} iterations ...", flush=True)
-            spec = {"overrides": overrides, "impl": impl, "algo_cfg": algo_cfg, "steps": n, "policy_dir": str(policies / f"{algo}-{impl}")}
-            out[algo][impl] = run_child("critic_free", spec, env)
+        out[algo] = {"steps": n, "repeats": repeats}
+        runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+        for i in range(repeats):
+            for impl in (("ours", "trl") if i % 2 == 0 else ("trl", "ours")):
+                print(f"{algo}: {impl}, {n} iterations (round {i + 1} of {repeats}) ...", flush=True)
+                spec = {"overrides": overrides, "impl": impl, "algo_cfg": algo_cfg, "steps": n, "policy_dir": str(policies / f"{algo}-{impl}-{i}")}
+                runs[impl].append({**run_child("critic_free", spec, env), "policy_dir": spec["policy_dir"]})
+        for impl, rs in runs.items():
+            best = best_run(rs)
+            counted[f"{algo}-{impl}"] = best["policy_dir"]
+            out[algo][impl] = {**{k: v for k, v in best.items() if k != "policy_dir"}, "tokens_per_s_each": [r["tokens_per_s"] for r in rs]}
         out[algo]["ratio"] = out[algo]["ours"]["tokens_per_s"] / out[algo]["trl"]["tokens_per_s"]
     print("rloo, grpo: held-out gold of each ...", flush=True)
-    gold = run_child("ppo_gold", {"overrides": overrides, "policies": {f"{a}-{i}": str(policies / f"{a}-{i}") for a in ("rloo", "grpo")
-                                                                         for i in ("ours", "trl")}}, env)
+    gold = run_child("ppo_gold", {"overrides": overrides, "policies": counted}, env)
     for algo in ("rloo", "grpo"):
         out[algo]["gold"] = {i: gold[f"{algo}-{i}"] for i in ("ours", "trl")}
     shutil.rmtree(policies, ignore_errors=True)
@@ -668,7 +679,8 @@ def markdown(report: dict) -> str:
     ppo = report["ppo"]
     o = ppo["ours"]
     lines += [
-        f"\n## PPO: {ppo['steps']} iterations each on the default PPO settings; medians over the iterations after the first\n",
+        f"\n## PPO: {ppo['steps']} iterations each on the default PPO settings; medians over the iterations after the first; "
+        f"the fastest of {ppo.get('repeats', 1)} runs each, alternating order (every run's tokens/s in the JSON)\n",
         "tokens/s = the rollout's real tokens (prompt + answer) per second of an iteration's wall time (end of one iteration "
         "to the end of the next); generation, scoring and update split it.\n",
         "| | step s | tokens/s | generation s | scoring s | update s | gen tok/s | train tok/s | peak MB | update TFLOP/s | update MFU |",
@@ -686,7 +698,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| ours / {impl if impl == 'trl' else 'plain'}, speed-up | {r['step_s'] / o['step_s']:.2f}x | "
                      f"**{o['tokens_per_s'] / r['tokens_per_s']:.2f}x** | {r['generation_s'] / o['generation_s']:.2f}x | "
                      f"{r['scoring_s'] / o['scoring_s']:.2f}x | {r['update_s'] / o['update_s']:.2f}x | | | | | |")
-    variants = {"ours_gpt2_gelu": "ours with GPT-2's GELU as saved (the fused-kernel swap undone)",
+    variants = {"ours_gpt2_gelu": "ours with GPT-2's own GELU (the fused-kernel swap undone)",
                 "ours_foreach_adamw": "ours with AdamW's foreach kernel (the fused kernel undone)",
                 "ours_compiled": "ours + `runtime.compile=true` (torch.compile of policy and value)"}
     if all(v in ppo for v in variants):
@@ -716,7 +728,8 @@ def markdown(report: dict) -> str:
         lines += [
             f"\n## RLOO and GRPO: ours against TRL {report['versions']['trl']}'s RLOOTrainer and GRPOTrainer\n",
             "The same iterations of each method's default settings; tokens/s = an iteration's real tokens (prompts + answers) over "
-            "its wall time, median over the iterations after the first. TRL's reward is our reward model under our scoring rule. Held-out gold "
+            f"its wall time, median over the iterations after the first; the fastest of {next(iter(cf.values())).get('repeats', 1)} runs each, "
+            "alternating order. TRL's reward is our reward model under our scoring rule. Held-out gold "
             "± one standard error over prompts.\n",
             "| method | ours tok/s | TRL tok/s | ours / TRL | ours s / iteration | TRL s / iteration | gold gain ours | gold gain TRL | "
             "win rate ours | win rate TRL |", "|---|---|---|---|---|---|---|---|---|---|",
@@ -740,7 +753,8 @@ def main() -> None:
     ap.add_argument("--ppo-steps", type=int, default=0, help="PPO iterations per implementation (0: the config's algo.steps; the first warms up)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the config's)")
     ap.add_argument("--rows", type=int, default=768, help="training rows (SFT examples, preference pairs) per stage comparison")
-    ap.add_argument("--repeats", type=int, default=3, help="measurements per implementation, alternating which goes first")
+    ap.add_argument("--repeats", type=int, default=3, help="SFT / reward / DPO measurements per implementation, alternating which goes first")
+    ap.add_argument("--ppo-repeats", type=int, default=2, help="rounds of the PPO, RLOO and GRPO runs, alternating the order (the fastest run counts)")
     ap.add_argument("--root", default=None, help="pipeline root (default: a fresh temporary folder)")
     ap.add_argument("--phases", default="pipeline,stages,ppo,critic_free",
                     help="phases to measure; the others keep the last results' values (without pipeline, --root must hold a finished one)")
@@ -788,9 +802,9 @@ def main() -> None:
     from flows.pipeline import load_config
 
     if "ppo" in phases:
-        report["ppo"] = measure_ppo(load_config(["algo=ppo", *overrides])["algo"], args.ppo_steps, overrides, env)
+        report["ppo"] = measure_ppo(load_config(["algo=ppo", *overrides])["algo"], args.ppo_steps, overrides, env, args.ppo_repeats)
     if "critic_free" in phases:
-        report["critic_free"] = measure_critic_free(overrides, args.ppo_steps, env)
+        report["critic_free"] = measure_critic_free(overrides, args.ppo_steps, env, args.ppo_repeats)
     report["device"] = run_child_device(env)
     from rlhf.config import validate
 
@@ -804,18 +818,25 @@ def main() -> None:
     print(markdown(report))
 
 
-def measure_ppo(ppo_cfg: dict, steps: int, overrides: list[str], env: dict) -> dict:
+def measure_ppo(ppo_cfg: dict, steps: int, overrides: list[str], env: dict, repeats: int) -> dict:
     """Ours, TRL's PPOTrainer, the plain loop and ours with one change undone or added, one after the other
-    for the same iterations; then the held-out gold each trained policy reaches."""
+    for the same iterations, ``repeats`` rounds in alternating order (the fastest run of each counts); then
+    the held-out gold each trained policy reaches (the counted run's)."""
     steps = steps or ppo_cfg["steps"]
     policies = Path(tempfile.mkdtemp(prefix="rlhf-bench-ppo-"))
-    out: dict = {"steps": steps}
-    for impl, kind in (("ours", "ppo"), ("trl", "trl_ppo"), ("reference", "ppo"), *((v, "ppo") for v in OURS[1:])):
-        print(f"ppo: {impl}, {steps} iterations ...", flush=True)
-        spec = {"overrides": overrides, "impl": impl, "ppo": ppo_cfg, "steps": steps, "policy_dir": str(policies / impl)}
-        out[impl] = summarize(run_child(kind, spec, env))
+    impls = {"ours": "ppo", "trl": "trl_ppo", "reference": "ppo", **{v: "ppo" for v in OURS[1:]}}
+    runs: dict[str, list[dict]] = {impl: [] for impl in impls}
+    for i in range(repeats):
+        for impl in (list(impls) if i % 2 == 0 else list(impls)[::-1]):
+            print(f"ppo: {impl}, {steps} iterations (round {i + 1} of {repeats}) ...", flush=True)
+            spec = {"overrides": overrides, "impl": impl, "ppo": ppo_cfg, "steps": steps, "policy_dir": str(policies / f"{impl}-{i}")}
+            runs[impl].append({**summarize(run_child(impls[impl], spec, env)), "policy_dir": spec["policy_dir"]})
+    out: dict = {"steps": steps, "repeats": repeats}
+    for impl, rs in runs.items():
+        best = best_run(rs)
+        out[impl] = {**{k: v for k, v in best.items() if k != "policy_dir"}, "tokens_per_s_each": [r["tokens_per_s"] for r in rs]}
     print("ppo: held-out gold of each ...", flush=True)
-    out["gold"] = run_child("ppo_gold", {"overrides": overrides, "policies": {i: str(policies / i) for i in out if i != "steps"}}, env)
+    out["gold"] = run_child("ppo_gold", {"overrides": overrides, "policies": {i: best_run(rs)["policy_dir"] for i, rs in runs.items()}}, env)
     shutil.rmtree(policies, ignore_errors=True)
     return out
 
