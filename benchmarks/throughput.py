@@ -784,6 +784,8 @@ def main() -> None:
         ap.error(f"--phases: unknown {sorted(unknown)}; choose from {', '.join(PHASES)}")
     last = json.loads((RESULTS / "throughput_cpu.json").read_text()) if (RESULTS / "throughput_cpu.json").exists() else {}
     report.update({k: last[k] for k in PHASES if k not in phases and k in last})
+    if "stages" not in phases:  # the kept stage results were measured with the last run's rows and repeats
+        report.update({k: last[k] for k in ("rows", "repeats") if k in last})
     stamp = f"{report['date']} at {commit}"
     report["measured"] = {k: stamp if k in phases else last.get("measured", {}).get(k, f"{last.get('date')} at {last.get('commit', '?')}") for k in PHASES}
     if "pipeline" in phases:

@@ -318,7 +318,7 @@ class RuntimeConfig:
                                "or nothing (off).", choices=["auto", "bar", "log", "off"])
     progress_every_s: float = setting(5.0, "Seconds between progress log lines (when not drawing a bar).", gt=0.0)
     compile: bool = setting(False, "torch.compile the trained models of on-policy stages (PPO, RLOO, GRPO; dynamic shapes). On the "
-                            "2-core CPU default it made a PPO iteration slower (0.92x) and added ~6 s of compiling: see "
+                            "2-core CPU default it made a PPO iteration no faster (0.92x and 0.99x in two runs) and added ~6 s of compiling: see "
                             "benchmarks/results/throughput_cpu.md. Needs a C++ compiler (CPU) or Triton (CUDA).")
 
 

@@ -183,8 +183,8 @@ class OnPolicy:
         """The score a method optimises from its members' raw scores (K, B): the single model's score, or the
         ensemble's ``reward_ensemble`` of the members standardised on SFT answers, put on the scale of member 0
         (the single reward model of ``reward.ensemble_size=1``), so that beta means what it means with that
-        model alone and an ensemble differs from it in the aggregation only. (On the members' mean scale,
-        bootstrapped members, with wider score spreads than member 0, ran the ensembles at a smaller effective beta.)"""
+        model alone and an ensemble differs from it in the aggregation only (bootstrapped members can spread
+        their scores wider than member 0: on their mean scale an ensemble would run at a weaker effective beta)."""
         if len(members) == 1:
             return members[0]
         stats = self.member_stats.to(members.device)  # (K, 2) mean, std
