@@ -10,7 +10,7 @@ Each runs the real pipeline (``flows.pipeline``) in this process, reads what it 
 ``benchmarks/results/reward_hacking_store``: data, SFT and the reward models are trained once per data
 config and come back Cached for the other runs.
 
-- overoptimisation: PPO with beta 0.01 for 100 iterations, evaluated every 5 on 128 held-out prompts.
+- overoptimisation: PPO with beta 0.01 for 100 iterations (10 of value warm-up), evaluated every 5 on 256 held-out prompts.
   Checks that held-out gold peaks and then falls by more than 3 standard errors while the proxy rises,
   that Gao et al.'s RL form fitted over the run's evaluations has R^2 >= 0.8 for gold, and that the
   guard's checkpoint (never seeing gold) is within 2 standard errors of the best evaluation's gold and
@@ -106,8 +106,11 @@ def overoptimisation() -> dict:
                      "RL form R2 >= 0.8 for gold": out["fit_gold_r2"] >= 0.8,
                      "guard within 2 SE of the best gold and above the last": out["guard_within_2se_of_best"] and out["guard_above_last"]}
     figure = STORE / "stages" / "ppo" / r["keys"]["ppo"] / "figures"
-    md = [f"# Over-optimisation on the default task (`experiment=overoptimisation`: PPO, beta 0.01, 100 iterations)", "",
-          f"Held-out gold (128 prompts, every 5 iterations) peaks at iteration {peak}: {gold[peak]:+.3f} +- {se[peak]:.3f}; at the last "
+    from rlhf.onpolicy import EVAL_PROMPTS
+
+    md = [f"# Over-optimisation on the default task (`experiment=overoptimisation`: PPO, beta 0.01, 100 iterations, the first 10 "
+          "training only the value model)", "",
+          f"Held-out gold ({EVAL_PROMPTS} prompts, every 5 iterations once the policy moves) peaks at iteration {peak}: {gold[peak]:+.3f} +- {se[peak]:.3f}; at the last "
           f"iteration it is {gold[last]:+.3f} +- {se[last]:.3f}, a fall of {out['fall']:.3f} = {out['fall_in_se']:.1f} standard errors, "
           f"while the proxy rose from {proxy[peak]:.3f} to {proxy[last]:.3f}.", "",
           f"Gao et al.'s RL form fitted over the run's evaluations (d = sqrt(held-out KL)): alpha {out['fit_gold_alpha']:.3f}, beta "

@@ -466,7 +466,8 @@ def train(method: OnPolicy, eval_prompts: list[str], eval_ids: list, inputs: Pol
         metrics[f"{name}/tokens_trained"] = method.trainer.tokens_trained
         metrics.update({f"{name}/gen_tokens_per_s": gen_tokens / (t1 - t0), f"{name}/train_tokens_per_s": train_tokens / (t3 - t2),
                         f"{name}/time_generation_s": t1 - t0, f"{name}/time_scoring_s": t2 - t1, f"{name}/time_update_s": t3 - t2})
-        if method.iteration % cfg.eval_every == 0 or method.iteration == cfg.steps or method.iteration == 1:
+        # evaluations of a policy that has moved (none during a value warm-up: the same policy as iteration 0)
+        if method.iteration == cfg.steps or (method.trains_policy() and (method.iteration % cfg.eval_every == 0 or method.iteration == 1)):
             evaluated = held_out()
             metrics.update(evaluated)
             if cfg.guard != "none":

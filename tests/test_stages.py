@@ -152,6 +152,16 @@ def test_ppo_first_step_has_zero_kl_and_no_clipping(upstream):
     assert (c.ckpt_dir / "step-000012" / "COMPLETE").exists()  # 3 iterations x 2 epochs x 2 minibatches
 
 
+def test_a_value_warmup_keeps_the_policy_and_evaluates_only_once_it_moves(upstream):
+    c = ctx(upstream["root"], "ppo-warmup")
+    cfg = PPOConfig(steps=4, rollout_batch_size=8, minibatch_size=4, ppo_epochs=1, lr=1e-3, eval_every=1, checkpoint_every=10,
+                    value_warmup_steps=2, sampling=SamplingConfig(max_new_tokens=8))
+    ppo.run(cfg, TINY_MODEL, PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True), c)
+    kl = dict(c.sink.metrics["ppo/kl"])  # the rollouts' KL to the reference: 0 while only the value model trains
+    assert abs(kl[1]) < 1e-4 and abs(kl[2]) < 1e-4 and abs(kl[3]) < 1e-4 and abs(kl[4]) > 1e-4
+    assert [s for s, _ in c.sink.metrics["ppo/eval_gold_reward"]] == [0, 3, 4]  # no evaluations of the unchanged policy
+
+
 def test_compiled_ppo_trains_the_same_modules_and_adamw_is_fused(upstream):
     from safetensors.torch import load_file
 
