@@ -32,8 +32,8 @@ class GRPOConfig(OnPolicyConfig):
     samples_per_prompt: int = setting(4, "G: answers per prompt, the group an advantage is normalised in.", ge=2)
     scale_rewards: bool = setting(False, "Divide an answer's centred reward by its group's standard deviation (Shao et al.). Off by "
                                          "default (Liu et al. 2025, Dr. GRPO): it inflates the groups the reward model barely separates; "
-                                         "on the default task it drove the policy to KL 25 and a gold win rate of 0.07 "
-                                         "(benchmarks/results/throughput_cpu.md), off: KL 1.4, win rate 0.68.")
+                                         "on the default task it drove the policy to KL 25 and a gold win rate of 0.07, off: KL 1.4, win rate 0.68 "
+                                         "(measured at commit 702fdab; README, section Speed).")
     loss_aggregation: str = setting("sequence", "sequence: each answer's token mean, then the mean over answers (Shao et al.); "
                                                 "token: the mean over all answer tokens of the batch (DAPO).", choices=["sequence", "token"])
 
