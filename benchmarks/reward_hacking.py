@@ -162,11 +162,12 @@ def ensembles() -> dict:
     settings = {"Coste et al.: limited, noisy pairs, no shared bias": [],
                 "a length bias every annotator shares (bias 0.3/word)": ["data.annotator_length_bias=0.3", "data.n_pref=4000",
                                                                         "data.annotator_temperature=0.3"]}
-    out = {}
+    out, views = {}, {}
     for setting, extra in settings.items():
-        rows = {}
+        rows, policies = {}, {}
         for name, overrides in ENSEMBLE_RUNS.items():
-            m = pipeline("experiment=ensembles", *extra, *overrides)["metrics"]
+            r = pipeline("experiment=ensembles", *extra, *overrides)
+            policies[name], m = r["records"], r["metrics"]
             rows[name] = {k: m[k] for k in ("eval/gold_gain", "eval/gold_gain_se", "eval/win_rate_gold", "eval/win_rate_gold_se", "eval/kl",
                                             "eval/proxy_gain") if k in m} | ({"eval/ensemble_std": m["eval/ensemble_std"]} if "eval/ensemble_std" in m else {})
         single = rows["single reward model"]
@@ -176,6 +177,7 @@ def ensembles() -> dict:
                 row["gold_gain_over_single"] = row["eval/gold_gain"] - single["eval/gold_gain"]
                 row["in_se"] = row["gold_gain_over_single"] / diff_se
         out[setting] = rows
+        views[setting] = members_view(policies)
     md = ["# Reward-model ensembles against a single reward model (PPO, beta 0.01, 100 iterations)", "",
           "Held-out gold gain over SFT (256 prompts, +- SE over prompts); for the ensembles, the difference to the single model "
           "in standard errors of the difference (independent runs).", ""]
@@ -186,10 +188,48 @@ def ensembles() -> dict:
             md.append(f"| {name} | {row['eval/gold_gain']:+.3f} +- {row['eval/gold_gain_se']:.3f} | {row['eval/win_rate_gold']:.3f} +- "
                       f"{row['eval/win_rate_gold_se']:.3f} | {row['eval/kl']:.2f} | {row['eval/proxy_gain']:+.3f} | {versus} |")
         md.append("")
+        view = views[setting]
+        md += ["What the four members say about each policy's held-out answers (one sample per prompt; member scores standardised "
+               "on SFT answers, so SFT is 0): an error every member shares is one no aggregation of them can see.", "",
+               "| policy | gold | answer words | " + " | ".join(f"member {k}" for k in range(len(view["SFT"]["members_z"]))) + " |",
+               "|---|---|---|" + "---|" * len(view["SFT"]["members_z"])]
+        md += [f"| {name} | {v['gold']:+.3f} | {v['words']:.2f} | " + " | ".join(f"{z:+.2f}" for z in v["members_z"]) + " |" for name, v in view.items()]
+        md.append("")
+    out["members_view"] = views
     out["meta"] = meta(started)
     md.append(f"Machine: {out['meta']['machine']}; commit {out['meta']['commit']}; {out['meta']['minutes']:.0f} min.")
     write("ensembles", out, "\n".join(md))
     return out
+
+
+def members_view(policies: dict[str, dict]) -> dict[str, dict]:
+    """Each policy's answers to the held-out prompts (one sample each, the same seed) through the eyes of the
+    ensemble's members, beside the gold reward and the answers' length in words: {policy: {gold, words, members_z}}."""
+    import torch
+
+    from rlhf.config import SamplingConfig
+    from rlhf.data import left_pad, load_split
+    from rlhf.modeling import load_policy, load_scalar_model, load_tokenizer, sequence_scores
+    from rlhf.rollout import decode_responses, generate
+    from rlhf.synthetic import gold_reward
+
+    records = next(r for r in policies.values() if "reward.1" in r)  # an ensemble's run: every member's record
+    members = [k for k in records if k == "reward" or k.startswith("reward.")]
+    tok = load_tokenizer(records["sft"]["model_path"])
+    rewards = [load_scalar_model(records[k]["model_path"], tok, zero_head=False).eval() for k in members]
+    prompts = [row["prompt"] for row in load_split(records["data"]["data_dir"], "eval_prompts")]
+    ids, mask = left_pad([tok(p, add_special_tokens=False)["input_ids"] for p in prompts], tok.pad_token_id)
+    view, sft_stats = {}, None
+    for name, path in {"SFT": records["sft"]["model_path"], **{n: r["ppo"]["model_path"] for n, r in policies.items()}}.items():
+        with torch.no_grad():
+            s = generate(load_policy(path, tok).eval(), ids, mask, SamplingConfig(), tok.eos_token_id, tok.pad_token_id, torch.Generator().manual_seed(0))
+            scores = torch.stack([sequence_scores(m, s.input_ids, s.attention_mask, s.last_index) for m in rewards])  # (K, N)
+        sft_stats = sft_stats or (scores.mean(1, keepdim=True), scores.std(1, keepdim=True))
+        texts = decode_responses(tok, s)
+        view[name] = {"gold": sum(gold_reward(p, t, e) for p, t, e in zip(prompts, texts, s.ended.tolist())) / len(prompts),
+                      "words": sum(len(t.split()) for t in texts) / len(texts),
+                      "members_z": ((scores - sft_stats[0]) / sft_stats[1]).mean(1).tolist()}
+    return view
 
 
 # ---- the beta sweep's fitted frontier ---------------------------------------------------------------

@@ -593,16 +593,15 @@ def measure_critic_free(overrides: list[str], steps: int, env: dict, repeats: in
         algo_cfg = load_config([f"algo={algo}", *overrides])["algo"]
         n = steps or algo_cfg["steps"]
         out[algo] = {"steps": n, "repeats": repeats}
-        runs: dict[str, list[dict]] = {"ours": [], "trl": []}
-        for i in range(repeats):
-            for impl in (("ours", "trl") if i % 2 == 0 else ("trl", "ours")):
-                print(f"{algo}: {impl}, {n} iterations (round {i + 1} of {repeats}) ...", flush=True)
-                spec = {"overrides": overrides, "impl": impl, "algo_cfg": algo_cfg, "steps": n, "policy_dir": str(policies / f"{algo}-{impl}-{i}")}
-                runs[impl].append({**run_child("critic_free", spec, env), "policy_dir": spec["policy_dir"]})
-        for impl, rs in runs.items():
-            best = best_run(rs)
-            counted[f"{algo}-{impl}"] = best["policy_dir"]
-            out[algo][impl] = {**{k: v for k, v in best.items() if k != "policy_dir"}, "tokens_per_s_each": [r["tokens_per_s"] for r in rs]}
+
+        def run_one(impl: str, i: int) -> dict:
+            print(f"{algo}: {impl}, {n} iterations (round {i + 1} of {repeats}) ...", flush=True)
+            spec = {"overrides": overrides, "impl": impl, "algo_cfg": algo_cfg, "steps": n, "policy_dir": str(policies / f"{algo}-{impl}-{i}")}
+            return {**run_child("critic_free", spec, env), "policy_dir": spec["policy_dir"]}
+
+        for impl, (result, policy_dir) in counted_runs(alternating_rounds(["ours", "trl"], repeats, run_one)).items():
+            out[algo][impl] = result
+            counted[f"{algo}-{impl}"] = policy_dir
         out[algo]["ratio"] = out[algo]["ours"]["tokens_per_s"] / out[algo]["trl"]["tokens_per_s"]
     print("rloo, grpo: held-out gold of each ...", flush=True)
     gold = run_child("ppo_gold", {"overrides": overrides, "policies": counted}, env)
@@ -794,10 +793,8 @@ def main() -> None:
     for stage in ("sft", "reward", "dpo") if "stages" in phases else ():
         report.setdefault("stages", {})
         print(f"{stage}: ours, TRL ...", flush=True)
-        runs: dict[str, list[dict]] = {"ours": [], "trl": []}
-        for i in range(args.repeats):  # ABBA order: neither implementation always runs on a warmer machine
-            for impl in (("ours", "trl") if i % 2 == 0 else ("trl", "ours")):
-                runs[impl].append(run_child("stage", {"overrides": overrides, "stage": stage, "impl": impl, "rows": args.rows}, env))
+        runs = alternating_rounds(["ours", "trl"], args.repeats, lambda impl, i: run_child(
+            "stage", {"overrides": overrides, "stage": stage, "impl": impl, "rows": args.rows}, env))
         r = {impl: best_run(rs) for impl, rs in runs.items()}
         report["stages"][stage] = {"ours": r["ours"], "reference": r["trl"], "ratio": r["ours"]["tokens_per_s"] / r["trl"]["tokens_per_s"],
                                    "tokens_per_s_each": {impl: [x["tokens_per_s"] for x in rs] for impl, rs in runs.items()}}
@@ -827,25 +824,44 @@ def measure_ppo(ppo_cfg: dict, steps: int, overrides: list[str], env: dict, repe
     steps = steps or ppo_cfg["steps"]
     policies = Path(tempfile.mkdtemp(prefix="rlhf-bench-ppo-"))
     impls = {"ours": "ppo", "trl": "trl_ppo", "reference": "ppo", **{v: "ppo" for v in OURS[1:]}}
-    runs: dict[str, list[dict]] = {impl: [] for impl in impls}
-    for i in range(repeats):
-        for impl in (list(impls) if i % 2 == 0 else list(impls)[::-1]):
-            print(f"ppo: {impl}, {steps} iterations (round {i + 1} of {repeats}) ...", flush=True)
-            spec = {"overrides": overrides, "impl": impl, "ppo": ppo_cfg, "steps": steps, "policy_dir": str(policies / f"{impl}-{i}")}
-            runs[impl].append({**summarize(run_child(impls[impl], spec, env)), "policy_dir": spec["policy_dir"]})
+
+    def run_one(impl: str, i: int) -> dict:
+        print(f"ppo: {impl}, {steps} iterations (round {i + 1} of {repeats}) ...", flush=True)
+        spec = {"overrides": overrides, "impl": impl, "ppo": ppo_cfg, "steps": steps, "policy_dir": str(policies / f"{impl}-{i}")}
+        return {**summarize(run_child(impls[impl], spec, env)), "policy_dir": spec["policy_dir"]}
+
     out: dict = {"steps": steps, "repeats": repeats}
-    for impl, rs in runs.items():
-        best = best_run(rs)
-        out[impl] = {**{k: v for k, v in best.items() if k != "policy_dir"}, "tokens_per_s_each": [r["tokens_per_s"] for r in rs]}
+    counted = counted_runs(alternating_rounds(list(impls), repeats, run_one))
+    out.update({impl: r for impl, (r, _) in counted.items()})
     print("ppo: held-out gold of each ...", flush=True)
-    out["gold"] = run_child("ppo_gold", {"overrides": overrides, "policies": {i: best_run(rs)["policy_dir"] for i, rs in runs.items()}}, env)
+    out["gold"] = run_child("ppo_gold", {"overrides": overrides, "policies": {impl: d for impl, (_, d) in counted.items()}}, env)
     shutil.rmtree(policies, ignore_errors=True)
     return out
+
+
+def alternating_rounds(impls: list[str], repeats: int, run_one) -> dict[str, list[dict]]:
+    """``repeats`` rounds of one run per implementation (``run_one(impl, round)``), the order reversed every
+    other round so that none always runs on a warmer machine: {impl: [each round's result]}."""
+    runs: dict[str, list[dict]] = {impl: [] for impl in impls}
+    for i in range(repeats):
+        for impl in (impls if i % 2 == 0 else impls[::-1]):
+            runs[impl].append(run_one(impl, i))
+    return runs
 
 
 def best_run(runs: list[dict]) -> dict:
     """The fastest run: on a shared machine other work only ever slows a run down (timeit's rule)."""
     return max(runs, key=lambda r: r["tokens_per_s"])
+
+
+def counted_runs(runs: dict[str, list[dict]]) -> dict[str, tuple[dict, str]]:
+    """Per implementation, the fastest run's result (with every round's tokens/s) and the folder of the policy it trained."""
+    counted = {}
+    for impl, rs in runs.items():
+        best = best_run(rs)
+        counted[impl] = ({**{k: v for k, v in best.items() if k != "policy_dir"}, "tokens_per_s_each": [r["tokens_per_s"] for r in rs]},
+                         best["policy_dir"])
+    return counted
 
 
 def run_child_device(env: dict) -> str:

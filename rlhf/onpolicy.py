@@ -123,6 +123,7 @@ class OnPolicy:
         self.kl_ctl = FixedKLController(cfg.beta)
         self.score_offset = 0.0
         self.member_stats = torch.zeros(len(models.rewards), 2)  # (K, 2) mean and std of each member's scores on SFT answers
+        self.ensemble_gap = 0.0  # mean score of SFT answers, the ensemble's minus member 0's (0 for one reward model)
         self.guard = {"best": None, "iteration": None, "since": 0, "stopped": None}  # the over-optimisation guard's memory
         self.iteration = 0
         self.history: dict[str, list[tuple[int, float]]] = {}  # the KL curve, kept across resumes
@@ -138,12 +139,13 @@ class OnPolicy:
     # ---- state ----------------------------------------------------------------------------------
     def state(self) -> dict:
         return {"iteration": self.iteration, "kl_ctl": self.kl_ctl.state_dict(), "score_offset": self.score_offset, "history": self.history,
-                "member_stats": self.member_stats, "guard": self.guard}
+                "member_stats": self.member_stats, "ensemble_gap": self.ensemble_gap, "guard": self.guard}
 
     def load(self, ckpt: Path) -> dict:
         extra = self.trainer.load(ckpt)
         self.iteration, self.score_offset, self.history = extra["iteration"], extra["score_offset"], extra["history"]
         self.member_stats, self.guard = extra["member_stats"], extra["guard"]
+        self.ensemble_gap = extra.get("ensemble_gap", 0.0)  # absent from checkpoints written before it existed
         self.kl_ctl.load_state_dict(extra["kl_ctl"])
         return extra
 
@@ -199,14 +201,18 @@ class OnPolicy:
     @torch.no_grad()
     def measure_score_offset(self) -> float:
         """Mean score of SFT answers (Huang et al. 2024: normalise the reward so SFT scores 0); with an ensemble,
-        each member's mean and std on the same answers first."""
+        each member's mean and std on the same answers first, and how far the ensemble's mean lies from member 0's
+        (``ensemble_gap``: a worst-case ensemble scores SFT answers below its member 0)."""
         with self.m.reference.use() as sft:
             answers = [self.rollout(sft, -1 - i) for i in range(SCORE_NORM_BATCHES)]
         members = torch.cat([self.member_scores(a) for a in answers], 1)  # (K, N)
         gathered = self.ctx.accelerator.gather(members.T.contiguous()).T  # every process's answers: the same statistics
         self.member_stats = torch.stack([gathered.mean(1), gathered.std(1).clamp(min=1e-6)], 1).cpu()
         penalties = torch.cat([self.penalty(a) for a in answers])
-        return float(self.trainer.average({"score": (self.ensemble(members) - penalties).mean()})["score"])
+        ensemble = self.ensemble(members)
+        means = self.trainer.average({"score": (ensemble - penalties).mean(), "gap": (ensemble - members[0]).mean()})
+        self.ensemble_gap = float(means["gap"])
+        return float(means["score"])
 
     @torch.no_grad()
     def forwards(self, samples: Samples) -> dict[str, torch.Tensor]:

@@ -77,10 +77,13 @@ class PPO(OnPolicy):
         return self.iteration > self.cfg.value_warmup_steps
 
     def value_scale(self) -> tuple[float, float]:
-        """(shift, scale) that put a value model started from the reward model on the scores' scale."""
+        """(shift, scale) that put a value model started from the reward model on the scores' scale. The value
+        model starts from member 0 and predicts its scores; an ensemble's score of the same answers differs by
+        ``ensemble_gap`` on average (a worst-case ensemble lies below member 0), so the shift takes that off too:
+        on SFT answers the critic starts as unbiased as the scores are centred."""
         if self.cfg.value_init != "reward":
             return 0.0, 1.0
-        shift = self.score_offset if self.cfg.score_norm else 0.0
+        shift = self.score_offset - self.ensemble_gap
         return shift, (self.score_moments.std if self.cfg.normalize_reward else 1.0)
 
     @torch.no_grad()
