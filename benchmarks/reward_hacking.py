@@ -188,10 +188,12 @@ def ensembles() -> dict:
             md.append(f"| {name} | {row['eval/gold_gain']:+.3f} +- {row['eval/gold_gain_se']:.3f} | {row['eval/win_rate_gold']:.3f} +- "
                       f"{row['eval/win_rate_gold_se']:.3f} | {row['eval/kl']:.2f} | {row['eval/proxy_gain']:+.3f} | {versus} |")
         md.append("")
-        view = views[setting]
-        md += ["What the four members say about each policy's held-out answers (one sample per prompt; member scores standardised "
+        view, pairs = views[setting]["policies"], views[setting]["pairs"]
+        md += [f"In the {pairs['n']} preference pairs the shorter answer is the chosen one in {pairs['shorter_chosen']:.0%} of those of "
+               f"unequal length; over their answers, length correlates {pairs['corr_length_gold']:+.2f} with gold.", "",
+               "What the four members say about each policy's held-out answers (one sample per prompt; member scores standardised "
                "on SFT answers, so SFT is 0): an error every member shares is one no aggregation of them can see.", "",
-               "| policy | gold | answer words | " + " | ".join(f"member {k}" for k in range(len(view["SFT"]["members_z"]))) + " |",
+               "| policy | mean gold | answer words | " + " | ".join(f"member {k}" for k in range(len(view["SFT"]["members_z"]))) + " |",
                "|---|---|---|" + "---|" * len(view["SFT"]["members_z"])]
         md += [f"| {name} | {v['gold']:+.3f} | {v['words']:.2f} | " + " | ".join(f"{z:+.2f}" for z in v["members_z"]) + " |" for name, v in view.items()]
         md.append("")
@@ -229,7 +231,13 @@ def members_view(policies: dict[str, dict]) -> dict[str, dict]:
         view[name] = {"gold": sum(gold_reward(p, t, e) for p, t, e in zip(prompts, texts, s.ended.tolist())) / len(prompts),
                       "words": sum(len(t.split()) for t in texts) / len(texts),
                       "members_z": ((scores - sft_stats[0]) / sft_stats[1]).mean(1).tolist()}
-    return view
+    pairs = load_split(records["data"]["data_dir"], "pref")
+    unequal = [(len(p["chosen"].split()), len(p["rejected"].split())) for p in pairs]
+    unequal = [(c, r) for c, r in unequal if c != r]
+    lengths = torch.tensor([float(len(p[k].split())) for p in pairs for k in ("chosen", "rejected")])
+    golds = torch.tensor([p[f"gold_{k}"] for p in pairs for k in ("chosen", "rejected")])
+    return {"policies": view, "pairs": {"n": len(pairs), "shorter_chosen": sum(c < r for c, r in unequal) / len(unequal),
+                                        "corr_length_gold": float(torch.corrcoef(torch.stack([lengths, golds]))[0, 1])}}
 
 
 # ---- the beta sweep's fitted frontier ---------------------------------------------------------------
