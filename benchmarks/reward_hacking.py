@@ -18,8 +18,9 @@ config and come back Cached for the other runs.
   above the last one's.
 - ensembles: Coste et al.'s setting (experiment=ensembles: 1000 pairs, noisy annotators, no shared bias):
   one reward model against 4-member ensembles scoring with ``worst`` and ``uncertainty``, the same beta and
-  budget; then the same comparison where every annotator shares a length bias (Eisenstein et al. 2023:
-  errors every member shares persist).
+  budget, each arm also with two more PPO seeds (the run-to-run spread); then the same comparison where
+  every annotator shares a length bias (Eisenstein et al. 2023: errors every member shares persist); and
+  what the members say about each policy's answers.
 - beta_sweep: ``-m algo.beta=...`` with PPO on the default task: the sweep's row carries alpha, beta, R^2
   and d* of the fitted frontier.
 """
@@ -31,6 +32,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +45,7 @@ STORE = RESULTS / "reward_hacking_store"
 ENSEMBLE_RUNS = {"single reward model": ["reward.ensemble_size=1"],
                  "ensemble of 4, worst": ["algo.reward_ensemble=worst"],
                  "ensemble of 4, uncertainty": ["algo.reward_ensemble=uncertainty"]}
+ENSEMBLE_SEEDS = (1, 2)  # PPO seeds run besides the default's 0 for every arm of the ensemble comparison
 BETAS = (0.005, 0.01, 0.03, 0.1)
 
 
@@ -170,12 +173,18 @@ def ensembles() -> dict:
             policies[name], m = r["records"], r["metrics"]
             rows[name] = {k: m[k] for k in ("eval/gold_gain", "eval/gold_gain_se", "eval/win_rate_gold", "eval/win_rate_gold_se", "eval/kl",
                                             "eval/proxy_gain") if k in m} | ({"eval/ensemble_std": m["eval/ensemble_std"]} if "eval/ensemble_std" in m else {})
+            rows[name]["seeds"] = {0: m["eval/gold_gain"], **{seed: pipeline("experiment=ensembles", *extra, *overrides, f"algo.seed={seed}")["metrics"][
+                "eval/gold_gain"] for seed in ENSEMBLE_SEEDS}}  # the same reward models, other PPO runs: the run-to-run spread
+            gains = list(rows[name]["seeds"].values())
+            rows[name]["seeds_mean"], rows[name]["seeds_se"] = statistics.mean(gains), statistics.stdev(gains) / math.sqrt(len(gains))
         single = rows["single reward model"]
         for name, row in rows.items():
             if name != "single reward model":  # independent runs: the SE of the difference
                 diff_se = math.hypot(row["eval/gold_gain_se"], single["eval/gold_gain_se"])
                 row["gold_gain_over_single"] = row["eval/gold_gain"] - single["eval/gold_gain"]
                 row["in_se"] = row["gold_gain_over_single"] / diff_se
+                row["seeds_over_single"] = row["seeds_mean"] - single["seeds_mean"]
+                row["seeds_in_se"] = row["seeds_over_single"] / math.hypot(row["seeds_se"], single["seeds_se"])
         out[setting] = rows
         views[setting] = members_view(policies)
     md = ["# Reward-model ensembles against a single reward model (PPO, beta 0.01, 100 iterations)", "",
@@ -187,6 +196,11 @@ def ensembles() -> dict:
             versus = f"{row['gold_gain_over_single']:+.3f} ({row['in_se']:+.1f} SE)" if "in_se" in row else ""
             md.append(f"| {name} | {row['eval/gold_gain']:+.3f} +- {row['eval/gold_gain_se']:.3f} | {row['eval/win_rate_gold']:.3f} +- "
                       f"{row['eval/win_rate_gold_se']:.3f} | {row['eval/kl']:.2f} | {row['eval/proxy_gain']:+.3f} | {versus} |")
+        md += ["", f"Run to run: the same reward models, PPO seeds 0, {', '.join(map(str, ENSEMBLE_SEEDS))} (`algo.seed`); mean +- SE over the runs.", "",
+               "| reward | gold gain of each run | mean over runs | vs single |", "|---|---|---|---|"]
+        for name, row in rows.items():
+            versus = f"{row['seeds_over_single']:+.3f} ({row['seeds_in_se']:+.1f} SE)" if "seeds_in_se" in row else ""
+            md.append(f"| {name} | {', '.join(f'{g:+.3f}' for g in row['seeds'].values())} | {row['seeds_mean']:+.3f} +- {row['seeds_se']:.3f} | {versus} |")
         md.append("")
         view, pairs = views[setting]["policies"], views[setting]["pairs"]
         md += [f"In the {pairs['n']} preference pairs the shorter answer is the chosen one in {pairs['shorter_chosen']:.0%} of those of "
