@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, OmegaConf
 
+from .synthetic import PAIR_LENGTH_JITTER
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and how to fix it."""
@@ -99,6 +101,9 @@ class DataConfig:
     annotator_temperature: float = setting(0.3, "Annotator noise: Bradley-Terry temperature on the gold reward.", gt=0.0)
     annotator_length_bias: float = setting(0.1, "Annotator bias per extra word (favours longer answers).")
     demo_quality: float = setting(0.65, "Share of on-topic words in SFT demonstrations (decent, not optimal).", ge=0.0, le=1.0)
+    pair_length_jitter: list = setting(list(PAIR_LENGTH_JITTER), "Words short of (negative) and past the prompt's target length that the answers of "
+                                                "the preference pairs span, uniformly: [-3, 6] leans long, so that across the pairs "
+                                                "shorter is better; a symmetric span such as [-4, 4] takes that correlation away.")
     # Hub datasets (source=hub).
     path: Optional[str] = setting(None, "Dataset id (e.g. Anthropic/hh-rlhf) or a builder name like json.")
     data_files: Optional[Any] = setting(None, "Local files for builders like json (str, list or split->files).")
@@ -127,6 +132,10 @@ class DataConfig:
             if self.n_eval_prompts > held_out:
                 raise ConfigError(f"{key}.n_eval_prompts={self.n_eval_prompts}: the synthetic task has {held_out} distinct held-out "
                                   f"prompts. Fix: pass {key}.n_eval_prompts<={held_out} (eval.n_samples>1 for more answers per prompt).")
+        jitter = self.pair_length_jitter
+        if len(jitter) != 2 or not all(isinstance(j, int) for j in jitter) or jitter[0] > jitter[1]:
+            raise ConfigError(f"{key}.pair_length_jitter={list(jitter)} must be two whole numbers of words, the first not above the second. "
+                              f"Fix: e.g. {key}.pair_length_jitter=[-4,4].")
         if self.format != "hh" and self.source == "synthetic":
             raise ConfigError(f"{key}.format={self.format} applies to hub / local datasets, not the synthetic task. "
                               f"Fix: pass {key}=hh_rlhf_local (or {key}.source=hub with {key}.path) or drop {key}.format.")

@@ -103,7 +103,7 @@ def build_splits(cfg: DataConfig) -> dict[str, list[dict]]:
     if cfg.source == "synthetic":
         return synthetic.make_splits(
             cfg.seed, cfg.n_sft, cfg.n_pref, cfg.n_eval_prompts, cfg.n_eval_pref, cfg.n_ppo_prompts,
-            cfg.annotator_temperature, cfg.annotator_length_bias, cfg.demo_quality,
+            cfg.annotator_temperature, cfg.annotator_length_bias, cfg.demo_quality, tuple(cfg.pair_length_jitter),
         )
     return _hub_splits(cfg)
 

@@ -171,20 +171,24 @@ def demonstration(rng: random.Random, spec: Spec, quality: float) -> str:
 DEGENERATE_SHARE = 0.1  # behaviour answers of 0-2 words: the reward model must see (and learn to dislike) them
 
 
-def behaviour_answer(rng: random.Random, spec: Spec) -> str:
-    """An answer from the broad behaviour policy that produces the preference pairs: 3 words short of the
-    target to 6 past it, and now and then a degenerate one (empty to 2 words) that a policy could otherwise
+PAIR_LENGTH_JITTER = (-3, 6)  # the default of data.pair_length_jitter: 3 words short of the target to 6 past it
+
+
+def behaviour_answer(rng: random.Random, spec: Spec, length_jitter: tuple[int, int] = PAIR_LENGTH_JITTER) -> str:
+    """An answer from the broad behaviour policy that produces the preference pairs: ``length_jitter`` words
+    around the target, and now and then a degenerate one (empty to 2 words) that a policy could otherwise
     find as a hole in the reward model."""
-    jitter = (-spec.target, 2 - spec.target) if rng.random() < DEGENERATE_SHARE else (-3, 6)
+    jitter = (-spec.target, 2 - spec.target) if rng.random() < DEGENERATE_SHARE else length_jitter
     return sample_answer(rng, spec, on_topic=rng.uniform(0.2, 1.0), open_prob=rng.random(), length_jitter=jitter)
 
 
-def preference_pair(rng: random.Random, spec: Spec, temperature: float, length_bias: float) -> dict:
+def preference_pair(rng: random.Random, spec: Spec, temperature: float, length_bias: float,
+                    length_jitter: tuple[int, int] = PAIR_LENGTH_JITTER) -> dict:
     """Two behaviour answers labelled by a simulated annotator. Keeps the gold scores for analysis."""
     prompt = spec.prompt()
-    a, b = behaviour_answer(rng, spec), behaviour_answer(rng, spec)
+    a, b = behaviour_answer(rng, spec, length_jitter), behaviour_answer(rng, spec, length_jitter)
     while b == a:
-        b = behaviour_answer(rng, spec)
+        b = behaviour_answer(rng, spec, length_jitter)
     ga, gb = gold_reward(prompt, a), gold_reward(prompt, b)
     p = annotator_prob(ga, gb, len(a.split()), len(b.split()), temperature, length_bias)
     if rng.random() < p:
@@ -202,6 +206,7 @@ def make_splits(
     annotator_temperature: float,
     annotator_length_bias: float,
     demo_quality: float,
+    pair_length_jitter: tuple[int, int] = PAIR_LENGTH_JITTER,
 ) -> dict[str, list[dict]]:
     """Every split of the task, deterministic in ``seed``. Held-out splits use their own streams."""
     streams = {name: random.Random(f"{seed}/{name}") for name in ("sft", "pref", "eval", "eval_pref", "ppo")}
@@ -209,7 +214,7 @@ def make_splits(
     for _ in range(n_sft):
         spec = random_spec(streams["sft"], held_out=False)
         sft.append({"prompt": spec.prompt(), "response": demonstration(streams["sft"], spec, demo_quality)})
-    label = dict(temperature=annotator_temperature, length_bias=annotator_length_bias)
+    label = dict(temperature=annotator_temperature, length_bias=annotator_length_bias, length_jitter=pair_length_jitter)
     pref = [preference_pair(streams["pref"], random_spec(streams["pref"], False), **label) for _ in range(n_pref)]
     eval_pref = [preference_pair(streams["eval_pref"], random_spec(streams["eval_pref"], True), **label) for _ in range(n_eval_pref)]
     eval_prompts = [{"prompt": p} for p in distinct_held_out_prompts(streams["eval"], n_eval_prompts)]

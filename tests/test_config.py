@@ -36,6 +36,7 @@ def test_ppo_group_and_sweep_names():
         ("sft.batch_size=30", "sft.batch_size", "grad_accum"),
         ("model.n_head=3", "model.n_embd", "n_head"),
         ("eval.sampling.top_p=1.5", "eval.sampling.top_p", "<= 1.0"),
+        ("data.pair_length_jitter=[4,1]", "data.pair_length_jitter", "[-4,4]"),
     ],
 )
 def test_out_of_range_values_name_the_key_and_the_fix(override, key, fix):

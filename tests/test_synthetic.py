@@ -73,6 +73,15 @@ def test_labels_follow_gold_with_noise_and_favour_length():
     assert longer_chosen(biased) > longer_chosen(fair) + 0.1  # ...because longer answers win more often
 
 
+@pytest.mark.parametrize("jitter", [S.PAIR_LENGTH_JITTER, (-4, 4)])
+def test_the_pairs_answers_span_the_configured_lengths_around_the_target(jitter):
+    rng = random.Random(0)
+    pairs = [S.preference_pair(rng, S.random_spec(rng, False), 0.3, 0.0, jitter) for _ in range(2000)]
+    offsets = {len(p[k].split()) - S.parse_prompt(p["prompt"]).target for p in pairs for k in ("chosen", "rejected")}
+    degenerate = {n - t for t in S.TARGET_LENGTH.values() for n in range(3)}  # the occasional 0-2 word answer
+    assert set(range(jitter[0], jitter[1] + 1)) <= offsets <= set(range(jitter[0], jitter[1] + 1)) | degenerate
+
+
 def test_held_out_prompts_never_appear_in_training_splits():
     s = S.make_splits(0, 500, 500, 100, 100, 200, 0.3, 0.1, 0.65)
     held = {r["prompt"] for r in s["eval_prompts"]} | {r["prompt"] for r in s["eval_pref"]}
