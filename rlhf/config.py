@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, OmegaConf
 
-from .synthetic import PAIR_LENGTH_JITTER
+from .synthetic import PAIR_LENGTH_JITTER, all_specs
 
 
 class ConfigError(ValueError):
@@ -126,16 +126,14 @@ class DataConfig:
             raise ConfigError(f"{key}.path={self.path} reads local files, and {key}.data_files is not set. "
                               f"Fix: pass {key}.data_files=<file> (or a list, or {{train: ..., test: ...}}).")
         if self.source == "synthetic":
-            from .synthetic import all_specs
-
             held_out = len(all_specs(held_out=True))
             if self.n_eval_prompts > held_out:
                 raise ConfigError(f"{key}.n_eval_prompts={self.n_eval_prompts}: the synthetic task has {held_out} distinct held-out "
                                   f"prompts. Fix: pass {key}.n_eval_prompts<={held_out} (eval.n_samples>1 for more answers per prompt).")
-        jitter = self.pair_length_jitter
-        if len(jitter) != 2 or not all(isinstance(j, int) for j in jitter) or jitter[0] > jitter[1]:
-            raise ConfigError(f"{key}.pair_length_jitter={list(jitter)} must be two whole numbers of words, the first not above the second. "
-                              f"Fix: e.g. {key}.pair_length_jitter=[-4,4].")
+            jitter = self.pair_length_jitter
+            if len(jitter) != 2 or not all(isinstance(j, int) for j in jitter) or jitter[0] > jitter[1]:
+                raise ConfigError(f"{key}.pair_length_jitter={list(jitter)} must be two whole numbers of words, the first not above the "
+                                  f"second. Fix: e.g. {key}.pair_length_jitter=[-4,4].")
         if self.format != "hh" and self.source == "synthetic":
             raise ConfigError(f"{key}.format={self.format} applies to hub / local datasets, not the synthetic task. "
                               f"Fix: pass {key}=hh_rlhf_local (or {key}.source=hub with {key}.path) or drop {key}.format.")
