@@ -153,8 +153,9 @@ def test_a_schedule_runs_the_pipeline_without_a_trigger(cluster, first):
 def test_two_runs_never_train_at_once_on_one_gpu_slot(cluster, first):
     before = set(cluster.stage_runs())
     # DPO trains long enough (algo.epochs) that the second run's stage flow is up while the first trains,
-    # however far apart the two pipelines' own start-ups land on 2 cores
-    ids = [cluster.prefect.trigger(PIPELINE, {"overrides": [*MICRO, f"algo.beta={b}", "algo.epochs=6"]}) for b in (0.5, 0.7)]
+    # however far apart the two pipelines' own start-ups land on 2 cores: a micro epoch takes about 0.15 s, and
+    # the start-ups were seen 3 s apart (6 epochs were not enough); 60 epochs give each run about 10 s
+    ids = [cluster.prefect.trigger(PIPELINE, {"overrides": [*MICRO, f"algo.beta={b}", "algo.epochs=60"]}) for b in (0.5, 0.7)]
     for run_id in ids:
         cluster.completed(run_id)
     new = [r for k, r in cluster.stage_runs().items() if k not in before]
