@@ -16,7 +16,7 @@ config and come back Cached for the other runs.
   that Gao et al.'s RL form fitted over the run's evaluations has R^2 >= 0.8 for gold, and that the
   guard's checkpoint (never seeing gold) is within 2 standard errors of the best evaluation's gold and
   above the last one's.
-- ensembles: Coste et al.'s setting (experiment=ensembles: 1000 pairs, noisy annotators, no shared bias):
+- ensembles: Coste et al.'s setting (experiment=ensembles: 400 pairs, noisy annotators, no shared bias, no length trend):
   one reward model against 4-member ensembles scoring with ``worst`` and ``uncertainty``, the same beta and
   budget, each arm also with two more PPO seeds (the run-to-run spread); then the same comparison where
   every annotator shares a length bias (Eisenstein et al. 2023: errors every member shares persist); and
@@ -187,7 +187,11 @@ def ensembles() -> dict:
                 row["seeds_in_se"] = row["seeds_over_single"] / math.hypot(row["seeds_se"], single["seeds_se"])
         out[setting] = rows
         views[setting] = members_view(policies)
-    md = ["# Reward-model ensembles against a single reward model (PPO, beta 0.01, 100 iterations)", "",
+    from flows.pipeline import load_config
+    from rlhf.config import validate
+
+    algo = validate(load_config(["experiment=ensembles"])).algo
+    md = [f"# Reward-model ensembles against a single reward model (PPO, beta {algo.beta:g}, {algo.steps} iterations)", "",
           "Held-out gold gain over SFT (256 prompts, +- SE over prompts); for the ensembles, the difference to the single model "
           "in standard errors of the difference (independent runs).", ""]
     for setting, rows in out.items():

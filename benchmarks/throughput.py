@@ -383,7 +383,7 @@ def child_ppo(spec: dict) -> dict:
 
             modeling_mod.FUSED_ACTIVATIONS.clear()
             modeling_mod.FUSED_ACTIVATIONS["gelu_pytorch_tanh"] = "gelu_new"  # the checkpoints we trained were saved with the swap
-        if spec["impl"] == "ours_foreach_adamw":  # one change undone: AdamW without the fused kernel
+        if spec["impl"] == "ours_foreach_adamw":  # one change undone: PyTorch's default AdamW (on CPU a per-tensor loop, no foreach)
             import rlhf.trainer as trainer_mod
 
             trainer_mod.adamw = lambda groups, c: torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.95), eps=1e-8)
@@ -698,7 +698,7 @@ def markdown(report: dict) -> str:
                      f"**{o['tokens_per_s'] / r['tokens_per_s']:.2f}x** | {r['generation_s'] / o['generation_s']:.2f}x | "
                      f"{r['scoring_s'] / o['scoring_s']:.2f}x | {r['update_s'] / o['update_s']:.2f}x | | | | | |")
     variants = {"ours_gpt2_gelu": "ours with GPT-2's own GELU (the fused-kernel swap undone)",
-                "ours_foreach_adamw": "ours with AdamW's foreach kernel (the fused kernel undone)",
+                "ours_foreach_adamw": "ours with PyTorch's default AdamW (a loop over the tensors on CPU; the fused kernel undone)",
                 "ours_compiled": "ours + `runtime.compile=true` (torch.compile of policy and value)"}
     if all(v in ppo for v in variants):
         lines += [
