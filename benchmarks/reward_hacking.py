@@ -231,7 +231,7 @@ def members_view(policies: dict[str, dict]) -> dict[str, dict]:
     from rlhf.data import left_pad, load_split
     from rlhf.modeling import load_policy, load_scalar_model, load_tokenizer, sequence_scores
     from rlhf.rollout import decode_responses, generate
-    from rlhf.synthetic import gold_reward
+    from rlhf.synthetic import gold_reward, pair_length_stats
 
     records = next(r for r in policies.values() if "reward.1" in r)  # an ensemble's run: every member's record
     members = [k for k in records if k == "reward" or k.startswith("reward.")]
@@ -249,13 +249,7 @@ def members_view(policies: dict[str, dict]) -> dict[str, dict]:
         view[name] = {"gold": sum(gold_reward(p, t, e) for p, t, e in zip(prompts, texts, s.ended.tolist())) / len(prompts),
                       "words": sum(len(t.split()) for t in texts) / len(texts),
                       "members_z": ((scores - sft_stats[0]) / sft_stats[1]).mean(1).tolist()}
-    pairs = load_split(records["data"]["data_dir"], "pref")
-    unequal = [(len(p["chosen"].split()), len(p["rejected"].split())) for p in pairs]
-    unequal = [(c, r) for c, r in unequal if c != r]
-    lengths = torch.tensor([float(len(p[k].split())) for p in pairs for k in ("chosen", "rejected")])
-    golds = torch.tensor([p[f"gold_{k}"] for p in pairs for k in ("chosen", "rejected")])
-    return {"policies": view, "pairs": {"n": len(pairs), "shorter_chosen": sum(c < r for c, r in unequal) / len(unequal),
-                                        "corr_length_gold": float(torch.corrcoef(torch.stack([lengths, golds]))[0, 1])}}
+    return {"policies": view, "pairs": pair_length_stats(load_split(records["data"]["data_dir"], "pref"))}
 
 
 # ---- the beta sweep's fitted frontier ---------------------------------------------------------------

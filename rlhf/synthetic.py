@@ -196,6 +196,23 @@ def preference_pair(rng: random.Random, spec: Spec, temperature: float, length_b
     return {"prompt": prompt, "chosen": b, "rejected": a, "gold_chosen": gb, "gold_rejected": ga}
 
 
+def pair_length_stats(pairs: list[dict]) -> dict:
+    """What length alone says in preference pairs: the share of pairs of unequal length whose shorter answer is
+    the chosen one, and the correlation of answer length (words) with gold over all their answers."""
+    lengths = [(len(p["chosen"].split()), len(p["rejected"].split())) for p in pairs]
+    unequal = [(c, r) for c, r in lengths if c != r]
+    words = [float(n) for pair in lengths for n in pair]
+    golds = [p[f"gold_{k}"] for p in pairs for k in ("chosen", "rejected")]
+    return {"n": len(pairs), "shorter_chosen": sum(c < r for c, r in unequal) / len(unequal),
+            "corr_length_gold": _correlation(words, golds)}
+
+
+def _correlation(xs: list[float], ys: list[float]) -> float:
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    return cov / math.sqrt(sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys))
+
+
 def make_splits(
     seed: int,
     n_sft: int,

@@ -135,7 +135,7 @@ def test_every_experiment_composes_and_validates(experiment):
     """The README runs ``experiment=<name>``: each must compose against the schema and pass validation."""
     algo = ALGO_OF_EXPERIMENT.get(experiment)
     cfg = validate(load_config([f"experiment={experiment}", *([f"algo={algo}"] if algo else [])]))
-    assert cfg.algo.algo == (algo or cfg.algo.algo) and cfg.algo.algo in registry()
+    assert cfg.algo.algo in registry() and (algo is None or cfg.algo.algo == algo)
 
 
 def test_the_ensembles_experiment_is_coste_et_al_setting():
@@ -143,14 +143,14 @@ def test_the_ensembles_experiment_is_coste_et_al_setting():
     trend in the pairs (the shorter answer wins about half the pairs of unequal length; length tells nothing
     of gold), so the single model's errors are its own. The README's two arms compose as documented."""
     from rlhf.data import build_splits
+    from rlhf.synthetic import pair_length_stats
 
     cfg = validate(load_config(["experiment=ensembles"]))
     assert cfg.reward.ensemble_size == 4 and cfg.reward.bootstrap and cfg.data.annotator_length_bias == 0.0
     assert validate(load_config(["experiment=ensembles", "reward.ensemble_size=1"])).reward.ensemble_size == 1
     assert validate(load_config(["experiment=ensembles", "algo.reward_ensemble=worst"])).algo.reward_ensemble == "worst"
     pairs = build_splits(cfg.data)["pref"]
-    lengths = [(len(p["chosen"].split()), len(p["rejected"].split())) for p in pairs]
-    unequal = [(c, r) for c, r in lengths if c != r]
-    assert len(pairs) == cfg.data.n_pref and 0.42 < sum(c < r for c, r in unequal) / len(unequal) < 0.58
+    stats = pair_length_stats(pairs)
+    assert stats["n"] == cfg.data.n_pref and 0.42 < stats["shorter_chosen"] < 0.58 and abs(stats["corr_length_gold"]) < 0.1
     agreement = sum(p["gold_chosen"] > p["gold_rejected"] for p in pairs) / len(pairs)
     assert 0.6 < agreement < 0.8  # noisy labels: many pairs name the worse answer as chosen

@@ -109,3 +109,12 @@ def test_asking_for_more_held_out_prompts_than_exist_is_refused_before_training(
 
     with pytest.raises(ConfigError, match=r"data\.n_eval_prompts=400.*Fix: pass data\.n_eval_prompts<="):
         validate(load_config(["data.n_eval_prompts=400"]))
+
+
+def test_pair_length_stats_on_hand_made_pairs():
+    pairs = [{"chosen": "a b", "rejected": "a b c", "gold_chosen": 1.0, "gold_rejected": 0.0},
+             {"chosen": "a b c d", "rejected": "a b", "gold_chosen": 0.0, "gold_rejected": 1.0},
+             {"chosen": "a", "rejected": "b", "gold_chosen": 0.5, "gold_rejected": 0.5}]
+    stats = S.pair_length_stats(pairs)
+    assert stats["n"] == 3 and stats["shorter_chosen"] == 0.5  # the equal-length pair does not count
+    assert stats["corr_length_gold"] == pytest.approx(-0.5738190417570045)  # lengths 2,3,4,2,1,1 against gold 1,0,0,1,.5,.5
