@@ -360,7 +360,7 @@ def ppo_settings(spec: dict):
     return onpolicy_settings({"algo_cfg": spec["ppo"], "steps": spec["steps"]})[1]
 
 
-OURS = ("ours", "ours_gpt2_gelu", "ours_foreach_adamw", "ours_compiled")  # as shipped, then one change at a time
+OURS = ("ours", "ours_gpt2_gelu", "ours_foreach_adamw", "ours_recomputed_logprobs", "ours_compiled")  # as shipped, then one change at a time
 
 
 def child_ppo(spec: dict) -> dict:
@@ -387,6 +387,10 @@ def child_ppo(spec: dict) -> dict:
             import rlhf.trainer as trainer_mod
 
             trainer_mod.adamw = lambda groups, c: torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.95), eps=1e-8)
+        if spec["impl"] == "ours_recomputed_logprobs":  # one change undone: old log-probs from a forward, not from the sampler
+            import rlhf.onpolicy as onpolicy_mod
+
+            onpolicy_mod.sampler_logprobs_exact = lambda model_cfg: False
         sink = NullSink()
         with tempfile.TemporaryDirectory() as work:
             ctx = StageContext(Path(work), sink, device, fresh=True, compile=spec["impl"] == "ours_compiled")
@@ -495,6 +499,10 @@ def child_critic_free(spec: dict) -> dict:
     ends: list[tuple[float, float]] = []  # (when an iteration ended, its real tokens)
     started = time.perf_counter()
     if spec["impl"] == "ours":
+        if spec["impl"] == "ours_recomputed_logprobs":  # one change undone: old log-probs from a forward, not from the sampler
+            import rlhf.onpolicy as onpolicy_mod
+
+            onpolicy_mod.sampler_logprobs_exact = lambda model_cfg: False
         sink = NullSink()
         with tempfile.TemporaryDirectory() as work:
             ctx = StageContext(Path(work), sink, device, fresh=True)
@@ -699,6 +707,7 @@ def markdown(report: dict) -> str:
                      f"{r['scoring_s'] / o['scoring_s']:.2f}x | {r['update_s'] / o['update_s']:.2f}x | | | | | |")
     variants = {"ours_gpt2_gelu": "ours with GPT-2's own GELU (the fused-kernel swap undone)",
                 "ours_foreach_adamw": "ours with PyTorch's default AdamW (a loop over the tensors on CPU; the fused kernel undone)",
+                "ours_recomputed_logprobs": "ours with the old log-probs recomputed by a forward (the sampler's not reused)",
                 "ours_compiled": "ours + `runtime.compile=true` (torch.compile of policy and value)"}
     if all(v in ppo for v in variants):
         lines += [

@@ -99,6 +99,7 @@ class OnPolicyModels:
             if m is not None:
                 disable_dropout(m)
         self.amp = autocast(model_cfg, device)
+        self.sampler_logprobs = sampler_logprobs_exact(model_cfg)  # old log-probs from the sampler, not a forward
 
     def trained(self) -> dict[str, torch.nn.Module]:
         return {"policy": self.policy, **({"value": self.value} if self.value is not None else {})}
@@ -166,7 +167,8 @@ class OnPolicy:
         ids, mask = self.prompt_batch(iteration)
         model.eval()
         tok = self.m.tokenizer
-        return generate(model, ids, mask, sampling or self.cfg.sampling, tok.eos_token_id, tok.pad_token_id, generator)
+        return generate(model, ids, mask, sampling or self.cfg.sampling, tok.eos_token_id, tok.pad_token_id, generator,
+                        logprobs=self.m.sampler_logprobs and model is self.m.policy)
 
     # ---- scoring --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -225,7 +227,7 @@ class OnPolicy:
         for i in range(0, len(samples.ended), self.cfg.forward_batch_size):
             s = samples[i : i + self.cfg.forward_batch_size].trimmed()
             ids, attn, first = s.input_ids, s.attention_mask, s.first_target
-            out = {"old_logp": pad(s.response_slice(token_logprobs(m.policy, ids, attn, t, first)))}
+            out = {"old_logp": pad(s.logprobs if s.logprobs is not None else s.response_slice(token_logprobs(m.policy, ids, attn, t, first)))}
             with m.reference.use() as reference:
                 out["ref_logp"] = pad(s.response_slice(token_logprobs(reference, ids, attn, t, first)))
             if m.value is not None:
@@ -329,9 +331,10 @@ class OnPolicy:
         ids, mask = left_pad(eval_ids, tok.pad_token_id)
         generator = torch.Generator(device=self.ctx.device).manual_seed(self.cfg.seed + 99)
         self.m.policy.eval()
-        s = generate(self.m.policy, ids.to(self.ctx.device), mask.to(self.ctx.device), self.cfg.sampling, tok.eos_token_id, tok.pad_token_id, generator)
+        s = generate(self.m.policy, ids.to(self.ctx.device), mask.to(self.ctx.device), self.cfg.sampling, tok.eos_token_id, tok.pad_token_id,
+                     generator, logprobs=self.m.sampler_logprobs)
         members, penalty = self.member_scores(s), self.penalty(s)
-        logp = s.response_slice(token_logprobs(self.m.policy, s.input_ids, s.attention_mask, t, s.first_target))
+        logp = s.logprobs if s.logprobs is not None else s.response_slice(token_logprobs(self.m.policy, s.input_ids, s.attention_mask, t, s.first_target))
         with self.m.reference.use() as reference:
             ref = s.response_slice(token_logprobs(reference, s.input_ids, s.attention_mask, t, s.first_target))
         out = {"eval_proxy_reward": float((members.mean(0) - penalty).mean()), "eval_kl": float(((logp - ref) * s.response_mask).sum(1).mean()),
@@ -366,6 +369,16 @@ class OnPolicy:
         if stop:
             g["stopped"] = self.iteration
         return stop
+
+
+def sampler_logprobs_exact(model_cfg: ModelConfig) -> bool:
+    """Whether the sampler's log-probs stand for the old log-probs of the experience pass (and the held-out KL).
+    In fp32 (weights and forwards) the KV-cached sampler and a full forward agree to float rounding (at most
+    1.4e-6 nats per token on the default task), so recomputing them is a forward of the policy over the batch
+    that the algorithm does not need; TRL's PPOTrainer takes them from the sampler's logits too. Under bf16 the
+    cached decode and the full forward round differently (more so on GPUs, whose prefill and decode kernels
+    differ), so there a forward recomputes them and the ratio compares like with like."""
+    return model_cfg.autocast == "none" and model_cfg.dtype == "float32"
 
 
 def ensemble_score(z: torch.Tensor, how: str, coef: float = 0.5) -> torch.Tensor:

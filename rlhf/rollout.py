@@ -22,6 +22,8 @@ class Samples:
     prompt_ids, prompt_mask:     (B, P) left-padded
     response_ids, response_mask: (B, R) right-padded; mask is 1 up to and including the first EOS
     ended:                       (B,)   True where the answer emitted EOS within max_new_tokens
+    logprobs:                    (B, R) log pi(y_t) of the sampler's tempered softmax without PAD (what
+                                        :class:`~rlhf.modeling.Logprobs` computes), 0 after EOS; None unless asked for
     """
 
     prompt_ids: torch.Tensor
@@ -29,6 +31,7 @@ class Samples:
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     ended: torch.Tensor
+    logprobs: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:  # (B, P + R)
@@ -60,10 +63,12 @@ class Samples:
         share and the right padding past the longest answer (a minibatch of short answers costs what they do)."""
         left = self.prompt_ids.shape[1] - int(self.prompt_mask.sum(1).max())  # columns that are padding in every prompt
         width = max(1, int(self.response_mask.sum(1).max()))
-        return Samples(self.prompt_ids[:, left:], self.prompt_mask[:, left:], self.response_ids[:, :width], self.response_mask[:, :width], self.ended)
+        return Samples(self.prompt_ids[:, left:], self.prompt_mask[:, left:], self.response_ids[:, :width], self.response_mask[:, :width], self.ended,
+                       None if self.logprobs is None else self.logprobs[:, :width])
 
     def __getitem__(self, idx) -> "Samples":
-        return Samples(self.prompt_ids[idx], self.prompt_mask[idx], self.response_ids[idx], self.response_mask[idx], self.ended[idx])
+        return Samples(self.prompt_ids[idx], self.prompt_mask[idx], self.response_ids[idx], self.response_mask[idx], self.ended[idx],
+                       None if self.logprobs is None else self.logprobs[idx])
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -89,20 +94,26 @@ def _next_logits(model, input_ids, attention_mask, position_ids, past=None):
 
 
 @torch.no_grad()
-def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: SamplingConfig, eos_id: int, pad_id: int, generator: torch.Generator | None = None) -> Samples:
-    """Sample answers for a batch of left-padded prompts, reusing the KV cache between steps."""
+def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: SamplingConfig, eos_id: int, pad_id: int,
+             generator: torch.Generator | None = None, logprobs: bool = False) -> Samples:
+    """Sample answers for a batch of left-padded prompts, reusing the KV cache between steps; with ``logprobs``
+    also the log-prob of each sampled token under the tempered softmax before top-k / top-p (the policy's
+    distribution, which the PPO ratio and the KL use), from the logits the sampler has anyway."""
     batch = prompt_ids.shape[0]
     mask = prompt_mask
     pos = positions(mask)
     logits, past = _next_logits(model, prompt_ids, mask, pos)
     next_pos = pos[:, -1:] + 1  # (B, 1)
     done = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
-    tokens = []
+    tokens, token_logprobs = [], []
     for _ in range(cfg.max_new_tokens):
         logits = logits / cfg.temperature
         logits[:, pad_id] = float("-inf")  # PAD is never an answer token (Logprobs excludes it too)
         probs = filter_logits(logits, cfg.top_k, cfg.top_p).softmax(-1)
         tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+        if logprobs:
+            lp = (logits.gather(1, tok[:, None]) - logits.logsumexp(-1, keepdim=True)).squeeze(1)  # (B,)
+            token_logprobs.append(lp.masked_fill(done, 0.0))
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         tokens.append(tok)
         done |= tok == eos_id
@@ -114,7 +125,8 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Sa
     response = torch.stack(tokens, dim=1)  # (B, R)
     is_eos = response == eos_id
     before_or_at_eos = (is_eos.long().cumsum(1) - is_eos.long()) == 0
-    return Samples(prompt_ids, prompt_mask, response, before_or_at_eos.float(), is_eos.any(1))
+    return Samples(prompt_ids, prompt_mask, response, before_or_at_eos.float(), is_eos.any(1),
+                   torch.stack(token_logprobs, dim=1) if logprobs else None)
 
 
 def decode_responses(tokenizer, samples: Samples) -> list[str]:

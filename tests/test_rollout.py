@@ -81,3 +81,19 @@ def test_trimming_drops_only_the_padding_every_row_shares_and_keeps_the_log_prob
     full = part.response_slice(token_logprobs(model, part.input_ids, part.attention_mask))[:, : t.response_ids.shape[1]] * t.response_mask
     trim = t.response_slice(token_logprobs(model, t.input_ids, t.attention_mask, first=t.first_target)) * t.response_mask
     assert torch.allclose(full, trim, atol=1e-5) and torch.equal(part.last_index - 2, t.last_index)
+
+
+def test_the_samplers_log_probs_are_the_forwards_under_filtering_and_zero_after_eos():
+    """PPO's old log-probs come from the sampler in fp32 (no second forward): they must be a full forward's, of the
+    tempered softmax before top-k / top-p (the policy the ratio and the KL are about), and 0 where the mask is."""
+    model = tiny_lm(vocab=6, seed=2)  # few tokens with eos=1: some answers end early, some run to the limit
+    ids, mask = left_pad([[5, 2, 3], [4], [3, 3, 2, 5], [2, 4]], pad_id=0)
+    cfg = SamplingConfig(max_new_tokens=8, temperature=0.7, top_k=3, top_p=0.9)
+    s = generate(model, ids, mask, cfg, eos_id=1, pad_id=0, generator=torch.Generator().manual_seed(0), logprobs=True)
+    assert s.ended.any() and (~s.ended).any() and s.logprobs.shape == s.response_ids.shape
+    forward = s.response_slice(token_logprobs(model, s.input_ids, s.attention_mask, cfg.temperature, s.first_target))
+    m = s.response_mask.bool()
+    assert torch.allclose(s.logprobs[m], forward[m], atol=1e-5)
+    assert (s.logprobs[~m] == 0).all() and (s.logprobs[m] < 0).all()
+    assert torch.equal(s[1:].trimmed().logprobs, s.logprobs[1:, : s[1:].trimmed().response_ids.shape[1]])
+    assert generate(model, ids, mask, cfg, eos_id=1, pad_id=0).logprobs is None  # not asked: nothing computed

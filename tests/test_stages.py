@@ -152,6 +152,33 @@ def test_ppo_first_step_has_zero_kl_and_no_clipping(upstream):
     assert (c.ckpt_dir / "step-000012" / "COMPLETE").exists()  # 3 iterations x 2 epochs x 2 minibatches
 
 
+@pytest.mark.parametrize("autocast", ["none", "bfloat16"])
+def test_old_log_probs_come_from_the_sampler_in_fp32_and_from_a_forward_under_bf16(upstream, monkeypatch, autocast):
+    """In fp32 the experience pass and the held-out KL take the policy's log-probs from the sampler: no forward of
+    the policy without a gradient; under bf16 autocast a forward recomputes them. The first step's numbers hold either way."""
+    import dataclasses
+
+    from rlhf.modeling import Logprobs
+
+    scoring_forwards = []
+    forward = Logprobs.forward
+
+    def counting(self, *args, **kwargs):
+        if not torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters()):  # the policy, not the reference
+            scoring_forwards.append(args[0].shape)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Logprobs, "forward", counting)
+    c = ctx(upstream["root"], f"ppo-logprobs-{autocast}")
+    cfg = PPOConfig(steps=2, rollout_batch_size=8, minibatch_size=4, ppo_epochs=1, lr=1e-3, eval_every=1, checkpoint_every=10,
+                    sampling=SamplingConfig(max_new_tokens=8))
+    model = dataclasses.replace(TINY_MODEL, autocast=autocast)
+    ppo.run(cfg, model, PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True), c)
+    assert len(scoring_forwards) == (0 if autocast == "none" else 2 + 3)  # 2 experience passes, 3 evaluations (before, 1, 2)
+    assert abs(c.sink.first("ppo/kl")) < 1e-4 and abs(c.sink.first("ppo/approx_kl_first_minibatch")) < 1e-6
+    assert abs(c.sink.first("ppo/eval_kl")) < 1e-4  # the policy before training is the reference
+
+
 def test_a_value_warmup_keeps_the_policy_and_evaluates_only_once_it_moves(upstream):
     c = ctx(upstream["root"], "ppo-warmup")
     cfg = PPOConfig(steps=4, rollout_batch_size=8, minibatch_size=4, ppo_epochs=1, lr=1e-3, eval_every=1, checkpoint_every=10,
