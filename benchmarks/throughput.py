@@ -12,12 +12,12 @@
    sequence length, precision. Tokens/s = real (non-pad) tokens of the training batches / seconds of
    training (for DPO including the reference log-probs, which both compute).
 3. PPO, the config's iterations each, one after the other in ``--ppo-repeats`` rounds of alternating
-   order (the fastest run of each counts: identical runs differ by up to 12 % on a shared 2-core host):
+   order (the fastest run of each counts: identical runs differ by up to 15 % on a shared 2-core host):
    our stage, TRL's PPOTrainer (1.12, the last release that has it, in its own virtual environment
    ``benchmarks/.venv-trl-ppo`` made on first use: ``benchmarks/trl_ppo.py``),
    ``benchmarks/ppo_baseline.py`` (a plain PyTorch loop: HF ``generate``, separate forwards, GAE looped
    over tokens), then ours with one change undone (the fused GELU kernel our loader swaps in for
-   GPT-2's, AdamW's fused kernel) or added (``runtime.compile``). Same start model, reward and value
+   GPT-2's, AdamW's fused kernel, old log-probs from the sampler) or added (``runtime.compile``). Same start model, reward and value
    models, prompts and settings.
    Seconds per iteration = wall time from the end of one iteration to the end of the next, split into
    generation, scoring (old/ref log-probs, values, reward) and update; tokens/s = the rollout's real
@@ -762,7 +762,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the config's)")
     ap.add_argument("--rows", type=int, default=768, help="training rows (SFT examples, preference pairs) per stage comparison")
     ap.add_argument("--repeats", type=int, default=3, help="SFT / reward / DPO measurements per implementation, alternating which goes first")
-    ap.add_argument("--ppo-repeats", type=int, default=2, help="rounds of the PPO, RLOO and GRPO runs, alternating the order (the fastest run counts)")
+    ap.add_argument("--ppo-repeats", type=int, default=3, help="rounds of the PPO, RLOO and GRPO runs, alternating the order (the fastest run counts)")
     ap.add_argument("--root", default=None, help="pipeline root (default: a fresh temporary folder)")
     ap.add_argument("--phases", default="pipeline,stages,ppo,critic_free",
                     help="phases to measure; the others keep the last results' values (without pipeline, --root must hold a finished one)")

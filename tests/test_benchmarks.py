@@ -1,0 +1,41 @@
+"""The committed benchmark results: what the README quotes is in them, and the report renders from them."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.throughput import OURS, markdown
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    return json.loads((RESULTS / "throughput_cpu.json").read_text())
+
+
+def test_ppo_is_measured_against_trl_and_the_plain_loop_on_the_same_fields_with_gold(throughput):
+    ppo = throughput["ppo"]
+    assert set(ppo["reference"]) <= set(ppo["trl"]) and {"tokens_per_s", "step_s", "update_s", "tokens_per_s_each"} <= set(ppo["trl"])
+    assert all(len(ppo[impl]["tokens_per_s_each"]) == ppo["repeats"] for impl in ("ours", "trl", "reference", *OURS[1:]))
+    for impl in ("ours", "trl", "reference"):  # the counted run is the fastest of the rounds
+        assert ppo[impl]["tokens_per_s"] == max(ppo[impl]["tokens_per_s_each"])
+        assert {"gold_gain", "gold_gain_se", "win_rate_gold"} <= set(ppo["gold"][impl])
+    assert set(throughput["critic_free"]) == {"rloo", "grpo"}
+
+
+def test_the_markdown_report_renders_the_committed_json_with_its_ratios(throughput):
+    md = markdown(throughput)
+    ppo = throughput["ppo"]
+    ratio = ppo["ours"]["tokens_per_s"] / ppo["trl"]["tokens_per_s"]
+    assert f"**{ratio:.2f}x**" in md and "ours with the old log-probs recomputed by a forward" in md
+    assert md == (RESULTS / "throughput_cpu.md").read_text()  # the committed report is this JSON's
+
+
+def test_the_readme_quotes_the_committed_ratios(throughput):
+    readme = (RESULTS.parents[1] / "README.md").read_text()
+    ppo = throughput["ppo"]
+    ratios = [ppo["ours"]["tokens_per_s"] / ppo[impl]["tokens_per_s"] for impl in ("trl", "reference")]
+    ratios += [r["ratio"] for r in throughput["critic_free"].values()] + [r["ratio"] for r in throughput["stages"].values()]
+    assert all(f"**{r:.2f}x**" in readme for r in ratios), [f"{r:.2f}" for r in ratios]
