@@ -499,10 +499,6 @@ def child_critic_free(spec: dict) -> dict:
     ends: list[tuple[float, float]] = []  # (when an iteration ended, its real tokens)
     started = time.perf_counter()
     if spec["impl"] == "ours":
-        if spec["impl"] == "ours_recomputed_logprobs":  # one change undone: old log-probs from a forward, not from the sampler
-            import rlhf.onpolicy as onpolicy_mod
-
-            onpolicy_mod.sampler_logprobs_exact = lambda model_cfg: False
         sink = NullSink()
         with tempfile.TemporaryDirectory() as work:
             ctx = StageContext(Path(work), sink, device, fresh=True)

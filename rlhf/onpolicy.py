@@ -217,6 +217,14 @@ class OnPolicy:
         return float(means["score"])
 
     @torch.no_grad()
+    def policy_logprobs(self, s: Samples) -> torch.Tensor:
+        """The current policy's log-probs of the answer tokens (B, R): the sampler's where it kept them
+        (:func:`sampler_logprobs_exact`), else a forward."""
+        if s.logprobs is not None:
+            return s.logprobs
+        return s.response_slice(token_logprobs(self.m.policy, s.input_ids, s.attention_mask, self.cfg.sampling.temperature, s.first_target))
+
+    @torch.no_grad()
     def forwards(self, samples: Samples) -> dict[str, torch.Tensor]:
         """Old and reference log-probs (B, R), values (B, R) where there is a critic, and raw scores (B,),
         in chunks of ``forward_batch_size`` rollouts (activation memory is one chunk's)."""
@@ -227,7 +235,7 @@ class OnPolicy:
         for i in range(0, len(samples.ended), self.cfg.forward_batch_size):
             s = samples[i : i + self.cfg.forward_batch_size].trimmed()
             ids, attn, first = s.input_ids, s.attention_mask, s.first_target
-            out = {"old_logp": pad(s.logprobs if s.logprobs is not None else s.response_slice(token_logprobs(m.policy, ids, attn, t, first)))}
+            out = {"old_logp": pad(self.policy_logprobs(s))}
             with m.reference.use() as reference:
                 out["ref_logp"] = pad(s.response_slice(token_logprobs(reference, ids, attn, t, first)))
             if m.value is not None:
@@ -334,7 +342,7 @@ class OnPolicy:
         s = generate(self.m.policy, ids.to(self.ctx.device), mask.to(self.ctx.device), self.cfg.sampling, tok.eos_token_id, tok.pad_token_id,
                      generator, logprobs=self.m.sampler_logprobs)
         members, penalty = self.member_scores(s), self.penalty(s)
-        logp = s.logprobs if s.logprobs is not None else s.response_slice(token_logprobs(self.m.policy, s.input_ids, s.attention_mask, t, s.first_target))
+        logp = self.policy_logprobs(s)
         with self.m.reference.use() as reference:
             ref = s.response_slice(token_logprobs(reference, s.input_ids, s.attention_mask, t, s.first_target))
         out = {"eval_proxy_reward": float((members.mean(0) - penalty).mean()), "eval_kl": float(((logp - ref) * s.response_mask).sum(1).mean()),
