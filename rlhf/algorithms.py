@@ -2,7 +2,8 @@
 
 A stage module under ``rlhf/stages/`` that trains (or picks) the policy ends with an
 :class:`Algorithm`: its name (the ``algo`` config group's option and the stage's name), its config
-schema, its ``run``, the upstream stages it needs and the core modules its cache key hashes. The
+schema, its ``run`` and the upstream stages it needs; its cache key hashes the module and everything it
+imports (:mod:`rlhf.code_version`). The
 flow, the task wrapper, the stage deployment, the data-parallel launcher, the cache keys and the config
 check all read :func:`registry`; adding an algorithm takes a stage module, ``conf/algo/<name>.yaml``
 and one line in :data:`MODULES`.
@@ -15,9 +16,6 @@ import importlib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
-
-# Core modules every training stage executes (their source is in every training stage's cache key).
-TRAINING_CODE = ("rlhf.config", "rlhf.data", "rlhf.modeling", "rlhf.checkpoint", "rlhf.stages.common", "rlhf.trainer", "rlhf.losses")
 
 # The stage modules that declare an ALGORITHM, in the order `--help` lists them.
 MODULES = ("rlhf.stages.dpo", "rlhf.stages.ppo", "rlhf.stages.rloo", "rlhf.stages.grpo", "rlhf.stages.best_of_n")
@@ -51,17 +49,12 @@ class Algorithm:
     schema: type
     run: Callable
     needs_reward: bool  # samples and scores with the reward model (on-policy) rather than learning from pairs
-    code: tuple[str, ...]  # core modules beyond TRAINING_CODE whose source is in the stage's cache key
     sampler: Callable | None = None  # how the eval stage samples "the policy" when it is not one model (rlhf.stages.evaluate.Sampler)
-    module: str = ""  # filled by registry(): the declaring module, hashed with the rest
+    module: str = ""  # filled by registry(): the declaring module, the entry of the stage's code version
 
     @property
     def upstream(self) -> tuple[str, ...]:
         return ("data", "sft", "reward") if self.needs_reward else ("data", "sft")
-
-    @property
-    def code_modules(self) -> tuple[str, ...]:
-        return TRAINING_CODE + self.code + (self.module,)
 
 
 @lru_cache(maxsize=None)

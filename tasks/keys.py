@@ -1,46 +1,33 @@
 """Cache keys: hash(stage's resolved config + upstream stages' keys + version of the code it runs).
 
 So a sweep over ``algo.beta`` changes only the policy and eval keys (data, SFT and reward are re-used),
-and editing the PPO code invalidates PPO and eval but not SFT.
+and editing the PPO code invalidates PPO and eval but not SFT. The code version is derived from the
+import graph of the stage's module (:mod:`rlhf.code_version`): every project module it runs and the
+versions of the packages they import.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
 import json
-from functools import lru_cache
 
-from rlhf.algorithms import TRAINING_CODE, registry
-from rlhf.config import PipelineConfig, RewardConfig, reward_member, to_dict
+from rlhf.algorithms import registry
+from rlhf.code_version import code_version
+from rlhf.config import PipelineConfig, RewardConfig, reward_member, stage_kind, to_dict
 from rlhf.data import source_fingerprint
 
-# The core modules each non-policy stage executes; their source is part of the stage's key. A policy
-# algorithm declares its own (rlhf.algorithms.Algorithm.code_modules).
-STAGE_CODE = {
-    "data": ("rlhf.config", "rlhf.data", "rlhf.synthetic", "rlhf.stages.prepare"),
-    "sft": TRAINING_CODE + ("rlhf.stages.sft",),
-    "reward": TRAINING_CODE + ("rlhf.stages.reward",),
-    "eval": ("rlhf.config", "rlhf.data", "rlhf.modeling", "rlhf.checkpoint", "rlhf.stages.common", "rlhf.rollout", "rlhf.synthetic",
-             "rlhf.stages.reward", "rlhf.stages.evaluate"),
-}
+# The module whose ``run`` each non-policy stage executes; a policy algorithm's is the module declaring it.
+STAGE_MODULES = {"data": "rlhf.stages.prepare", "sft": "rlhf.stages.sft", "reward": "rlhf.stages.reward", "eval": "rlhf.stages.evaluate"}
 
 
-def code_modules(stage: str) -> tuple[str, ...]:
-    return STAGE_CODE[stage] if stage in STAGE_CODE else registry()[stage].code_modules
-
-
-@lru_cache(maxsize=None)
-def code_version(stage: str) -> str:
-    h = hashlib.sha256()
-    for name in code_modules(stage):
-        h.update(inspect.getsource(importlib.import_module(name)).encode())
-    return h.hexdigest()[:16]
+def entry_module(stage: str) -> str:
+    """The module a stage runs (``reward.2``, an ensemble member, runs the reward stage's)."""
+    kind = stage_kind(stage)
+    return STAGE_MODULES[kind] if kind in STAGE_MODULES else registry()[kind].module
 
 
 def stage_key(stage: str, config: dict, upstream: list[str]) -> str:
-    payload = json.dumps({"stage": stage, "config": config, "upstream": upstream, "code": code_version(stage)}, sort_keys=True, default=str)
+    payload = json.dumps({"stage": stage, "config": config, "upstream": upstream, "code": code_version(entry_module(stage))}, sort_keys=True, default=str)
     return f"{stage}-{hashlib.sha256(payload.encode()).hexdigest()[:24]}"
 
 

@@ -82,4 +82,4 @@ def run(cfg: DPOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: Stage
     return {"model_path": str(ctx.final_dir), "metrics": {f"dpo/{k}": v for k, v in final.items()}, "steps": trainer.step}
 
 
-ALGORITHM = Algorithm("dpo", DPOConfig, run, needs_reward=False, code=("rlhf.stages.reward",))
+ALGORITHM = Algorithm("dpo", DPOConfig, run, needs_reward=False)

@@ -8,6 +8,11 @@ reward), both aggregated per ``loss_aggregation``:
 
     sequence: mean over answers of each answer's token mean (the paper's; short answers weigh as much as long)
     token:    mean over every answer token of the batch (DAPO's; long answers weigh more)
+    dr_grpo:  sum over every answer token of the batch / (answers x sampling.max_new_tokens) (Liu et al. 2025)
+
+The default is Shao et al.'s sequence aggregation with the std division off (``scale_rewards=false``, one of
+Dr. GRPO's two changes); ``loss_aggregation=dr_grpo`` adds the other, the constant normaliser in place of each
+answer's 1/|o|, which together are Dr. GRPO (TRL's ``loss_type="dr_grpo"``).
 """
 
 from __future__ import annotations
@@ -35,7 +40,10 @@ class GRPOConfig(OnPolicyConfig):
                                          "on the default task it drove the policy to KL 25 and a gold win rate of 0.07, off: KL 1.4, win rate 0.68 "
                                          "(measured at commit 702fdab; README, section Speed).")
     loss_aggregation: str = setting("sequence", "sequence: each answer's token mean, then the mean over answers (Shao et al.); "
-                                                "token: the mean over all answer tokens of the batch (DAPO).", choices=["sequence", "token"])
+                                                "token: the mean over all answer tokens of the batch (DAPO); dr_grpo: the sum over all "
+                                                "answer tokens divided by answers x sampling.max_new_tokens, a constant (Liu et al. "
+                                                "2025: with scale_rewards=false, the whole of Dr. GRPO).",
+                                    choices=["sequence", "token", "dr_grpo"])
 
     def check(self, key: str) -> None:
         super().check(key)
@@ -64,4 +72,4 @@ def run(cfg: GRPOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: Stag
     return train(GRPO(cfg, models, prompts, ctx, inputs), eval_prompts, eval_ids, inputs, resume)
 
 
-ALGORITHM = Algorithm("grpo", GRPOConfig, run, needs_reward=True, code=("rlhf.onpolicy", "rlhf.rollout", "rlhf.advantages", "rlhf.synthetic"))
+ALGORITHM = Algorithm("grpo", GRPOConfig, run, needs_reward=True)

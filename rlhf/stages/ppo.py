@@ -59,7 +59,7 @@ class PPO(OnPolicy):
         super().__init__("ppo", cfg, models, prompts, ctx, inputs)
         self.kl_ctl = make_controller(cfg.beta, cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
         self.score_moments = RunningMoments()
-        self.value_train = self.trainer.wrap(TokenValues(models.value))
+        self.value_train = self.trainer.wrap(self.compiled(TokenValues(models.value)))
 
     def param_groups(self) -> list[dict]:
         value = [p for p in self.m.value.parameters() if p.requires_grad]
@@ -139,5 +139,4 @@ def run(cfg: PPOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: Stage
     return train(PPO(cfg, models, prompts, ctx, inputs), eval_prompts, eval_ids, inputs, resume)
 
 
-ALGORITHM = Algorithm("ppo", PPOConfig, run, needs_reward=True,
-                      code=("rlhf.onpolicy", "rlhf.rollout", "rlhf.advantages", "rlhf.kl_control", "rlhf.synthetic"))
+ALGORITHM = Algorithm("ppo", PPOConfig, run, needs_reward=True)

@@ -61,4 +61,4 @@ def run(cfg: RLOOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: Stag
     return train(RLOO(cfg, models, prompts, ctx, inputs), eval_prompts, eval_ids, inputs, resume)
 
 
-ALGORITHM = Algorithm("rloo", RLOOConfig, run, needs_reward=True, code=("rlhf.onpolicy", "rlhf.rollout", "rlhf.advantages", "rlhf.synthetic"))
+ALGORITHM = Algorithm("rloo", RLOOConfig, run, needs_reward=True)
