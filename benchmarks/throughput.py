@@ -555,7 +555,7 @@ def trl_critic_free(spec: dict, cfg, rec: dict, c, device) -> list[tuple[float, 
                   save_strategy="no", report_to="none", disable_tqdm=True, bf16=False, fp16=False, use_cpu=device.type == "cpu",
                   dataloader_num_workers=0, log_completions=False)
     if c.algo == "grpo":
-        trainer_cls, args = T.GRPOTrainer, T.GRPOConfig(**common, loss_type="grpo" if c.loss_aggregation == "sequence" else "dapo",
+        trainer_cls, args = T.GRPOTrainer, T.GRPOConfig(**common, loss_type={"sequence": "grpo", "token": "dapo", "dr_grpo": "dr_grpo"}[c.loss_aggregation],
                                                          scale_rewards="group" if c.scale_rewards else "none")
     else:
         trainer_cls, args = T.RLOOTrainer, T.RLOOConfig(**common, normalize_advantages=c.whiten_advantages)

@@ -492,6 +492,15 @@ def _check_data_parallel(cfg: PipelineConfig) -> None:
                 f"{key}={size} does not split into runtime.num_processes={n} processes x {accum_key}={accum} equal "
                 f"micro-batches. Fix: make {key} a multiple of {n * accum}."
             )
+    group = getattr(cfg.algo, "samples_per_prompt", 1)
+    if isinstance(cfg.algo, OnPolicyConfig) and (cfg.algo.rollout_batch_size // group) % n:
+        # each process samples whole groups of prompts: unequal shares would give unequal optimizer steps and hang the collectives
+        per = f" (samples_per_prompt={group} answers per prompt)" if group > 1 else ""
+        raise ConfigError(
+            f"algo.rollout_batch_size={cfg.algo.rollout_batch_size} gives {cfg.algo.rollout_batch_size // group} prompts an iteration"
+            f"{per}, which do not split evenly over runtime.num_processes={n} processes. Fix: make algo.rollout_batch_size a "
+            f"multiple of {group * n} (and of algo.minibatch_size)."
+        )
 
 
 class _errors_named:

@@ -104,19 +104,27 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return log_ratio.exp() - 1 - log_ratio
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token") -> torch.Tensor:
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token", max_tokens: int | None = None) -> torch.Tensor:
     """A per-token loss (B, T) as one number.
 
-        token:    sum_{i,t} m_it l_it / sum_{i,t} m_it          (every answer token weighs the same)
+        token:    sum_{i,t} m_it l_it / sum_{i,t} m_it          (every answer token weighs the same: DAPO)
         sequence: mean_i [ sum_t m_it l_it / sum_t m_it ]       (every answer weighs the same: Shao et al. 2024)
+        dr_grpo:  sum_{i,t} m_it l_it / (B * max_tokens)        (a constant normaliser, no length bias: Liu et al. 2025)
+
+    ``max_tokens``: the longest answer the sampler may write (``sampling.max_new_tokens``), for dr_grpo.
     """
     if how == "sequence":
         return masked_mean(per_token, mask, dim=1).mean()
+    if how == "dr_grpo":
+        if not max_tokens:
+            raise ValueError("aggregate(how='dr_grpo') needs max_tokens, the sampler's max_new_tokens")
+        return masked_sum(per_token, mask) / (per_token.shape[0] * max_tokens)
     return masked_mean(per_token, mask)
 
 
 def policy_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float, aggregation: str = "token"
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float, aggregation: str = "token",
+    max_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """PPO clipped surrogate (Schulman et al. 2017), aggregated over answer tokens (:func:`aggregate`).
 
@@ -129,7 +137,7 @@ def policy_loss(
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation, max_tokens)
     with torch.no_grad():
         metrics = {
             "policy_loss": loss.detach(),
@@ -140,7 +148,8 @@ def policy_loss(
     return loss, metrics
 
 
-def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, aggregation: str = "token") -> tuple[torch.Tensor, dict]:
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, aggregation: str = "token",
+            max_tokens: int | None = None) -> tuple[torch.Tensor, dict]:
     """KL to the reference as a loss term (GRPO, Shao et al. 2024; RLOO's loss-side option): the k3 estimator
     of KL(pi || pi_ref) on the sampled tokens, with gradient through log pi.
 
@@ -149,7 +158,7 @@ def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, aggr
     logp, ref_logp, mask: (B, T).
     """
     per_token = kl_k3(logp, ref_logp)
-    loss = aggregate(per_token, mask, aggregation)
+    loss = aggregate(per_token, mask, aggregation, max_tokens)
     return loss, {"kl_loss": loss.detach()}
 
 

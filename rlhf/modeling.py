@@ -83,18 +83,31 @@ def build_tiny(cfg: ModelConfig, corpus: Iterable[str], out_dir: Path, chat: boo
     return out_dir
 
 
-def check_model_source(name_or_path: str, key: str) -> None:
-    """Fail early, naming the key, if a local-looking path does not exist (hub ids pass through)."""
-    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]
-    if looks_local and not Path(name_or_path).expanduser().exists():
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")  # any one: a tokenizer is there
+
+
+def check_model_source(name_or_path: str, key: str, needs: str = "model") -> None:
+    """Fail early, naming the key, if a local path does not exist or is a folder without a model (``needs="model"``:
+    its config.json) or a tokenizer (``needs="tokenizer"``); hub ids pass through."""
+    path = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1] or path.is_dir()
+    if not looks_local:
+        return
+    if not path.exists():
         raise ModelPathError(
             f"{key}={name_or_path!r} does not exist. Fix: point {key} at a folder saved with save_pretrained, "
             f"a hub id (e.g. gpt2), or null for the tiny model."
         )
+    wanted = ("config.json",) if needs == "model" else TOKENIZER_FILES
+    if path.is_dir() and not any((path / f).is_file() for f in wanted):
+        raise ModelPathError(
+            f"{key}={name_or_path!r} is a folder without a {needs} (no {' / '.join(wanted)} in it). Fix: point {key} at the "
+            f"folder a model was saved to with save_pretrained (a {needs} saves {wanted[0]} there), a hub id, or null for the tiny model."
+        )
 
 
 def load_tokenizer(path: str, key: str = "model.pretrained") -> PreTrainedTokenizerFast:
-    check_model_source(path, key)
+    check_model_source(path, key, needs="tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as e:
@@ -328,11 +341,21 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return values.gather(1, last_index.unsqueeze(1)).squeeze(1)
 
 
-def save_pretrained_atomic(model, tokenizer, out_dir: Path, extra: dict | None = None) -> Path:
-    """Save a HF folder atomically: write ``<out_dir>.tmp-<pid>``, then rename onto ``out_dir``."""
+def is_lora(model: torch.nn.Module) -> bool:
+    """Is ``model`` a peft (LoRA) model?"""
+    return hasattr(model, "merge_and_unload")
+
+
+def save_pretrained_atomic(model, tokenizer, out_dir: Path, extra: dict | None = None, merge: bool = True) -> Path:
+    """Save a HF folder atomically: write ``<out_dir>.tmp-<pid>``, then rename onto ``out_dir``.
+
+    A LoRA (peft) model is saved with its adapters merged into the weights (``merge``: the next stage loads a
+    plain model; merging unloads the adapters from ``model``, so only a stage's final save does it) or as
+    its adapters alone (``merge=False``: ``model`` is left as it is, e.g. mid-training).
+    """
     from .checkpoint import atomic_dir
 
-    if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the weights; downstream loads a plain model
+    if merge and is_lora(model):
         model = model.merge_and_unload()
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
@@ -342,3 +365,11 @@ def save_pretrained_atomic(model, tokenizer, out_dir: Path, extra: dict | None =
 
             (tmp / "rlhf_meta.json").write_text(json.dumps(extra, indent=2, default=str))
     return out_dir
+
+
+def load_adapters(model: torch.nn.Module, folder: Path) -> None:
+    """Put the LoRA adapters saved in ``folder`` (``save_pretrained_atomic(..., merge=False)``) back into ``model``."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    set_peft_model_state_dict(model, load_peft_weights(str(folder), device=str(next(model.parameters()).device)))

@@ -32,8 +32,8 @@ from .config import ModelConfig, OnPolicyConfig, SamplingConfig
 from .data import encode_prompts, left_pad, load_rows
 from .kl_control import FixedKLController
 from .losses import kl_k1, kl_k3, kl_loss, masked_mean, policy_loss
-from .modeling import (FrozenModel, Logprobs, autocast, disable_dropout, load_policy, load_scalar_model, load_tokenizer, load_trainable,
-                       save_pretrained_atomic, sequence_scores, token_logprobs, token_logprobs_and_entropy, token_values)
+from .modeling import (FrozenModel, Logprobs, autocast, disable_dropout, is_lora, load_adapters, load_policy, load_scalar_model,
+                       load_tokenizer, load_trainable, save_pretrained_atomic, sequence_scores, token_logprobs, token_logprobs_and_entropy, token_values)
 from .rollout import Samples, decode_responses, generate
 from .stats import mean_se
 from .stages.common import StageContext
@@ -117,9 +117,6 @@ class OnPolicy:
     def __init__(self, name: str, cfg: OnPolicyConfig, models: OnPolicyModels, prompts: list[list[int]], ctx: StageContext,
                  inputs: PolicyInputs) -> None:
         self.name, self.cfg, self.m, self.prompts, self.ctx = name, cfg, models, prompts, ctx
-        if ctx.compile:  # in place: parameter names, checkpoints and saved models stay those of the plain modules
-            for model in models.trained().values():
-                model.compile(dynamic=True)
         self.missing_eos_penalty = inputs.missing_eos_penalty
         self.kl_ctl = FixedKLController(cfg.beta)
         self.score_offset = 0.0
@@ -132,10 +129,19 @@ class OnPolicy:
         self.trainer = Trainer(models.trained(), models.tokenizer, cfg, n_updates, name, ctx.sink, ctx.ckpt_dir, self.param_groups(),
                                amp=models.amp, accelerator=ctx.accelerator)
         self.rank, self.world = self.trainer.rank, self.trainer.world
-        self.policy_train = self.trainer.wrap(Logprobs(models.policy))  # the update's forwards (DDP under accelerate launch)
+        self.policy_train = self.trainer.wrap(self.compiled(Logprobs(models.policy)))  # the update's forwards (DDP under accelerate launch)
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.m.policy.parameters() if p.requires_grad]}]  # LoRA: adapters only
+
+    def compiled(self, forward: torch.nn.Module) -> torch.nn.Module:
+        """An update's forward module (:class:`Logprobs`, :class:`TokenValues`: backbone, head and loss inputs), compiled
+        in place with ``runtime.compile`` (dynamic shapes: the minibatches' widths vary). Its parameters are the
+        trained model's, so their names, checkpoints and saved models stay those of the plain modules; sampling and
+        the experience pass (no_grad, a cache that grows each token) stay eager."""
+        if self.ctx.compile:
+            forward.compile(dynamic=True)
+        return forward
 
     # ---- state ----------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -300,10 +306,11 @@ class OnPolicy:
         s = e.samples
         logp, entropy = token_logprobs_and_entropy(self.policy_train, s.input_ids, s.attention_mask, self.cfg.sampling.temperature, s.first_target)
         logp, entropy = s.response_slice(logp) * e.mask, s.response_slice(entropy)  # PAD after EOS: 0, as old / ref log-probs
-        loss, metrics = policy_loss(logp, e.old_logp, e.advantages, e.mask, self.cfg.clip_range, aggregation)
+        max_tokens = self.cfg.sampling.max_new_tokens  # dr_grpo's constant normaliser (rlhf.losses.aggregate)
+        loss, metrics = policy_loss(logp, e.old_logp, e.advantages, e.mask, self.cfg.clip_range, aggregation, max_tokens)
         metrics["entropy"] = masked_mean(entropy.detach(), e.mask)
         if kl_coef:
-            kl_term, kl_metrics = kl_loss(logp, e.ref_logp, e.mask, aggregation)
+            kl_term, kl_metrics = kl_loss(logp, e.ref_logp, e.mask, aggregation, max_tokens)
             loss = loss + kl_coef * kl_term
             metrics.update(kl_metrics)
         return loss, metrics
@@ -370,7 +377,8 @@ class OnPolicy:
         score = held_out["eval_guard_score"] if cfg.guard in ("conservative", "both") else float(self.iteration)
         if within and (g["best"] is None or score > g["best"]):
             g.update(best=score, iteration=self.iteration, since=0)
-            save_pretrained_atomic(self.m.policy, self.m.tokenizer, self.ctx.out_dir / GUARD_DIR, {"iteration": self.iteration})
+            # LoRA: the adapters alone; merging them would unload them from the policy being trained
+            save_pretrained_atomic(self.m.policy, self.m.tokenizer, self.ctx.out_dir / GUARD_DIR, {"iteration": self.iteration}, merge=False)
             return False
         g["since"] += 1
         stop = bool(cfg.guard_patience) and g["since"] >= cfg.guard_patience
@@ -474,7 +482,7 @@ def train(method: OnPolicy, eval_prompts: list[str], eval_ids: list, inputs: Pol
             method.score_offset = offset if cfg.score_norm else 0.0
         ctx.sink.log_metrics({f"{name}/score_offset": method.score_offset, **held_out()}, 0)  # the policy before training: SFT
 
-    progress = ctx.progress(name, cfg.steps, method.iteration)
+    progress = method.trainer.progress = ctx.progress(name, cfg.steps, method.iteration)
     metrics: dict[str, float] = {}
     while method.iteration < cfg.steps and method.guard["stopped"] is None:
         t0 = time.perf_counter()
@@ -507,8 +515,10 @@ def train(method: OnPolicy, eval_prompts: list[str], eval_ids: list, inputs: Pol
         progress.update(method.iteration, metrics, int(gen_tokens + train_tokens))
         for k in (f"{name}/{c}" for c in CURVES[:3]):
             method.history.setdefault(k, []).append((method.iteration, metrics[k]))
-        if method.iteration % cfg.checkpoint_every == 0 or method.iteration == cfg.steps or method.guard["stopped"] is not None:
+        saved = method.iteration % cfg.checkpoint_every == 0 or method.iteration == cfg.steps or method.guard["stopped"] is not None
+        if saved:
             method.trainer.save(method.state())
+        method.trainer.stop_if_requested(method.state, saved)
 
     progress.close()
     summary = dict(metrics)
@@ -523,9 +533,12 @@ def train(method: OnPolicy, eval_prompts: list[str], eval_ids: list, inputs: Pol
         ctx.sink.log_metrics(fitted, method.iteration)
         summary.update(fitted)
     kept = ctx.out_dir / GUARD_DIR
-    if cfg.guard != "none" and method.guard["iteration"] is not None and (kept / "config.json").exists():
+    if cfg.guard != "none" and method.guard["iteration"] is not None and (kept / "rlhf_meta.json").exists():
         # the guard's checkpoint is the stage's model: the eval stage evaluates what the guard chose
-        if ctx.accelerator.is_main_process:
+        if is_lora(m.policy):  # kept as adapters: back into the policy, then saved merged
+            load_adapters(m.policy, kept)
+            ctx.save_final(m.policy, m.tokenizer, {"stage": name, "iterations": method.guard["iteration"]})
+        elif ctx.accelerator.is_main_process:
             with checkpoint.atomic_dir(ctx.final_dir) as tmp:
                 shutil.copytree(kept, tmp, dirs_exist_ok=True)
         ctx.accelerator.wait_for_everyone()

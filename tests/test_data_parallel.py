@@ -86,3 +86,49 @@ def test_batches_that_do_not_split_over_the_processes_are_refused_before_trainin
         validate(micro("runtime.num_processes=3", "reward.grad_accum=2", "sft.batch_size=12"))
     with pytest.raises(ConfigError, match=r"algo.minibatch_size=16 does not split into runtime.num_processes=3"):
         validate(micro("algo=ppo", "runtime.num_processes=3", "sft.batch_size=12", "reward.batch_size=12"))
+
+
+@pytest.mark.parametrize("algo, extra, prompts", [("grpo", [], 6), ("rloo", ["algo.rollout_batch_size=40"], 10)])
+def test_prompts_that_do_not_split_over_the_processes_are_refused_with_the_fix(micro, algo, extra, prompts):
+    """Each process samples whole prompts (a group of answers stays in one process): 24 answers in groups of 4 are
+    6 prompts, which 4 processes would take as 2, 2, 1, 1, with unequal optimizer steps and hung collectives (PPO's
+    minibatch check already implies an even split: one answer per prompt)."""
+    base = [f"algo={algo}", "runtime.num_processes=4", "algo.rollout_batch_size=24", "algo.minibatch_size=8", "sft.batch_size=16",
+            "reward.batch_size=16"]
+    with pytest.raises(ConfigError) as e:
+        validate(micro(*base, *extra))
+    assert f"gives {prompts} prompts an iteration" in str(e.value) and "runtime.num_processes=4" in str(e.value)
+    assert "Fix: make algo.rollout_batch_size a multiple of" in str(e.value)
+    validate(micro(*base, *extra, "algo.rollout_batch_size=32"))  # 8 prompts: 2 per process
+
+
+def test_each_process_saves_its_own_random_state_and_gets_it_back_on_resume(upstream, tmp_path):
+    """Two processes seed their own streams (seed + rank), the checkpoint holds both states, and a resumed run
+    hands each process its own: the draws after the resume are the ones the first run saw after its save."""
+    import json
+
+    def body(c, resume: bool):
+        from pathlib import Path
+
+        from rlhf.config import OptimConfig
+        from rlhf.trainer import Trainer
+
+        trainer = Trainer({}, None, OptimConfig(), 4, "t", c.sink, c.ckpt_dir, [{"params": [torch.nn.Parameter(torch.zeros(1))]}],
+                          accelerator=c.accelerator)  # no model to write: the checkpoint is the trainer state
+        if resume:
+            trainer.load(c.resume_point())
+        else:
+            trainer.save({})
+        draws = torch.rand(4).tolist()
+        Path(c.out_dir, f"draws-{resume}-{c.accelerator.process_index}.json").write_text(json.dumps(draws))
+        return {}
+
+    client, out = upstream["client"], tmp_path / "rng"
+    for resume in (False, True):
+        run_data_parallel(lambda c, r=resume: body(c, r), out, TWO, 7, client.tracking_uri, upstream["new_run"](f"rng-{resume}"))
+    saved = torch.load(out / "ckpt" / "step-000000" / "trainer_state.pt", weights_only=True)["rng"]
+    assert len(saved) == 2 and not torch.equal(saved[0]["torch"], saved[1]["torch"])  # one state per process, each its own
+    draws = {(r, rank): json.loads((out / f"draws-{r}-{rank}.json").read_text()) for r in (False, True) for rank in (0, 1)}
+    assert draws[(True, 0)] == draws[(False, 0)] and draws[(True, 1)] == draws[(False, 1)]  # each process restored its own
+    assert draws[(False, 0)] != draws[(False, 1)]
+

@@ -115,6 +115,26 @@ def test_token_and_sequence_aggregation():
     mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
     assert aggregate(per_token, mask, "token") == pytest.approx(8 / 5)  # every token weighs the same
     assert aggregate(per_token, mask, "sequence") == pytest.approx((1 + 4) / 2)  # every answer weighs the same
+    # Dr. GRPO: the same token sum over a constant, 2 answers x at most 6 tokens, whatever the answers' lengths
+    assert aggregate(per_token, mask, "dr_grpo", max_tokens=6) == pytest.approx(8 / 12)
+    assert aggregate(per_token[:, :2], mask[:, :2], "dr_grpo", max_tokens=6) == pytest.approx((2 + 4) / 12)  # a trimmed batch
+
+
+def test_dr_grpo_policy_loss_has_no_length_normalisation():
+    """Liu et al. 2025: with the per-answer 1/|o| a long answer's tokens each get a smaller gradient than a short one's;
+    with the constant normaliser every token's gradient is A / (B * L), whatever its answer's length."""
+    from rlhf.losses import policy_loss
+
+    logp = torch.zeros(2, 4, requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    advantages = torch.tensor([[1.0] * 4, [1.0] * 4]) * mask
+    loss, _ = policy_loss(logp, logp.detach(), advantages, mask, 0.2, "dr_grpo", max_tokens=8)
+    assert float(loss) == pytest.approx(-5 / 16)  # -sum_t A_t rho_t / (2 x 8), rho = 1
+    loss.backward()
+    assert torch.allclose(logp.grad, -mask / 16)  # every answer token the same gradient
+    logp.grad = None
+    policy_loss(logp, logp.detach(), advantages, mask, 0.2, "sequence")[0].backward()
+    assert logp.grad[0, 0] == pytest.approx(-1 / 8) and logp.grad[1, 0] == pytest.approx(-1 / 2)  # sequence: 1/|o| per answer
 
 
 def test_kl_loss_is_k3_with_gradient_through_the_policy():

@@ -15,6 +15,7 @@ prompt, estimated from a second pool of n SFT answers by the plus-one rank (#{po
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -30,12 +31,20 @@ from .common import StageContext
 class BestOfNConfig:
     algo: str = setting("best_of_n", "Algorithm name.", choices=["best_of_n"])
     n: int = setting(16, "Answers sampled from SFT per prompt; the reward model keeps the best.", ge=1)
-    seed: int = setting(0, "Seed of the candidates' draws (added to eval.seed); the SFT answers compared with them keep eval.seed.")
+    seed: int = setting(0, "Seed of the candidates' draws, a stream of its own: the SFT answers they are compared with (eval.seed) "
+                           "are never among the candidates.")
 
 
 def analytic_kl(n: int) -> float:
     """KL(best-of-n || SFT) = log n - (n - 1) / n for a continuous reward (0 for n = 1)."""
     return math.log(n) - (n - 1) / n
+
+
+def candidate_seed(eval_seed: int, seed: int) -> int:
+    """The seed of the candidates' stream: derived from (eval.seed, algo.seed) by a hash, so it never equals the seed
+    of the SFT answers the eval stage compares them with (eval.seed), whatever the two settings."""
+    digest = hashlib.sha256(f"best_of_n/{eval_seed}/{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def _select(candidates: Samples, scores: torch.Tensor, n: int) -> tuple[Samples, torch.Tensor]:
@@ -49,7 +58,7 @@ def sample(env, prompt_ids: list[list[int]], args: dict) -> tuple[list[Samples],
     """The eval stage's sampler (:data:`rlhf.stages.evaluate.Sampler`): best-of-n answers to ``prompt_ids``,
     the sampled KL estimate per answer, and ``eval/kl_analytic``."""
     n = args["n"]
-    env.generator.manual_seed(env.cfg.seed + args.get("seed", 0))
+    env.generator.manual_seed(candidate_seed(env.cfg.seed, args.get("seed", 0)))
     group = max(1, env.cfg.sampling.batch_size // n)  # prompts per generation batch, n candidates each
     answers, kls = [], []
     for i in range(0, len(prompt_ids), group):
@@ -72,4 +81,4 @@ def run(cfg: BestOfNConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: S
     return {"model_path": inputs.sft_path, "sampler_args": {"n": cfg.n, "seed": cfg.seed}, "metrics": {"best_of_n/kl_analytic": analytic_kl(cfg.n)}, "steps": 0}
 
 
-ALGORITHM = Algorithm("best_of_n", BestOfNConfig, run, needs_reward=True, code=("rlhf.rollout",), sampler=sample)
+ALGORITHM = Algorithm("best_of_n", BestOfNConfig, run, needs_reward=True, sampler=sample)
