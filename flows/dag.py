@@ -19,6 +19,7 @@ from flows.report import mlflow_link, publish, run_name, ui_hint
 from flows.stage import training_task
 from rlhf.algorithms import registry
 from rlhf.config import PipelineConfig, reward_member, stage_kind, to_dict, training_stages, validate
+from rlhf.preemption import Preempted
 from rlhf.preflight import preflight
 from rlhf.tracking import RunLogger, experiment_id
 from tasks.data import data_stage
@@ -139,6 +140,10 @@ def rlhf_pipeline(config: dict | None = None, overrides: list[str] | None = None
         evaluation = stage("eval", eval_stage, model=model, eval_cfg=to_dict(cfg.eval), has_gold=has_gold,
                            missing_eos_penalty=cfg.reward.missing_eos_penalty,
                            data=data, sft=sft, rewards=rewards, policy=policy)
+    except Preempted as stopped:  # a stop signal: the stage checkpointed its step; the next run resumes there
+        parent.set_tags({"rlhf.stopped": str(stopped)})
+        parent.finish("KILLED")
+        raise
     except BaseException:
         parent.finish("FAILED")
         raise

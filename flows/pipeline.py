@@ -10,6 +10,7 @@ without starting Prefect or loading a model (:mod:`flows.cached`); the rest goes
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -75,8 +76,13 @@ def main(cfg: DictConfig) -> float:
     result = cached_run(cfg)
     if result is None:
         from flows.dag import rlhf_pipeline
+        from rlhf.preemption import Preempted
 
-        result = rlhf_pipeline(container)
+        try:
+            result = rlhf_pipeline(container)
+        except Preempted as stopped:  # a stop signal mid-stage: say so and exit as a signalled process does
+            print(stopped, flush=True)
+            sys.exit(stopped.exit_code)
     m = result["metrics"]
     print("\n".join(f"{k:28s} {v:.4f}" for k, v in sorted(m.items())))
     return float(m[objective])

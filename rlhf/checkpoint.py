@@ -52,7 +52,12 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be resumed from; the message names the file and the fix."""
+
+
 def rng_state() -> dict:
+    """This process's random state (Python's, torch's CPU and CUDA generators): plain tensors, numbers and tuples."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -71,13 +76,14 @@ def step_dir(ckpt_root: Path, step: int) -> Path:
 
 
 def save(ckpt_root: Path, step: int, models: dict, tokenizer, trainer_state: dict, keep: int = 2) -> Path:
-    """Write ``ckpt_root/step-NNNNNN`` atomically: each model as an HF folder, plus the trainer state."""
+    """Write ``ckpt_root/step-NNNNNN`` atomically: each model as an HF folder, plus the trainer state (tensors,
+    numbers, strings and containers of them only: :func:`load_trainer_state` refuses anything else)."""
     final = step_dir(ckpt_root, step)
     with atomic_dir(final) as tmp:
         for name, model in models.items():
             model.save_pretrained(tmp / name)
             tokenizer.save_pretrained(tmp / name)
-        torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / "trainer_state.pt")
+        torch.save({**trainer_state, "step": step}, tmp / "trainer_state.pt")
         (tmp / COMPLETE).write_text(str(step))
     for old in complete_checkpoints(ckpt_root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -98,4 +104,17 @@ def latest(ckpt_root: Path) -> Path | None:
 
 
 def load_trainer_state(ckpt: Path) -> dict:
-    return torch.load(Path(ckpt) / "trainer_state.pt", weights_only=False)
+    """The trainer state of a checkpoint, read with ``weights_only``: a file that holds any other object (which
+    unpickling would construct, running code from the file) is refused."""
+    import pickle
+
+    path = Path(ckpt) / "trainer_state.pt"
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[-1][:300]
+        raise CheckpointError(
+            f"{path} holds more than tensors, numbers and containers ({reason}); loading it would run code stored in the file, "
+            f"so it is refused. Fix: delete {Path(ckpt)} if this project did not write it (the stage resumes from an earlier "
+            f"checkpoint), or pass refresh=[<stage>] to train the stage afresh."
+        ) from e

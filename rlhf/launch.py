@@ -24,6 +24,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from .config import RuntimeConfig
+from .preemption import Preempted, StopSignals
 
 LAUNCH_DIR, RESULT_FILE = "launch", "result.json"
 
@@ -70,11 +71,18 @@ def run_data_parallel(body: Callable, out_dir: Path, runtime: RuntimeConfig, see
     log = folder / "log.txt"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     with log.open("w") as out:
-        rc = subprocess.run(launch_command(runtime.num_processes, spec), stdout=out, stderr=subprocess.STDOUT, env=env).returncode
-    if rc or not result.exists():
+        # a session of its own: a stop signal reaches the launcher once, from here, and it passes it on to every process
+        proc = subprocess.Popen(launch_command(runtime.num_processes, spec), stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        with StopSignals(on_first=proc.send_signal):
+            rc = proc.wait()
+    outcome = json.loads(result.read_text()) if result.exists() else None
+    if outcome and "preempted" in outcome:  # the processes stopped on a signal, their last step checkpointed
+        raise Preempted(**outcome["preempted"])
+    if rc or outcome is None:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])
         raise StageLaunchError(f"the stage's {runtime.num_processes} processes failed (exit {rc}); the end of {log}:\n{tail}")
-    return json.loads(result.read_text())
+    return outcome
 
 
 @record  # a failing process's traceback reaches the launcher's summary, the end of the log
@@ -91,6 +99,7 @@ def main(spec_path: str) -> None:
     rt: RuntimeConfig = spec["runtime"]
     wanted = runtime.setup(rt, spec["seed"], processes=rt.num_processes)
     accelerator = runtime.accelerator(wanted)
+    runtime.seed_all(spec["seed"] + accelerator.process_index)  # each process its own random stream (resumed per process too)
     device = accelerator.device if wanted.type == "cuda" else torch.device("cpu")  # cuda:<local rank> on GPUs
     if wanted.type == "cuda":
         torch.cuda.set_device(device)
@@ -99,7 +108,11 @@ def main(spec_path: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # progress lines into the launch log
     ctx = StageContext(Path(spec["out_dir"]), sink, device, accelerator=accelerator,
                        progress_settings=ProgressSettings(rt.progress, rt.progress_every_s), compile=rt.compile)
-    result = spec["body"](ctx)
+    try:
+        with StopSignals():  # the launcher passes a stop signal on: every process stops after the same step
+            result = spec["body"](ctx)
+    except Preempted as stopped:
+        result = {"preempted": {"stage": stopped.stage, "signum": stopped.signum, "step": stopped.step}}
     sink.flush()
     if main_process:
         checkpoint.atomic_write_json(Path(spec_path).with_name(RESULT_FILE), result)

@@ -19,11 +19,17 @@ def setup(cfg: RuntimeConfig, seed: int, processes: int = 1) -> torch.device:
     """
     threads = cfg.threads or max(1, min(4, (os.cpu_count() or 1) // processes))
     torch.set_num_threads(threads)
-    random.seed(seed)
-    torch.manual_seed(seed)
+    seed_all(seed)
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)
+
+
+def seed_all(seed: int) -> None:
+    """Python's and torch's generators (every device's). Each process of a data-parallel stage seeds with
+    ``seed + rank``: its own dropout stream; the weights are the same in all (DDP broadcasts rank 0's)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def accelerator(device: torch.device):

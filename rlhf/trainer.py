@@ -24,7 +24,7 @@ from typing import Callable, ContextManager, Iterable, Protocol
 import torch
 from accelerate import Accelerator
 
-from . import checkpoint
+from . import checkpoint, preemption
 from .config import OptimConfig, SupervisedConfig
 from .progress import Progress, ProgressSettings
 
@@ -211,22 +211,49 @@ class Trainer:
         return self.step % every == 0 or self.step == self.total_steps
 
     def save(self, extra_state: dict | None = None) -> Path:
-        """Checkpoint (main process only; DDP keeps every copy identical); every process waits for it."""
+        """Checkpoint (the main process writes it; DDP keeps every copy identical) with every process's random state;
+        every process waits for it."""
+        rng = [checkpoint.rng_state()]
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            rng = gather_object(rng)  # rank order
         if self.accelerator.is_main_process:
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "extra": extra_state or {},
-                     "tokens_trained": self.tokens_trained}
+                     "tokens_trained": self.tokens_trained, "rng": rng}
             self.sink.flush()  # metrics up to a checkpoint are never lost with the process
             checkpoint.save(self.ckpt_dir, self.step, self.models, self.tokenizer, state)
         self.accelerator.wait_for_everyone()
         return checkpoint.step_dir(self.ckpt_dir, self.step)
+
+    def stop_if_requested(self, extra_state: Callable[[], dict] | None = None, saved: bool = False) -> None:
+        """At the end of a step: if a stop signal came (:mod:`rlhf.preemption`; in any process, so all stop at the same
+        step), log the metrics of the steps since the last log, checkpoint (unless this step just ``saved``) and raise
+        :class:`~rlhf.preemption.Preempted`. ``extra_state``: what the stage adds to its checkpoints."""
+        signum = preemption.requested() or 0
+        if self.world > 1:
+            signum = int(self.accelerator.reduce(torch.tensor(signum, device=self.accelerator.device), "max"))
+        if not signum:
+            return
+        self.flush()
+        if not saved:
+            self.save(extra_state() if extra_state else None)
+        self.progress.close()
+        raise preemption.Preempted(self.prefix, signum, self.step)
 
     def load(self, ckpt: Path) -> dict:
         """Restore optimizer, schedule, RNG and step from a checkpoint (weights are loaded by the stage)."""
         state = checkpoint.load_trainer_state(ckpt)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
         self.step, self.tokens_trained = state["step"], state.get("tokens_trained", 0)
+        rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per process (older checkpoints: one)
+        if self.rank < len(rng):
+            checkpoint.set_rng_state(rng[self.rank])
+        else:  # resumed on more processes than saved: a fresh stream of its own, the same on every resume
+            from .runtime import seed_all
+
+            seed_all((self.cfg.seed * 1_000_003 + self.step) * 1_009 + self.rank)
         return state["extra"]
 
 
@@ -274,6 +301,8 @@ def fit(
         trainer.record(metrics, tokens)
         if evaluate is not None and trainer.due(cfg.eval_every):
             trainer.log(evaluate())
-        if trainer.due(cfg.checkpoint_every):
+        saved = trainer.due(cfg.checkpoint_every)
+        if saved:
             trainer.save()
+        trainer.stop_if_requested(saved=saved)
     trainer.progress.close()

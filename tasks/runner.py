@@ -25,6 +25,7 @@ from rlhf.config import RuntimeConfig, TrackingConfig, from_dict, training_stage
 from rlhf.launch import run_data_parallel
 from rlhf.lineage import log_datasets
 from rlhf.model_logging import log_final_model
+from rlhf.preemption import Preempted, StopSignals
 from rlhf.progress import ProgressSettings
 from rlhf.stages.common import CKPT_DIR, FINAL_DIR, StageContext
 from rlhf.system_metrics import PeakMemory, StageSystemMetrics
@@ -145,12 +146,17 @@ def run_stage(stage: str, key: str, env: dict, fresh: bool, body: Callable[[Stag
                     shutil.rmtree(out_dir / CKPT_DIR, ignore_errors=True)
                 result = run_data_parallel(body, out_dir, rt, seed, env["tracking_uri"], run.run_id)
             else:
-                result = body(StageContext(out_dir, run, device, fresh=fresh, progress_settings=ProgressSettings(rt.progress, rt.progress_every_s),
-                                           compile=rt.compile))
+                with StopSignals() if training else contextlib.nullcontext():  # SIGTERM / SIGINT: finish the step, checkpoint, stop
+                    result = body(StageContext(out_dir, run, device, fresh=fresh, compile=rt.compile,
+                                               progress_settings=ProgressSettings(rt.progress, rt.progress_every_s)))
         compute_s = time.perf_counter() - started  # the stage's own work; the rest of this function is tracking
         run.log_metrics({f"{stage}/compute_s": compute_s, f"{stage}/peak_memory_mb": memory.peak_mb}, step=0)
         run.flush()
         result = {**result, **_track_outputs(client, run, stage, key, env, out_dir, lineage, result)}
+    except Preempted as stopped:
+        run.set_tags({"rlhf.stopped": str(stopped)})
+        run.finish("KILLED")
+        raise
     except BaseException:
         run.finish("FAILED")
         raise

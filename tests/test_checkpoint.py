@@ -44,3 +44,55 @@ def test_latest_ignores_half_written_checkpoints(tmp_path):
     (tmp_path / ".step-000006.tmp-123").mkdir()
     assert checkpoint.latest(tmp_path).name == "step-000002"
     assert checkpoint.load_trainer_state(checkpoint.latest(tmp_path))["step"] == 2
+
+
+class Payload:
+    """What a malicious or foreign file could hold: unpickling it would construct this object (run its code)."""
+
+    def __reduce__(self):
+        return (print, ("this ran while loading a checkpoint",))
+
+
+def test_a_checkpoint_holding_a_pickled_object_is_refused_with_the_file_and_the_fix(tmp_path, capsys):
+    ckpt = tmp_path / "step-000002"
+    ckpt.mkdir()
+    torch.save({"step": 2, "optimizer": {}, "extra": {"hook": Payload()}}, ckpt / "trainer_state.pt")
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load_trainer_state(ckpt)
+    assert str(ckpt / "trainer_state.pt") in str(e.value) and "Fix: delete" in str(e.value) and "refresh=" in str(e.value)
+    assert "this ran" not in capsys.readouterr().out  # nothing in the file was executed
+
+
+def test_a_trainer_state_round_trips_with_weights_only(tmp_path):
+    """What the trainer saves (optimizer, schedule, the on-policy state with its tuples and Nones, every process's
+    random state) is plain data: it loads with weights_only."""
+    from rlhf.config import OptimConfig
+    from rlhf.trainer import Trainer
+
+    class Sink:
+        def log_metrics(self, metrics, step):
+            pass
+
+        def flush(self):
+            pass
+
+    class Tok:
+        def save_pretrained(self, path):
+            pass
+
+    class Model(torch.nn.Linear):
+        def save_pretrained(self, path):
+            path.mkdir(parents=True, exist_ok=True)
+
+    from rlhf.runtime import accelerator
+
+    model = Model(3, 1)
+    trainer = Trainer({"policy": model}, Tok(), OptimConfig(), 10, "t", Sink(), tmp_path, accelerator=accelerator(torch.device("cpu")))
+    trainer.optimizer_step([(model(torch.ones(2, 3)).pow(2).mean(), {})], n_micro=1)
+    extra = {"history": {"t/kl": [(1, 0.5)]}, "guard": {"best": None, "stopped": None}, "member_stats": torch.zeros(1, 2)}
+    trainer.save(extra)
+    expected = torch.rand(3)  # what the generator gives next, after the checkpoint
+    torch.rand(5)
+    loaded = trainer.load(checkpoint.latest(tmp_path))
+    assert loaded["history"] == extra["history"] and loaded["guard"] == extra["guard"] and torch.equal(loaded["member_stats"], extra["member_stats"])
+    assert torch.equal(torch.rand(3), expected)  # the random state came back with the step

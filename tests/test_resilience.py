@@ -93,6 +93,44 @@ def test_kill_9_mid_ppo_then_rerun_resumes_to_exactly_the_configured_steps(tmp_p
     assert int(final.parent.name.split("-")[1]) == steps * updates_per_step > killed_at
 
 
+def test_sigterm_mid_ppo_checkpoints_the_step_exits_and_the_rerun_loses_no_step(tmp_path):
+    """A preemption (Kubernetes, Slurm, a spot reclaim): SIGTERM to the run's process between two checkpoints. The
+    current iteration finishes, a checkpoint is written, both MLflow runs are marked KILLED with the reason, and the
+    process exits within 20 s; the next run resumes at that iteration and logs every iteration once."""
+    root, steps = tmp_path / "root", 12
+    cmd = pipeline_cmd(root, "experiment=micro_ppo", f"algo.steps={steps}", "algo.checkpoint_every=1000", "algo.eval_every=1000",
+                       "runtime.progress=log", "runtime.progress_every_s=0.2")
+    env = env_for(tmp_path / "home")
+    proc = subprocess.Popen(cmd, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    for line in proc.stdout:  # the progress log lines say where PPO is
+        lines.append(line)
+        if (m := re.search(r"ppo step (\d+)/%d" % steps, line)) and int(m.group(1)) >= 3:
+            break
+    assert proc.poll() is None, "".join(lines[-30:])
+    proc.send_signal(signal.SIGTERM)  # to the run's process alone, as Kubernetes signals a pod's main process
+    sent = time.monotonic()
+    rest, _ = proc.communicate(timeout=60)
+    took = time.monotonic() - sent
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(lines[-20:]) + rest[-3000:]
+    assert took < 20 and "stopped by SIGTERM" in rest, (took, rest[-2000:])
+    checkpoints = sorted(root.glob("stages/ppo/*/ckpt/step-*/COMPLETE"))
+    assert len(checkpoints) == 1  # no periodic one was due: this is the one the signal asked for
+    client, stopped = runs_of(root, "tags.stage = 'ppo'")
+    assert stopped[0].info.status == "KILLED" and "stopped by SIGTERM" in stopped[0].data.tags["rlhf.stopped"]
+    done = [m.step for m in client.get_metric_history(stopped[0].info.run_id, "ppo/kl")]
+    assert done == list(range(1, len(done) + 1)) and len(done) >= 3
+    assert int(checkpoints[0].parent.name.split("-")[1]) == len(done) * 2 * (16 // 8)  # the last iteration done, checkpointed
+    _, parents = runs_of(root, "tags.pipeline = 'rlhf'")
+    assert [p.info.status for p in parents] == ["KILLED"] and "SIGTERM" in parents[0].data.tags["rlhf.stopped"]
+
+    out = subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ppo_run = client.get_run(stopped[0].info.run_id)
+    assert ppo_run.info.status == "FINISHED" and ppo_run.data.tags.get("resumed") == "true"
+    assert [m.step for m in client.get_metric_history(ppo_run.info.run_id, "ppo/kl")] == list(range(1, steps + 1))  # each once
+
+
 def test_optuna_search_runs_trials_as_mlflow_runs(tmp_path):
     root = tmp_path / "root"
     cmd = pipeline_cmd(root, "hparams_search=ppo_optuna", "experiment=micro_ppo", "hydra.sweeper.n_trials=2")
