@@ -116,12 +116,35 @@ def split_hh(chosen: str, rejected: str) -> dict:
     return {"prompt": prompt, "chosen": chosen[cut:], "rejected": rejected_answer}
 
 
+def _first_bad_json_line(files: list[str]) -> str | None:
+    """``<file> line <n>: <error>`` for the first line of the JSON-lines files that is not a JSON object, else None."""
+    import gzip
+
+    for name in files:
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(name, "rt", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"{name} line {n}: {e.msg} at column {e.colno} ({line.strip()[:60]!r})"
+                if not isinstance(row, dict):
+                    return f"{name} line {n}: a JSON {type(row).__name__}, not an object of columns ({line.strip()[:60]!r})"
+    return None
+
+
 def _load_split(cfg: DataConfig, split: str):
     import datasets
 
     try:
         return datasets.load_dataset(cfg.path, data_files=cfg.data_files, split=split, revision=cfg.revision)
     except Exception as e:  # datasets raises many types (missing files, empty files, offline hub); all mean the same here
+        bad = _first_bad_json_line(_local_files(data_files_list(cfg.data_files))) if cfg.path == "json" else None
+        if bad:  # datasets says only that "an error occurred while generating the dataset": say where
+            raise DatasetError(f"data.data_files: {bad}. Fix: make every line of the file one JSON object (JSON lines), or "
+                               f"remove that line.") from e
         raise DatasetError(
             f"data.path={cfg.path!r} split {split!r} could not be loaded ({type(e).__name__}: {e}). Fix: check data.path / data.data_files "
             f"and data.train_split / data.test_split; offline, point data.path=json and data.data_files at local files."
@@ -187,23 +210,50 @@ def _rows(cfg: DataConfig, split: str) -> list[dict]:
         )
     if len(ds) == 0:
         raise DatasetError(f"dataset {cfg.path!r} split {split!r} is empty. Fix: point data.path / data.data_files at non-empty data.")
+    where = f"dataset {cfg.path!r} split {split!r}"
+    dropped = {"the same answer as chosen and rejected": 0, "an empty prompt or answer": 0, "a prompt past data.max_prompt_chars": 0}
     if cfg.format == "conversational":
         prompts = ds[needed["prompt"]] if "prompt" in needed else [None] * len(ds)
-        pairs = zip(prompts, ds[needed["chosen"]], ds[needed["rejected"]])
-        rows = [r for i, (p, ch, rj) in enumerate(pairs) if (r := conversation_pair(p, ch, rj, f"{cfg.path} split {split!r} row {i}"))]
+        pairs = [conversation_pair(p, ch, rj, f"{where} row {i}")
+                 for i, (p, ch, rj) in enumerate(zip(prompts, ds[needed["chosen"]], ds[needed["rejected"]]))]
+        rows = [r for r in pairs if r]
+        dropped["the same answer as chosen and rejected"] = len(pairs) - len(rows)
     else:
+        texts = [ds[needed[role]] for role in ("chosen", "rejected")] + ([ds[needed["prompt"]]] if cfg.format == "columns" else [])
+        for column, role in zip(texts, ("chosen", "rejected", "prompt")):
+            _check_text(column, where, needed[role], cfg.format)
         if cfg.format == "hh":
             rows = [split_hh(c, r) for c, r in zip(ds["chosen"], ds["rejected"])]
         else:
             c = cfg.columns
             rows = [{"prompt": p, "chosen": ch, "rejected": rj} for p, ch, rj in zip(ds[c["prompt"]], ds[c["chosen"]], ds[c["rejected"]])]
-        rows = [r for r in rows if r["prompt"] and r["chosen"].strip() and r["rejected"].strip() and r["chosen"] != r["rejected"]]
+        kept = [r for r in rows if r["prompt"] and r["chosen"].strip() and r["rejected"].strip()]
+        dropped["an empty prompt or answer"] = len(rows) - len(kept)
+        rows = [r for r in kept if r["chosen"] != r["rejected"]]
+        dropped["the same answer as chosen and rejected"] = len(kept) - len(rows)
     if cfg.max_prompt_chars:
-        rows = [r for r in rows if _prompt_chars(r["prompt"]) <= cfg.max_prompt_chars]
+        short = [r for r in rows if _prompt_chars(r["prompt"]) <= cfg.max_prompt_chars]
+        dropped["a prompt past data.max_prompt_chars"] = len(rows) - len(short)
+        rows = short
     if not rows:
-        raise DatasetError(f"dataset {cfg.path!r} split {split!r} has no usable rows left (data.max_prompt_chars={cfg.max_prompt_chars}). "
-                           f"Fix: raise data.max_prompt_chars or check the data.")
+        reasons = "; ".join(f"{n} with {why}" for why, n in dropped.items() if n)
+        fixes = {"the same answer as chosen and rejected": "pairs need two different answers, the preferred one as chosen",
+                 "an empty prompt or answer": "every row needs a prompt and two non-empty answers",
+                 "a prompt past data.max_prompt_chars": f"raise data.max_prompt_chars (now {cfg.max_prompt_chars}) or set it to null"}
+        raise DatasetError(f"{where} has no usable rows: all {len(ds)} were dropped ({reasons}). "
+                           f"Fix: {'; '.join(fixes[why] for why, n in dropped.items() if n)}.")
     return rows
+
+
+def _check_text(values: list, where: str, column: str, data_format: str) -> None:
+    """Every value of a text column is a string; a message list names its row and the format that reads it."""
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            kind = "a list of messages" if isinstance(value, list) else f"a {type(value).__name__}"
+            fix = ("pass data.format=conversational, which reads message lists" if isinstance(value, list)
+                   else f"give column {column!r} text in every row")
+            raise DatasetError(f"{where} row {i}: column {column!r} holds {kind} ({value!r:.60}), and data.format={data_format} reads "
+                               f"text. Fix: {fix}.")
 
 
 def _hub_splits(cfg: DataConfig) -> dict[str, list[dict]]:

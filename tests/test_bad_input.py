@@ -47,3 +47,72 @@ def test_a_prompt_longer_than_the_context_fails_before_training(tmp_path):
     with pytest.raises(DatasetError, match=r"longer than the context.*model\.max_length"):
         sft.run(short, SFTConfig(), data["data_dir"], ctx)
     assert not ctx.ckpt_dir.exists() and not ctx.sink.metrics
+
+
+def write_jsonl(path, rows, broken_line: int | None = None):
+    import json
+
+    lines = [json.dumps(r) for r in rows]
+    if broken_line:
+        lines[broken_line - 1] = lines[broken_line - 1][:-7]  # a row cut short, as a truncated export leaves it
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def local(file, **kw) -> DataConfig:
+    return DataConfig(source="hub", path="json", data_files=str(file), train_split="train", test_split="train", **kw)
+
+
+PAIR = {"prompt": "What is two and two?", "chosen": "four", "rejected": "five"}
+
+
+def test_message_lists_under_the_columns_format_name_the_row_and_the_format_to_use(tmp_path):
+    from rlhf.data import build_splits
+
+    turn = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731  (a conversational export, read as columns)
+    rows = [{"prompt": "Hi", "chosen": turn("Hello"), "rejected": turn("Go away")}] * 3
+    with pytest.raises(DatasetError) as e:
+        build_splits(local(write_jsonl(tmp_path / "pairs.jsonl", rows), format="columns"))
+    assert "row 0" in str(e.value) and "column 'chosen'" in str(e.value) and "Fix: pass data.format=conversational" in str(e.value)
+
+
+def test_a_broken_json_line_is_named_by_file_and_line(tmp_path):
+    from rlhf.data import build_splits
+
+    file = write_jsonl(tmp_path / "pairs.jsonl", [PAIR] * 5, broken_line=4)
+    with pytest.raises(DatasetError) as e:
+        build_splits(local(file, format="columns"))
+    assert f"{file} line 4" in str(e.value) and "Fix: make every line of the file one JSON object" in str(e.value)
+
+
+def test_pairs_whose_answers_are_all_the_same_are_blamed_on_that_not_on_the_prompt_limit(tmp_path):
+    from rlhf.data import build_splits
+
+    rows = [{"prompt": f"q{i}", "chosen": "same", "rejected": "same"} for i in range(6)]
+    with pytest.raises(DatasetError) as e:
+        build_splits(local(write_jsonl(tmp_path / "pairs.jsonl", rows), format="columns"))
+    msg = str(e.value)
+    assert "all 6 were dropped (6 with the same answer as chosen and rejected)" in msg and "max_prompt_chars" not in msg
+    assert "Fix: pairs need two different answers" in msg
+
+
+@pytest.mark.parametrize("contents, what", [((), "model"), (("config.json",), "tokenizer")])
+def test_a_folder_without_a_model_or_a_tokenizer_is_named_before_training(micro, tmp_path, contents, what):
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    for name in contents:
+        (folder / name).write_text("{}")
+    with pytest.raises(ModelPathError) as e:
+        preflight(validate(micro(f"model.pretrained={folder}")))
+    assert f"model.pretrained='{folder}' is a folder without a {what}" in str(e.value) and "Fix: point model.pretrained" in str(e.value)
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "in-proc"])
+def test_a_root_that_cannot_be_created_names_paths_root_and_the_fix(micro, tmp_path, where):
+    from rlhf.config import ConfigError
+
+    (tmp_path / "a-file").write_text("")
+    root = tmp_path / "a-file" / "root" if where == "under-a-file" else "/proc/rlhf-root"
+    with pytest.raises(ConfigError) as e:
+        preflight(validate(micro(f"paths.root={root}")))
+    assert f"paths.root='{root}' cannot be used" in str(e.value) and "Fix: pass paths.root=<a writable folder> or set RLHF_HOME" in str(e.value)
