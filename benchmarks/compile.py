@@ -14,14 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.throughput import PROJECT, RESULTS, alternating_rounds, best_run, run_child, run_child_device, summarize
+from benchmarks.throughput import OURS_COMPILED, PROJECT, RESULTS, alternating_rounds, best_run, run_child, run_child_device, summarize
 
-IMPLS = {"ours": "eager (as shipped)", "ours_compiled": "runtime.compile=true"}
+IMPLS = {"ours": "eager (as shipped)", OURS_COMPILED: "runtime.compile=true"}
 
 
 def markdown(report: dict) -> str:
@@ -45,14 +46,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=30, help="PPO iterations per run (the first compiles)")
     ap.add_argument("--repeats", type=int, default=2, help="rounds, alternating the order; the fastest run of each counts")
+    ap.add_argument("--root", default=None, help="pipeline root (default: a fresh temporary folder); its finished upstream is re-used")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of the pipeline config")
     args = ap.parse_args()
     import importlib.metadata as md
 
     from flows.pipeline import load_config
 
-    root = Path(tempfile.mkdtemp(prefix="rlhf-bench-compile-"))
-    (root / "prefect-home").mkdir()
+    root = Path(args.root or tempfile.mkdtemp(prefix="rlhf-bench-compile-")).resolve()
+    (root / "prefect-home").mkdir(exist_ok=True)
     overrides = [f"paths.root={root}", f"tracking.uri=sqlite:///{root}/mlflow.db", *args.overrides]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(root / "prefect-home")}
     env.pop("PREFECT_API_URL", None)
@@ -62,7 +64,9 @@ def main() -> None:
 
     def run_one(impl: str, i: int) -> dict:
         print(f"ppo: {IMPLS[impl]}, {args.steps} iterations (round {i + 1} of {args.repeats}) ...", flush=True)
-        spec = {"overrides": overrides, "impl": impl, "ppo": ppo_cfg, "steps": args.steps, "policy_dir": str(root / f"policy-{impl}-{i}")}
+        policy_dir = root / f"policy-{impl}-{i}"
+        shutil.rmtree(policy_dir, ignore_errors=True)
+        spec = {"overrides": overrides, "impl": impl, "ppo": ppo_cfg, "steps": args.steps, "policy_dir": str(policy_dir)}
         run = run_child("ppo", spec, env)
         return {**summarize(run), "first_step_s": run["first_step_s"]}
 

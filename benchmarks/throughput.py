@@ -361,6 +361,7 @@ def ppo_settings(spec: dict):
 
 
 OURS = ("ours", "ours_gpt2_gelu", "ours_foreach_adamw", "ours_recomputed_logprobs")  # as shipped, then one change undone at a time
+OURS_COMPILED = "ours_compiled"  # ours with runtime.compile (benchmarks/compile.py)
 
 
 def child_ppo(spec: dict) -> dict:
@@ -377,7 +378,7 @@ def child_ppo(spec: dict) -> dict:
     device = runtime.setup(cfg.runtime, 0)
     sft_path, reward_path = rec["sft"]["model_path"], rec["reward"]["model_path"]
     started = time.perf_counter()
-    if spec["impl"] in OURS:
+    if spec["impl"] in (*OURS, OURS_COMPILED):
         if spec["impl"] == "ours_gpt2_gelu":  # one change undone: GPT-2's own GELU (Python-level ops), not the fused kernel
             import rlhf.modeling as modeling_mod
 
@@ -393,7 +394,7 @@ def child_ppo(spec: dict) -> dict:
             onpolicy_mod.sampler_logprobs_exact = lambda model_cfg: False
         sink = NullSink()
         with tempfile.TemporaryDirectory() as work:
-            ctx = StageContext(Path(work), sink, device, fresh=True, compile=spec["impl"] == "ours_compiled")  # benchmarks/compile.py
+            ctx = StageContext(Path(work), sink, device, fresh=True, compile=spec["impl"] == OURS_COMPILED)
             ppo.run(ppo_cfg, cfg.model, PolicyInputs(rec["data"]["data_dir"], sft_path, reward_path, missing_eos_penalty=cfg.reward.missing_eos_penalty), ctx)
             shutil.copytree(ctx.final_dir, spec["policy_dir"])
         logged = [(t, m) for (_, m), t in zip(sink.history, sink.times) if "ppo/time_update_s" in m]
@@ -409,7 +410,7 @@ def child_ppo(spec: dict) -> dict:
 
         rows = run_baseline(ppo_cfg, cfg.model.max_length, rec["data"]["data_dir"], sft_path, reward_path, device, spec["policy_dir"])
     return {"steps": rows, "wall_s": time.perf_counter() - started, "flops_per_token": ppo_flops(cfg, rec, ppo_cfg), **peak_memory_mb(),
-            **({"first_step_s": first_step_s} if spec["impl"] in OURS + ("ours_compiled",) else {})}
+            **({"first_step_s": first_step_s} if spec["impl"] in (*OURS, OURS_COMPILED) else {})}
 
 
 def ppo_flops(cfg, rec: dict, ppo_cfg) -> float:
@@ -773,6 +774,7 @@ def main() -> None:
 
     import importlib.metadata as md
 
+    ensure_bench_extra()
     root = Path(args.root or tempfile.mkdtemp(prefix="rlhf-bench-")).resolve()
     (root / "prefect-home").mkdir(parents=True, exist_ok=True)
     overrides = [f"paths.root={root}", f"tracking.uri=sqlite:///{root}/mlflow.db", *args.overrides]
@@ -821,6 +823,15 @@ def main() -> None:
     (RESULTS / f"throughput_{tag}.json").write_text(json.dumps(report, indent=1))
     (RESULTS / f"throughput_{tag}.md").write_text(markdown(report))
     print(markdown(report))
+
+
+def ensure_bench_extra() -> None:
+    """TRL, the peer the benchmark measures against, is the project's ``bench`` extra: installed here on first use."""
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
+        print("installing the bench extra (trl) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{PROJECT}[bench]"], check=True)
 
 
 def measure_ppo(ppo_cfg: dict, steps: int, overrides: list[str], env: dict, repeats: int) -> dict:

@@ -324,9 +324,10 @@ class RuntimeConfig:
     progress: str = setting("auto", "Training progress: a bar on a terminal, log lines otherwise (auto), always log lines (log), "
                                "or nothing (off).", choices=["auto", "bar", "log", "off"])
     progress_every_s: float = setting(5.0, "Seconds between progress log lines (when not drawing a bar).", gt=0.0)
-    compile: bool = setting(False, "torch.compile the trained models of on-policy stages (PPO, RLOO, GRPO; dynamic shapes). On the "
-                            "2-core CPU default it made a PPO iteration no faster (0.92x and 0.99x in two runs) and added ~6 s of compiling: see "
-                            "benchmarks/results/throughput_cpu.md. Needs a C++ compiler (CPU) or Triton (CUDA).")
+    compile: bool = setting(False, "torch.compile the forwards of an on-policy stage's update (PPO, RLOO, GRPO: the policy's log-probs "
+                            "and the value model's values, backbone and head; dynamic shapes), where its time goes; sampling and the "
+                            "experience pass stay eager. The first iteration pays the compilation: benchmarks/results/compile_cpu.md "
+                            "measures both. Needs a C++ compiler (CPU) or Triton (CUDA).")
 
 
 SUPERVISED_STAGES = ("sft", "reward")
