@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 ARGS ?=
 
-.PHONY: run test install deploy ui clean
+.PHONY: run test install deploy ui docs clean
 
 .venv/.installed: pyproject.toml scripts/install.sh
 	bash scripts/install.sh
@@ -29,10 +29,17 @@ ui: .venv/.installed
 	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)/#/experiments/1?workflowType=machine_learning"
 	.venv/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(RLHF_HOME))/mlflow.db --port $(UI_PORT)
 
+# Formatting and lint first (ruff: pyproject.toml), then the suite, which also builds the docs with --strict.
 # pytest exits 5 when it collected no tests: that is a failure here, not a pass.
 test: .venv/.installed .venv/.browser
+	.venv/bin/ruff format --check .
+	.venv/bin/ruff check .
 	@$(PY) -m pytest $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+# The documentation site, served with live reload at http://127.0.0.1:8000 (built with --strict by the tests).
+docs: .venv/.installed
+	.venv/bin/mkdocs serve
 
 clean:
 	rm -rf .rlhf

@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
+EVAL_PROMPTS = 256  # held-out prompts of each evaluation during training (rlhf.onpolicy.EVAL_PROMPTS, the default task's)
 RESULTS = PROJECT / "benchmarks" / "results"
 STORE = RESULTS / "reward_hacking_store"
 ENSEMBLE_RUNS = {"single reward model": ["reward.ensemble_size=1"],
@@ -117,15 +118,24 @@ def overoptimisation_run(*overrides: str) -> tuple[dict, dict]:
 def overoptimisation() -> dict:
     started = time.time()
     r, out = overoptimisation_run()
-    peak, last, kept = out["peak_iteration"], max(out["curve"]), out["guard_iteration"]
-    curve = out["curve"]
-    gold, se, proxy, kl = ({s: c[k] for s, c in curve.items()} for k in ("gold", "gold_se", "proxy", "kl"))
-    steps = sorted(curve)
-    budget = float(client().get_run(r["run_id"]).data.params["algo.guard_kl_budget"])
+    out["guard_kl_budget"] = float(client().get_run(r["run_id"]).data.params["algo.guard_kl_budget"])
     out["other_seeds"] = {" ".join(o): overoptimisation_run(*o)[1] for o in OVEROPTIMISATION_SEEDS}
     figure = STORE / "stages" / "ppo" / r["keys"]["ppo"] / "figures"
-    from rlhf.onpolicy import EVAL_PROMPTS
+    out["figures"] = str(figure.relative_to(PROJECT))
+    for src, dst in (("kl_curve.png", "overoptimisation_curve.png"), ("frontier.png", "overoptimisation_frontier.png")):
+        if (figure / src).exists():
+            (RESULTS / dst).write_bytes((figure / src).read_bytes())
+    out["meta"] = meta(started)
+    write("overoptimisation", out, overoptimisation_markdown(out))
+    return out
 
+
+def overoptimisation_markdown(out: dict) -> str:
+    """The report of :func:`overoptimisation`, from its JSON alone."""
+    curve = {int(s): c for s, c in out["curve"].items()}
+    peak, last, kept = out["peak_iteration"], max(curve), out["guard_iteration"]
+    gold, se, proxy, kl = ({s: c[k] for s, c in curve.items()} for k in ("gold", "gold_se", "proxy", "kl"))
+    ev = out["eval_stage"]
     md = [f"# Over-optimisation on the default task (`experiment=overoptimisation`: PPO, beta 0.01, 100 iterations, the first 10 "
           "training only the value model)", "",
           f"Held-out gold ({EVAL_PROMPTS} prompts, every 5 iterations once the policy moves) peaks at iteration {peak}: {gold[peak]:+.3f} +- {se[peak]:.3f}; at the last "
@@ -133,14 +143,14 @@ def overoptimisation() -> dict:
           f"while the proxy rose from {proxy[peak]:.3f} to {proxy[last]:.3f}.", "",
           f"Gao et al.'s RL form fitted over the run's evaluations (d = sqrt(held-out KL)): alpha {out['fit_gold_alpha']:.3f}, beta "
           f"{out['fit_gold_beta']:.3f}, R2 {out['fit_gold_r2']:.2f}, peak d* {out['fit_gold_d_star']:.2f} (KL {out['fit_gold_d_star'] ** 2:.2f}).", "",
-          f"The guard (`guard=kl`, budget {budget:g} nats, never seeing gold) kept iteration {kept} (held-out KL {kl[kept]:.2f}): gold "
+          f"The guard (`guard=kl`, budget {out['guard_kl_budget']:g} nats, never seeing gold) kept iteration {kept} (held-out KL {kl[kept]:.2f}): gold "
           f"{gold[kept]:+.3f}, {'within' if out['guard_within_2se_of_best'] else 'outside'} 2 SE of the best and "
           f"{'above' if out['guard_above_last'] else 'not above'} the last. The eval stage evaluated the guard's checkpoint: "
-          f"gold gain over SFT {r['metrics']['eval/gold_gain']:+.3f} +- {r['metrics']['eval/gold_gain_se']:.3f}, win rate "
-          f"{r['metrics']['eval/win_rate_gold']:.3f} +- {r['metrics']['eval/win_rate_gold_se']:.3f}.", "",
+          f"gold gain over SFT {ev['eval/gold_gain']:+.3f} +- {ev['eval/gold_gain_se']:.3f}, win rate "
+          f"{ev['eval/win_rate_gold']:.3f} +- {ev['eval/win_rate_gold_se']:.3f}.", "",
           "| iteration | held-out gold | +- SE | proxy | KL |", "|---|---|---|---|---|"]
     md += [f"| {s}{' (guard)' if s == kept else ''}{' (peak)' if s == peak else ''} | {gold[s]:+.3f} | {se[s]:.3f} | {proxy[s]:.3f} | {kl[s]:.2f} |"
-           for s in steps]
+           for s in sorted(curve)]
     md += ["", "Checks: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in out["checks"].items()), "",
            "The same config with other seeds (how much the checks depend on the run):", "",
            "| run | gold peak (iteration) | last | fall in SE | gold R2 | guard's iteration | checks met |", "|---|---|---|---|---|---|---|"]
@@ -148,15 +158,10 @@ def overoptimisation() -> dict:
         md.append(f"| {name} | {o['peak_gold']:+.3f} ({o['peak_iteration']}) | {o['last_gold']:+.3f} | {o['fall_in_se']:.1f} | {o['fit_gold_r2']:.2f} | "
                   f"{o['guard_iteration']} | {sum(o['checks'].values())} of {len(o['checks'])} |")
     md += ["",
-           f"The run's figures: `{figure.relative_to(PROJECT)}/` (kl_curve.png, frontier.png), copied to "
-           "`overoptimisation_curve.png` and `overoptimisation_frontier.png`.", ""]
-    for src, dst in (("kl_curve.png", "overoptimisation_curve.png"), ("frontier.png", "overoptimisation_frontier.png")):
-        if (figure / src).exists():
-            (RESULTS / dst).write_bytes((figure / src).read_bytes())
-    out["meta"] = meta(started)
-    md.append(f"Machine: {out['meta']['machine']}; commit {out['meta']['commit']}; {out['meta']['minutes']:.0f} min.")
-    write("overoptimisation", out, "\n".join(md))
-    return out
+           f"The run's figures: `{out['figures']}/` (kl_curve.png, frontier.png), copied to "
+           "`overoptimisation_curve.png` and `overoptimisation_frontier.png`.", "",
+           f"Machine: {out['meta']['machine']}; commit {out['meta']['commit']}; {out['meta']['minutes']:.0f} min."]
+    return "\n".join(md)
 
 
 # ---- ensembles ------------------------------------------------------------------------------------
@@ -191,16 +196,29 @@ def ensembles() -> dict:
     from rlhf.config import validate
 
     algo = validate(load_config(["experiment=ensembles"])).algo
-    md = [f"# Reward-model ensembles against a single reward model (PPO, beta {algo.beta:g}, {algo.steps} iterations)", "",
+    out["members_view"] = views
+    out["settings"] = {"beta": algo.beta, "steps": algo.steps}
+    out["meta"] = meta(started)
+    write("ensembles", out, ensembles_markdown(out))
+    return out
+
+
+def ensembles_markdown(out: dict) -> str:
+    """The report of :func:`ensembles`, from its JSON alone."""
+    views, settings = out["members_view"], out["settings"]
+    md = [f"# Reward-model ensembles against a single reward model (PPO, beta {settings['beta']:g}, {settings['steps']} iterations)", "",
           "Held-out gold gain over SFT (256 prompts, +- SE over prompts); for the ensembles, the difference to the single model "
           "in standard errors of the difference (independent runs).", ""]
     for setting, rows in out.items():
+        if setting in ("members_view", "settings", "meta"):
+            continue
         md += [f"## {setting}", "", "| reward | gold gain | win rate (gold) | KL | proxy gain | vs single |", "|---|---|---|---|---|---|"]
         for name, row in rows.items():
             versus = f"{row['gold_gain_over_single']:+.3f} ({row['in_se']:+.1f} SE)" if "in_se" in row else ""
             md.append(f"| {name} | {row['eval/gold_gain']:+.3f} +- {row['eval/gold_gain_se']:.3f} | {row['eval/win_rate_gold']:.3f} +- "
                       f"{row['eval/win_rate_gold_se']:.3f} | {row['eval/kl']:.2f} | {row['eval/proxy_gain']:+.3f} | {versus} |")
-        md += ["", f"Run to run: the same reward models, PPO seeds 0, {', '.join(map(str, ENSEMBLE_SEEDS))} (`algo.seed`); mean +- SE over the runs.", "",
+        seeds = [s for s in next(iter(rows.values()))["seeds"] if str(s) != "0"]
+        md += ["", f"Run to run: the same reward models, PPO seeds 0, {', '.join(map(str, seeds))} (`algo.seed`); mean +- SE over the runs.", "",
                "| reward | gold gain of each run | mean over runs | vs single |", "|---|---|---|---|"]
         for name, row in rows.items():
             versus = f"{row['seeds_over_single']:+.3f} ({row['seeds_in_se']:+.1f} SE)" if "seeds_in_se" in row else ""
@@ -215,11 +233,8 @@ def ensembles() -> dict:
                "|---|---|---|" + "---|" * len(view["SFT"]["members_z"])]
         md += [f"| {name} | {v['gold']:+.3f} | {v['words']:.2f} | " + " | ".join(f"{z:+.2f}" for z in v["members_z"]) + " |" for name, v in view.items()]
         md.append("")
-    out["members_view"] = views
-    out["meta"] = meta(started)
     md.append(f"Machine: {out['meta']['machine']}; commit {out['meta']['commit']}; {out['meta']['minutes']:.0f} min.")
-    write("ensembles", out, "\n".join(md))
-    return out
+    return "\n".join(md)
 
 
 def members_view(policies: dict[str, dict]) -> dict[str, dict]:
@@ -270,15 +285,25 @@ def beta_sweep(report_only: bool = False) -> dict:
            "members": sorted(({"beta": float(m.data.params["algo.beta"]), **{k: m.data.metrics[k] for k in (
                "eval/kl", "eval/gold_gain", "eval/gold_gain_se", "eval/proxy_gain", "eval/win_rate_gold")}} for m in members), key=lambda x: x["beta"]),
            "meta": meta(started)}
-    md = [f"# PPO beta sweep on the default task ({len(members)} members, 60 iterations each)", "", f"Command: `{' '.join(cmd[2:])}`", "",
+    out["command"] = " ".join(cmd[2:])
+    if report_only:  # the sweep ran at the commit its row records; this process only reports it
+        out["meta"].update(commit=row.data.tags.get("git_commit", "?")[:7], report_commit=COMMIT)
+    write("beta_sweep", out, beta_sweep_markdown(out))
+    return out
+
+
+def beta_sweep_markdown(out: dict) -> str:
+    """The report of :func:`beta_sweep`, from its JSON alone."""
+    md = [f"# PPO beta sweep on the default task ({len(out['members'])} members, 60 iterations each)", "", f"Command: `{out['command']}`", "",
           "| beta | KL to SFT | gold gain | win rate (gold) | proxy gain |", "|---|---|---|---|---|"]
     md += [f"| {m['beta']} | {m['eval/kl']:.2f} | {m['eval/gold_gain']:+.3f} +- {m['eval/gold_gain_se']:.3f} | {m['eval/win_rate_gold']:.3f} | "
            f"{m['eval/proxy_gain']:+.3f} |" for m in out["members"]]
-    md += ["", "The sweep's MLflow row (`" + row.info.run_name + "`) carries the RL form fitted over the members (d = sqrt(eval/kl)): "
-           + ", ".join(f"`{k}` {v:.3f}" for k, v in sorted(fitted.items())) + ".", "", "![fitted frontier](beta_sweep_frontier.png)", "",
-           f"Machine: {out['meta']['machine']}; commit {out['meta']['commit']}; {out['meta']['minutes']:.0f} min."]
-    write("beta_sweep", out, "\n".join(md))
-    return out
+    md += ["", "The sweep's MLflow row (`" + out["sweep_name"] + "`) carries the RL form fitted over the members (d = sqrt(eval/kl)): "
+           + ", ".join(f"`{k}` {v:.3f}" for k, v in sorted(out["fit"].items())) + ".", "", "![fitted frontier](beta_sweep_frontier.png)", "",
+           f"Machine: {out['meta']['machine']}; commit {out['meta']['commit']}"
+           + (f" (the report written by `--report-only` at {out['meta']['report_commit']})" if "report_commit" in out["meta"] else "")
+           + f"; {out['meta']['minutes']:.0f} min."]
+    return "\n".join(md)
 
 
 def main() -> None:

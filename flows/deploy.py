@@ -81,7 +81,7 @@ def deploy(cfg: dict) -> dict[str, str]:
     ids[cfg["dispatch"]["deployment"]] = str(rlhf_stage.from_source(source, "flows/stage.py:rlhf_stage").deploy(
         name=stage_name, work_pool_name=stage["pool"], job_variables=stage["job_variables"], tags=stage["tags"],
         build=False, push=False, print_next_steps=False, ignore_warnings=True,
-        description="One training stage (sft, reward, dpo, ppo); started by the pipeline with run_deployment.",
+        description="One training stage (SFT, a reward model or the policy stage); started by the pipeline with run_deployment.",
     ))
     sched = pipe["schedule"]
     ids[f"{rlhf_pipeline.name}/{pipe['name']}"] = str(rlhf_pipeline.from_source(source, "flows/dag.py:rlhf_pipeline").deploy(

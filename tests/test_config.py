@@ -132,7 +132,7 @@ ALGO_OF_EXPERIMENT = {"micro_onpolicy": "grpo"}  # an experiment for any on-poli
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
 def test_every_experiment_composes_and_validates(experiment):
-    """The README runs ``experiment=<name>``: each must compose against the schema and pass validation."""
+    """The docs run ``experiment=<name>``: each must compose against the schema and pass validation."""
     algo = ALGO_OF_EXPERIMENT.get(experiment)
     cfg = validate(load_config([f"experiment={experiment}", *([f"algo={algo}"] if algo else [])]))
     assert cfg.algo.algo in registry() and (algo is None or cfg.algo.algo == algo)
@@ -141,7 +141,7 @@ def test_every_experiment_composes_and_validates(experiment):
 def test_the_ensembles_experiment_is_coste_et_al_setting():
     """Few noisy pairs, and nothing every member would learn alike: no annotator length bias and no length
     trend in the pairs (the shorter answer wins about half the pairs of unequal length; length tells nothing
-    of gold), so the single model's errors are its own. The README's two arms compose as documented."""
+    of gold), so the single model's errors are its own. The docs' two arms compose as documented."""
     from rlhf.data import build_splits
     from rlhf.synthetic import pair_length_stats
 
