@@ -22,20 +22,32 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
 RESULTS = PROJECT / "benchmarks" / "results"
-SHOWN = ("eval/win_rate_gold", "eval/gold_gain", "eval/kl", "eval/rm_accuracy")  # with their standard errors where they have one
+SHOWN = (
+    "eval/win_rate_gold",
+    "eval/gold_gain",
+    "eval/kl",
+    "eval/rm_accuracy",
+)  # with their standard errors where they have one
 
 
 def markdown(report: dict) -> str:
     m = report["metrics"]
     cell = lambda k: f"{m[k]:.3f} ± {m[k + '_se']:.3f}" if k + "_se" in m else f"{m[k]:.3f}"  # noqa: E731
-    return "\n".join([
-        "# The default run: `make run` in a fresh clone\n",
-        f"Measured {report['date']} at commit {report['commit']} on {report['machine']}: `{report['command']}`.\n",
-        "| | value |", "|---|---|",
-        f"| `make run`, fresh clone and homes (install included) | {report['first_s'] / 60:.1f} min |",
-        f"| the same command again (every stage Cached) | {report['cached_s']:.1f} s |",
-        *(f"| `{k}` (held-out prompts, ± SE over prompts) | {cell(k)} |" for k in SHOWN),
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                "# The default run: `make run` in a fresh clone\n",
+                f"Measured {report['date']} at commit {report['commit']} on {report['machine']}: "
+                f"`{report['command']}`.\n",
+                "| | value |",
+                "|---|---|",
+                f"| `make run`, fresh clone and homes (install included) | {report['first_s'] / 60:.1f} min |",
+                f"| the same command again (every stage Cached) | {report['cached_s']:.1f} s |",
+                *(f"| `{k}` (held-out prompts, ± SE over prompts) | {cell(k)} |" for k in SHOWN),
+            ]
+        )
+        + "\n"
+    )
 
 
 def timed_make_run(clone: Path, env: dict) -> tuple[float, str]:
@@ -53,7 +65,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="rlhf-default-run-"))
     clone = work / "rlhf-flow"
     subprocess.run(["git", "clone", "-q", str(PROJECT), str(clone)], check=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RLHF_HOME", "VIRTUAL_ENV")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RLHF_HOME", "VIRTUAL_ENV")
+    }
     env.update(PREFECT_HOME=str(work / "prefect-home"), HF_HUB_OFFLINE="1")
     first_s, _ = timed_make_run(clone, env)
     cached_s, cached_out = timed_make_run(clone, env)
@@ -62,11 +78,21 @@ def main() -> None:
 
     client = MlflowClient(f"sqlite:///{clone}/.rlhf/mlflow.db")
     exp = client.get_experiment_by_name("rlhf").experiment_id
-    parent = client.search_runs([exp], "tags.pipeline = 'rlhf'", order_by=["attributes.start_time ASC"], max_results=1)[0]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
-    report = {"command": "python -m benchmarks.default_run", "commit": commit, "date": time.strftime("%Y-%m-%d"),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "first_s": first_s, "cached_s": cached_s,
-              "metrics": {k: v for k, v in parent.data.metrics.items() if k.startswith("eval/")}}
+    parent = client.search_runs([exp], "tags.pipeline = 'rlhf'", order_by=["attributes.start_time ASC"], max_results=1)[
+        0
+    ]
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True
+    ).stdout.strip()
+    report = {
+        "command": "python -m benchmarks.default_run",
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "first_s": first_s,
+        "cached_s": cached_s,
+        "metrics": {k: v for k, v in parent.data.metrics.items() if k.startswith("eval/")},
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "default_run.json").write_text(json.dumps(report, indent=1))
     (RESULTS / "default_run.md").write_text(markdown(report))

@@ -32,7 +32,9 @@ def _values(model, ids, attn):
     return model.score(hidden)[..., 0]
 
 
-def run_baseline(cfg, max_length: int, data_dir: str, sft_path: str, reward_path: str, device, out_dir=None) -> list[dict]:
+def run_baseline(
+    cfg, max_length: int, data_dir: str, sft_path: str, reward_path: str, device, out_dir=None
+) -> list[dict]:
     """``cfg.steps`` iterations; per iteration after the first: seconds of each phase and tokens/s (the keys of
     ``benchmarks/throughput.py``'s PPO rows). Saves the trained policy to ``out_dir`` when given."""
     tok = AutoTokenizer.from_pretrained(sft_path)
@@ -43,7 +45,9 @@ def run_baseline(cfg, max_length: int, data_dir: str, sft_path: str, reward_path
     reward = AutoModelForSequenceClassification.from_pretrained(reward_path, num_labels=1).to(device).eval()
     for m in (value, reward):
         m.config.pad_token_id = tok.pad_token_id
-    opt = torch.optim.AdamW([{"params": policy.parameters()}, {"params": value.parameters(), "lr": cfg.value_lr or cfg.lr}], lr=cfg.lr)
+    opt = torch.optim.AdamW(
+        [{"params": policy.parameters()}, {"params": value.parameters(), "lr": cfg.value_lr or cfg.lr}], lr=cfg.lr
+    )
     prompts = [r["prompt"] for r in load_split(data_dir, "ppo_prompts")]
     s = cfg.sampling
     rows = []
@@ -54,8 +58,16 @@ def run_baseline(cfg, max_length: int, data_dir: str, sft_path: str, reward_path
         t0 = time.perf_counter()
         policy.eval()
         with torch.no_grad():
-            seq = policy.generate(**enc, do_sample=True, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=0, top_p=1.0,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            seq = policy.generate(
+                **enc,
+                do_sample=True,
+                max_new_tokens=s.max_new_tokens,
+                temperature=s.temperature,
+                top_k=0,
+                top_p=1.0,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
         t1 = time.perf_counter()
         P = enc["input_ids"].shape[1]
         resp = seq[:, P:]
@@ -65,11 +77,13 @@ def run_baseline(cfg, max_length: int, data_dir: str, sft_path: str, reward_path
         mask = (~after_eos).float()
         attn = torch.cat([enc["attention_mask"], mask.long()], 1)
         with torch.no_grad():
-            old_logp = _logprobs(policy, seq, attn, s.temperature)[:, P - 1:] * mask
-            ref_logp = _logprobs(ref, seq, attn, s.temperature)[:, P - 1:] * mask
-            values = _values(value, seq, attn)[:, P - 1:-1] * mask
+            old_logp = _logprobs(policy, seq, attn, s.temperature)[:, P - 1 :] * mask
+            ref_logp = _logprobs(ref, seq, attn, s.temperature)[:, P - 1 :] * mask
+            values = _values(value, seq, attn)[:, P - 1 : -1] * mask
             last = mask.sum(1).long() - 1
-            hidden = reward.base_model(input_ids=seq, attention_mask=attn, position_ids=_positions(attn)).last_hidden_state
+            hidden = reward.base_model(
+                input_ids=seq, attention_mask=attn, position_ids=_positions(attn)
+            ).last_hidden_state
             score = reward.score(hidden[torch.arange(len(seq)), P + last])[:, 0]
             rewards = -cfg.beta * (old_logp - ref_logp)
             rewards[torch.arange(len(seq)), last] += score
@@ -91,12 +105,12 @@ def run_baseline(cfg, max_length: int, data_dir: str, sft_path: str, reward_path
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(len(seq), generator=g)
             for j in range(0, len(seq), cfg.minibatch_size):
-                i = order[j:j + cfg.minibatch_size]
+                i = order[j : j + cfg.minibatch_size]
                 m = mask[i]
-                logp = _logprobs(policy, seq[i], attn[i], s.temperature)[:, P - 1:]
+                logp = _logprobs(policy, seq[i], attn[i], s.temperature)[:, P - 1 :]
                 ratio = torch.exp(logp - old_logp[i])
                 pg = torch.max(-adv[i] * ratio, -adv[i] * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range))
-                v = _values(value, seq[i], attn[i])[:, P - 1:-1]
+                v = _values(value, seq[i], attn[i])[:, P - 1 : -1]
                 v_clip = values[i] + (v - values[i]).clamp(-cfg.value_clip_range, cfg.value_clip_range)
                 vf = 0.5 * torch.max((v - returns[i]) ** 2, (v_clip - returns[i]) ** 2)
                 loss = ((pg + cfg.vf_coef * vf) * m).sum() / m.sum()
@@ -106,9 +120,17 @@ def run_baseline(cfg, max_length: int, data_dir: str, sft_path: str, reward_path
                 opt.step()
         t3 = time.perf_counter()
         if step > 0:  # the first step warms up
-            rows.append({"step_s": t3 - t0, "generation_s": t1 - t0, "scoring_s": t2 - t1, "update_s": t3 - t2,
-                         "gen_tokens_per_s": float(mask.sum()) / (t1 - t0), "train_tokens_per_s": float(attn.sum()) * cfg.ppo_epochs / (t3 - t2),
-                         "tokens_per_s": float(attn.sum()) / (t3 - t0)})
+            rows.append(
+                {
+                    "step_s": t3 - t0,
+                    "generation_s": t1 - t0,
+                    "scoring_s": t2 - t1,
+                    "update_s": t3 - t2,
+                    "gen_tokens_per_s": float(mask.sum()) / (t1 - t0),
+                    "train_tokens_per_s": float(attn.sum()) * cfg.ppo_epochs / (t3 - t2),
+                    "tokens_per_s": float(attn.sum()) / (t3 - t0),
+                }
+            )
     if out_dir is not None:
         policy.save_pretrained(out_dir)
         tok.save_pretrained(out_dir)

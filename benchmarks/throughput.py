@@ -17,7 +17,8 @@
    ``benchmarks/.venv-trl-ppo`` made on first use: ``benchmarks/trl_ppo.py``),
    ``benchmarks/ppo_baseline.py`` (a plain PyTorch loop: HF ``generate``, separate forwards, GAE looped
    over tokens), then ours with one change undone (the fused GELU kernel our loader swaps in for
-   GPT-2's, AdamW's fused kernel, old log-probs from the sampler). Same start model, reward and value models, prompts and
+   GPT-2's, AdamW's fused kernel, old log-probs from the sampler). Same start model, reward and value models, prompts
+   and
    settings. (``runtime.compile`` has its own measurement: ``benchmarks/compile.py``.)
    Seconds per iteration = wall time from the end of one iteration to the end of the next, split into
    generation, scoring (old/ref log-probs, values, reward) and update; tokens/s = the rollout's real
@@ -59,7 +60,9 @@ def device_name() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return (
+        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    )
 
 
 def sync() -> None:
@@ -79,8 +82,12 @@ def peak_memory_mb() -> dict:
 
 
 # Dense peak TFLOP/s per device (vendor data sheets, SXM parts): bf16 tensor cores, plain fp32.
-PEAK_TFLOPS = {"H200": {"bfloat16": 989.0, "float32": 67.0}, "H100": {"bfloat16": 989.0, "float32": 67.0},
-               "A100": {"bfloat16": 312.0, "float32": 19.5}, "L4": {"bfloat16": 121.0, "float32": 30.3}}
+PEAK_TFLOPS = {
+    "H200": {"bfloat16": 989.0, "float32": 67.0},
+    "H100": {"bfloat16": 989.0, "float32": 67.0},
+    "A100": {"bfloat16": 312.0, "float32": 19.5},
+    "L4": {"bfloat16": 121.0, "float32": 30.3},
+}
 
 
 def peak_tflops(device: str, precision: str, override: float | None) -> float | None:
@@ -97,8 +104,11 @@ def training_flops_per_token(path: str, seq_len: int, scalar: bool = False) -> f
 
     config = AutoConfig.from_pretrained(path, **({"num_labels": 1} if scalar else {}))
     with torch.device("meta"):  # shapes only, no memory
-        model = (AutoModelForSequenceClassification.from_config(config) if scalar
-                 else AutoModelForCausalLM.from_config(config))
+        model = (
+            AutoModelForSequenceClassification.from_config(config)
+            if scalar
+            else AutoModelForCausalLM.from_config(config)
+        )
     lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     n = sum(p.numel() for p in model.parameters() if id(p) not in lookups)
     head = None if scalar else model.get_output_embeddings()
@@ -143,10 +153,10 @@ def pipeline_inputs(overrides: list[str]):
 # ------------------------------------------------------------------------------------------------
 def child_pipeline(spec: dict) -> dict:
     t_launch = spec["t_launch"]
-    import tasks  # noqa: F401
     from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
 
+    import tasks  # noqa: F401
     from flows.pipeline import load_config, rlhf_pipeline
     from rlhf.config import validate
     from rlhf.tracking import experiment_id, resolve_uri
@@ -172,10 +182,19 @@ def child_pipeline(spec: dict) -> dict:
     compute = {s: read_record(cfg.paths.root, s, k)["compute_s"] for s, k in first["keys"].items()}
     wall = t1 - t0
     return {
-        "startup_s": {"imports": t_imported - t_launch, "prefect_server": t_server - t_imported, "mlflow_store": t_store - t_server},
-        "pipeline_wall_s": wall, "stage_compute_s": compute, "compute_s": sum(compute.values()),
-        "overhead_s": wall - sum(compute.values()), "overhead_pct": 100 * (wall - sum(compute.values())) / wall,
-        "cached_rerun_s": t2 - t1, "metrics": first["metrics"], **peak_memory_mb(),
+        "startup_s": {
+            "imports": t_imported - t_launch,
+            "prefect_server": t_server - t_imported,
+            "mlflow_store": t_store - t_server,
+        },
+        "pipeline_wall_s": wall,
+        "stage_compute_s": compute,
+        "compute_s": sum(compute.values()),
+        "overhead_s": wall - sum(compute.values()),
+        "overhead_pct": 100 * (wall - sum(compute.values())) / wall,
+        "cached_rerun_s": t2 - t1,
+        "metrics": first["metrics"],
+        **peak_memory_mb(),
     }
 
 
@@ -231,22 +250,38 @@ def ours(stage: str, cfg, rec: dict, work: Path) -> Meter:
 def trl_args(stage_cfg, work: Path, device, **extra) -> dict:
     """TrainingArguments shared by the three TRL trainers, set to our config's values."""
     return dict(
-        output_dir=str(work), per_device_train_batch_size=stage_cfg.batch_size, gradient_accumulation_steps=stage_cfg.grad_accum,
-        num_train_epochs=stage_cfg.epochs, learning_rate=stage_cfg.lr, lr_scheduler_type=stage_cfg.schedule,
-        warmup_steps=stage_cfg.warmup_ratio, weight_decay=stage_cfg.weight_decay, adam_beta2=0.95, max_grad_norm=stage_cfg.max_grad_norm,
-        seed=stage_cfg.seed, logging_steps=stage_cfg.log_every, save_strategy="no", eval_strategy="no", report_to="none",
-        disable_tqdm=True, dataloader_num_workers=0, bf16=False, fp16=False, gradient_checkpointing=False,
-        use_cpu=device.type == "cpu", **extra,
+        output_dir=str(work),
+        per_device_train_batch_size=stage_cfg.batch_size,
+        gradient_accumulation_steps=stage_cfg.grad_accum,
+        num_train_epochs=stage_cfg.epochs,
+        learning_rate=stage_cfg.lr,
+        lr_scheduler_type=stage_cfg.schedule,
+        warmup_steps=stage_cfg.warmup_ratio,
+        weight_decay=stage_cfg.weight_decay,
+        adam_beta2=0.95,
+        max_grad_norm=stage_cfg.max_grad_norm,
+        seed=stage_cfg.seed,
+        logging_steps=stage_cfg.log_every,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=device.type == "cpu",
+        **extra,
     )
 
 
 def trl(stage: str, cfg, rec: dict, work: Path) -> Meter:
     """TRL's trainer for the stage on the same start model and rows, timing ``train()``, counting batch tokens."""
     import torch
+    import trl as T
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    import trl as T
     from rlhf import runtime
     from rlhf.chat import render_answer
     from rlhf.data import load_split
@@ -258,25 +293,51 @@ def trl(stage: str, cfg, rec: dict, work: Path) -> Meter:
     if stage == "sft":
         start = str(Path(rec["sft"]["out_dir"]) / "base")
         rows = load_split(data_dir, "sft")
-        rows = rows[max(1, int(EVAL_SHARE * len(rows))):]  # the rows our SFT trains on
-        ds = Dataset.from_list([{"prompt": r["prompt"], "completion": render_answer(None, r["prompt"], r["response"])} for r in rows])
-        args = T.SFTConfig(**trl_args(cfg.sft, work, device, max_length=max_length, completion_only_loss=True, packing=False))
+        rows = rows[max(1, int(EVAL_SHARE * len(rows))) :]  # the rows our SFT trains on
+        ds = Dataset.from_list(
+            [{"prompt": r["prompt"], "completion": render_answer(None, r["prompt"], r["response"])} for r in rows]
+        )
+        args = T.SFTConfig(
+            **trl_args(cfg.sft, work, device, max_length=max_length, completion_only_loss=True, packing=False)
+        )
         tok = AutoTokenizer.from_pretrained(start)
-        trainer = T.SFTTrainer(model=AutoModelForCausalLM.from_pretrained(start), args=args, train_dataset=ds, processing_class=tok)
+        trainer = T.SFTTrainer(
+            model=AutoModelForCausalLM.from_pretrained(start), args=args, train_dataset=ds, processing_class=tok
+        )
     else:
         start = rec["sft"]["model_path"]
         tok = AutoTokenizer.from_pretrained(start)
         rows = load_split(data_dir, "pref")
-        ds = Dataset.from_list([{"prompt": r["prompt"], "chosen": render_answer(None, r["prompt"], r["chosen"]), "rejected": render_answer(None, r["prompt"], r["rejected"])} for r in rows])
+        ds = Dataset.from_list(
+            [
+                {
+                    "prompt": r["prompt"],
+                    "chosen": render_answer(None, r["prompt"], r["chosen"]),
+                    "rejected": render_answer(None, r["prompt"], r["rejected"]),
+                }
+                for r in rows
+            ]
+        )
         if stage == "reward":
             model = AutoModelForSequenceClassification.from_pretrained(start, num_labels=1)
             model.config.pad_token_id = tok.pad_token_id
             args = T.RewardConfig(**trl_args(cfg.reward, work, device, max_length=max_length, disable_dropout=True))
             trainer = T.RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
         else:
-            args = T.DPOConfig(**trl_args(cfg.algo, work, device, max_length=max_length, beta=cfg.algo.beta,
-                                          label_smoothing=cfg.algo.label_smoothing, disable_dropout=True))
-            trainer = T.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(start), args=args, train_dataset=ds, processing_class=tok)
+            args = T.DPOConfig(
+                **trl_args(
+                    cfg.algo,
+                    work,
+                    device,
+                    max_length=max_length,
+                    beta=cfg.algo.beta,
+                    label_smoothing=cfg.algo.label_smoothing,
+                    disable_dropout=True,
+                )
+            )
+            trainer = T.DPOTrainer(
+                model=AutoModelForCausalLM.from_pretrained(start), args=args, train_dataset=ds, processing_class=tok
+            )
     meter = Meter()
     compute_loss = trainer.compute_loss
 
@@ -307,10 +368,15 @@ def rows_that_fit(data_dir: str, tokenizer_dir: str, max_length: int, out_dir: P
 
     def fits(prompt: str, *answers: str) -> bool:
         n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
-        return all(n_prompt + len(tok(render_answer(None, prompt, a), add_special_tokens=False)["input_ids"]) + 1 <= max_length for a in answers)
+        return all(
+            n_prompt + len(tok(render_answer(None, prompt, a), add_special_tokens=False)["input_ids"]) + 1 <= max_length
+            for a in answers
+        )
 
-    splits = {"sft": [r for r in load_split(data_dir, "sft") if fits(r["prompt"], r["response"])][:limit],
-              "pref": [r for r in load_split(data_dir, "pref") if fits(r["prompt"], r["chosen"], r["rejected"])][:limit]}
+    splits = {
+        "sft": [r for r in load_split(data_dir, "sft") if fits(r["prompt"], r["response"])][:limit],
+        "pref": [r for r in load_split(data_dir, "pref") if fits(r["prompt"], r["chosen"], r["rejected"])][:limit],
+    }
     # Our stages also score a held-out set (DPO: its reference log-probs up front); TRL's runs have no eval
     # set: one held-out row keeps that extra work out of the comparison.
     splits["eval_pref"] = load_split(data_dir, "eval_pref")[:1]
@@ -326,13 +392,23 @@ def child_stage(spec: dict) -> dict:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as work:
         tok_dir = str(Path(rec["sft"]["out_dir"]) / "base") if spec["stage"] == "sft" else rec["sft"]["model_path"]
-        rec["data"] = {"data_dir": rows_that_fit(rec["data"]["data_dir"], tok_dir, cfg.model.max_length, Path(work) / "data", spec["rows"])}
+        rec["data"] = {
+            "data_dir": rows_that_fit(
+                rec["data"]["data_dir"], tok_dir, cfg.model.max_length, Path(work) / "data", spec["rows"]
+            )
+        }
         meter = (ours if spec["impl"] == "ours" else trl)(spec["stage"], cfg, rec, Path(work) / "run")
     flops = training_flops_per_token(tok_dir, cfg.model.max_length, scalar=spec["stage"] == "reward")
     if spec["stage"] == "dpo":
         flops *= 4 / 3  # the frozen reference's forward on every token
     tps = meter.tokens / meter.seconds
-    return {"tokens": meter.tokens, "seconds": meter.seconds, "tokens_per_s": tps, "tflops": flops * tps / 1e12, **peak_memory_mb()}
+    return {
+        "tokens": meter.tokens,
+        "seconds": meter.seconds,
+        "tokens_per_s": tps,
+        "tflops": flops * tps / 1e12,
+        **peak_memory_mb(),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -360,12 +436,18 @@ def ppo_settings(spec: dict):
     return onpolicy_settings({"algo_cfg": spec["ppo"], "steps": spec["steps"]})[1]
 
 
-OURS = ("ours", "ours_gpt2_gelu", "ours_foreach_adamw", "ours_recomputed_logprobs")  # as shipped, then one change undone at a time
+OURS = (
+    "ours",
+    "ours_gpt2_gelu",
+    "ours_foreach_adamw",
+    "ours_recomputed_logprobs",
+)  # as shipped, then one change undone at a time
 OURS_COMPILED = "ours_compiled"  # ours with runtime.compile (benchmarks/compile.py)
 
 
 def child_ppo(spec: dict) -> dict:
-    """Ours (or a variant of :data:`OURS`) or the plain loop for ``steps`` iterations; the trained policy goes to ``policy_dir``."""
+    """Ours (or a variant of :data:`OURS`) or the plain loop for ``steps`` iterations; the trained policy goes to
+    ``policy_dir``."""
     import torch
 
     from rlhf import runtime
@@ -379,45 +461,80 @@ def child_ppo(spec: dict) -> dict:
     sft_path, reward_path = rec["sft"]["model_path"], rec["reward"]["model_path"]
     started = time.perf_counter()
     if spec["impl"] in (*OURS, OURS_COMPILED):
-        if spec["impl"] == "ours_gpt2_gelu":  # one change undone: GPT-2's own GELU (Python-level ops), not the fused kernel
+        if (
+            spec["impl"] == "ours_gpt2_gelu"
+        ):  # one change undone: GPT-2's own GELU (Python-level ops), not the fused kernel
             import rlhf.modeling as modeling_mod
 
             modeling_mod.FUSED_ACTIVATIONS.clear()
-            modeling_mod.FUSED_ACTIVATIONS["gelu_pytorch_tanh"] = "gelu_new"  # the checkpoints we trained were saved with the swap
-        if spec["impl"] == "ours_foreach_adamw":  # one change undone: PyTorch's default AdamW (on CPU a per-tensor loop, no foreach)
+            modeling_mod.FUSED_ACTIVATIONS["gelu_pytorch_tanh"] = (
+                "gelu_new"  # the checkpoints we trained were saved with the swap
+            )
+        if (
+            spec["impl"] == "ours_foreach_adamw"
+        ):  # one change undone: PyTorch's default AdamW (on CPU a per-tensor loop, no foreach)
             import rlhf.trainer as trainer_mod
 
-            trainer_mod.adamw = lambda groups, c: torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.95), eps=1e-8)
-        if spec["impl"] == "ours_recomputed_logprobs":  # one change undone: old log-probs from a forward, not from the sampler
+            trainer_mod.adamw = lambda groups, c: torch.optim.AdamW(
+                groups, lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.95), eps=1e-8
+            )
+        if (
+            spec["impl"] == "ours_recomputed_logprobs"
+        ):  # one change undone: old log-probs from a forward, not from the sampler
             import rlhf.onpolicy as onpolicy_mod
 
             onpolicy_mod.sampler_logprobs_exact = lambda model_cfg: False
         sink = NullSink()
         with tempfile.TemporaryDirectory() as work:
             ctx = StageContext(Path(work), sink, device, fresh=True, compile=spec["impl"] == OURS_COMPILED)
-            ppo.run(ppo_cfg, cfg.model, PolicyInputs(rec["data"]["data_dir"], sft_path, reward_path, missing_eos_penalty=cfg.reward.missing_eos_penalty), ctx)
+            ppo.run(
+                ppo_cfg,
+                cfg.model,
+                PolicyInputs(
+                    rec["data"]["data_dir"], sft_path, reward_path, missing_eos_penalty=cfg.reward.missing_eos_penalty
+                ),
+                ctx,
+            )
             shutil.copytree(ctx.final_dir, spec["policy_dir"])
         logged = [(t, m) for (_, m), t in zip(sink.history, sink.times) if "ppo/time_update_s" in m]
         before = max(t for (step, _), t in zip(sink.history, sink.times) if step == 0)  # the held-out evaluation of SFT
         first_step_s = logged[0][0] - before  # the first iteration (compiling, where runtime.compile is on)
         rows = []
         for (t_prev, _), (t, m) in zip(logged, logged[1:]):  # the first step warms up
-            tokens = m["ppo/train_tokens_per_s"] * m["ppo/time_update_s"] / ppo_cfg.ppo_epochs  # prompt + answer tokens of the rollout
-            rows.append({"step_s": t - t_prev, **{f"{k}_s": m[f"ppo/time_{k}_s"] for k in ("generation", "scoring", "update")},
-                         "gen_tokens_per_s": m["ppo/gen_tokens_per_s"], "train_tokens_per_s": m["ppo/train_tokens_per_s"], "tokens_per_s": tokens / (t - t_prev)})
+            tokens = (
+                m["ppo/train_tokens_per_s"] * m["ppo/time_update_s"] / ppo_cfg.ppo_epochs
+            )  # prompt + answer tokens of the rollout
+            rows.append(
+                {
+                    "step_s": t - t_prev,
+                    **{f"{k}_s": m[f"ppo/time_{k}_s"] for k in ("generation", "scoring", "update")},
+                    "gen_tokens_per_s": m["ppo/gen_tokens_per_s"],
+                    "train_tokens_per_s": m["ppo/train_tokens_per_s"],
+                    "tokens_per_s": tokens / (t - t_prev),
+                }
+            )
     else:
         from benchmarks.ppo_baseline import run_baseline
 
-        rows = run_baseline(ppo_cfg, cfg.model.max_length, rec["data"]["data_dir"], sft_path, reward_path, device, spec["policy_dir"])
-    return {"steps": rows, "wall_s": time.perf_counter() - started, "flops_per_token": ppo_flops(cfg, rec, ppo_cfg), **peak_memory_mb(),
-            **({"first_step_s": first_step_s} if spec["impl"] in (*OURS, OURS_COMPILED) else {})}
+        rows = run_baseline(
+            ppo_cfg, cfg.model.max_length, rec["data"]["data_dir"], sft_path, reward_path, device, spec["policy_dir"]
+        )
+    return {
+        "steps": rows,
+        "wall_s": time.perf_counter() - started,
+        "flops_per_token": ppo_flops(cfg, rec, ppo_cfg),
+        **peak_memory_mb(),
+        **({"first_step_s": first_step_s} if spec["impl"] in (*OURS, OURS_COMPILED) else {}),
+    }
 
 
 def ppo_flops(cfg, rec: dict, ppo_cfg) -> float:
     """Training FLOPs per token of PPO's update: the policy and the value model."""
     sft_path, reward_path = rec["sft"]["model_path"], rec["reward"]["model_path"]
     value_path = reward_path if ppo_cfg.value_init == "reward" else sft_path
-    return training_flops_per_token(sft_path, cfg.model.max_length) + training_flops_per_token(value_path, cfg.model.max_length, scalar=True)
+    return training_flops_per_token(sft_path, cfg.model.max_length) + training_flops_per_token(
+        value_path, cfg.model.max_length, scalar=True
+    )
 
 
 def run_trl_ppo(spec: dict) -> dict:
@@ -435,21 +552,40 @@ def run_trl_ppo(spec: dict) -> dict:
     runtime.setup(cfg.runtime, 0)  # the threads ours runs with
     sft_path, reward_path = rec["sft"]["model_path"], rec["reward"]["model_path"]
     tok = load_tokenizer(sft_path)
-    prompts = encode_prompts(tok, [r["prompt"] for r in load_rows(rec["data"]["data_dir"], "ppo_prompts", tok)],
-                             cfg.model.max_length - ppo_cfg.sampling.max_new_tokens)
+    prompts = encode_prompts(
+        tok,
+        [r["prompt"] for r in load_rows(rec["data"]["data_dir"], "ppo_prompts", tok)],
+        cfg.model.max_length - ppo_cfg.sampling.max_new_tokens,
+    )
     if ppo_cfg.value_init == "sft":
-        raise SystemExit("value_init=sft zeroes our value head; TRL's value model keeps its head: compare with value_init=reward")
+        raise SystemExit(
+            "value_init=sft zeroes our value head; TRL's value model keeps its head: compare with value_init=reward"
+        )
     with tempfile.TemporaryDirectory() as work:
-        trl_spec = {"sft_path": sft_path, "reward_path": reward_path, "value_path": reward_path, "prompt_ids": prompts,
-                    "ppo": dataclasses.asdict(ppo_cfg), "steps": spec["steps"], "out_dir": work,
-                    "missing_eos_penalty": cfg.reward.missing_eos_penalty, "threads": torch.get_num_threads()}
+        trl_spec = {
+            "sft_path": sft_path,
+            "reward_path": reward_path,
+            "value_path": reward_path,
+            "prompt_ids": prompts,
+            "ppo": dataclasses.asdict(ppo_cfg),
+            "steps": spec["steps"],
+            "out_dir": work,
+            "missing_eos_penalty": cfg.reward.missing_eos_penalty,
+            "threads": torch.get_num_threads(),
+        }
         (Path(work) / "spec.json").write_text(json.dumps(trl_spec))
-        out = subprocess.run([str(trl_ppo_python()), str(PROJECT / "benchmarks" / "trl_ppo.py"), str(Path(work) / "spec.json")], cwd=PROJECT,
-                             env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, capture_output=True, text=True, timeout=3600)
+        out = subprocess.run(
+            [str(trl_ppo_python()), str(PROJECT / "benchmarks" / "trl_ppo.py"), str(Path(work) / "spec.json")],
+            cwd=PROJECT,
+            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
         lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
         if out.returncode != 0 or not lines:
             raise RuntimeError(f"TRL PPO failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
-        result = json.loads(lines[-1][len("RESULT "):])
+        result = json.loads(lines[-1][len("RESULT ") :])
         shutil.copytree(result.pop("policy_dir"), spec["policy_dir"])
     return {**result, "flops_per_token": ppo_flops(cfg, rec, ppo_cfg)}
 
@@ -465,10 +601,21 @@ def child_ppo_gold(spec: dict) -> dict:
     out = {}
     for impl, policy_dir in spec["policies"].items():
         with tempfile.TemporaryDirectory() as work:
-            m = evaluate.run(cfg.eval, cfg.model.max_length, True, rec["data"]["data_dir"], policy_dir, rec["sft"]["model_path"],
-                             [rec["reward"]["model_path"]], StageContext(Path(work), NullSink(), device, fresh=True),
-                             cfg.reward.missing_eos_penalty)["metrics"]
-        out[impl] = {k: m[f"eval/{k}"] for k in ("gold_gain", "gold_gain_se", "win_rate_gold", "win_rate_gold_se", "kl", "kl_se", "proxy_gain")}
+            m = evaluate.run(
+                cfg.eval,
+                cfg.model.max_length,
+                True,
+                rec["data"]["data_dir"],
+                policy_dir,
+                rec["sft"]["model_path"],
+                [rec["reward"]["model_path"]],
+                StageContext(Path(work), NullSink(), device, fresh=True),
+                cfg.reward.missing_eos_penalty,
+            )["metrics"]
+        out[impl] = {
+            k: m[f"eval/{k}"]
+            for k in ("gold_gain", "gold_gain_se", "win_rate_gold", "win_rate_gold_se", "kl", "kl_se", "proxy_gain")
+        }
     return out
 
 
@@ -480,7 +627,9 @@ def onpolicy_settings(spec: dict):
     from rlhf.config import from_dict
 
     algorithm = registry()[spec["algo_cfg"]["algo"]]
-    return algorithm, from_dict(algorithm.schema, {**spec["algo_cfg"], "steps": spec["steps"], "eval_every": 10**6, "checkpoint_every": 10**6})
+    return algorithm, from_dict(
+        algorithm.schema, {**spec["algo_cfg"], "steps": spec["steps"], "eval_every": 10**6, "checkpoint_every": 10**6}
+    )
 
 
 def child_critic_free(spec: dict) -> dict:
@@ -506,26 +655,41 @@ def child_critic_free(spec: dict) -> dict:
         sink = NullSink()
         with tempfile.TemporaryDirectory() as work:
             ctx = StageContext(Path(work), sink, device, fresh=True)
-            algorithm.run(c, cfg.model, PolicyInputs(rec["data"]["data_dir"], sft_path, reward_path, missing_eos_penalty=cfg.reward.missing_eos_penalty), ctx)
+            algorithm.run(
+                c,
+                cfg.model,
+                PolicyInputs(
+                    rec["data"]["data_dir"], sft_path, reward_path, missing_eos_penalty=cfg.reward.missing_eos_penalty
+                ),
+                ctx,
+            )
             shutil.copytree(ctx.final_dir, spec["policy_dir"])
         name = c.algo
-        ends = [(t, m[f"{name}/train_tokens_per_s"] * m[f"{name}/time_update_s"] / c.ppo_epochs)
-                for (_, m), t in zip(sink.history, sink.times) if f"{name}/time_update_s" in m]
+        ends = [
+            (t, m[f"{name}/train_tokens_per_s"] * m[f"{name}/time_update_s"] / c.ppo_epochs)
+            for (_, m), t in zip(sink.history, sink.times)
+            if f"{name}/time_update_s" in m
+        ]
     else:
         ends = trl_critic_free(spec, cfg, rec, c, device)
     import statistics
 
     spans = [(t - t_prev, n) for (t_prev, _), (t, n) in zip(ends, ends[1:])]  # the first iteration warms up
-    return {"iterations": len(ends), "tokens_per_s": statistics.median(n / dt for dt, n in spans),
-            "iteration_s": statistics.median(dt for dt, _ in spans), "wall_s": time.perf_counter() - started, **peak_memory_mb()}
+    return {
+        "iterations": len(ends),
+        "tokens_per_s": statistics.median(n / dt for dt, n in spans),
+        "iteration_s": statistics.median(dt for dt, _ in spans),
+        "wall_s": time.perf_counter() - started,
+        **peak_memory_mb(),
+    }
 
 
 def trl_critic_free(spec: dict, cfg, rec: dict, c, device) -> list[tuple[float, float]]:
     import torch
+    import trl as T
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
 
-    import trl as T
     from rlhf.data import load_rows
     from rlhf.modeling import load_scalar_model, load_tokenizer, sequence_scores
 
@@ -545,26 +709,61 @@ def trl_critic_free(spec: dict, cfg, rec: dict, c, device) -> list[tuple[float, 
         ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, r in enumerate(rows):  # left padding: the last token of every row in the last column
-            ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
-        scores = sequence_scores(reward_model, ids.to(device), mask.to(device), torch.full((len(rows),), width - 1, device=device))
+            ids[i, width - len(r) :], mask[i, width - len(r) :] = torch.tensor(r), 1
+        scores = sequence_scores(
+            reward_model, ids.to(device), mask.to(device), torch.full((len(rows),), width - 1, device=device)
+        )
         ended = torch.tensor([eos in a for a in completion_ids], device=device)
         return (scores - penalty * (~ended).float()).tolist()
 
-    common = dict(output_dir=str(Path(spec["policy_dir"]).with_suffix(".trainer")), learning_rate=c.lr, lr_scheduler_type=c.schedule,
-                  warmup_steps=c.warmup_ratio, weight_decay=c.weight_decay, adam_beta2=0.95, max_grad_norm=c.max_grad_norm, seed=c.seed,
-                  per_device_train_batch_size=c.minibatch_size, steps_per_generation=c.rollout_batch_size // c.minibatch_size,
-                  num_generations=c.samples_per_prompt, num_iterations=c.ppo_epochs, max_completion_length=c.sampling.max_new_tokens,
-                  temperature=c.sampling.temperature, top_k=0, top_p=1.0, beta=c.beta, epsilon=c.clip_range,
-                  max_steps=spec["steps"] * (c.rollout_batch_size // c.minibatch_size) * c.ppo_epochs, logging_steps=10**6,
-                  save_strategy="no", report_to="none", disable_tqdm=True, bf16=False, fp16=False, use_cpu=device.type == "cpu",
-                  dataloader_num_workers=0, log_completions=False)
+    common = dict(
+        output_dir=str(Path(spec["policy_dir"]).with_suffix(".trainer")),
+        learning_rate=c.lr,
+        lr_scheduler_type=c.schedule,
+        warmup_steps=c.warmup_ratio,
+        weight_decay=c.weight_decay,
+        adam_beta2=0.95,
+        max_grad_norm=c.max_grad_norm,
+        seed=c.seed,
+        per_device_train_batch_size=c.minibatch_size,
+        steps_per_generation=c.rollout_batch_size // c.minibatch_size,
+        num_generations=c.samples_per_prompt,
+        num_iterations=c.ppo_epochs,
+        max_completion_length=c.sampling.max_new_tokens,
+        temperature=c.sampling.temperature,
+        top_k=0,
+        top_p=1.0,
+        beta=c.beta,
+        epsilon=c.clip_range,
+        max_steps=spec["steps"] * (c.rollout_batch_size // c.minibatch_size) * c.ppo_epochs,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        bf16=False,
+        fp16=False,
+        use_cpu=device.type == "cpu",
+        dataloader_num_workers=0,
+        log_completions=False,
+    )
     if c.algo == "grpo":
-        trainer_cls, args = T.GRPOTrainer, T.GRPOConfig(**common, loss_type={"sequence": "grpo", "token": "dapo", "dr_grpo": "dr_grpo"}[c.loss_aggregation],
-                                                         scale_rewards="group" if c.scale_rewards else "none")
+        trainer_cls, args = (
+            T.GRPOTrainer,
+            T.GRPOConfig(
+                **common,
+                loss_type={"sequence": "grpo", "token": "dapo", "dr_grpo": "dr_grpo"}[c.loss_aggregation],
+                scale_rewards="group" if c.scale_rewards else "none",
+            ),
+        )
     else:
         trainer_cls, args = T.RLOOTrainer, T.RLOOConfig(**common, normalize_advantages=c.whiten_advantages)
-    trainer = trainer_cls(model=AutoModelForCausalLM.from_pretrained(sft_path), reward_funcs=our_reward, args=args,
-                          train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok)
+    trainer = trainer_cls(
+        model=AutoModelForCausalLM.from_pretrained(sft_path),
+        reward_funcs=our_reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=tok,
+    )
     batches: list[float] = []
     score = trainer._generate_and_score_completions
 
@@ -604,7 +803,13 @@ def measure_critic_free(overrides: list[str], steps: int, env: dict, repeats: in
 
         def run_one(impl: str, i: int) -> dict:
             print(f"{algo}: {impl}, {n} iterations (round {i + 1} of {repeats}) ...", flush=True)
-            spec = {"overrides": overrides, "impl": impl, "algo_cfg": algo_cfg, "steps": n, "policy_dir": str(policies / f"{algo}-{impl}-{i}")}
+            spec = {
+                "overrides": overrides,
+                "impl": impl,
+                "algo_cfg": algo_cfg,
+                "steps": n,
+                "policy_dir": str(policies / f"{algo}-{impl}-{i}"),
+            }
             return {**run_child("critic_free", spec, env), "policy_dir": spec["policy_dir"]}
 
         for impl, (result, policy_dir) in counted_runs(alternating_rounds(["ours", "trl"], repeats, run_one)).items():
@@ -625,12 +830,22 @@ def summarize(run: dict) -> dict:
 
     rows = run["steps"]
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    return {**med, "update_tflops": run["flops_per_token"] * med["train_tokens_per_s"] / 1e12,
-            **{k: v for k, v in run.items() if k not in ("steps", "flops_per_token")}, "step_s_each": [r["step_s"] for r in rows]}
+    return {
+        **med,
+        "update_tflops": run["flops_per_token"] * med["train_tokens_per_s"] / 1e12,
+        **{k: v for k, v in run.items() if k not in ("steps", "flops_per_token")},
+        "step_s_each": [r["step_s"] for r in rows],
+    }
 
 
-CHILDREN = {"pipeline": child_pipeline, "stage": child_stage, "ppo": child_ppo, "ppo_gold": child_ppo_gold, "trl_ppo": run_trl_ppo,
-            "critic_free": child_critic_free}
+CHILDREN = {
+    "pipeline": child_pipeline,
+    "stage": child_stage,
+    "ppo": child_ppo,
+    "ppo_gold": child_ppo_gold,
+    "trl_ppo": run_trl_ppo,
+    "critic_free": child_critic_free,
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -638,39 +853,61 @@ CHILDREN = {"pipeline": child_pipeline, "stage": child_stage, "ppo": child_ppo, 
 # ------------------------------------------------------------------------------------------------
 def run_child(kind: str, spec: dict, env: dict) -> dict:
     spec = {**spec, "t_launch": time.time()}
-    out = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--child", kind, json.dumps(spec)], cwd=PROJECT, env=env,
-                         capture_output=True, text=True, timeout=3600)
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.throughput", "--child", kind, json.dumps(spec)],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
-        raise RuntimeError(f"{kind} {spec.get('stage', '')} {spec.get('impl', '')} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+        raise RuntimeError(
+            f"{kind} {spec.get('stage', '')} {spec.get('impl', '')} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+        )
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def markdown(report: dict) -> str:
     p = report.get("pipeline")
     lines = [
-        f"# Throughput: ours against the reference implementations\n",
-        f"Device: {report['device']}. Config: `{' '.join(report['overrides']) or 'default'}`; torch {report['versions']['torch']}, "
-        f"trl {report['versions']['trl']}, transformers {report['versions']['transformers']}, prefect {report['versions']['prefect']}, "
-        f"mlflow {report['versions']['mlflow']}. Measured {report['date']} at commit {report.get('commit', '?')}: `{report.get('command', '')}`"
-        + (f" (phases measured on other dates keep theirs: {report['measured']})" if len(set(report.get('measured', {}).values())) > 1 else "") + ".\n",
+        "# Throughput: ours against the reference implementations\n",
+        f"Device: {report['device']}. Config: `{' '.join(report['overrides']) or 'default'}`; torch "
+        f"{report['versions']['torch']}, "
+        f"trl {report['versions']['trl']}, transformers {report['versions']['transformers']}, prefect "
+        f"{report['versions']['prefect']}, "
+        f"mlflow {report['versions']['mlflow']}. Measured {report['date']} at commit {report.get('commit', '?')}: "
+        f"`{report.get('command', '')}`"
+        + (
+            f" (phases measured on other dates keep theirs: {report['measured']})"
+            if len(set(report.get("measured", {}).values())) > 1
+            else ""
+        )
+        + ".\n",
     ]
     if p:
         lines += [
-        "## Pipeline and orchestration\n",
-        "| measure | value |", "|---|---|",
-        f"| pipeline wall (flow run, all stages ran) | {p['pipeline_wall_s']:.1f} s |",
-        f"| stages' own compute ({', '.join(f'{k} {v:.1f}' for k, v in p['stage_compute_s'].items())}) | {p['compute_s']:.1f} s |",
-        f"| **orchestration overhead** (wall − compute) | **{p['overhead_s']:.1f} s = {p['overhead_pct']:.1f} %** |",
-        f"| fully Cached re-run (same process) | {p['cached_rerun_s']:.1f} s |",
-        f"| start-up of a new process: imports / Prefect ephemeral server / new MLflow store | "
-        f"{p['startup_s']['imports']:.1f} / {p['startup_s']['prefect_server']:.1f} / {p['startup_s']['mlflow_store']:.1f} s |",
-        f"| peak RSS of the pipeline process | {p['peak_rss_mb']:.0f} MB |",
+            "## Pipeline and orchestration\n",
+            "| measure | value |",
+            "|---|---|",
+            f"| pipeline wall (flow run, all stages ran) | {p['pipeline_wall_s']:.1f} s |",
+            f"| stages' own compute ({', '.join(f'{k} {v:.1f}' for k, v in p['stage_compute_s'].items())}) | "
+            f"{p['compute_s']:.1f} s |",
+            f"| **orchestration overhead** (wall − compute) | "
+            f"**{p['overhead_s']:.1f} s = {p['overhead_pct']:.1f} %** |",
+            f"| fully Cached re-run (same process) | {p['cached_rerun_s']:.1f} s |",
+            f"| start-up of a new process: imports / Prefect ephemeral server / new MLflow store | "
+            f"{p['startup_s']['imports']:.1f} / {p['startup_s']['prefect_server']:.1f} / "
+            f"{p['startup_s']['mlflow_store']:.1f} s |",
+            f"| peak RSS of the pipeline process | {p['peak_rss_mb']:.0f} MB |",
         ]
     lines += [
-        f"\n## SFT, reward, DPO: tokens/s of training (real tokens, same work; {report['rows']} rows that fit the context, "
+        f"\n## SFT, reward, DPO: tokens/s of training (real tokens, same work; {report['rows']} rows that fit the "
+        f"context, "
         f"the config's epochs; best of {report['repeats']} runs each, alternating order; every run in the JSON)\n",
-        "| stage | ours tok/s | reference | reference tok/s | ours / reference | ours s | ref s | tokens ours / ref | peak MB ours / ref "
+        "| stage | ours tok/s | reference | reference tok/s | ours / reference | ours s | ref s | tokens ours / ref | "
+        "peak MB ours / ref "
         "| ours TFLOP/s | ours MFU |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -680,73 +917,113 @@ def markdown(report: dict) -> str:
     for stage, r in report["stages"].items():
         o, t = r["ours"], r["reference"]
         mem = lambda x: f"{x.get('peak_cuda_mb', x['peak_rss_mb']):.0f}"  # noqa: E731
-        lines.append(f"| {stage} | {o['tokens_per_s']:,.0f} | {refs[stage]} | {t['tokens_per_s']:,.0f} | **{r['ratio']:.2f}x** | "
-                     f"{o['seconds']:.1f} | {t['seconds']:.1f} | {o['tokens']:,} / {t['tokens']:,} | {mem(o)} / {mem(t)} | "
-                     f"{o['tflops']:.4g} | {mfu(o['tflops'])} |")
+        lines.append(
+            f"| {stage} | {o['tokens_per_s']:,.0f} | {refs[stage]} | {t['tokens_per_s']:,.0f} | **{r['ratio']:.2f}x** "
+            f"| "
+            f"{o['seconds']:.1f} | {t['seconds']:.1f} | {o['tokens']:,} / {t['tokens']:,} | {mem(o)} / {mem(t)} | "
+            f"{o['tflops']:.4g} | {mfu(o['tflops'])} |"
+        )
     ppo = report["ppo"]
     o = ppo["ours"]
     lines += [
-        f"\n## PPO: {ppo['steps']} iterations each on the default PPO settings; medians over the iterations after the first; "
+        f"\n## PPO: {ppo['steps']} iterations each on the default PPO settings; medians over the iterations after the "
+        f"first; "
         f"the fastest of {ppo.get('repeats', 1)} runs each, alternating order (every run's tokens/s in the JSON)\n",
-        "tokens/s = the rollout's real tokens (prompt + answer) per second of an iteration's wall time (end of one iteration "
+        "tokens/s = the rollout's real tokens (prompt + answer) per second of an iteration's wall time (end of one "
+        "iteration "
         "to the end of the next); generation, scoring and update split it.\n",
-        "| | step s | tokens/s | generation s | scoring s | update s | gen tok/s | train tok/s | peak MB | update TFLOP/s | update MFU |",
+        "| | step s | tokens/s | generation s | scoring s | update s | gen tok/s | train tok/s | peak MB | update "
+        "TFLOP/s | update MFU |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    names = {"ours": "ours (rlhf/stages/ppo.py)", "trl": f"TRL {report['versions'].get('trl_ppo', '1.12.0')} PPOTrainer (benchmarks/trl_ppo.py)",
-             "reference": "plain PyTorch loop (benchmarks/ppo_baseline.py)"}
+    names = {
+        "ours": "ours (rlhf/stages/ppo.py)",
+        "trl": f"TRL {report['versions'].get('trl_ppo', '1.12.0')} PPOTrainer (benchmarks/trl_ppo.py)",
+        "reference": "plain PyTorch loop (benchmarks/ppo_baseline.py)",
+    }
     for impl, name in names.items():
         r = ppo[impl]
-        lines.append(f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['generation_s']:.3f} | {r['scoring_s']:.3f} | "
-                     f"{r['update_s']:.3f} | {r['gen_tokens_per_s']:,.0f} | {r['train_tokens_per_s']:,.0f} | "
-                     f"{r.get('peak_cuda_mb', r['peak_rss_mb']):.0f} | {r['update_tflops']:.4g} | {mfu(r['update_tflops'])} |")
+        lines.append(
+            f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['generation_s']:.3f} | "
+            f"{r['scoring_s']:.3f} | "
+            f"{r['update_s']:.3f} | {r['gen_tokens_per_s']:,.0f} | {r['train_tokens_per_s']:,.0f} | "
+            f"{r.get('peak_cuda_mb', r['peak_rss_mb']):.0f} | {r['update_tflops']:.4g} | {mfu(r['update_tflops'])} |"
+        )
     for impl in ("trl", "reference"):
         r = ppo[impl]
-        lines.append(f"| ours / {impl if impl == 'trl' else 'plain'}, speed-up | {r['step_s'] / o['step_s']:.2f}x | "
-                     f"**{o['tokens_per_s'] / r['tokens_per_s']:.2f}x** | {r['generation_s'] / o['generation_s']:.2f}x | "
-                     f"{r['scoring_s'] / o['scoring_s']:.2f}x | {r['update_s'] / o['update_s']:.2f}x | | | | | |")
-    variants = {"ours_gpt2_gelu": "ours with GPT-2's own GELU (the fused-kernel swap undone)",
-                "ours_foreach_adamw": "ours with PyTorch's default AdamW (a loop over the tensors on CPU; the fused kernel undone)",
-                "ours_recomputed_logprobs": "ours with the old log-probs recomputed by a forward (the sampler's not reused)"}
+        lines.append(
+            f"| ours / {impl if impl == 'trl' else 'plain'}, speed-up | {r['step_s'] / o['step_s']:.2f}x | "
+            f"**{o['tokens_per_s'] / r['tokens_per_s']:.2f}x** | {r['generation_s'] / o['generation_s']:.2f}x | "
+            f"{r['scoring_s'] / o['scoring_s']:.2f}x | {r['update_s'] / o['update_s']:.2f}x | | | | | |"
+        )
+    variants = {
+        "ours_gpt2_gelu": "ours with GPT-2's own GELU (the fused-kernel swap undone)",
+        "ours_foreach_adamw": "ours with PyTorch's default AdamW (a loop over the tensors on CPU; the fused kernel "
+        "undone)",
+        "ours_recomputed_logprobs": "ours with the old log-probs recomputed by a forward (the sampler's not reused)",
+    }
     if all(v in ppo for v in variants):
         lines += [
-            "\nOne change undone at a time (the same iterations; the whole run's wall time also holds our held-out evaluations "
-            "before training, after the first iteration and after the last; `runtime.compile`: benchmarks/results/compile_cpu.md):\n",
-            "| | step s | tokens/s | generation s | scoring s | update s | whole run s | ours / this |", "|---|---|---|---|---|---|---|---|",
+            "\nOne change undone at a time (the same iterations; the whole run's wall time also holds our held-out "
+            "evaluations "
+            "before training, after the first iteration and after the last; `runtime.compile`: "
+            "benchmarks/results/compile_cpu.md):\n",
+            "| | step s | tokens/s | generation s | scoring s | update s | whole run s | ours / this |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for impl, name in {"ours": "ours as shipped", **variants}.items():
             r = ppo[impl]
-            lines.append(f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['generation_s']:.3f} | {r['scoring_s']:.3f} | "
-                         f"{r['update_s']:.3f} | {r['wall_s']:.1f} | {o['tokens_per_s'] / r['tokens_per_s']:.2f}x |")
+            lines.append(
+                f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['generation_s']:.3f} | "
+                f"{r['scoring_s']:.3f} | "
+                f"{r['update_s']:.3f} | {r['wall_s']:.1f} | {o['tokens_per_s'] / r['tokens_per_s']:.2f}x |"
+            )
     g = ppo["gold"]
     lines += [
-        f"\nHeld-out gold after the {ppo['steps']} iterations (our eval stage on each trained policy, the config's eval prompts and seed; "
+        f"\nHeld-out gold after the {ppo['steps']} iterations (our eval stage on each trained policy, the config's "
+        f"eval prompts and seed; "
         "± one standard error over prompts):\n",
-        "| | gold gain over SFT | win rate (gold) | KL to SFT | proxy gain |", "|---|---|---|---|---|",
+        "| | gold gain over SFT | win rate (gold) | KL to SFT | proxy gain |",
+        "|---|---|---|---|---|",
     ]
     for impl, name in {**names, **variants}.items():
         if impl in g:
             r = g[impl]
-            lines.append(f"| {name} | {r['gold_gain']:+.3f} ± {r['gold_gain_se']:.3f} | {r['win_rate_gold']:.3f} ± {r['win_rate_gold_se']:.3f} | "
-                         f"{r['kl']:.2f} ± {r['kl_se']:.2f} | {r['proxy_gain']:+.3f} |")
+            lines.append(
+                f"| {name} | {r['gold_gain']:+.3f} ± {r['gold_gain_se']:.3f} | {r['win_rate_gold']:.3f} ± "
+                f"{r['win_rate_gold_se']:.3f} | "
+                f"{r['kl']:.2f} ± {r['kl_se']:.2f} | {r['proxy_gain']:+.3f} |"
+            )
     cf = report.get("critic_free")
     if cf:
         lines += [
             f"\n## RLOO and GRPO: ours against TRL {report['versions']['trl']}'s RLOOTrainer and GRPOTrainer\n",
-            "The same iterations of each method's default settings; tokens/s = an iteration's real tokens (prompts + answers) over "
-            f"its wall time, median over the iterations after the first; the fastest of {next(iter(cf.values())).get('repeats', 1)} runs each, "
+            "The same iterations of each method's default settings; tokens/s = an iteration's real tokens (prompts + "
+            "answers) over "
+            f"its wall time, median over the iterations after the first; the fastest of "
+            f"{next(iter(cf.values())).get('repeats', 1)} runs each, "
             "alternating order. TRL's reward is our reward model under our scoring rule. Held-out gold "
             "± one standard error over prompts.\n",
-            "| method | ours tok/s | TRL tok/s | ours / TRL | ours s / iteration | TRL s / iteration | gold gain ours | gold gain TRL | "
-            "win rate ours | win rate TRL |", "|---|---|---|---|---|---|---|---|---|---|",
+            "| method | ours tok/s | TRL tok/s | ours / TRL | ours s / iteration | TRL s / iteration | gold gain ours "
+            "| gold gain TRL | "
+            "win rate ours | win rate TRL |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for algo, r in cf.items():
             o, t, g = r["ours"], r["trl"], r["gold"]
-            lines.append(f"| {algo} ({r['steps']} iterations) | {o['tokens_per_s']:,.0f} | {t['tokens_per_s']:,.0f} | **{r['ratio']:.2f}x** | "
-                         f"{o['iteration_s']:.2f} | {t['iteration_s']:.2f} | {g['ours']['gold_gain']:+.3f} ± {g['ours']['gold_gain_se']:.3f} | "
-                         f"{g['trl']['gold_gain']:+.3f} ± {g['trl']['gold_gain_se']:.3f} | {g['ours']['win_rate_gold']:.3f} | {g['trl']['win_rate_gold']:.3f} |")
-    lines.append(f"\nMFU: model FLOPs (6 N + 12 L d T per trained token) over the dense peak of {report['precision']} on this device "
-                 f"({f'{peak:g} TFLOP/s' if peak else 'unknown: pass --peak-tflops'}).")
+            lines.append(
+                f"| {algo} ({r['steps']} iterations) | {o['tokens_per_s']:,.0f} | {t['tokens_per_s']:,.0f} | "
+                f"**{r['ratio']:.2f}x** | "
+                f"{o['iteration_s']:.2f} | {t['iteration_s']:.2f} | {g['ours']['gold_gain']:+.3f} ± "
+                f"{g['ours']['gold_gain_se']:.3f} | "
+                f"{g['trl']['gold_gain']:+.3f} ± {g['trl']['gold_gain_se']:.3f} | {g['ours']['win_rate_gold']:.3f} | "
+                f"{g['trl']['win_rate_gold']:.3f} |"
+            )
+    lines.append(
+        f"\nMFU: model FLOPs (6 N + 12 L d T per trained token) over the dense peak of {report['precision']} on this "
+        f"device "
+        f"({f'{peak:g} TFLOP/s' if peak else 'unknown: pass --peak-tflops'})."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -756,15 +1033,38 @@ PHASES = ("pipeline", "stages", "ppo", "critic_free")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
-    ap.add_argument("--ppo-steps", type=int, default=0, help="PPO iterations per implementation (0: the config's algo.steps; the first warms up)")
+    ap.add_argument(
+        "--ppo-steps",
+        type=int,
+        default=0,
+        help="PPO iterations per implementation (0: the config's algo.steps; the first warms up)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the config's)")
-    ap.add_argument("--rows", type=int, default=768, help="training rows (SFT examples, preference pairs) per stage comparison")
-    ap.add_argument("--repeats", type=int, default=3, help="SFT / reward / DPO measurements per implementation, alternating which goes first")
-    ap.add_argument("--ppo-repeats", type=int, default=3, help="rounds of the PPO, RLOO and GRPO runs, alternating the order (the fastest run counts)")
+    ap.add_argument(
+        "--rows", type=int, default=768, help="training rows (SFT examples, preference pairs) per stage comparison"
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="SFT / reward / DPO measurements per implementation, alternating which goes first",
+    )
+    ap.add_argument(
+        "--ppo-repeats",
+        type=int,
+        default=3,
+        help="rounds of the PPO, RLOO and GRPO runs, alternating the order (the fastest run counts)",
+    )
     ap.add_argument("--root", default=None, help="pipeline root (default: a fresh temporary folder)")
-    ap.add_argument("--phases", default="pipeline,stages,ppo,critic_free",
-                    help="phases to measure; the others keep the last results' values (without pipeline, --root must hold a finished one)")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak TFLOP/s for MFU (default: known GPUs)")
+    ap.add_argument(
+        "--phases",
+        default="pipeline,stages,ppo,critic_free",
+        help="phases to measure; the others keep the last results' values (without pipeline, --root must hold a "
+        "finished one)",
+    )
+    ap.add_argument(
+        "--peak-tflops", type=float, default=None, help="the device's dense peak TFLOP/s for MFU (default: known GPUs)"
+    )
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of the pipeline config")
     args = ap.parse_args()
     if args.child:
@@ -780,36 +1080,68 @@ def main() -> None:
     overrides = [f"paths.root={root}", f"tracking.uri=sqlite:///{root}/mlflow.db", *args.overrides]
     if args.threads:
         overrides.append(f"runtime.threads={args.threads}")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(root / "prefect-home"), "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PREFECT_HOME": str(root / "prefect-home"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     env.pop("PREFECT_API_URL", None)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True).stdout.strip()
-    report: dict = {"overrides": args.overrides, "date": time.strftime("%Y-%m-%d"), "commit": commit, "command": " ".join(["python -m benchmarks.throughput", *sys.argv[1:]]),
-                    "rows": args.rows, "repeats": args.repeats,
-                    "versions": {**{p: md.version(p) for p in ("torch", "trl", "transformers", "prefect", "mlflow")}, "trl_ppo": TRL_PPO}}
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True
+    ).stdout.strip()
+    report: dict = {
+        "overrides": args.overrides,
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit,
+        "command": " ".join(["python -m benchmarks.throughput", *sys.argv[1:]]),
+        "rows": args.rows,
+        "repeats": args.repeats,
+        "versions": {
+            **{p: md.version(p) for p in ("torch", "trl", "transformers", "prefect", "mlflow")},
+            "trl_ppo": TRL_PPO,
+        },
+    }
     phases = set(args.phases.split(","))
     if unknown := phases - set(PHASES):
         ap.error(f"--phases: unknown {sorted(unknown)}; choose from {', '.join(PHASES)}")
-    last = json.loads((RESULTS / "throughput_cpu.json").read_text()) if (RESULTS / "throughput_cpu.json").exists() else {}
+    last = (
+        json.loads((RESULTS / "throughput_cpu.json").read_text()) if (RESULTS / "throughput_cpu.json").exists() else {}
+    )
     report.update({k: last[k] for k in PHASES if k not in phases and k in last})
     if "stages" not in phases:  # the kept stage results were measured with the last run's rows and repeats
         report.update({k: last[k] for k in ("rows", "repeats") if k in last})
     stamp = f"{report['date']} at {commit}"
-    report["measured"] = {k: stamp if k in phases else last.get("measured", {}).get(k, f"{last.get('date')} at {last.get('commit', '?')}") for k in PHASES}
+    report["measured"] = {
+        k: stamp if k in phases else last.get("measured", {}).get(k, f"{last.get('date')} at {last.get('commit', '?')}")
+        for k in PHASES
+    }
     if "pipeline" in phases:
         print("pipeline ...", flush=True)
         report["pipeline"] = run_child("pipeline", {"overrides": overrides}, env)
     for stage in ("sft", "reward", "dpo") if "stages" in phases else ():
         report.setdefault("stages", {})
         print(f"{stage}: ours, TRL ...", flush=True)
-        runs = alternating_rounds(["ours", "trl"], args.repeats, lambda impl, i: run_child(
-            "stage", {"overrides": overrides, "stage": stage, "impl": impl, "rows": args.rows}, env))
+        runs = alternating_rounds(
+            ["ours", "trl"],
+            args.repeats,
+            lambda impl, i: run_child(
+                "stage", {"overrides": overrides, "stage": stage, "impl": impl, "rows": args.rows}, env
+            ),
+        )
         r = {impl: best_run(rs) for impl, rs in runs.items()}
-        report["stages"][stage] = {"ours": r["ours"], "reference": r["trl"], "ratio": r["ours"]["tokens_per_s"] / r["trl"]["tokens_per_s"],
-                                   "tokens_per_s_each": {impl: [x["tokens_per_s"] for x in rs] for impl, rs in runs.items()}}
+        report["stages"][stage] = {
+            "ours": r["ours"],
+            "reference": r["trl"],
+            "ratio": r["ours"]["tokens_per_s"] / r["trl"]["tokens_per_s"],
+            "tokens_per_s_each": {impl: [x["tokens_per_s"] for x in rs] for impl, rs in runs.items()},
+        }
     from flows.pipeline import load_config
 
     if "ppo" in phases:
-        report["ppo"] = measure_ppo(load_config(["algo=ppo", *overrides])["algo"], args.ppo_steps, overrides, env, args.ppo_repeats)
+        report["ppo"] = measure_ppo(
+            load_config(["algo=ppo", *overrides])["algo"], args.ppo_steps, overrides, env, args.ppo_repeats
+        )
     if "critic_free" in phases:
         report["critic_free"] = measure_critic_free(overrides, args.ppo_steps, env, args.ppo_repeats)
     report["device"] = run_child_device(env)
@@ -844,14 +1176,22 @@ def measure_ppo(ppo_cfg: dict, steps: int, overrides: list[str], env: dict, repe
 
     def run_one(impl: str, i: int) -> dict:
         print(f"ppo: {impl}, {steps} iterations (round {i + 1} of {repeats}) ...", flush=True)
-        spec = {"overrides": overrides, "impl": impl, "ppo": ppo_cfg, "steps": steps, "policy_dir": str(policies / f"{impl}-{i}")}
+        spec = {
+            "overrides": overrides,
+            "impl": impl,
+            "ppo": ppo_cfg,
+            "steps": steps,
+            "policy_dir": str(policies / f"{impl}-{i}"),
+        }
         return {**summarize(run_child(impls[impl], spec, env)), "policy_dir": spec["policy_dir"]}
 
     out: dict = {"steps": steps, "repeats": repeats}
     counted = counted_runs(alternating_rounds(list(impls), repeats, run_one))
     out.update({impl: r for impl, (r, _) in counted.items()})
     print("ppo: held-out gold of each ...", flush=True)
-    out["gold"] = run_child("ppo_gold", {"overrides": overrides, "policies": {impl: d for impl, (_, d) in counted.items()}}, env)
+    out["gold"] = run_child(
+        "ppo_gold", {"overrides": overrides, "policies": {impl: d for impl, (_, d) in counted.items()}}, env
+    )
     shutil.rmtree(policies, ignore_errors=True)
     return out
 
@@ -861,7 +1201,7 @@ def alternating_rounds(impls: list[str], repeats: int, run_one) -> dict[str, lis
     other round so that none always runs on a warmer machine: {impl: [each round's result]}."""
     runs: dict[str, list[dict]] = {impl: [] for impl in impls}
     for i in range(repeats):
-        for impl in (impls if i % 2 == 0 else impls[::-1]):
+        for impl in impls if i % 2 == 0 else impls[::-1]:
             runs[impl].append(run_one(impl, i))
     return runs
 
@@ -872,18 +1212,30 @@ def best_run(runs: list[dict]) -> dict:
 
 
 def counted_runs(runs: dict[str, list[dict]]) -> dict[str, tuple[dict, str]]:
-    """Per implementation, the fastest run's result (with every round's tokens/s) and the folder of the policy it trained."""
+    """Per implementation, the fastest run's result (with every round's tokens/s) and the folder of the policy it
+    trained."""
     counted = {}
     for impl, rs in runs.items():
         best = best_run(rs)
-        counted[impl] = ({**{k: v for k, v in best.items() if k != "policy_dir"}, "tokens_per_s_each": [r["tokens_per_s"] for r in rs]},
-                         best["policy_dir"])
+        counted[impl] = (
+            {
+                **{k: v for k, v in best.items() if k != "policy_dir"},
+                "tokens_per_s_each": [r["tokens_per_s"] for r in rs],
+            },
+            best["policy_dir"],
+        )
     return counted
 
 
 def run_child_device(env: dict) -> str:
-    out = subprocess.run([sys.executable, "-c", "from benchmarks.throughput import device_name; print(device_name())"], cwd=PROJECT,
-                         env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", "from benchmarks.throughput import device_name; print(device_name())"],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return out.stdout.strip()
 
 

@@ -56,7 +56,8 @@ def report(name: str) -> str:
 
 
 def value(name: str, *path_and_spec: str) -> str:
-    """One number (or string) of a results JSON: the keys down to it (a list's index as a number), then a format spec."""
+    """One number (or string) of a results JSON: the keys down to it (a list's index as a number), then a format
+    spec."""
     *path, spec = path_and_spec
     node = load(name)
     for key in path:
@@ -118,13 +119,19 @@ def config_groups() -> str:
 
 
 HUB_PARAMETERS = {"gpt2": 124_439_808, "Qwen2.5-0.5B": 494_032_768}  # the published models' parameter counts
-BYTES = {"SFT": (1, 0), "reward": (1, 0), "DPO (reference freed before training)": (1, 0),
-         "PPO (policy + value trained, reference + reward frozen)": (2, 2)}  # (trained, frozen) copies of the weights
+BYTES = {
+    "SFT": (1, 0),
+    "reward": (1, 0),
+    "DPO (reference freed before training)": (1, 0),
+    "PPO (policy + value trained, reference + reward frozen)": (2, 2),
+}  # (trained, frozen) copies of the weights
 
 
 def memory_table() -> str:
-    """Weights and AdamW state per stage, from parameter counts: 16 bytes per trained parameter (fp32 weights, gradients,
-    two moments), 4 per frozen one; PPO under LoRA holds each base once, frozen (adapters negligible). Before activations."""
+    """Weights and AdamW state per stage, from parameter counts: 16 bytes per trained parameter (fp32 weights,
+    gradients,
+    two moments), 4 per frozen one; PPO under LoRA holds each base once, frozen (adapters negligible). Before
+    activations."""
     import torch
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM
@@ -134,22 +141,32 @@ def memory_table() -> str:
 
     counts = dict(HUB_PARAMETERS)
     for name in ("qwen2_450m", "llama_400m"):  # built from a config: counted on the meta device, nothing allocated
-        cfg = from_dict(ModelConfig, OmegaConf.to_container(OmegaConf.load(PROJECT / "conf" / "model" / f"{name}.yaml")))
+        cfg = from_dict(
+            ModelConfig, OmegaConf.to_container(OmegaConf.load(PROJECT / "conf" / "model" / f"{name}.yaml"))
+        )
         with torch.device("meta"):
-            counts[name] = sum(p.numel() for p in AutoModelForCausalLM.from_config(model_config(cfg, cfg.vocab_size, 0, 1)).parameters())
+            counts[name] = sum(
+                p.numel()
+                for p in AutoModelForCausalLM.from_config(model_config(cfg, cfg.vocab_size, 0, 1)).parameters()
+            )
     gb = lambda n, trained, frozen: f"{n * (16 * trained + 4 * frozen) / 1e9:.1f} GB"  # noqa: E731
     out = ["| model (params) | " + " | ".join(BYTES) + " | PPO with `lora_r=16` |", "|---|" + "---|" * (len(BYTES) + 1)]
-    out += [f"| {name} ({n / 1e6:.0f} M) | " + " | ".join(gb(n, *b) for b in BYTES.values()) + f" | {gb(n, 0, 2)} |" for name, n in counts.items()]
+    out += [
+        f"| {name} ({n / 1e6:.0f} M) | " + " | ".join(gb(n, *b) for b in BYTES.values()) + f" | {gb(n, 0, 2)} |"
+        for name, n in counts.items()
+    ]
     return "\n".join(out)
 
 
-LAYERS = {"conf": "Hydra option files, one group per concern (only what an option changes): what runs",
-          "flows": "the Prefect flows: in which order the stages run",
-          "tasks": "one Prefect task per stage: how a stage is cached, tracked and placed",
-          "rlhf": "the ML, importable without Prefect: how the math works",
-          "rlhf/stages": "one module per stage: `run(...) -> record`",
-          "benchmarks": "measurements against the peers; results/ holds what they measured",
-          "tests": "the test suite (`make test`)"}
+LAYERS = {
+    "conf": "Hydra option files, one group per concern (only what an option changes): what runs",
+    "flows": "the Prefect flows: in which order the stages run",
+    "tasks": "one Prefect task per stage: how a stage is cached, tracked and placed",
+    "rlhf": "the ML, importable without Prefect: how the math works",
+    "rlhf/stages": "one module per stage: `run(...) -> record`",
+    "benchmarks": "measurements against the peers; results/ holds what they measured",
+    "tests": "the test suite (`make test`)",
+}
 
 
 def layout() -> str:
@@ -167,9 +184,15 @@ def layout() -> str:
     return "\n".join(out)
 
 
-MACROS = {"report": report, "value": value, "metrics_reference": metrics_reference, "config_reference": config_reference,
-          "config_groups": config_groups, "memory_table": memory_table,
-          "layout": layout}
+MACROS = {
+    "report": report,
+    "value": value,
+    "metrics_reference": metrics_reference,
+    "config_reference": config_reference,
+    "config_groups": config_groups,
+    "memory_table": memory_table,
+    "layout": layout,
+}
 
 
 def expand(markdown: str) -> str:

@@ -53,11 +53,26 @@ def cached_run(cfg: PipelineConfig) -> dict | None:
     exp_id = experiment_id(client, cfg.tracking.experiment, Path(cfg.paths.root), uri)
     name = run_name(cfg, keys)
     parent = open_parent_run(cfg, client, exp_id, name)
-    parent.set_tags({k: v for stage, rec in records.items() for k, v in stage_tags(stage, keys[stage], True, rec).items()})
+    parent.set_tags(
+        {k: v for stage, rec in records.items() for k, v in stage_tags(stage, keys[stage], True, rec).items()}
+    )
     algo, metrics = cfg.algo.algo, records["eval"]["metrics"]
     record_results(client, parent, records["data"], records[algo], metrics)
     parent.set_tags({"cached_run": "true"})
     parent.finish()
-    print(f"all stages cached: nothing to train. MLflow run {name}: {mlflow_link(uri, exp_id, parent.run_id)}{ui_hint(uri)}", flush=True)
-    return {"run_id": parent.run_id, "run_name": name, "experiment_id": exp_id, "tracking_uri": uri, "keys": keys,
-            "cached": {stage: True for stage in keys}, "metrics": metrics, "policy_path": records[algo]["model_path"], "records": records}
+    print(
+        f"all stages cached: nothing to train. MLflow run {name}: "
+        f"{mlflow_link(uri, exp_id, parent.run_id)}{ui_hint(uri)}",
+        flush=True,
+    )
+    return {
+        "run_id": parent.run_id,
+        "run_name": name,
+        "experiment_id": exp_id,
+        "tracking_uri": uri,
+        "keys": keys,
+        "cached": {stage: True for stage in keys},
+        "metrics": metrics,
+        "policy_path": records[algo]["model_path"],
+        "records": records,
+    }

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import tasks  # noqa: F401  (Prefect defaults first)
-
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as prefect_run
 
+import tasks  # noqa: F401  (Prefect defaults first)
 from flows.parent import open_parent_run, record_results, stage_tags
 from flows.report import mlflow_link, publish, run_name, ui_hint
 from flows.stage import training_task
@@ -53,10 +52,16 @@ class Stages:
         dispatch = self.cfg.dispatch
         if dispatch.dispatched(name):
             task = dispatch_stage.with_options(name=name, **options)
-            inputs = {"stage": name, "inputs": inputs, "dispatch": to_dict(dispatch),
-                      "flow_run_name": f"{name}-{short_key(self.keys[name])} of {self.env['run_name']}"}
+            inputs = {
+                "stage": name,
+                "inputs": inputs,
+                "dispatch": to_dict(dispatch),
+                "flow_run_name": f"{name}-{short_key(self.keys[name])} of {self.env['run_name']}",
+            }
         else:
-            task = task.with_options(**options, tags=[dispatch.concurrency_tag] if stage_kind(name) in training_stages() else [])
+            task = task.with_options(
+                **options, tags=[dispatch.concurrency_tag] if stage_kind(name) in training_stages() else []
+            )
         self.log.info("stage %s: starting (key %s)", name, self.keys[name])
         return task, {"key": self.keys[name], "env": self.env, "fresh": refresh, **inputs}
 
@@ -66,10 +71,16 @@ class Stages:
         tags = {f"stage.{name}.cache_key": self.keys[name], f"stage.{name}.cached": str(self.cached[name]).lower()}
         if state.is_failed() or state.is_crashed():
             self.parent.set_tags({**tags, "failed_stage": name})
-            self.log.error("stage %s: %s. Finished stages stay cached; run the same command again to continue.", name, state.name)
+            self.log.error(
+                "stage %s: %s. Finished stages stay cached; run the same command again to continue.", name, state.name
+            )
         record = state.result()  # re-raises the stage's exception
         self.parent.set_tags(stage_tags(name, self.keys[name], self.cached[name], record))
-        how = f"Cached (made by MLflow run {record['run_id']})" if self.cached[name] else f"ran in {record['compute_s']:.1f} s (MLflow run {record['run_id']})"
+        how = (
+            f"Cached (made by MLflow run {record['run_id']})"
+            if self.cached[name]
+            else f"ran in {record['compute_s']:.1f} s (MLflow run {record['run_id']})"
+        )
         self.log.info("stage %s: %s", name, how)
         return record
 
@@ -82,8 +93,10 @@ class Stages:
         flow run; in this process one after the other (torch's global RNG and threads are per process)."""
         if not all(self.cfg.dispatch.dispatched(name) for name, _, _ in calls):
             return [self(name, task, **inputs) for name, task, inputs in calls]
-        futures = [(name, task.submit(**inputs)) for name, task, inputs in (
-            (name, *self._placed(name, task, inputs)) for name, task, inputs in calls)]
+        futures = [
+            (name, task.submit(**inputs))
+            for name, task, inputs in ((name, *self._placed(name, task, inputs)) for name, task, inputs in calls)
+        ]
         for _, future in futures:
             future.wait()
         return [self._record(name, future.state) for name, future in futures]
@@ -101,7 +114,9 @@ def name_flow_run(name: str) -> None:
 
 
 @flow(name="rlhf-pipeline", log_prints=True)
-def rlhf_pipeline(config: dict | None = None, overrides: list[str] | None = None, base_overrides: list[str] | None = None) -> dict:
+def rlhf_pipeline(
+    config: dict | None = None, overrides: list[str] | None = None, base_overrides: list[str] | None = None
+) -> dict:
     """data -> SFT -> reward -> policy (DPO, PPO, ...) -> eval, every stage cached on its key; one parent MLflow run.
 
     ``config``: a composed config (the Hydra app, tests). Otherwise the config is composed from ``conf/``
@@ -125,21 +140,50 @@ def rlhf_pipeline(config: dict | None = None, overrides: list[str] | None = None
     name_flow_run(name)
     parent = open_parent_run(cfg, client, exp_id, name, prefect_run.id)
     logger.info("MLflow run %s: %s%s", name, mlflow_link(uri, exp_id, parent.run_id), ui_hint(uri))
-    env = {"root": str(root), "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent.run_id, "run_name": name,
-           "runtime": to_dict(cfg.runtime), "tracking": to_dict(cfg.tracking)}
+    env = {
+        "root": str(root),
+        "tracking_uri": uri,
+        "experiment_id": exp_id,
+        "parent_run_id": parent.run_id,
+        "run_name": name,
+        "runtime": to_dict(cfg.runtime),
+        "tracking": to_dict(cfg.tracking),
+    }
     stage = Stages(cfg, keys, env, parent, logger)
     algo, model, has_gold = cfg.algo.algo, to_dict(cfg.model), cfg.data.source == "synthetic"
     try:
         data = stage("data", data_stage, data=to_dict(cfg.data))
         sft = stage("sft", training_task("sft"), model=model, sft_cfg=to_dict(cfg.sft), data=data)
-        rewards = stage.all([(reward_member(i), training_task("reward"), dict(model=model, reward_cfg=to_dict(cfg.reward), data=data, sft=sft,
-                                                                             member=i)) for i in range(cfg.reward.ensemble_size)])
-        policy_inputs = {"rewards": rewards, "has_gold": has_gold, "missing_eos_penalty": cfg.reward.missing_eos_penalty} \
-            if registry()[algo].needs_reward else {}
-        policy = stage(algo, training_task(algo), model=model, algo=to_dict(cfg.algo), data=data, sft=sft, **policy_inputs)
-        evaluation = stage("eval", eval_stage, model=model, eval_cfg=to_dict(cfg.eval), has_gold=has_gold,
-                           missing_eos_penalty=cfg.reward.missing_eos_penalty,
-                           data=data, sft=sft, rewards=rewards, policy=policy)
+        rewards = stage.all(
+            [
+                (
+                    reward_member(i),
+                    training_task("reward"),
+                    dict(model=model, reward_cfg=to_dict(cfg.reward), data=data, sft=sft, member=i),
+                )
+                for i in range(cfg.reward.ensemble_size)
+            ]
+        )
+        policy_inputs = (
+            {"rewards": rewards, "has_gold": has_gold, "missing_eos_penalty": cfg.reward.missing_eos_penalty}
+            if registry()[algo].needs_reward
+            else {}
+        )
+        policy = stage(
+            algo, training_task(algo), model=model, algo=to_dict(cfg.algo), data=data, sft=sft, **policy_inputs
+        )
+        evaluation = stage(
+            "eval",
+            eval_stage,
+            model=model,
+            eval_cfg=to_dict(cfg.eval),
+            has_gold=has_gold,
+            missing_eos_penalty=cfg.reward.missing_eos_penalty,
+            data=data,
+            sft=sft,
+            rewards=rewards,
+            policy=policy,
+        )
     except Preempted as stopped:  # a stop signal: the stage checkpointed its step; the next run resumes there
         parent.set_tags({"rlhf.stopped": str(stopped)})
         parent.finish("KILLED")
@@ -154,5 +198,14 @@ def rlhf_pipeline(config: dict | None = None, overrides: list[str] | None = None
         logger.info("all stages cached: nothing trained")
     logger.info("%s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
     parent.finish()
-    return {"run_id": parent.run_id, "run_name": name, "experiment_id": exp_id, "tracking_uri": uri, "keys": keys, "cached": stage.cached,
-            "metrics": metrics, "policy_path": policy["model_path"], "records": {"data": data, "sft": sft, **{reward_member(i): r for i, r in enumerate(rewards)}, algo: policy}}
+    return {
+        "run_id": parent.run_id,
+        "run_name": name,
+        "experiment_id": exp_id,
+        "tracking_uri": uri,
+        "keys": keys,
+        "cached": stage.cached,
+        "metrics": metrics,
+        "policy_path": policy["model_path"],
+        "records": {"data": data, "sft": sft, **{reward_member(i): r for i, r in enumerate(rewards)}, algo: policy},
+    }

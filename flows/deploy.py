@@ -14,8 +14,6 @@ import os
 import sys
 from pathlib import Path
 
-import tasks  # noqa: F401  (Prefect defaults first)
-
 from omegaconf import OmegaConf
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
@@ -24,6 +22,7 @@ from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL
 from prefect.workers.process import ProcessWorker
 
+import tasks  # noqa: F401  (Prefect defaults first)
 from flows.dag import rlhf_pipeline
 from flows.pipeline import CONF_DIR, PROJECT_DIR
 from flows.stage import rlhf_stage
@@ -42,12 +41,16 @@ def base_job_template(pool: dict, name: str) -> dict:
     if pool["base_job_template"]:
         path = Path(pool["base_job_template"])
         if not path.is_file():
-            raise ConfigError(f"pools.{name}.base_job_template={path} does not exist. Fix: pass a JSON file "
-                              f"(e.g. deploy/kubernetes-gpu-job-template.json) or null for a process pool.")
+            raise ConfigError(
+                f"pools.{name}.base_job_template={path} does not exist. Fix: pass a JSON file "
+                f"(e.g. deploy/kubernetes-gpu-job-template.json) or null for a process pool."
+            )
         return json.loads(path.read_text())
     if pool["type"] != "process":
-        raise ConfigError(f"pools.{name}.type={pool['type']} needs pools.{name}.base_job_template. Fix: pass its JSON "
-                          f"file (`prefect work-pool get-default-base-job-template --type {pool['type']}` prints a start).")
+        raise ConfigError(
+            f"pools.{name}.type={pool['type']} needs pools.{name}.base_job_template. Fix: pass its JSON "
+            f"file (`prefect work-pool get-default-base-job-template --type {pool['type']}` prints a start)."
+        )
     return ProcessWorker.get_default_base_job_template()
 
 
@@ -56,21 +59,33 @@ def ensure_pools(client, pools: dict) -> None:
         template = base_job_template(pool, name)
         try:
             client.read_work_pool(name)
-            client.update_work_pool(name, WorkPoolUpdate(base_job_template=template, concurrency_limit=pool["concurrency_limit"]))
+            client.update_work_pool(
+                name, WorkPoolUpdate(base_job_template=template, concurrency_limit=pool["concurrency_limit"])
+            )
         except ObjectNotFound:
-            client.create_work_pool(WorkPoolCreate(name=name, type=pool["type"], base_job_template=template,
-                                                   concurrency_limit=pool["concurrency_limit"]))
+            client.create_work_pool(
+                WorkPoolCreate(
+                    name=name,
+                    type=pool["type"],
+                    base_job_template=template,
+                    concurrency_limit=pool["concurrency_limit"],
+                )
+            )
 
 
 def deploy(cfg: dict) -> dict[str, str]:
     """Create or update everything; returns {deployment name: id}."""
     if not PREFECT_API_URL.value():
-        raise ConfigError("PREFECT_API_URL is not set: deployments need a Prefect server that outlives this process. "
-                          "Fix: `prefect server start` then `export PREFECT_API_URL=http://127.0.0.1:4200/api`.")
+        raise ConfigError(
+            "PREFECT_API_URL is not set: deployments need a Prefect server that outlives this process. "
+            "Fix: `prefect server start` then `export PREFECT_API_URL=http://127.0.0.1:4200/api`."
+        )
     flow_name, stage_name = cfg["dispatch"]["deployment"].split("/")
     if flow_name != rlhf_stage.name:
-        raise ConfigError(f"dispatch.deployment={cfg['dispatch']['deployment']!r}: the stage flow is {rlhf_stage.name!r}. "
-                          f"Fix: pass dispatch.deployment={rlhf_stage.name}/{stage_name}.")
+        raise ConfigError(
+            f"dispatch.deployment={cfg['dispatch']['deployment']!r}: the stage flow is {rlhf_stage.name!r}. "
+            f"Fix: pass dispatch.deployment={rlhf_stage.name}/{stage_name}."
+        )
     source = cfg["source"] or str(PROJECT_DIR)
     with get_client(sync_client=True) as client:
         ensure_pools(client, cfg["pools"])
@@ -78,19 +93,39 @@ def deploy(cfg: dict) -> dict[str, str]:
         client.create_concurrency_limit(tag=conc["tag"], concurrency_limit=conc["limit"])
     stage, pipe = cfg["stage"], cfg["pipeline"]
     ids = {}
-    ids[cfg["dispatch"]["deployment"]] = str(rlhf_stage.from_source(source, "flows/stage.py:rlhf_stage").deploy(
-        name=stage_name, work_pool_name=stage["pool"], job_variables=stage["job_variables"], tags=stage["tags"],
-        build=False, push=False, print_next_steps=False, ignore_warnings=True,
-        description="One training stage (SFT, a reward model or the policy stage); started by the pipeline with run_deployment.",
-    ))
+    ids[cfg["dispatch"]["deployment"]] = str(
+        rlhf_stage.from_source(source, "flows/stage.py:rlhf_stage").deploy(
+            name=stage_name,
+            work_pool_name=stage["pool"],
+            job_variables=stage["job_variables"],
+            tags=stage["tags"],
+            build=False,
+            push=False,
+            print_next_steps=False,
+            ignore_warnings=True,
+            description="One training stage (SFT, a reward model or the policy stage); started by the pipeline with "
+            "run_deployment.",
+        )
+    )
     sched = pipe["schedule"]
-    ids[f"{rlhf_pipeline.name}/{pipe['name']}"] = str(rlhf_pipeline.from_source(source, "flows/dag.py:rlhf_pipeline").deploy(
-        name=pipe["name"], work_pool_name=pipe["pool"], job_variables=pipe["job_variables"], tags=pipe["tags"],
-        parameters={"base_overrides": pipe["base_overrides"]},
-        schedules=[Cron(sched["cron"], timezone=sched["timezone"], active=sched["active"])] if sched["cron"] else [],
-        build=False, push=False, print_next_steps=False, ignore_warnings=True,
-        description="The RLHF pipeline; parameter `overrides` takes Hydra overrides (e.g. [\"algo=ppo\", \"algo.beta=0.1\"]).",
-    ))
+    ids[f"{rlhf_pipeline.name}/{pipe['name']}"] = str(
+        rlhf_pipeline.from_source(source, "flows/dag.py:rlhf_pipeline").deploy(
+            name=pipe["name"],
+            work_pool_name=pipe["pool"],
+            job_variables=pipe["job_variables"],
+            tags=pipe["tags"],
+            parameters={"base_overrides": pipe["base_overrides"]},
+            schedules=[Cron(sched["cron"], timezone=sched["timezone"], active=sched["active"])]
+            if sched["cron"]
+            else [],
+            build=False,
+            push=False,
+            print_next_steps=False,
+            ignore_warnings=True,
+            description='The RLHF pipeline; parameter `overrides` takes Hydra overrides (e.g. ["algo=ppo", '
+            '"algo.beta=0.1"]).',
+        )
+    )
     return ids
 
 
@@ -100,8 +135,10 @@ def main(argv: list[str]) -> None:
     for name, dep_id in deploy(cfg).items():
         print(f"deployment {name}: {dep_id}")
     pools = " and ".join(f"`prefect worker start --pool {p}`" for p in cfg["pools"])
-    print(f"tag limit: {cfg['concurrency']['tag']}={cfg['concurrency']['limit']}. Start {pools}, then "
-          f"`prefect deployment run {rlhf_pipeline.name}/{cfg['pipeline']['name']}`.")
+    print(
+        f"tag limit: {cfg['concurrency']['tag']}={cfg['concurrency']['limit']}. Start {pools}, then "
+        f"`prefect deployment run {rlhf_pipeline.name}/{cfg['pipeline']['name']}`."
+    )
 
 
 if __name__ == "__main__":

@@ -25,12 +25,21 @@ def git_commit() -> str:
         return "unknown"
 
 
-def open_parent_run(cfg: PipelineConfig, client: MlflowClient, exp_id: str, name: str, flow_run_id: str | None = None) -> RunLogger:
+def open_parent_run(
+    cfg: PipelineConfig, client: MlflowClient, exp_id: str, name: str, flow_run_id: str | None = None
+) -> RunLogger:
     """The pipeline's parent MLflow run: under the sweep's run when it is a sweep member; earlier runs whose
     process died (kill -9) are closed as KILLED, naming this run as the one that took over."""
     commit = git_commit()
-    tags = {"pipeline": "rlhf", "algo": cfg.algo.algo, "git_commit": commit, "mlflow.source.git.commit": commit,
-            "mlflow.source.name": "flows/pipeline.py", "mlflow.source.type": "JOB", **cfg.tags}
+    tags = {
+        "pipeline": "rlhf",
+        "algo": cfg.algo.algo,
+        "git_commit": commit,
+        "mlflow.source.git.commit": commit,
+        "mlflow.source.name": "flows/pipeline.py",
+        "mlflow.source.type": "JOB",
+        **cfg.tags,
+    }
     sweep_parent = None
     if cfg.sweep_id:
         tags["sweep_id"] = cfg.sweep_id
@@ -54,4 +63,8 @@ def record_results(client: MlflowClient, parent: RunLogger, data: dict, policy: 
 
 def stage_tags(name: str, key: str, cached: bool, record: dict) -> dict[str, str]:
     """The lineage tags of one stage on the parent run."""
-    return {f"stage.{name}.cache_key": key, f"stage.{name}.cached": str(cached).lower(), f"stage.{name}.run_id": record["run_id"]}
+    return {
+        f"stage.{name}.cache_key": key,
+        f"stage.{name}.cached": str(cached).lower(),
+        f"stage.{name}.run_id": record["run_id"],
+    }

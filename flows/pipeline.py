@@ -44,7 +44,9 @@ def load_config(overrides: list[str] | None = None) -> dict:
             cfg = compose(config_name="config", overrides=list(overrides or []))
     except HydraException as e:  # a wrong type or an unknown key, found against the schema while composing
         cause = f": {e.__cause__}" if e.__cause__ else ""
-        raise ConfigError(f"{e}{cause}. Fix: check the key and its type (`python -m flows.pipeline --help` lists every field).") from e
+        raise ConfigError(
+            f"{e}{cause}. Fix: check the key and its type (`python -m flows.pipeline --help` lists every field)."
+        ) from e
     return to_container(cfg)
 
 

@@ -10,7 +10,9 @@ def run_name(cfg: PipelineConfig, keys: dict[str, str]) -> str:
     """What tells this run apart from its neighbours: algo, beta, clip range where there is one, and the
     sweep member's number or a short policy key (``ppo-b0.05-c0.2-m3``, ``dpo-b0.3-7c1e2a``)."""
     algo = cfg.algo
-    parts = [algo.algo] + [f"{tag}{getattr(algo, f):g}" for tag, f in (("b", "beta"), ("c", "clip_range")) if hasattr(algo, f)]
+    parts = [algo.algo] + [
+        f"{tag}{getattr(algo, f):g}" for tag, f in (("b", "beta"), ("c", "clip_range")) if hasattr(algo, f)
+    ]
     parts.append(f"m{cfg.sweep_member}" if cfg.sweep_member is not None else short_key(keys[algo.algo]))
     return "-".join(parts)
 
@@ -38,7 +40,9 @@ def ui_hint(tracking_uri: str) -> str:
     return "" if tracking_uri.startswith("http") else f" (start it with `mlflow ui --backend-store-uri {tracking_uri}`)"
 
 
-def publish(cfg: PipelineConfig, name: str, metrics: dict, tracking_uri: str, exp_id: str, run_id: str, cached: dict) -> None:
+def publish(
+    cfg: PipelineConfig, name: str, metrics: dict, tracking_uri: str, exp_id: str, run_id: str, cached: dict
+) -> None:
     """Prefect artifacts of the flow run: a markdown summary, a table of the eval metrics, a link to MLflow."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
@@ -46,9 +50,19 @@ def publish(cfg: PipelineConfig, name: str, metrics: dict, tracking_uri: str, ex
     stages = ", ".join(f"{k}: {'Cached' if v else 'ran'}" for k, v in cached.items())
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()))
     create_markdown_artifact(
-        key="rlhf-summary", description="Held-out evaluation of this pipeline run",
-        markdown=f"# {name}\n\nMLflow run: {link}{ui_hint(tracking_uri)}\n\nStages: {stages}\n\n| metric | value |\n|---|---|\n{rows}\n",
+        key="rlhf-summary",
+        description="Held-out evaluation of this pipeline run",
+        markdown=f"# {name}\n\nMLflow run: {link}{ui_hint(tracking_uri)}\n\nStages: {stages}\n\n| metric | value "
+        f"|\n|---|---|\n{rows}\n",
     )
-    create_table_artifact(key="rlhf-eval", description=f"{name}: held-out evaluation",
-                          table=[{"metric": k, "value": round(float(v), 6)} for k, v in sorted(metrics.items())])
-    create_link_artifact(key="rlhf-mlflow", link=link, link_text=f"MLflow run {name}", description=f"The parent MLflow run{ui_hint(tracking_uri)}")
+    create_table_artifact(
+        key="rlhf-eval",
+        description=f"{name}: held-out evaluation",
+        table=[{"metric": k, "value": round(float(v), 6)} for k, v in sorted(metrics.items())],
+    )
+    create_link_artifact(
+        key="rlhf-mlflow",
+        link=link,
+        link_text=f"MLflow run {name}",
+        description=f"The parent MLflow run{ui_hint(tracking_uri)}",
+    )

@@ -51,27 +51,41 @@ def field_lines(cls: type, prefix: str, nested: bool = True) -> list[str]:
         if f.name == "algo" and tp is typing.Any:  # the algo group's schema: listed per algorithm
             continue
         bounds = ", ".join(f"{k} {v}" for k, v in f.metadata.items() if k != "help")
-        lines.append(f"  {key}: {_type_name(tp)} = {_default(f)!r}\n      {f.metadata.get('help', '')}" + (f" [{bounds}]" if bounds else ""))
+        lines.append(
+            f"  {key}: {_type_name(tp)} = {_default(f)!r}\n      {f.metadata.get('help', '')}"
+            + (f" [{bounds}]" if bounds else "")
+        )
     return lines
 
 
 def config_groups(conf_dir: Path) -> str:
     """``group: option, ...`` for every group folder of ``conf/`` (the schemas in the ConfigStore are no options)."""
-    return "\n".join(f"{d.name}: {', '.join(sorted(p.stem for p in d.glob('*.yaml')))}" for d in sorted(conf_dir.iterdir()) if d.is_dir())
+    return "\n".join(
+        f"{d.name}: {', '.join(sorted(p.stem for p in d.glob('*.yaml')))}"
+        for d in sorted(conf_dir.iterdir())
+        if d.is_dir()
+    )
 
 
 def help_template(conf_dir: Path) -> str:
     """Hydra's help page: the config groups, then every field of the schema with its type, default and help."""
     hints = typing.get_type_hints(PipelineConfig)
-    sections = [f"-- {f.name} --\n" + "\n".join(field_lines(hints[f.name], f"{f.name}."))
-                for f in dataclasses.fields(PipelineConfig) if dataclasses.is_dataclass(hints[f.name])]
+    sections = [
+        f"-- {f.name} --\n" + "\n".join(field_lines(hints[f.name], f"{f.name}."))
+        for f in dataclasses.fields(PipelineConfig)
+        if dataclasses.is_dataclass(hints[f.name])
+    ]
     sections += [f"-- algo={name} --\n" + "\n".join(field_lines(a.schema, "algo.")) for name, a in registry().items()]
     sections.append("-- top level --\n" + "\n".join(field_lines(PipelineConfig, "", nested=False)))
-    # Hydra reads the template through OmegaConf (${...} interpolates, \\${ is a literal) and then string.Template ($$ is a literal $).
+    # Hydra reads the template through OmegaConf (${...} interpolates, \\${ is a literal) and then string.Template ($$
+    # is a literal $).
     body = "\n\n".join(sections).replace("$", "$$").replace("${", "\\${")
     return (
-        "rlhf-pipeline: data -> SFT -> reward model -> policy (" + " | ".join(registry()) + ") -> held-out eval, as a cached "
-        "Prefect flow tracked in MLflow.\n\nUsage: python -m flows.pipeline [group=option ...] [key=value ...] (-m: a sweep; "
+        "rlhf-pipeline: data -> SFT -> reward model -> policy ("
+        + " | ".join(registry())
+        + ") -> held-out eval, as a cached "
+        "Prefect flow tracked in MLflow.\n\nUsage: python -m flows.pipeline [group=option ...] [key=value ...] (-m: a "
+        "sweep; "
         "--cfg job: the composed config)\n\n== Config groups (group=option) ==\n" + config_groups(conf_dir) + "\n\n"
         "== Every field: key: type = default ==\n" + body + "\n\n== Hydra ==\n$FLAGS_HELP"
     )
@@ -84,4 +98,8 @@ def register(conf_dir: Path) -> None:
     cs.store(name="dispatch_schema", node=DispatchConfig, package="dispatch")  # conf/deploy.yaml's
     for name, algorithm in registry().items():
         cs.store(group="algo", name=algo_schema(name), node=algorithm.schema)
-    cs.store(group="hydra/help", name="rlhf", node={"app_name": "rlhf-pipeline", "header": "", "footer": "", "template": help_template(conf_dir)})
+    cs.store(
+        group="hydra/help",
+        name="rlhf",
+        node={"app_name": "rlhf-pipeline", "header": "", "footer": "", "template": help_template(conf_dir)},
+    )

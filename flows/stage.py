@@ -6,10 +6,9 @@ the task run carries the concurrency tag, so a tag limit of 1 lets one stage tra
 
 from __future__ import annotations
 
-import tasks  # noqa: F401  (Prefect defaults first)
-
 from prefect import flow
 
+import tasks  # noqa: F401  (Prefect defaults first)
 from rlhf.config import stage_kind, training_stages
 from tasks.policy import policy_stage
 from tasks.reward import reward_stage
@@ -24,7 +23,9 @@ def training_task(stage: str):
 
 
 @flow(name="rlhf-stage", log_prints=True)
-def rlhf_stage(stage: str, key: str, env: dict, inputs: dict, fresh: bool = False, concurrency_tag: str = "gpu") -> dict:
+def rlhf_stage(
+    stage: str, key: str, env: dict, inputs: dict, fresh: bool = False, concurrency_tag: str = "gpu"
+) -> dict:
     """Train ``stage`` (sft, reward or a policy algorithm; a reward ensemble's member is reward with its
     ``member`` input) with the inputs the pipeline resolved; returns its record."""
     train = training_task(stage_kind(stage)).with_options(tags=[concurrency_tag], retries=0)

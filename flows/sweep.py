@@ -45,7 +45,9 @@ def sweep_run(client: MlflowClient, experiment_id: str, sweep_id: str, root: Pat
 
 def swept_keys(config: DictConfig) -> list[str]:
     """The keys a multirun varies: comma lists / sweep functions on the command line, or the sweeper's params."""
-    overrides = [o.split("=", 1) for o in OmegaConf.select(config, "hydra.overrides.task", default=[]) or [] if "=" in o]
+    overrides = [
+        o.split("=", 1) for o in OmegaConf.select(config, "hydra.overrides.task", default=[]) or [] if "=" in o
+    ]
     keys = [k for k, v in overrides if "," in v or v.startswith(("range(", "choice(", "interval(", "glob("))]
     return keys + [k for k in (OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}) if k not in keys]
 

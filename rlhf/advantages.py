@@ -11,11 +11,15 @@ def discount_matrix(length: int, factor: float, device=None) -> torch.Tensor:
     """M[t, j] = factor^(j - t) for j >= t else 0; shape (T, T). ``x @ M.T`` is a discounted suffix sum."""
     idx = torch.arange(length, device=device)
     exponent = (idx[None, :] - idx[:, None]).to(torch.float64)  # (T, T): j - t
-    m = torch.where(exponent >= 0, torch.tensor(factor, dtype=torch.float64, device=device) ** exponent.clamp(min=0), 0.0)
+    m = torch.where(
+        exponent >= 0, torch.tensor(factor, dtype=torch.float64, device=device) ** exponent.clamp(min=0), 0.0
+    )
     return m.to(torch.float32)
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016).
 
         delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable
+from functools import cache
 
 # The stage modules that declare an ALGORITHM, in the order `--help` lists them.
 MODULES = ("rlhf.stages.dpo", "rlhf.stages.ppo", "rlhf.stages.rloo", "rlhf.stages.grpo", "rlhf.stages.best_of_n")
@@ -49,7 +49,9 @@ class Algorithm:
     schema: type
     run: Callable
     needs_reward: bool  # samples and scores with the reward model (on-policy) rather than learning from pairs
-    sampler: Callable | None = None  # how the eval stage samples "the policy" when it is not one model (rlhf.stages.evaluate.Sampler)
+    sampler: Callable | None = (
+        None  # how the eval stage samples "the policy" when it is not one model (rlhf.stages.evaluate.Sampler)
+    )
     module: str = ""  # filled by registry(): the declaring module, the entry of the stage's code version
 
     @property
@@ -57,7 +59,7 @@ class Algorithm:
         return ("data", "sft", "reward") if self.needs_reward else ("data", "sft")
 
 
-@lru_cache(maxsize=None)
+@cache
 def registry() -> dict[str, Algorithm]:
     """Every algorithm by name, imported from :data:`MODULES`."""
     out: dict[str, Algorithm] = {}

@@ -31,8 +31,10 @@ def end_of_turn(tokenizer) -> str:
     """What the template writes after an assistant turn's content (``<|im_end|>\\n`` for ChatML)."""
     full = _render(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": PROBE}], False)
     if PROBE not in full:
-        raise ChatTemplateError("the chat template does not write the assistant's content. Fix: set model.default_chat_template "
-                                "to a template that renders every message, or use a tokenizer with one.")
+        raise ChatTemplateError(
+            "the chat template does not write the assistant's content. Fix: set model.default_chat_template "
+            "to a template that renders every message, or use a tokenizer with one."
+        )
     return full.split(PROBE, 1)[1]
 
 
@@ -41,15 +43,19 @@ def prepare_tokenizer(tokenizer, default_template: str) -> None:
     special tokens) and make the token that ends an assistant turn its EOS, so the policy stops there."""
     if not tokenizer.chat_template:
         tokenizer.chat_template = default_template
-        markers = [m for m in ("<|im_start|>", "<|im_end|>") if m in default_template and m not in tokenizer.get_vocab()]
+        markers = [
+            m for m in ("<|im_start|>", "<|im_end|>") if m in default_template and m not in tokenizer.get_vocab()
+        ]
         if markers:
             tokenizer.add_special_tokens({"additional_special_tokens": markers})
     suffix = end_of_turn(tokenizer)
     ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
     eos = tokenizer.convert_ids_to_tokens(ids[0]) if ids else None
     if eos is None or eos not in tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()):
-        raise ChatTemplateError(f"the chat template ends an assistant turn with {suffix!r}, which does not start with a special token. "
-                                f"Fix: a template whose assistant turns end with one token (as ChatML's <|im_end|>).")
+        raise ChatTemplateError(
+            f"the chat template ends an assistant turn with {suffix!r}, which does not start with a special token. "
+            f"Fix: a template whose assistant turns end with one token (as ChatML's <|im_end|>)."
+        )
     tokenizer.eos_token = eos
 
 
@@ -65,9 +71,11 @@ def render_answer(tokenizer, prompt, answer) -> str:
     head, full = _render(tokenizer, prompt, True), _render(tokenizer, prompt + answer, False)
     suffix = end_of_turn(tokenizer)
     if not full.startswith(head) or not full.endswith(suffix):
-        raise ChatTemplateError("the chat template does not render prompt + answer as the prompt with its generation prompt "
-                                "followed by the answer. Fix: set model.default_chat_template, or use a tokenizer whose template does.")
-    return full[len(head): len(full) - len(suffix)]
+        raise ChatTemplateError(
+            "the chat template does not render prompt + answer as the prompt with its generation prompt "
+            "followed by the answer. Fix: set model.default_chat_template, or use a tokenizer whose template does."
+        )
+    return full[len(head) : len(full) - len(suffix)]
 
 
 def render_row(tokenizer, row: dict) -> dict:

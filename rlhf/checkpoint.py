@@ -16,8 +16,8 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -114,7 +114,9 @@ def load_trainer_state(ckpt: Path) -> dict:
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[-1][:300]
         raise CheckpointError(
-            f"{path} holds more than tensors, numbers and containers ({reason}); loading it would run code stored in the file, "
-            f"so it is refused. Fix: delete {Path(ckpt)} if this project did not write it (the stage resumes from an earlier "
+            f"{path} holds more than tensors, numbers and containers ({reason}); loading it would run code stored in "
+            f"the file, "
+            f"so it is refused. Fix: delete {Path(ckpt)} if this project did not write it (the stage resumes from an "
+            f"earlier "
             f"checkpoint), or pass refresh=[<stage>] to train the stage afresh."
         ) from e

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import sys
-from functools import lru_cache
+from functools import cache
 from importlib import metadata
 from pathlib import Path
 
@@ -54,7 +54,7 @@ def _parents(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-@lru_cache(maxsize=None)
+@cache
 def closure(entry: str, root: Path = PROJECT_ROOT) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(project modules, top-level third-party modules) that ``entry`` runs, transitively, sorted."""
     project, external, todo = set(), set(), [entry]
@@ -76,7 +76,7 @@ def closure(entry: str, root: Path = PROJECT_ROOT) -> tuple[tuple[str, ...], tup
     return tuple(sorted(project)), tuple(sorted(external))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _distributions() -> dict[str, list[str]]:
     return metadata.packages_distributions()
 
@@ -93,7 +93,7 @@ def package_versions(modules: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def code_version(entry: str, root: Path = PROJECT_ROOT) -> str:
     """The hash of the source of every project module ``entry`` runs, of the versions of the packages they
     import, and of Python's minor version: a stage's cache key changes whenever any of them does."""

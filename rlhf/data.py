@@ -16,8 +16,8 @@ import hashlib
 import json
 import os
 import random
-from functools import lru_cache
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -49,7 +49,11 @@ def dataset_label(cfg: DataConfig) -> str:
     if cfg.source == "synthetic":
         return "synthetic"
     files = data_files_list(cfg.data_files)
-    return Path(files[0]).name.split(".")[0] if files and cfg.path in FILE_BUILDERS else str(cfg.path).rstrip("/").rsplit("/", 1)[-1]
+    return (
+        Path(files[0]).name.split(".")[0]
+        if files and cfg.path in FILE_BUILDERS
+        else str(cfg.path).rstrip("/").rsplit("/", 1)[-1]
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,7 +97,7 @@ def _local_files(patterns: list[str]) -> list[str]:
     """The files that local paths, globs or folders name (remote URLs and hub ids name none)."""
     found = set()
     for pattern in patterns:
-        for match in ([] if "://" in pattern else glob.glob(pattern)):
+        for match in [] if "://" in pattern else glob.glob(pattern):
             path = Path(match)
             found.update(str(f) for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
     return sorted(found)
@@ -102,8 +106,16 @@ def _local_files(patterns: list[str]) -> list[str]:
 def build_splits(cfg: DataConfig) -> dict[str, list[dict]]:
     if cfg.source == "synthetic":
         return synthetic.make_splits(
-            cfg.seed, cfg.n_sft, cfg.n_pref, cfg.n_eval_prompts, cfg.n_eval_pref, cfg.n_ppo_prompts,
-            cfg.annotator_temperature, cfg.annotator_length_bias, cfg.demo_quality, tuple(cfg.pair_length_jitter),
+            cfg.seed,
+            cfg.n_sft,
+            cfg.n_pref,
+            cfg.n_eval_prompts,
+            cfg.n_eval_pref,
+            cfg.n_ppo_prompts,
+            cfg.annotator_temperature,
+            cfg.annotator_length_bias,
+            cfg.demo_quality,
+            tuple(cfg.pair_length_jitter),
         )
     return _hub_splits(cfg)
 
@@ -112,7 +124,9 @@ def split_hh(chosen: str, rejected: str) -> dict:
     """HH-RLHF rows hold two whole dialogues; the prompt is everything up to the last Assistant turn."""
     cut = chosen.rfind(HH_SEPARATOR) + len(HH_SEPARATOR)
     prompt = chosen[:cut]
-    rejected_answer = rejected[cut:] if rejected.startswith(prompt) else rejected[rejected.rfind(HH_SEPARATOR) + len(HH_SEPARATOR):]
+    rejected_answer = (
+        rejected[cut:] if rejected.startswith(prompt) else rejected[rejected.rfind(HH_SEPARATOR) + len(HH_SEPARATOR) :]
+    )
     return {"prompt": prompt, "chosen": chosen[cut:], "rejected": rejected_answer}
 
 
@@ -131,7 +145,8 @@ def _first_bad_json_line(files: list[str]) -> str | None:
                 except json.JSONDecodeError as e:
                     return f"{name} line {n}: {e.msg} at column {e.colno} ({line.strip()[:60]!r})"
                 if not isinstance(row, dict):
-                    return f"{name} line {n}: a JSON {type(row).__name__}, not an object of columns ({line.strip()[:60]!r})"
+                    kind = type(row).__name__
+                    return f"{name} line {n}: a JSON {kind}, not an object of columns ({line.strip()[:60]!r})"
     return None
 
 
@@ -140,13 +155,18 @@ def _load_split(cfg: DataConfig, split: str):
 
     try:
         return datasets.load_dataset(cfg.path, data_files=cfg.data_files, split=split, revision=cfg.revision)
-    except Exception as e:  # datasets raises many types (missing files, empty files, offline hub); all mean the same here
+    except (
+        Exception
+    ) as e:  # datasets raises many types (missing files, empty files, offline hub); all mean the same here
         bad = _first_bad_json_line(_local_files(data_files_list(cfg.data_files))) if cfg.path == "json" else None
         if bad:  # datasets says only that "an error occurred while generating the dataset": say where
-            raise DatasetError(f"data.data_files: {bad}. Fix: make every line of the file one JSON object (JSON lines), or "
-                               f"remove that line.") from e
+            raise DatasetError(
+                f"data.data_files: {bad}. Fix: make every line of the file one JSON object (JSON lines), or "
+                f"remove that line."
+            ) from e
         raise DatasetError(
-            f"data.path={cfg.path!r} split {split!r} could not be loaded ({type(e).__name__}: {e}). Fix: check data.path / data.data_files "
+            f"data.path={cfg.path!r} split {split!r} could not be loaded ({type(e).__name__}: {e}). Fix: check "
+            f"data.path / data.data_files "
             f"and data.train_split / data.test_split; offline, point data.path=json and data.data_files at local files."
         ) from e
 
@@ -159,12 +179,17 @@ def _messages(value, role: str, where: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": role, "content": value}]
     if not isinstance(value, list) or not value:
-        raise DatasetError(f"{where} is {type(value).__name__} {value!r:.60}, not a list of messages. "
-                           f"Fix: give it as [{{role, content}}, ...] (data.format=conversational) or use data.format=columns for text.")
+        raise DatasetError(
+            f"{where} is {type(value).__name__} {value!r:.60}, not a list of messages. "
+            f"Fix: give it as [{{role, content}}, ...] (data.format=conversational) or use data.format=columns for "
+            f"text."
+        )
     for j, m in enumerate(value):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DatasetError(f"{where}: message {j} is {m!r:.80}, which lacks a role in {list(ROLES)} or a string content. "
-                               f"Fix: every message needs role and content.")
+            raise DatasetError(
+                f"{where}: message {j} is {m!r:.80}, which lacks a role in {list(ROLES)} or a string content. "
+                f"Fix: every message needs role and content."
+            )
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -172,23 +197,32 @@ def conversation_pair(prompt, chosen, rejected, where: str) -> dict | None:
     """A preference row of message lists: the prompt (explicit, or the messages chosen and rejected
     share) and the two completions (what follows it, starting with the assistant's turn). None for a
     pair whose completions are the same."""
-    chosen, rejected = _messages(chosen, "assistant", f"{where} chosen"), _messages(rejected, "assistant", f"{where} rejected")
+    chosen, rejected = (
+        _messages(chosen, "assistant", f"{where} chosen"),
+        _messages(rejected, "assistant", f"{where} rejected"),
+    )
     if prompt is None:  # implicit prompt: the messages both sides share
         n = 0
         while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
             n += 1
         prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
         if not prompt:
-            raise DatasetError(f"{where}: chosen and rejected do not share their prompt (their first messages differ). "
-                               f"Fix: both must repeat the same conversation before the assistant's answer, or give a prompt column.")
+            raise DatasetError(
+                f"{where}: chosen and rejected do not share their prompt (their first messages differ). "
+                f"Fix: both must repeat the same conversation before the assistant's answer, or give a prompt column."
+            )
     else:
         prompt = _messages(prompt, "user", f"{where} prompt")
-        chosen = chosen[len(prompt):] if chosen[: len(prompt)] == prompt else chosen  # full conversations beside a prompt column
-        rejected = rejected[len(prompt):] if rejected[: len(prompt)] == prompt else rejected
+        chosen = (
+            chosen[len(prompt) :] if chosen[: len(prompt)] == prompt else chosen
+        )  # full conversations beside a prompt column
+        rejected = rejected[len(prompt) :] if rejected[: len(prompt)] == prompt else rejected
     for name, completion in (("chosen", chosen), ("rejected", rejected)):
         if not completion or completion[0]["role"] != "assistant" or not completion[0]["content"].strip():
-            raise DatasetError(f"{where}: the {name} answer {completion!r:.80} is not a non-empty assistant turn after the prompt. "
-                               f"Fix: every pair needs an assistant message with content after the shared prompt.")
+            raise DatasetError(
+                f"{where}: the {name} answer {completion!r:.80} is not a non-empty assistant turn after the prompt. "
+                f"Fix: every pair needs an assistant message with content after the shared prompt."
+            )
     return None if chosen == rejected else {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
@@ -209,24 +243,37 @@ def _rows(cfg: DataConfig, split: str) -> list[dict]:
             f"Fix: set data.columns.<role>=<column> for each of {sorted(missing)}."
         )
     if len(ds) == 0:
-        raise DatasetError(f"dataset {cfg.path!r} split {split!r} is empty. Fix: point data.path / data.data_files at non-empty data.")
+        raise DatasetError(
+            f"dataset {cfg.path!r} split {split!r} is empty. Fix: point data.path / data.data_files at non-empty data."
+        )
     where = f"dataset {cfg.path!r} split {split!r}"
-    dropped = {"the same answer as chosen and rejected": 0, "an empty prompt or answer": 0, "a prompt past data.max_prompt_chars": 0}
+    dropped = {
+        "the same answer as chosen and rejected": 0,
+        "an empty prompt or answer": 0,
+        "a prompt past data.max_prompt_chars": 0,
+    }
     if cfg.format == "conversational":
         prompts = ds[needed["prompt"]] if "prompt" in needed else [None] * len(ds)
-        pairs = [conversation_pair(p, ch, rj, f"{where} row {i}")
-                 for i, (p, ch, rj) in enumerate(zip(prompts, ds[needed["chosen"]], ds[needed["rejected"]]))]
+        pairs = [
+            conversation_pair(p, ch, rj, f"{where} row {i}")
+            for i, (p, ch, rj) in enumerate(zip(prompts, ds[needed["chosen"]], ds[needed["rejected"]]))
+        ]
         rows = [r for r in pairs if r]
         dropped["the same answer as chosen and rejected"] = len(pairs) - len(rows)
     else:
-        texts = [ds[needed[role]] for role in ("chosen", "rejected")] + ([ds[needed["prompt"]]] if cfg.format == "columns" else [])
+        texts = [ds[needed[role]] for role in ("chosen", "rejected")] + (
+            [ds[needed["prompt"]]] if cfg.format == "columns" else []
+        )
         for column, role in zip(texts, ("chosen", "rejected", "prompt")):
             _check_text(column, where, needed[role], cfg.format)
         if cfg.format == "hh":
             rows = [split_hh(c, r) for c, r in zip(ds["chosen"], ds["rejected"])]
         else:
             c = cfg.columns
-            rows = [{"prompt": p, "chosen": ch, "rejected": rj} for p, ch, rj in zip(ds[c["prompt"]], ds[c["chosen"]], ds[c["rejected"]])]
+            rows = [
+                {"prompt": p, "chosen": ch, "rejected": rj}
+                for p, ch, rj in zip(ds[c["prompt"]], ds[c["chosen"]], ds[c["rejected"]])
+            ]
         kept = [r for r in rows if r["prompt"] and r["chosen"].strip() and r["rejected"].strip()]
         dropped["an empty prompt or answer"] = len(rows) - len(kept)
         rows = [r for r in kept if r["chosen"] != r["rejected"]]
@@ -237,11 +284,16 @@ def _rows(cfg: DataConfig, split: str) -> list[dict]:
         rows = short
     if not rows:
         reasons = "; ".join(f"{n} with {why}" for why, n in dropped.items() if n)
-        fixes = {"the same answer as chosen and rejected": "pairs need two different answers, the preferred one as chosen",
-                 "an empty prompt or answer": "every row needs a prompt and two non-empty answers",
-                 "a prompt past data.max_prompt_chars": f"raise data.max_prompt_chars (now {cfg.max_prompt_chars}) or set it to null"}
-        raise DatasetError(f"{where} has no usable rows: all {len(ds)} were dropped ({reasons}). "
-                           f"Fix: {'; '.join(fixes[why] for why, n in dropped.items() if n)}.")
+        fixes = {
+            "the same answer as chosen and rejected": "pairs need two different answers, the preferred one as chosen",
+            "an empty prompt or answer": "every row needs a prompt and two non-empty answers",
+            "a prompt past data.max_prompt_chars": f"raise data.max_prompt_chars (now {cfg.max_prompt_chars}) or set "
+            f"it to null",
+        }
+        raise DatasetError(
+            f"{where} has no usable rows: all {len(ds)} were dropped ({reasons}). "
+            f"Fix: {'; '.join(fixes[why] for why, n in dropped.items() if n)}."
+        )
     return rows
 
 
@@ -250,10 +302,15 @@ def _check_text(values: list, where: str, column: str, data_format: str) -> None
     for i, value in enumerate(values):
         if not isinstance(value, str):
             kind = "a list of messages" if isinstance(value, list) else f"a {type(value).__name__}"
-            fix = ("pass data.format=conversational, which reads message lists" if isinstance(value, list)
-                   else f"give column {column!r} text in every row")
-            raise DatasetError(f"{where} row {i}: column {column!r} holds {kind} ({value!r:.60}), and data.format={data_format} reads "
-                               f"text. Fix: {fix}.")
+            fix = (
+                "pass data.format=conversational, which reads message lists"
+                if isinstance(value, list)
+                else f"give column {column!r} text in every row"
+            )
+            raise DatasetError(
+                f"{where} row {i}: column {column!r} holds {kind} ({value!r:.60}), and data.format={data_format} reads "
+                f"text. Fix: {fix}."
+            )
 
 
 def _hub_splits(cfg: DataConfig) -> dict[str, list[dict]]:
@@ -268,7 +325,9 @@ def _hub_splits(cfg: DataConfig) -> dict[str, list[dict]]:
     if cfg.max_rows:
         train = train[: cfg.max_rows]
     if not train:
-        raise DatasetError(f"dataset {cfg.path!r} has no usable training rows. Fix: check data.path and data.train_split.")
+        raise DatasetError(
+            f"dataset {cfg.path!r} has no usable training rows. Fix: check data.path and data.train_split."
+        )
     return {
         "sft": [{"prompt": r["prompt"], "response": r["chosen"]} for r in train[: cfg.n_sft]],
         "pref": train[: cfg.n_pref],
@@ -295,8 +354,14 @@ def fingerprint_splits(splits_dir: Path, label: str, origin: dict | None = None)
         data = path.read_bytes()
         lines = data.splitlines()
         columns = list(json.loads(lines[0])) if lines else []
-        out[path.stem] = {"name": f"{label}.{path.stem}", "digest": hashlib.sha256(data).hexdigest()[:16],
-                          "source": path.resolve().as_uri(), "origin": origin, "columns": columns, "n_rows": len(lines)}
+        out[path.stem] = {
+            "name": f"{label}.{path.stem}",
+            "digest": hashlib.sha256(data).hexdigest()[:16],
+            "source": path.resolve().as_uri(),
+            "origin": origin,
+            "columns": columns,
+            "n_rows": len(lines),
+        }
     return out
 
 
@@ -317,7 +382,9 @@ def load_split(data_dir: str | Path, name: str) -> list[dict]:
     with open(Path(data_dir) / f"{name}.jsonl") as f:
         rows = [json.loads(line) for line in f]
     if not rows:
-        raise DatasetError(f"split {name!r} in {data_dir} is empty. Fix: raise the data.n_* size for it, or check the dataset.")
+        raise DatasetError(
+            f"split {name!r} in {data_dir} is empty. Fix: raise the data.n_* size for it, or check the dataset."
+        )
     return rows
 
 
@@ -345,13 +412,18 @@ class Encoded:
         """The first target position any row scores (the earliest answer token): log-probs start there."""
         return int((self.loss_mask.cumsum(1) == 0).sum(1).min())
 
-    def batch(self, idx: torch.Tensor) -> "Encoded":
+    def batch(self, idx: torch.Tensor) -> Encoded:
         """Rows ``idx``, trimmed to their longest sequence (no compute spent on all-pad columns)."""
         width = int(self.last_index[idx].max()) + 1
-        return Encoded(self.input_ids[idx, :width], self.attention_mask[idx, :width], self.loss_mask[idx, : width - 1], self.last_index[idx])
+        return Encoded(
+            self.input_ids[idx, :width],
+            self.attention_mask[idx, :width],
+            self.loss_mask[idx, : width - 1],
+            self.last_index[idx],
+        )
 
     @staticmethod
-    def stack(a: "Encoded", b: "Encoded") -> "Encoded":
+    def stack(a: Encoded, b: Encoded) -> Encoded:
         """Rows of ``a`` then rows of ``b`` in one batch (one forward for chosen and rejected)."""
         width = max(a.input_ids.shape[1], b.input_ids.shape[1])
 
@@ -366,7 +438,7 @@ class Encoded:
             torch.cat([a.last_index, b.last_index]),
         )
 
-    def to(self, device) -> "Encoded":
+    def to(self, device) -> Encoded:
         return Encoded(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.loss_mask, self.last_index)))
 
 
@@ -415,7 +487,6 @@ def left_pad(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Ten
     out = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     for i, x in enumerate(ids):
-        out[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
-        mask[i, width - len(x):] = 1
+        out[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+        mask[i, width - len(x) :] = 1
     return out, mask
-

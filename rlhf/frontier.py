@@ -48,13 +48,20 @@ class Fit:
         return _columns(self.form, d.reshape(-1)) @ torch.tensor([self.alpha, self.beta], dtype=torch.float64)
 
     def metrics(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}_alpha": self.alpha, f"{prefix}_beta": self.beta, f"{prefix}_r2": self.r2,
-                f"{prefix}_d_star": self.d_star if math.isfinite(self.d_star) else -1.0}
+        return {
+            f"{prefix}_alpha": self.alpha,
+            f"{prefix}_beta": self.beta,
+            f"{prefix}_r2": self.r2,
+            f"{prefix}_d_star": self.d_star if math.isfinite(self.d_star) else -1.0,
+        }
 
 
 def fit(form: str, d, gain) -> Fit:
     """Least-squares (alpha, beta) of ``form`` (rl | bon) through the points (d_i, gain_i)."""
-    d, gain = torch.as_tensor(d, dtype=torch.float64).reshape(-1), torch.as_tensor(gain, dtype=torch.float64).reshape(-1)
+    d, gain = (
+        torch.as_tensor(d, dtype=torch.float64).reshape(-1),
+        torch.as_tensor(gain, dtype=torch.float64).reshape(-1),
+    )
     if form not in FORMS or len(d) < 2:
         raise ValueError(f"fit needs form in {FORMS} and at least 2 points (got {form!r}, {len(d)})")
     x = _columns(form, d)
@@ -84,8 +91,14 @@ def figure(points: dict[str, tuple[list, list]], fits: dict[str, Fit], title: st
         if name in fits:
             f = fits[name]
             grid = torch.linspace(0, max(max(d, default=0) * 1.1, 1e-3), 100)
-            ax.plot(grid, f.predict(grid), color=color, lw=1,
-                    label=f"{f.form} fit: a={f.alpha:.3g} b={f.beta:.3g} R2={f.r2:.2f}" + (f" d*={f.d_star:.2f}" if math.isfinite(f.d_star) else ""))
+            ax.plot(
+                grid,
+                f.predict(grid),
+                color=color,
+                lw=1,
+                label=f"{f.form} fit: a={f.alpha:.3g} b={f.beta:.3g} R2={f.r2:.2f}"
+                + (f" d*={f.d_star:.2f}" if math.isfinite(f.d_star) else ""),
+            )
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("reward gain over SFT")

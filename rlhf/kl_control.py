@@ -22,8 +22,8 @@ class FixedKLController:
 class AdaptiveKLController(FixedKLController):
     """Proportional control of beta toward a target KL.
 
-        e      = clip(KL / target - 1, -0.2, 0.2)
-        beta  <- beta * (1 + e * n_samples / horizon)
+    e      = clip(KL / target - 1, -0.2, 0.2)
+    beta  <- beta * (1 + e * n_samples / horizon)
     """
 
     def __init__(self, beta: float, target: float, horizon: int) -> None:

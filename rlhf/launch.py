@@ -16,8 +16,8 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import cloudpickle
 import torch
@@ -51,12 +51,30 @@ def _free_port() -> int:
 
 def launch_command(num_processes: int, spec: Path) -> list[str]:
     """``accelerate launch`` for one machine: torch.distributed's launcher, one process per device."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-            "--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
-            "--dynamo_backend", "no", "-m", "rlhf.launch", str(spec)]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(_free_port()),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "rlhf.launch",
+        str(spec),
+    ]
 
 
-def run_data_parallel(body: Callable, out_dir: Path, runtime: RuntimeConfig, seed: int, tracking_uri: str, run_id: str) -> dict:
+def run_data_parallel(
+    body: Callable, out_dir: Path, runtime: RuntimeConfig, seed: int, tracking_uri: str, run_id: str
+) -> dict:
     """Run ``body(ctx)`` in ``runtime.num_processes`` processes; return the main process's result.
 
     The processes' output goes to ``<out_dir>/launch/log.txt``; a failure raises with its tail.
@@ -66,14 +84,32 @@ def run_data_parallel(body: Callable, out_dir: Path, runtime: RuntimeConfig, see
     result = folder / RESULT_FILE
     result.unlink(missing_ok=True)
     spec = folder / "spec.pkl"
-    spec.write_bytes(cloudpickle.dumps({"body": body, "out_dir": str(out_dir), "runtime": runtime, "seed": seed,
-                                        "tracking_uri": tracking_uri, "run_id": run_id}))
+    spec.write_bytes(
+        cloudpickle.dumps(
+            {
+                "body": body,
+                "out_dir": str(out_dir),
+                "runtime": runtime,
+                "seed": seed,
+                "tracking_uri": tracking_uri,
+                "run_id": run_id,
+            }
+        )
+    )
     log = folder / "log.txt"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
     with log.open("w") as out:
         # a session of its own: a stop signal reaches the launcher once, from here, and it passes it on to every process
-        proc = subprocess.Popen(launch_command(runtime.num_processes, spec), stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            launch_command(runtime.num_processes, spec),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         with StopSignals(on_first=proc.send_signal):
             rc = proc.wait()
     outcome = json.loads(result.read_text()) if result.exists() else None
@@ -81,7 +117,9 @@ def run_data_parallel(body: Callable, out_dir: Path, runtime: RuntimeConfig, see
         raise Preempted(**outcome["preempted"])
     if rc or outcome is None:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])
-        raise StageLaunchError(f"the stage's {runtime.num_processes} processes failed (exit {rc}); the end of {log}:\n{tail}")
+        raise StageLaunchError(
+            f"the stage's {runtime.num_processes} processes failed (exit {rc}); the end of {log}:\n{tail}"
+        )
     return outcome
 
 
@@ -99,15 +137,25 @@ def main(spec_path: str) -> None:
     rt: RuntimeConfig = spec["runtime"]
     wanted = runtime.setup(rt, spec["seed"], processes=rt.num_processes)
     accelerator = runtime.accelerator(wanted)
-    runtime.seed_all(spec["seed"] + accelerator.process_index)  # each process its own random stream (resumed per process too)
+    runtime.seed_all(
+        spec["seed"] + accelerator.process_index
+    )  # each process its own random stream (resumed per process too)
     device = accelerator.device if wanted.type == "cuda" else torch.device("cpu")  # cuda:<local rank> on GPUs
     if wanted.type == "cuda":
         torch.cuda.set_device(device)
     main_process = accelerator.is_main_process
     sink = RunLogger(MlflowClient(spec["tracking_uri"]), spec["run_id"]) if main_process else _NoSink()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # progress lines into the launch log
-    ctx = StageContext(Path(spec["out_dir"]), sink, device, accelerator=accelerator,
-                       progress_settings=ProgressSettings(rt.progress, rt.progress_every_s), compile=rt.compile)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s"
+    )  # progress lines into the launch log
+    ctx = StageContext(
+        Path(spec["out_dir"]),
+        sink,
+        device,
+        accelerator=accelerator,
+        progress_settings=ProgressSettings(rt.progress, rt.progress_every_s),
+        compile=rt.compile,
+    )
     try:
         with StopSignals():  # the launcher passes a stop signal on: every process stops after the same step
             result = spec["body"](ctx)

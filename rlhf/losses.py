@@ -39,7 +39,9 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict
     return loss, {"loss": loss.detach()}
 
 
-def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, center_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+def pairwise_loss(
+    r_chosen: torch.Tensor, r_rejected: torch.Tensor, center_coef: float = 0.0
+) -> tuple[torch.Tensor, dict]:
     """Bradley-Terry reward-model loss (Ouyang et al. 2022), with optional centring (Eisenstein et al. 2023).
 
         L = -mean log sigmoid(r_c - r_r) + center_coef * mean (r_c + r_r)^2
@@ -104,7 +106,9 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return log_ratio.exp() - 1 - log_ratio
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token", max_tokens: int | None = None) -> torch.Tensor:
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, how: str = "token", max_tokens: int | None = None
+) -> torch.Tensor:
     """A per-token loss (B, T) as one number.
 
         token:    sum_{i,t} m_it l_it / sum_{i,t} m_it          (every answer token weighs the same: DAPO)
@@ -123,7 +127,12 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token", m
 
 
 def policy_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float, aggregation: str = "token",
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+    aggregation: str = "token",
     max_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """PPO clipped surrogate (Schulman et al. 2017), aggregated over answer tokens (:func:`aggregate`).
@@ -148,8 +157,13 @@ def policy_loss(
     return loss, metrics
 
 
-def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, aggregation: str = "token",
-            max_tokens: int | None = None) -> tuple[torch.Tensor, dict]:
+def kl_loss(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    aggregation: str = "token",
+    max_tokens: int | None = None,
+) -> tuple[torch.Tensor, dict]:
     """KL to the reference as a loss term (GRPO, Shao et al. 2024; RLOO's loss-side option): the k3 estimator
     of KL(pi || pi_ref) on the sampled tokens, with gradient through log pi.
 

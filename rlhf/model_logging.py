@@ -32,7 +32,9 @@ def logged_model_name(stage: str) -> str:
 def _requirements() -> list[str]:
     """What loading the model needs, pinned to this environment (MLflow would otherwise infer them by
     importing the model in a subprocess, which costs seconds per model)."""
-    return [f"{name}=={importlib.metadata.version(name)}" for name in ("torch", "transformers", "tokenizers", "safetensors")]
+    return [
+        f"{name}=={importlib.metadata.version(name)}" for name in ("torch", "transformers", "tokenizers", "safetensors")
+    ]
 
 
 def _load(path: Path, task: str):
@@ -45,8 +47,17 @@ def _load(path: Path, task: str):
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def log_final_model(client: MlflowClient, experiment_id: str, run_id: str, pipeline_run_id: str, path: Path, name: str, task: str,
-                    registered_name: str | None = None, version_tags: dict[str, str] | None = None) -> dict:
+def log_final_model(
+    client: MlflowClient,
+    experiment_id: str,
+    run_id: str,
+    pipeline_run_id: str,
+    path: Path,
+    name: str,
+    task: str,
+    registered_name: str | None = None,
+    version_tags: dict[str, str] | None = None,
+) -> dict:
     """Log the HF folder ``path`` as the MLflow model ``name``, made by stage run ``run_id`` of the pipeline
     run ``pipeline_run_id``; register it under ``registered_name`` when given. Returns ``model_id``,
     ``model_uri`` and, when registered, ``registered_model`` and ``version``.
@@ -64,12 +75,22 @@ def log_final_model(client: MlflowClient, experiment_id: str, run_id: str, pipel
     from mlflow.models import Model
 
     model, tokenizer = _load(Path(path), task)
-    logged = client.create_logged_model(experiment_id, name=logged_model_name(name), source_run_id=pipeline_run_id, tags={"task": task, "stage_run_id": run_id})
+    logged = client.create_logged_model(
+        experiment_id,
+        name=logged_model_name(name),
+        source_run_id=pipeline_run_id,
+        tags={"task": task, "stage_run_id": run_id},
+    )
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "model"
         meta = Model(artifact_path=logged.artifact_location, run_id=pipeline_run_id, model_id=logged.model_id)
-        mlflow.transformers.save_model({"model": model, "tokenizer": tokenizer}, str(local), task=task, mlflow_model=meta,
-                                       pip_requirements=_requirements())
+        mlflow.transformers.save_model(
+            {"model": model, "tokenizer": tokenizer},
+            str(local),
+            task=task,
+            mlflow_model=meta,
+            pip_requirements=_requirements(),
+        )
         client.log_model_artifacts(logged.model_id, str(local))
     client.finalize_logged_model(logged.model_id, "READY")
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
@@ -80,8 +101,14 @@ def log_final_model(client: MlflowClient, experiment_id: str, run_id: str, pipel
         except MlflowException:  # it exists (or another run made it just now)
             pass
         # The source is the artifact location: a models:/ source would be resolved against the global tracking URI.
-        version = client.create_model_version(registered_name, logged.artifact_location, run_id=run_id, model_id=logged.model_id,
-                                              tags={k: str(v) for k, v in (version_tags or {}).items()}, await_creation_for=0)
+        version = client.create_model_version(
+            registered_name,
+            logged.artifact_location,
+            run_id=run_id,
+            model_id=logged.model_id,
+            tags={k: str(v) for k, v in (version_tags or {}).items()},
+            await_creation_for=0,
+        )
         out.update(registered_model=registered_name, version=str(version.version))
         log.info("registered %s version %s (%s)", registered_name, version.version, json.dumps(version_tags or {}))
     return out

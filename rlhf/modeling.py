@@ -9,10 +9,9 @@ saved with ``save_pretrained`` and then loaded back like any other checkpoint.
 from __future__ import annotations
 
 import contextlib
-
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +36,9 @@ class ModelPathError(FileNotFoundError):
 CHAT_MARKERS = ("<|im_start|>", "<|im_end|>")  # the default (ChatML) template's, special tokens of a chat tokenizer
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int, chat_template: str | None = None) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    corpus: Iterable[str], vocab_size: int, chat_template: str | None = None
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on ``corpus`` with PAD distinct from EOS; with ``chat_template``
     it also has the ChatML markers as special tokens and the template (for conversational data)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -53,8 +54,9 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int, chat_template: str |
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN,
-                                        additional_special_tokens=specials[2:] or None)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN, additional_special_tokens=specials[2:] or None
+    )
     if chat_template:
         tokenizer.chat_template = chat_template
     return tokenizer
@@ -64,33 +66,60 @@ def model_config(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: int):
     """A transformers config of ``cfg.arch`` at the tiny sizes, every dropout at ``cfg.dropout``."""
     common = dict(vocab_size=vocab_size, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id)
     if cfg.arch == "gpt2":
-        return AutoConfig.for_model("gpt2", n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, n_positions=cfg.max_length,
-                                    resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, **common)
+        return AutoConfig.for_model(
+            "gpt2",
+            n_layer=cfg.n_layer,
+            n_embd=cfg.n_embd,
+            n_head=cfg.n_head,
+            n_positions=cfg.max_length,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            **common,
+        )
     # llama, qwen2: attention dropout is their only dropout
-    return AutoConfig.for_model(cfg.arch, num_hidden_layers=cfg.n_layer, hidden_size=cfg.n_embd, num_attention_heads=cfg.n_head,
-                                num_key_value_heads=cfg.n_head, intermediate_size=4 * cfg.n_embd, max_position_embeddings=cfg.max_length,
-                                attention_dropout=cfg.dropout, tie_word_embeddings=True, **common)
+    return AutoConfig.for_model(
+        cfg.arch,
+        num_hidden_layers=cfg.n_layer,
+        hidden_size=cfg.n_embd,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_head,
+        intermediate_size=4 * cfg.n_embd,
+        max_position_embeddings=cfg.max_length,
+        attention_dropout=cfg.dropout,
+        tie_word_embeddings=True,
+        **common,
+    )
 
 
 def build_tiny(cfg: ModelConfig, corpus: Iterable[str], out_dir: Path, chat: bool = False) -> Path:
     """Train the tokenizer (with a chat template for conversational data), build the tiny causal LM of
     ``cfg.arch`` from its config, and save both to ``out_dir``."""
     tokenizer = train_tokenizer(corpus, cfg.vocab_size, cfg.default_chat_template if chat else None)
-    model = AutoModelForCausalLM.from_config(model_config(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id))
+    model = AutoModelForCausalLM.from_config(
+        model_config(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")  # any one: a tokenizer is there
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "tokenizer.model",
+)  # any one: a tokenizer is there
 
 
 def check_model_source(name_or_path: str, key: str, needs: str = "model") -> None:
     """Fail early, naming the key, if a local path does not exist or is a folder without a model (``needs="model"``:
     its config.json) or a tokenizer (``needs="tokenizer"``); hub ids pass through."""
     path = Path(name_or_path).expanduser()
-    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1] or path.is_dir()
+    looks_local = (
+        name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1] or path.is_dir()
+    )
     if not looks_local:
         return
     if not path.exists():
@@ -101,8 +130,10 @@ def check_model_source(name_or_path: str, key: str, needs: str = "model") -> Non
     wanted = ("config.json",) if needs == "model" else TOKENIZER_FILES
     if path.is_dir() and not any((path / f).is_file() for f in wanted):
         raise ModelPathError(
-            f"{key}={name_or_path!r} is a folder without a {needs} (no {' / '.join(wanted)} in it). Fix: point {key} at the "
-            f"folder a model was saved to with save_pretrained (a {needs} saves {wanted[0]} there), a hub id, or null for the tiny model."
+            f"{key}={name_or_path!r} is a folder without a {needs} (no {' / '.join(wanted)} in it). Fix: point {key} "
+            f"at the "
+            f"folder a model was saved to with save_pretrained (a {needs} saves {wanted[0]} there), a hub id, or null "
+            f"for the tiny model."
         )
 
 
@@ -111,7 +142,10 @@ def load_tokenizer(path: str, key: str = "model.pretrained") -> PreTrainedTokeni
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as e:
-        raise ModelPathError(f"{key}={path!r} could not be loaded as a tokenizer ({e}). Fix: check the path or hub id; offline, use a local folder.") from e
+        raise ModelPathError(
+            f"{key}={path!r} could not be loaded as a tokenizer ({e}). Fix: check the path or hub id; offline, use a "
+            f"local folder."
+        ) from e
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         # Reference implementations found PAD == EOS hides the EOS from masks and scores.
         tok.add_special_tokens({"pad_token": PAD_TOKEN})
@@ -144,7 +178,9 @@ def prepare_trainable(model: torch.nn.Module, model_cfg) -> torch.nn.Module:
     return model
 
 
-def load_trainable(kind: str, start: str, resume: Path | None, tokenizer, model_cfg, zero_head: bool = False) -> torch.nn.Module:
+def load_trainable(
+    kind: str, start: str, resume: Path | None, tokenizer, model_cfg, zero_head: bool = False
+) -> torch.nn.Module:
     """The model a stage trains (``kind``: policy or scalar), from ``start`` or the checkpoint folder ``resume``,
     with gradient checkpointing and, when ``model.lora_r > 0``, LoRA adapters (peft) over ``start``'s weights.
 
@@ -152,6 +188,7 @@ def load_trainable(kind: str, start: str, resume: Path | None, tokenizer, model_
     resuming loads ``start`` and then the adapters. :func:`save_pretrained_atomic` merges them, so the
     next stage loads a plain model.
     """
+
     def load(path: str, zero: bool):
         if kind == "policy":
             return load_policy(path, tokenizer, model_cfg.dtype)
@@ -165,8 +202,13 @@ def load_trainable(kind: str, start: str, resume: Path | None, tokenizer, model_
     if resume:
         model = PeftModel.from_pretrained(base, str(resume), is_trainable=True)
     else:
-        lora = LoraConfig(r=model_cfg.lora_r, lora_alpha=model_cfg.lora_alpha, lora_dropout=model_cfg.lora_dropout,
-                          target_modules=model_cfg.lora_target_modules, task_type="CAUSAL_LM" if kind == "policy" else "SEQ_CLS")
+        lora = LoraConfig(
+            r=model_cfg.lora_r,
+            lora_alpha=model_cfg.lora_alpha,
+            lora_dropout=model_cfg.lora_dropout,
+            target_modules=model_cfg.lora_target_modules,
+            task_type="CAUSAL_LM" if kind == "policy" else "SEQ_CLS",
+        )
         model = get_peft_model(base, lora)
     return prepare_trainable(model, model_cfg)
 
@@ -176,7 +218,9 @@ def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}  # GPT-2's tanh GELU as ~8 Python-level ops -> PyTorch's one kernel, same formula
+FUSED_ACTIVATIONS = {
+    "gelu_new": "gelu_pytorch_tanh"
+}  # GPT-2's tanh GELU as ~8 Python-level ops -> PyTorch's one kernel, same formula
 
 
 def fast_config(path: str, **overrides):
@@ -196,7 +240,9 @@ def load_policy(path: str, tokenizer, dtype: str = "float32", key: str = "model.
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=fast_config(path), dtype=_torch_dtype(dtype))
     except OSError as e:
-        raise ModelPathError(f"{key}={path!r} could not be loaded ({e}). Fix: check the path or hub id; offline, use a local folder.") from e
+        raise ModelPathError(
+            f"{key}={path!r} could not be loaded ({e}). Fix: check the path or hub id; offline, use a local folder."
+        ) from e
     _align_vocab(model, tokenizer)
     return model
 
@@ -206,7 +252,9 @@ def load_scalar_model(path: str, tokenizer, dtype: str = "float32", zero_head: b
 
     Loading a causal LM folder adds a fresh head; we zero it so every answer starts at score 0.
     """
-    model = AutoModelForSequenceClassification.from_pretrained(path, config=fast_config(path, num_labels=1), dtype=_torch_dtype(dtype))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, config=fast_config(path, num_labels=1), dtype=_torch_dtype(dtype)
+    )
     _align_vocab(model, tokenizer)
     if zero_head:
         torch.nn.init.zeros_(model.score.weight)
@@ -284,17 +332,25 @@ class Logprobs(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int = 0, temperature: float = 1.0,
-                entropy: bool = False):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        first: int = 0,
+        temperature: float = 1.0,
+        entropy: bool = False,
+    ):
         lm = unwrapped(self.model)
-        hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)).last_hidden_state
+        hidden = lm.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)
+        ).last_hidden_state
         logits = fp32_projection(hidden[:, first:-1], lm.get_output_embeddings()) / temperature  # (B, T-1-first, V)
         pad = lm.config.pad_token_id
         if pad is not None:  # PAD is never sampled (rollout.generate): the policy is the softmax without it. A finite
             # floor, not -inf: padded targets (masked out downstream) and the entropy's p * logit stay finite
             logits = logits.index_fill(-1, torch.tensor([pad], device=logits.device), torch.finfo(logits.dtype).min)
         lse = logits.logsumexp(-1)  # (B, T-1-first)
-        logp = logits.gather(-1, input_ids[:, first + 1:].unsqueeze(-1)).squeeze(-1) - lse
+        logp = logits.gather(-1, input_ids[:, first + 1 :].unsqueeze(-1)).squeeze(-1) - lse
         logp = F.pad(logp, (first, 0))  # (B, T-1), zeros where nothing was asked
         if not entropy:
             return logp
@@ -303,13 +359,17 @@ class Logprobs(torch.nn.Module):
         return logp, ent
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0, first: int = 0) -> torch.Tensor:
+def token_logprobs(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0, first: int = 0
+) -> torch.Tensor:
     """:class:`Logprobs` of ``model`` (a causal LM, or a module that already is a :class:`Logprobs`): (B, T-1)."""
     scorer = model if isinstance(getattr(model, "module", model), Logprobs) else Logprobs(model)
     return scorer(input_ids, attention_mask, first, temperature)
 
 
-def token_logprobs_and_entropy(model, input_ids, attention_mask, temperature: float = 1.0, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs_and_entropy(
+    model, input_ids, attention_mask, temperature: float = 1.0, first: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """As :func:`token_logprobs`, plus the entropy of each next-token distribution, both (B, T-1); the
     entropy costs no backward."""
     scorer = model if isinstance(getattr(model, "module", model), Logprobs) else Logprobs(model)
@@ -319,7 +379,9 @@ def token_logprobs_and_entropy(model, input_ids, attention_mask, temperature: fl
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The scalar head on every position: (B, T). Used as the critic and, at one index, as the reward."""
     model = unwrapped(model)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)).last_hidden_state
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)
+    ).last_hidden_state
     return fp32_projection(hidden, model.score).squeeze(-1)  # (B, T)
 
 
@@ -335,7 +397,9 @@ class TokenValues(torch.nn.Module):
         return token_values(self.model, input_ids, attention_mask)
 
 
-def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+def sequence_scores(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor
+) -> torch.Tensor:
     """Reward-model score read at ``last_index`` (the EOS, or the last real token): (B,)."""
     values = token_values(model, input_ids, attention_mask)  # (B, T)
     return values.gather(1, last_index.unsqueeze(1)).squeeze(1)

@@ -32,17 +32,39 @@ from .config import ModelConfig, OnPolicyConfig, SamplingConfig
 from .data import encode_prompts, left_pad, load_rows
 from .kl_control import FixedKLController
 from .losses import kl_k1, kl_k3, kl_loss, masked_mean, policy_loss
-from .modeling import (FrozenModel, Logprobs, autocast, disable_dropout, is_lora, load_adapters, load_policy, load_scalar_model,
-                       load_tokenizer, load_trainable, save_pretrained_atomic, sequence_scores, token_logprobs, token_logprobs_and_entropy, token_values)
+from .modeling import (
+    FrozenModel,
+    Logprobs,
+    autocast,
+    disable_dropout,
+    is_lora,
+    load_adapters,
+    load_policy,
+    load_scalar_model,
+    load_tokenizer,
+    load_trainable,
+    save_pretrained_atomic,
+    sequence_scores,
+    token_logprobs,
+    token_logprobs_and_entropy,
+    token_values,
+)
 from .rollout import Samples, decode_responses, generate
-from .stats import mean_se
 from .stages.common import StageContext
+from .stats import mean_se
 from .trainer import Trainer, epoch_order
 
 SCORE_NORM_BATCHES = 2  # rollout batches of the SFT policy used to measure the score offset
 GUARD_DIR = "guard_best"  # the checkpoint the over-optimisation guard keeps (a stage folder's)
 EVAL_PROMPTS = 256  # held-out prompts scored at each evaluation during training (the default task has 258)
-CURVES = ("kl", "kl_k3", "score", "eval_proxy_reward", "eval_gold_reward", "eval_guard_score")  # what the KL curve figure plots
+CURVES = (
+    "kl",
+    "kl_k3",
+    "score",
+    "eval_proxy_reward",
+    "eval_gold_reward",
+    "eval_guard_score",
+)  # what the KL curve figure plots
 
 
 @dataclass
@@ -62,10 +84,12 @@ class Experience:
     old_values: torch.Tensor | None = None  # (B, R) V(x, y_<t)
     returns: torch.Tensor | None = None  # (B, R) value targets
 
-    def __getitem__(self, idx) -> "Experience":
-        return Experience(self.samples[idx], *(None if (t := getattr(self, f.name)) is None else t[idx] for f in fields(self)[1:]))
+    def __getitem__(self, idx) -> Experience:
+        return Experience(
+            self.samples[idx], *(None if (t := getattr(self, f.name)) is None else t[idx] for f in fields(self)[1:])
+        )
 
-    def trimmed(self) -> "Experience":
+    def trimmed(self) -> Experience:
         """Without the padding every row shares (:meth:`Samples.trimmed`): what an update's forwards run on."""
         samples = self.samples.trimmed()
         width = samples.response_ids.shape[1]
@@ -82,19 +106,30 @@ class OnPolicyModels:
     starts from it: one copy of each base's weights instead of two.
     """
 
-    def __init__(self, model_cfg: ModelConfig, inputs: PolicyInputs, resume: Path | None, device, value_init: str | None = None) -> None:
+    def __init__(
+        self, model_cfg: ModelConfig, inputs: PolicyInputs, resume: Path | None, device, value_init: str | None = None
+    ) -> None:
         dtype, sft_path, reward_path = model_cfg.dtype, inputs.sft_path, inputs.reward_path
         self.tokenizer = tok = load_tokenizer(sft_path)
         self.policy = load_trainable("policy", sft_path, resume and resume / "policy", tok, model_cfg).to(device)
         self.value = None
         if value_init:
             start = reward_path if value_init == "reward" else sft_path
-            self.value = load_trainable("scalar", start, resume and resume / "value", tok, model_cfg, zero_head=value_init == "sft").to(device)
+            self.value = load_trainable(
+                "scalar", start, resume and resume / "value", tok, model_cfg, zero_head=value_init == "sft"
+            ).to(device)
         share = model_cfg.lora_r > 0 and model_cfg.lora_shared_reference
-        self.reference = FrozenModel(adapters_of=self.policy) if share else FrozenModel(load_policy(sft_path, tok, dtype).to(device))
-        first = FrozenModel(adapters_of=self.value) if share and value_init == "reward" else \
-            FrozenModel(load_scalar_model(reward_path, tok, dtype, zero_head=False).to(device))
-        self.rewards = [first] + [FrozenModel(load_scalar_model(p, tok, dtype, zero_head=False).to(device)) for p in inputs.extra_reward_paths]
+        self.reference = (
+            FrozenModel(adapters_of=self.policy) if share else FrozenModel(load_policy(sft_path, tok, dtype).to(device))
+        )
+        first = (
+            FrozenModel(adapters_of=self.value)
+            if share and value_init == "reward"
+            else FrozenModel(load_scalar_model(reward_path, tok, dtype, zero_head=False).to(device))
+        )
+        self.rewards = [first] + [
+            FrozenModel(load_scalar_model(p, tok, dtype, zero_head=False).to(device)) for p in inputs.extra_reward_paths
+        ]
         for m in (self.policy, self.value, self.reference.model, *(r.model for r in self.rewards)):
             if m is not None:
                 disable_dropout(m)
@@ -114,28 +149,55 @@ class OnPolicy:
 
     samples_per_prompt = 1  # answers sampled for each prompt of an iteration
 
-    def __init__(self, name: str, cfg: OnPolicyConfig, models: OnPolicyModels, prompts: list[list[int]], ctx: StageContext,
-                 inputs: PolicyInputs) -> None:
+    def __init__(
+        self,
+        name: str,
+        cfg: OnPolicyConfig,
+        models: OnPolicyModels,
+        prompts: list[list[int]],
+        ctx: StageContext,
+        inputs: PolicyInputs,
+    ) -> None:
         self.name, self.cfg, self.m, self.prompts, self.ctx = name, cfg, models, prompts, ctx
         self.missing_eos_penalty = inputs.missing_eos_penalty
         self.kl_ctl = FixedKLController(cfg.beta)
         self.score_offset = 0.0
-        self.member_stats = torch.zeros(len(models.rewards), 2)  # (K, 2) mean and std of each member's scores on SFT answers
+        self.member_stats = torch.zeros(
+            len(models.rewards), 2
+        )  # (K, 2) mean and std of each member's scores on SFT answers
         self.ensemble_gap = 0.0  # mean score of SFT answers, the ensemble's minus member 0's (0 for one reward model)
-        self.guard = {"best": None, "iteration": None, "since": 0, "stopped": None}  # the over-optimisation guard's memory
+        self.guard = {
+            "best": None,
+            "iteration": None,
+            "since": 0,
+            "stopped": None,
+        }  # the over-optimisation guard's memory
         self.iteration = 0
         self.history: dict[str, list[tuple[int, float]]] = {}  # the KL curve, kept across resumes
         n_updates = cfg.steps * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
-        self.trainer = Trainer(models.trained(), models.tokenizer, cfg, n_updates, name, ctx.sink, ctx.ckpt_dir, self.param_groups(),
-                               amp=models.amp, accelerator=ctx.accelerator)
+        self.trainer = Trainer(
+            models.trained(),
+            models.tokenizer,
+            cfg,
+            n_updates,
+            name,
+            ctx.sink,
+            ctx.ckpt_dir,
+            self.param_groups(),
+            amp=models.amp,
+            accelerator=ctx.accelerator,
+        )
         self.rank, self.world = self.trainer.rank, self.trainer.world
-        self.policy_train = self.trainer.wrap(self.compiled(Logprobs(models.policy)))  # the update's forwards (DDP under accelerate launch)
+        self.policy_train = self.trainer.wrap(
+            self.compiled(Logprobs(models.policy))
+        )  # the update's forwards (DDP under accelerate launch)
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.m.policy.parameters() if p.requires_grad]}]  # LoRA: adapters only
 
     def compiled(self, forward: torch.nn.Module) -> torch.nn.Module:
-        """An update's forward module (:class:`Logprobs`, :class:`TokenValues`: backbone, head and loss inputs), compiled
+        """An update's forward module (:class:`Logprobs`, :class:`TokenValues`: backbone, head and loss inputs),
+        compiled
         in place with ``runtime.compile`` (dynamic shapes: the minibatches' widths vary). Its parameters are the
         trained model's, so their names, checkpoints and saved models stay those of the plain modules; sampling and
         the experience pass (no_grad, a cache that grows each token) stay eager."""
@@ -145,8 +207,15 @@ class OnPolicy:
 
     # ---- state ----------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"iteration": self.iteration, "kl_ctl": self.kl_ctl.state_dict(), "score_offset": self.score_offset, "history": self.history,
-                "member_stats": self.member_stats, "ensemble_gap": self.ensemble_gap, "guard": self.guard}
+        return {
+            "iteration": self.iteration,
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "score_offset": self.score_offset,
+            "history": self.history,
+            "member_stats": self.member_stats,
+            "ensemble_gap": self.ensemble_gap,
+            "guard": self.guard,
+        }
 
     def load(self, ckpt: Path) -> dict:
         extra = self.trainer.load(ckpt)
@@ -165,16 +234,28 @@ class OnPolicy:
         epochs = position // n
         orders = {int(e): epoch_order(n, self.cfg.seed, int(e)) for e in epochs.unique()}
         idx = [int(orders[int(e)][p % n]) for e, p in zip(epochs, position)][self.rank :: self.world]
-        ids, mask = left_pad([self.prompts[i] for i in idx for _ in range(self.samples_per_prompt)], self.m.tokenizer.pad_token_id)
+        ids, mask = left_pad(
+            [self.prompts[i] for i in idx for _ in range(self.samples_per_prompt)], self.m.tokenizer.pad_token_id
+        )
         return ids.to(self.ctx.device), mask.to(self.ctx.device)
 
     def rollout(self, model, iteration: int, sampling: SamplingConfig | None = None) -> Samples:
-        generator = torch.Generator(device=self.ctx.device).manual_seed((self.cfg.seed * 1_000_003 + iteration) * self.world + self.rank)
+        generator = torch.Generator(device=self.ctx.device).manual_seed(
+            (self.cfg.seed * 1_000_003 + iteration) * self.world + self.rank
+        )
         ids, mask = self.prompt_batch(iteration)
         model.eval()
         tok = self.m.tokenizer
-        return generate(model, ids, mask, sampling or self.cfg.sampling, tok.eos_token_id, tok.pad_token_id, generator,
-                        logprobs=self.m.sampler_logprobs and model is self.m.policy)
+        return generate(
+            model,
+            ids,
+            mask,
+            sampling or self.cfg.sampling,
+            tok.eos_token_id,
+            tok.pad_token_id,
+            generator,
+            logprobs=self.m.sampler_logprobs and model is self.m.policy,
+        )
 
     # ---- scoring --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -228,7 +309,9 @@ class OnPolicy:
         (:func:`sampler_logprobs_exact`), else a forward."""
         if s.logprobs is not None:
             return s.logprobs
-        return s.response_slice(token_logprobs(self.m.policy, s.input_ids, s.attention_mask, self.cfg.sampling.temperature, s.first_target))
+        return s.response_slice(
+            token_logprobs(self.m.policy, s.input_ids, s.attention_mask, self.cfg.sampling.temperature, s.first_target)
+        )
 
     @torch.no_grad()
     def forwards(self, samples: Samples) -> dict[str, torch.Tensor]:
@@ -249,7 +332,10 @@ class OnPolicy:
             members = self.member_scores(s)
             out["raw"] = self.ensemble(members) - self.penalty(s)
             if len(members) > 1:  # how much the members disagree on each answer (standardised units)
-                out["disagreement"] = ((members - self.member_stats[:, :1].to(members.device)) / self.member_stats[:, 1:].to(members.device)).std(0)
+                out["disagreement"] = (
+                    (members - self.member_stats[:, :1].to(members.device))
+                    / self.member_stats[:, 1:].to(members.device)
+                ).std(0)
             for k, v in out.items():
                 parts.setdefault(k, []).append(v)
         mask = samples.response_mask
@@ -265,7 +351,10 @@ class OnPolicy:
 
     def kl_stats(self, old_logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Sequence KL to the reference, k1 and k3, mean over the batch."""
-        return {"kl": (kl_k1(old_logp, ref_logp) * mask).sum(1).mean(), "kl_k3": (kl_k3(old_logp, ref_logp) * mask).sum(1).mean()}
+        return {
+            "kl": (kl_k1(old_logp, ref_logp) * mask).sum(1).mean(),
+            "kl_k3": (kl_k3(old_logp, ref_logp) * mask).sum(1).mean(),
+        }
 
     # ---- the method -----------------------------------------------------------------------------
     def experience(self, samples: Samples) -> tuple[Experience, dict]:
@@ -281,10 +370,19 @@ class OnPolicy:
         beta = self.kl_ctl.value
         rewards = scores - beta * seq_kl if kl_in_reward else scores
         advantages = advantages_of(rewards.view(-1, self.samples_per_prompt)).reshape(-1)  # (B,)
-        stats = {**self.kl_stats(f["old_logp"], f["ref_logp"], mask), "kl_coef": torch.tensor(beta), "score": scores.mean(),
-                 "score_raw": f["raw"].mean(), "reward": rewards.mean(), "eos_rate": samples.ended.float().mean(),
-                 "response_length": mask.sum(1).mean(), "advantages_mean": advantages.mean(), "advantages_std": advantages.std(),
-                 "group_reward_std": rewards.view(-1, self.samples_per_prompt).std(1).mean(), **self.ensemble_stats(f)}
+        stats = {
+            **self.kl_stats(f["old_logp"], f["ref_logp"], mask),
+            "kl_coef": torch.tensor(beta),
+            "score": scores.mean(),
+            "score_raw": f["raw"].mean(),
+            "reward": rewards.mean(),
+            "eos_rate": samples.ended.float().mean(),
+            "response_length": mask.sum(1).mean(),
+            "advantages_mean": advantages.mean(),
+            "advantages_std": advantages.std(),
+            "group_reward_std": rewards.view(-1, self.samples_per_prompt).std(1).mean(),
+            **self.ensemble_stats(f),
+        }
         exp = Experience(samples, mask, f["old_logp"], f["ref_logp"], scores, advantages[:, None] * mask)
         return exp, self.trainer.average(stats)
 
@@ -301,13 +399,22 @@ class OnPolicy:
         for i in range(0, len(exp.mask), micro):
             yield exp[slice(i, i + micro)].trimmed()
 
-    def policy_terms(self, e: Experience, aggregation: str = "token", kl_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+    def policy_terms(
+        self, e: Experience, aggregation: str = "token", kl_coef: float = 0.0
+    ) -> tuple[torch.Tensor, dict]:
         """The clipped surrogate on a micro-batch (and, with ``kl_coef``, the k3 KL to the reference as a loss term)."""
         s = e.samples
-        logp, entropy = token_logprobs_and_entropy(self.policy_train, s.input_ids, s.attention_mask, self.cfg.sampling.temperature, s.first_target)
-        logp, entropy = s.response_slice(logp) * e.mask, s.response_slice(entropy)  # PAD after EOS: 0, as old / ref log-probs
+        logp, entropy = token_logprobs_and_entropy(
+            self.policy_train, s.input_ids, s.attention_mask, self.cfg.sampling.temperature, s.first_target
+        )
+        logp, entropy = (
+            s.response_slice(logp) * e.mask,
+            s.response_slice(entropy),
+        )  # PAD after EOS: 0, as old / ref log-probs
         max_tokens = self.cfg.sampling.max_new_tokens  # dr_grpo's constant normaliser (rlhf.losses.aggregate)
-        loss, metrics = policy_loss(logp, e.old_logp, e.advantages, e.mask, self.cfg.clip_range, aggregation, max_tokens)
+        loss, metrics = policy_loss(
+            logp, e.old_logp, e.advantages, e.mask, self.cfg.clip_range, aggregation, max_tokens
+        )
         metrics["entropy"] = masked_mean(entropy.detach(), e.mask)
         if kl_coef:
             kl_term, kl_metrics = kl_loss(logp, e.ref_logp, e.mask, aggregation, max_tokens)
@@ -327,7 +434,9 @@ class OnPolicy:
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(len(exp.mask), generator=g)
             for j in range(0, len(order), minibatch):
-                metrics = self.trainer.optimizer_step(self.minibatch_losses(exp[order[j : j + minibatch]], train_policy))
+                metrics = self.trainer.optimizer_step(
+                    self.minibatch_losses(exp[order[j : j + minibatch]], train_policy)
+                )
                 metrics = {k: float(v) for k, v in metrics.items()}
                 if not first:  # the policy still equals the rollout policy: ratio 1, clipfrac 0, approx_kl 0
                     first = {f"{k}_first_minibatch": metrics[k] for k in ("clipfrac", "approx_kl") if k in metrics}
@@ -346,14 +455,25 @@ class OnPolicy:
         ids, mask = left_pad(eval_ids, tok.pad_token_id)
         generator = torch.Generator(device=self.ctx.device).manual_seed(self.cfg.seed + 99)
         self.m.policy.eval()
-        s = generate(self.m.policy, ids.to(self.ctx.device), mask.to(self.ctx.device), self.cfg.sampling, tok.eos_token_id, tok.pad_token_id,
-                     generator, logprobs=self.m.sampler_logprobs)
+        s = generate(
+            self.m.policy,
+            ids.to(self.ctx.device),
+            mask.to(self.ctx.device),
+            self.cfg.sampling,
+            tok.eos_token_id,
+            tok.pad_token_id,
+            generator,
+            logprobs=self.m.sampler_logprobs,
+        )
         members, penalty = self.member_scores(s), self.penalty(s)
         logp = self.policy_logprobs(s)
         with self.m.reference.use() as reference:
             ref = s.response_slice(token_logprobs(reference, s.input_ids, s.attention_mask, t, s.first_target))
-        out = {"eval_proxy_reward": float((members.mean(0) - penalty).mean()), "eval_kl": float(((logp - ref) * s.response_mask).sum(1).mean()),
-               "eval_guard_score": float((self.ensemble(members, self.cfg.guard_score) - penalty).mean())}
+        out = {
+            "eval_proxy_reward": float((members.mean(0) - penalty).mean()),
+            "eval_kl": float(((logp - ref) * s.response_mask).sum(1).mean()),
+            "eval_guard_score": float((self.ensemble(members, self.cfg.guard_score) - penalty).mean()),
+        }
         if len(members) > 1:
             out["eval_ensemble_std"] = float(members.std(0).mean())
         if has_gold:
@@ -378,7 +498,13 @@ class OnPolicy:
         if within and (g["best"] is None or score > g["best"]):
             g.update(best=score, iteration=self.iteration, since=0)
             # LoRA: the adapters alone; merging them would unload them from the policy being trained
-            save_pretrained_atomic(self.m.policy, self.m.tokenizer, self.ctx.out_dir / GUARD_DIR, {"iteration": self.iteration}, merge=False)
+            save_pretrained_atomic(
+                self.m.policy,
+                self.m.tokenizer,
+                self.ctx.out_dir / GUARD_DIR,
+                {"iteration": self.iteration},
+                merge=False,
+            )
             return False
         g["since"] += 1
         stop = bool(cfg.guard_patience) and g["since"] >= cfg.guard_patience
@@ -400,9 +526,9 @@ def sampler_logprobs_exact(model_cfg: ModelConfig) -> bool:
 def ensemble_score(z: torch.Tensor, how: str, coef: float = 0.5) -> torch.Tensor:
     """A reward-model ensemble's score from its K members' standardised scores z (K, B) (Coste et al. 2023):
 
-        mean:         mean_k z_k
-        worst:        min_k z_k                            (worst-case optimisation, WCO)
-        uncertainty:  mean_k z_k - coef * var_k z_k        (uncertainty-weighted optimisation, UWO)
+    mean:         mean_k z_k
+    worst:        min_k z_k                            (worst-case optimisation, WCO)
+    uncertainty:  mean_k z_k - coef * var_k z_k        (uncertainty-weighted optimisation, UWO)
     """
     if how == "worst":
         return z.min(0).values
@@ -433,10 +559,14 @@ def kl_curve_figure(history: dict[str, list[tuple[int, float]]], name: str, out_
     return out_file
 
 
-def prompts_of(cfg: OnPolicyConfig, model_cfg: ModelConfig, inputs: PolicyInputs, tokenizer) -> tuple[list, list[str], list]:
+def prompts_of(
+    cfg: OnPolicyConfig, model_cfg: ModelConfig, inputs: PolicyInputs, tokenizer
+) -> tuple[list, list[str], list]:
     """Training prompt ids, and the held-out prompts (text and ids) scored during training."""
     max_prompt = model_cfg.max_length - cfg.sampling.max_new_tokens
-    prompts = encode_prompts(tokenizer, [r["prompt"] for r in load_rows(inputs.data_dir, "ppo_prompts", tokenizer)], max_prompt)
+    prompts = encode_prompts(
+        tokenizer, [r["prompt"] for r in load_rows(inputs.data_dir, "ppo_prompts", tokenizer)], max_prompt
+    )
     eval_prompts = [r["prompt"] for r in load_rows(inputs.data_dir, "eval_prompts", tokenizer)][:EVAL_PROMPTS]
     return prompts, eval_prompts, encode_prompts(tokenizer, eval_prompts, max_prompt)
 
@@ -455,7 +585,9 @@ def frontier_fit(history: dict, name: str, has_gold: bool) -> tuple[dict, object
         gain = torch.tensor([series[s] - series[0] for s in steps], dtype=torch.float64)
         points[kind], fits[kind] = (d.tolist(), gain.tolist()), frontier.fit("rl", d, gain)
     metrics = {k: v for kind, f in fits.items() for k, v in f.metrics(f"{name}/frontier_{kind}").items()}
-    return metrics, (frontier.figure(points, fits, f"{name}: reward gain vs sqrt(KL) over its evaluations") if fits else None)
+    return metrics, (
+        frontier.figure(points, fits, f"{name}: reward gain vs sqrt(KL) over its evaluations") if fits else None
+    )
 
 
 def train(method: OnPolicy, eval_prompts: list[str], eval_ids: list, inputs: PolicyInputs, resume: Path | None) -> dict:
@@ -480,7 +612,9 @@ def train(method: OnPolicy, eval_prompts: list[str], eval_ids: list, inputs: Pol
             with m.amp():
                 offset = method.measure_score_offset()
             method.score_offset = offset if cfg.score_norm else 0.0
-        ctx.sink.log_metrics({f"{name}/score_offset": method.score_offset, **held_out()}, 0)  # the policy before training: SFT
+        ctx.sink.log_metrics(
+            {f"{name}/score_offset": method.score_offset, **held_out()}, 0
+        )  # the policy before training: SFT
 
     progress = method.trainer.progress = ctx.progress(name, cfg.steps, method.iteration)
     metrics: dict[str, float] = {}
@@ -495,14 +629,25 @@ def train(method: OnPolicy, eval_prompts: list[str], eval_ids: list, inputs: Pol
         trained = method.update(exp)
         t3 = time.perf_counter()
         method.kl_ctl.update(float(stats["kl"]), cfg.rollout_batch_size)
-        gen_tokens, train_tokens = ctx.accelerator.reduce(torch.stack([exp.mask.sum(), samples.attention_mask.sum() * cfg.ppo_epochs]).float(), "sum").tolist()
+        gen_tokens, train_tokens = ctx.accelerator.reduce(
+            torch.stack([exp.mask.sum(), samples.attention_mask.sum() * cfg.ppo_epochs]).float(), "sum"
+        ).tolist()
         method.trainer.tokens_trained += int(train_tokens)
         metrics = {f"{name}/{k}": float(v) for k, v in {**stats, **trained}.items()}
         metrics[f"{name}/tokens_trained"] = method.trainer.tokens_trained
-        metrics.update({f"{name}/gen_tokens_per_s": gen_tokens / (t1 - t0), f"{name}/train_tokens_per_s": train_tokens / (t3 - t2),
-                        f"{name}/time_generation_s": t1 - t0, f"{name}/time_scoring_s": t2 - t1, f"{name}/time_update_s": t3 - t2})
+        metrics.update(
+            {
+                f"{name}/gen_tokens_per_s": gen_tokens / (t1 - t0),
+                f"{name}/train_tokens_per_s": train_tokens / (t3 - t2),
+                f"{name}/time_generation_s": t1 - t0,
+                f"{name}/time_scoring_s": t2 - t1,
+                f"{name}/time_update_s": t3 - t2,
+            }
+        )
         # evaluations of a policy that has moved (none during a value warm-up: the same policy as iteration 0)
-        if method.iteration == cfg.steps or (method.trains_policy() and (method.iteration % cfg.eval_every == 0 or method.iteration == 1)):
+        if method.iteration == cfg.steps or (
+            method.trains_policy() and (method.iteration % cfg.eval_every == 0 or method.iteration == 1)
+        ):
             evaluated = held_out()
             metrics.update(evaluated)
             if cfg.guard != "none":
@@ -515,7 +660,11 @@ def train(method: OnPolicy, eval_prompts: list[str], eval_ids: list, inputs: Pol
         progress.update(method.iteration, metrics, int(gen_tokens + train_tokens))
         for k in (f"{name}/{c}" for c in CURVES[:3]):
             method.history.setdefault(k, []).append((method.iteration, metrics[k]))
-        saved = method.iteration % cfg.checkpoint_every == 0 or method.iteration == cfg.steps or method.guard["stopped"] is not None
+        saved = (
+            method.iteration % cfg.checkpoint_every == 0
+            or method.iteration == cfg.steps
+            or method.guard["stopped"] is not None
+        )
         if saved:
             method.trainer.save(method.state())
         method.trainer.stop_if_requested(method.state, saved)
@@ -547,4 +696,8 @@ def train(method: OnPolicy, eval_prompts: list[str], eval_ids: list, inputs: Pol
         summary.update(guard)
     else:
         ctx.save_final(m.policy, m.tokenizer, {"stage": name, "iterations": method.iteration})
-    return {"model_path": str(ctx.final_dir), "metrics": {k: v for k, v in summary.items() if "/time_" not in k}, "steps": method.iteration}
+    return {
+        "model_path": str(ctx.final_dir),
+        "metrics": {k: v for k, v in summary.items() if "/time_" not in k},
+        "steps": method.iteration,
+    }

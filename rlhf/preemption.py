@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_active: "StopSignals | None" = None
+_active: StopSignals | None = None
 
 
 class Preempted(RuntimeError):
@@ -24,8 +24,10 @@ class Preempted(RuntimeError):
 
     def __init__(self, stage: str, signum: int, step: int) -> None:
         self.stage, self.signum, self.step = stage, signum, step
-        super().__init__(f"{stage}: stopped by {signal.Signals(signum).name} after step {step}; its checkpoint is written. "
-                         f"Fix: nothing to fix; run the same command again to resume at step {step}.")
+        super().__init__(
+            f"{stage}: stopped by {signal.Signals(signum).name} after step {step}; its checkpoint is written. "
+            f"Fix: nothing to fix; run the same command again to resume at step {step}."
+        )
 
     @property
     def exit_code(self) -> int:
@@ -51,7 +53,7 @@ class StopSignals:
         if self.on_first is not None:
             self.on_first(signum)
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         global _active
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}

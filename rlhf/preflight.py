@@ -20,8 +20,11 @@ def check_root(root: str) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"paths.root={root!r} cannot be used: {e.strerror or e} ({type(e).__name__}). It holds every stage's outputs, "
-                          f"Prefect's results and the MLflow store. Fix: pass paths.root=<a writable folder> or set RLHF_HOME.") from e
+        raise ConfigError(
+            f"paths.root={root!r} cannot be used: {e.strerror or e} ({type(e).__name__}). It holds every stage's "
+            f"outputs, "
+            f"Prefect's results and the MLflow store. Fix: pass paths.root=<a writable folder> or set RLHF_HOME."
+        ) from e
 
 
 def preflight(cfg: PipelineConfig) -> str:
@@ -34,9 +37,15 @@ def preflight(cfg: PipelineConfig) -> str:
         key = "model.tokenizer" if cfg.model.tokenizer else "model.pretrained"
         check_model_source(cfg.model.tokenizer or cfg.model.pretrained, key, needs="tokenizer")
     if cfg.data.source == "hub":
-        missing = [f for f in data_files_list(cfg.data.data_files) if "://" not in f and not any(c in f for c in "*?[") and not Path(f).exists()]
+        missing = [
+            f
+            for f in data_files_list(cfg.data.data_files)
+            if "://" not in f and not any(c in f for c in "*?[") and not Path(f).exists()
+        ]
         if missing:
-            raise DatasetError(f"data.data_files names missing file(s) {missing}. Fix: point data.data_files at existing files.")
+            raise DatasetError(
+                f"data.data_files names missing file(s) {missing}. Fix: point data.data_files at existing files."
+            )
     uri = resolve_uri(cfg.tracking, Path(cfg.paths.root))
     check_reachable(uri, cfg.tracking.connect_timeout_s)
     return uri

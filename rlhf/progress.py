@@ -48,7 +48,15 @@ class Progress:
             from tqdm import tqdm
 
             size = shutil.get_terminal_size((100, 24))  # a terminal that reports no size (0 x 0) would hide the bar
-            self.bar = tqdm(total=total, initial=start, desc=name, unit="step", ncols=size.columns, nrows=size.lines, file=sys.stderr)
+            self.bar = tqdm(
+                total=total,
+                initial=start,
+                desc=name,
+                unit="step",
+                ncols=size.columns,
+                nrows=size.lines,
+                file=sys.stderr,
+            )
 
     def rates(self) -> tuple[float, float, float]:
         """Tokens/s, elapsed seconds and the ETA of the remaining steps at this session's pace."""
@@ -67,7 +75,9 @@ class Progress:
         tokens_per_s, elapsed, eta = self.rates()
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in shown.items()}, "tok/s": f"{tokens_per_s:,.0f}"}, refresh=False)
+            self.bar.set_postfix(
+                {**{k: f"{v:.4g}" for k, v in shown.items()}, "tok/s": f"{tokens_per_s:,.0f}"}, refresh=False
+            )
             return
         now = time.monotonic()
         if step == self.start_step + 1 or step >= self.total or now - self.last_line >= self.settings.every_s:

@@ -12,8 +12,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 MEMBER_COLUMNS = ("algo.algo", "algo.beta", "algo.clip_range", "algo.seed")
-METRIC_COLUMNS = ("eval/kl", "eval/gold_reward", "eval/gold_reward_se", "eval/gold_gain", "eval/gold_gain_se", "eval/proxy_reward",
-                  "eval/proxy_gain", "eval/win_rate_gold", "eval/win_rate_gold_se", "eval/win_rate_proxy", "eval/response_length")
+METRIC_COLUMNS = (
+    "eval/kl",
+    "eval/gold_reward",
+    "eval/gold_reward_se",
+    "eval/gold_gain",
+    "eval/gold_gain_se",
+    "eval/proxy_reward",
+    "eval/proxy_gain",
+    "eval/win_rate_gold",
+    "eval/win_rate_gold_se",
+    "eval/win_rate_proxy",
+    "eval/response_length",
+)
 
 
 def sweep_members(client: MlflowClient, experiment_id: str, sweep_id: str) -> list:
@@ -42,7 +53,8 @@ def label(run) -> str:
 
 
 def kl_curves_figure(client: MlflowClient, runs, stage: str | None = None):
-    """KL to the reference vs step of each member's policy stage (its own algorithm's, unless ``stage``), in one figure."""
+    """KL to the reference vs step of each member's policy stage (its own algorithm's, unless ``stage``), in one
+    figure."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in runs:
         algo = stage or r.data.tags.get("algo", "ppo")
@@ -63,7 +75,11 @@ def frontier_figure(runs):
     """Held-out reward (gold and proxy) against KL to the SFT policy, one point per member."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, marker in (("eval/gold_reward", "o"), ("eval/proxy_reward", "x")):
-        points = [(r.data.metrics["eval/kl"], r.data.metrics[name], label(r)) for r in runs if name in r.data.metrics and "eval/kl" in r.data.metrics]
+        points = [
+            (r.data.metrics["eval/kl"], r.data.metrics[name], label(r))
+            for r in runs
+            if name in r.data.metrics and "eval/kl" in r.data.metrics
+        ]
         if points:
             ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=name)
             for x, y, text in points:
@@ -85,16 +101,22 @@ def sweep_frontier(runs) -> tuple[dict, object | None]:
     points, fits, metrics = {}, {}, {}
     for family, form, kl_key in (("rl", "rl", "eval/kl"), ("bon", "bon", "eval/kl_analytic")):
         # best-of-n members are the ones whose KL has a closed form (eval/kl_analytic)
-        members = [r for r in runs if ("eval/kl_analytic" in r.data.metrics) == (family == "bon") and kl_key in r.data.metrics]
+        members = [
+            r for r in runs if ("eval/kl_analytic" in r.data.metrics) == (family == "bon") and kl_key in r.data.metrics
+        ]
         for kind in ("gold", "proxy"):
             have = [r for r in members if f"eval/{kind}_gain" in r.data.metrics]
             if len(have) < 2:
                 continue
-            d = [0.0] + frontier.distance([r.data.metrics[kl_key] for r in have]).tolist()  # the SFT policy: no gain at d = 0
+            d = [0.0] + frontier.distance(
+                [r.data.metrics[kl_key] for r in have]
+            ).tolist()  # the SFT policy: no gain at d = 0
             gain = [0.0] + [r.data.metrics[f"eval/{kind}_gain"] for r in have]
             name = f"{kind} ({'best-of-n' if family == 'bon' else 'RL'})"
             points[name], fits[name] = (d, gain), frontier.fit(form, d, gain)
             metrics.update(fits[name].metrics(f"sweep/{'bon_' if family == 'bon' else ''}{kind}"))
     if not fits:
         return metrics, None
-    return metrics, frontier.figure(points, fits, "held-out gain over SFT vs sqrt(KL): members and Gao et al.'s fitted forms")
+    return metrics, frontier.figure(
+        points, fits, "held-out gain over SFT vs sqrt(KL): members and Gao et al.'s fitted forms"
+    )

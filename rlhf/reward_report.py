@@ -19,7 +19,9 @@ import torch
 from .stats import correlation, expected_calibration_error
 
 
-def report(chosen: torch.Tensor, rejected: torch.Tensor, lengths: torch.Tensor, gold: torch.Tensor | None = None) -> tuple[dict, dict]:
+def report(
+    chosen: torch.Tensor, rejected: torch.Tensor, lengths: torch.Tensor, gold: torch.Tensor | None = None
+) -> tuple[dict, dict]:
     """Metrics and plot data from the scores of held-out pairs.
 
     chosen, rejected: (N,) scores; lengths: (N, 2) answer lengths in words (chosen, rejected); gold: (N, 2)
@@ -35,12 +37,21 @@ def report(chosen: torch.Tensor, rejected: torch.Tensor, lengths: torch.Tensor, 
     correct = (margins > 0).float()
     accuracy = [float(correct[bucket == b].mean()) if (bucket == b).any() else float("nan") for b in range(4)]
     scores, words = torch.cat([chosen, rejected]), torch.cat([lengths[:, 0], lengths[:, 1]]).float()
-    metrics = {"eval_ece": ece, "eval_length_corr": correlation(scores, words),
-               **{f"eval_accuracy_q{b + 1}": a for b, a in enumerate(accuracy)}}
+    metrics = {
+        "eval_ece": ece,
+        "eval_length_corr": correlation(scores, words),
+        **{f"eval_accuracy_q{b + 1}": a for b, a in enumerate(accuracy)},
+    }
     if gold is not None:
         metrics["eval_gold_length_corr"] = correlation(torch.cat([gold[:, 0], gold[:, 1]]), words)
-    plot = {"reliability": reliability, "accuracy": accuracy, "margin_by": "gold margin" if gold is not None else "predicted margin",
-            "scores": scores, "words": words, "gold": torch.cat([gold[:, 0], gold[:, 1]]) if gold is not None else None}
+    plot = {
+        "reliability": reliability,
+        "accuracy": accuracy,
+        "margin_by": "gold margin" if gold is not None else "predicted margin",
+        "scores": scores,
+        "words": words,
+        "gold": torch.cat([gold[:, 0], gold[:, 1]]) if gold is not None else None,
+    }
     return metrics, plot
 
 
@@ -55,14 +66,27 @@ def figure(metrics: dict, plot: dict):
     used = rel[:, 2] > 0
     axes[0].plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     axes[0].plot(rel[used, 0], rel[used, 1], marker="o")
-    axes[0].set(xlabel="predicted P(a preferred)", ylabel="observed frequency", title=f"reliability (ECE {metrics['eval_ece']:.3f})")
+    axes[0].set(
+        xlabel="predicted P(a preferred)",
+        ylabel="observed frequency",
+        title=f"reliability (ECE {metrics['eval_ece']:.3f})",
+    )
     axes[1].bar(["q1", "q2", "q3", "q4"], plot["accuracy"])
     axes[1].axhline(0.5, color="grey", lw=0.8)
     axes[1].set(ylim=(0, 1), xlabel=f"quartile of |{plot['margin_by']}|", ylabel="accuracy", title="accuracy by margin")
-    axes[2].scatter(plot["words"], plot["scores"], s=4, alpha=0.4, label=f"reward model (r={metrics['eval_length_corr']:.2f})")
+    axes[2].scatter(
+        plot["words"], plot["scores"], s=4, alpha=0.4, label=f"reward model (r={metrics['eval_length_corr']:.2f})"
+    )
     if plot["gold"] is not None:
         twin = axes[2].twinx()
-        twin.scatter(plot["words"], plot["gold"], s=4, alpha=0.4, color="C1", label=f"gold (r={metrics['eval_gold_length_corr']:.2f})")
+        twin.scatter(
+            plot["words"],
+            plot["gold"],
+            s=4,
+            alpha=0.4,
+            color="C1",
+            label=f"gold (r={metrics['eval_gold_length_corr']:.2f})",
+        )
         twin.set_ylabel("gold reward")
         twin.legend(loc="lower right", fontsize=7)
     axes[2].legend(loc="upper left", fontsize=7)

@@ -58,17 +58,29 @@ class Samples:
     def lengths(self) -> torch.Tensor:
         return self.response_mask.sum(1)
 
-    def trimmed(self) -> "Samples":
+    def trimmed(self) -> Samples:
         """The same answers without the columns that are padding in every row: the left padding all prompts
         share and the right padding past the longest answer (a minibatch of short answers costs what they do)."""
         left = self.prompt_ids.shape[1] - int(self.prompt_mask.sum(1).max())  # columns that are padding in every prompt
         width = max(1, int(self.response_mask.sum(1).max()))
-        return Samples(self.prompt_ids[:, left:], self.prompt_mask[:, left:], self.response_ids[:, :width], self.response_mask[:, :width], self.ended,
-                       None if self.logprobs is None else self.logprobs[:, :width])
+        return Samples(
+            self.prompt_ids[:, left:],
+            self.prompt_mask[:, left:],
+            self.response_ids[:, :width],
+            self.response_mask[:, :width],
+            self.ended,
+            None if self.logprobs is None else self.logprobs[:, :width],
+        )
 
-    def __getitem__(self, idx) -> "Samples":
-        return Samples(self.prompt_ids[idx], self.prompt_mask[idx], self.response_ids[idx], self.response_mask[idx], self.ended[idx],
-                       None if self.logprobs is None else self.logprobs[idx])
+    def __getitem__(self, idx) -> Samples:
+        return Samples(
+            self.prompt_ids[idx],
+            self.prompt_mask[idx],
+            self.response_ids[idx],
+            self.response_mask[idx],
+            self.ended[idx],
+            None if self.logprobs is None else self.logprobs[idx],
+        )
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -89,13 +101,27 @@ def _next_logits(model, input_ids, attention_mask, position_ids, past=None):
     """The next token's logits (B, V), the LM head in fp32 on the last position only (as the update's
     log-probs are: the sampler and the ratio see the same numbers), and the KV cache."""
     lm = unwrapped(model)
-    out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past, use_cache=True)
+    out = lm.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past,
+        use_cache=True,
+    )
     return fp32_projection(out.last_hidden_state[:, -1], lm.get_output_embeddings()), out.past_key_values
 
 
 @torch.no_grad()
-def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: SamplingConfig, eos_id: int, pad_id: int,
-             generator: torch.Generator | None = None, logprobs: bool = False) -> Samples:
+def generate(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    cfg: SamplingConfig,
+    eos_id: int,
+    pad_id: int,
+    generator: torch.Generator | None = None,
+    logprobs: bool = False,
+) -> Samples:
     """Sample answers for a batch of left-padded prompts, reusing the KV cache between steps; with ``logprobs``
     also the log-prob of each sampled token under the tempered softmax before top-k / top-p (the policy's
     distribution, which the PPO ratio and the KL use), from the logits the sampler has anyway."""
@@ -125,8 +151,14 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Sa
     response = torch.stack(tokens, dim=1)  # (B, R)
     is_eos = response == eos_id
     before_or_at_eos = (is_eos.long().cumsum(1) - is_eos.long()) == 0
-    return Samples(prompt_ids, prompt_mask, response, before_or_at_eos.float(), is_eos.any(1),
-                   torch.stack(token_logprobs, dim=1) if logprobs else None)
+    return Samples(
+        prompt_ids,
+        prompt_mask,
+        response,
+        before_or_at_eos.float(),
+        is_eos.any(1),
+        torch.stack(token_logprobs, dim=1) if logprobs else None,
+    )
 
 
 def decode_responses(tokenizer, samples: Samples) -> list[str]:

@@ -113,7 +113,9 @@ def gold_reward(prompt: str, response: str, ended: bool = True) -> float:
     return relevance + opening + avoidance + repetition + length + ending
 
 
-def annotator_prob(gold_a: float, gold_b: float, len_a: int, len_b: int, temperature: float, length_bias: float) -> float:
+def annotator_prob(
+    gold_a: float, gold_b: float, len_a: int, len_b: int, temperature: float, length_bias: float
+) -> float:
     """P(annotator prefers a over b) = sigmoid((g_a - g_b + length_bias * (len_a - len_b)) / temperature)."""
     z = (gold_a - gold_b + length_bias * (len_a - len_b)) / temperature
     return 1.0 / (1.0 + math.exp(-max(min(z, 60.0), -60.0)))
@@ -121,7 +123,14 @@ def annotator_prob(gold_a: float, gold_b: float, len_a: int, len_b: int, tempera
 
 def all_specs(held_out: bool) -> list[Spec]:
     """Every prompt spec of the held-out fifth (``held_out``) or of the training rest, in a fixed order."""
-    specs = [Spec(t, k, a, length) for t in sorted(TOPICS) for k in TOPICS[t] for a in TOPICS[t] if a != k for length in sorted(TARGET_LENGTH)]
+    specs = [
+        Spec(t, k, a, length)
+        for t in sorted(TOPICS)
+        for k in TOPICS[t]
+        for a in TOPICS[t]
+        if a != k
+        for length in sorted(TARGET_LENGTH)
+    ]
     return [s for s in specs if s.held_out == held_out]
 
 
@@ -129,8 +138,10 @@ def distinct_held_out_prompts(rng: random.Random, n: int) -> list[str]:
     """``n`` different held-out prompts (evaluation: no prompt counted twice)."""
     specs = all_specs(held_out=True)
     if n > len(specs):
-        raise ValueError(f"data.n_eval_prompts={n} asks for more distinct held-out prompts than the task has ({len(specs)}). "
-                         f"Fix: pass data.n_eval_prompts<={len(specs)} (and eval.n_samples > 1 for more answers per prompt).")
+        raise ValueError(
+            f"data.n_eval_prompts={n} asks for more distinct held-out prompts than the task has ({len(specs)}). "
+            f"Fix: pass data.n_eval_prompts<={len(specs)} (and eval.n_samples > 1 for more answers per prompt)."
+        )
     return [s.prompt() for s in rng.sample(specs, n)]
 
 
@@ -144,7 +155,9 @@ def random_spec(rng: random.Random, held_out: bool) -> Spec:
             return spec
 
 
-def sample_answer(rng: random.Random, spec: Spec, on_topic: float, open_prob: float, length_jitter: tuple[int, int]) -> str:
+def sample_answer(
+    rng: random.Random, spec: Spec, on_topic: float, open_prob: float, length_jitter: tuple[int, int]
+) -> str:
     """An answer from a noisy writer: ``on_topic`` share of on-topic words, the rest filler or off-topic."""
     n = max(0, spec.target + rng.randint(*length_jitter))
     others = [w for t, ws in TOPICS.items() if t != spec.topic for w in ws]
@@ -182,8 +195,13 @@ def behaviour_answer(rng: random.Random, spec: Spec, length_jitter: tuple[int, i
     return sample_answer(rng, spec, on_topic=rng.uniform(0.2, 1.0), open_prob=rng.random(), length_jitter=jitter)
 
 
-def preference_pair(rng: random.Random, spec: Spec, temperature: float, length_bias: float,
-                    length_jitter: tuple[int, int] = PAIR_LENGTH_JITTER) -> dict:
+def preference_pair(
+    rng: random.Random,
+    spec: Spec,
+    temperature: float,
+    length_bias: float,
+    length_jitter: tuple[int, int] = PAIR_LENGTH_JITTER,
+) -> dict:
     """Two behaviour answers labelled by a simulated annotator. Keeps the gold scores for analysis."""
     prompt = spec.prompt()
     a, b = behaviour_answer(rng, spec, length_jitter), behaviour_answer(rng, spec, length_jitter)
@@ -203,8 +221,11 @@ def pair_length_stats(pairs: list[dict]) -> dict:
     unequal = [(c, r) for c, r in lengths if c != r]
     words = [float(n) for pair in lengths for n in pair]
     golds = [p[f"gold_{k}"] for p in pairs for k in ("chosen", "rejected")]
-    return {"n": len(pairs), "shorter_chosen": sum(c < r for c, r in unequal) / len(unequal),
-            "corr_length_gold": _correlation(words, golds)}
+    return {
+        "n": len(pairs),
+        "shorter_chosen": sum(c < r for c, r in unequal) / len(unequal),
+        "corr_length_gold": _correlation(words, golds),
+    }
 
 
 def _correlation(xs: list[float], ys: list[float]) -> float:
@@ -233,7 +254,10 @@ def make_splits(
         sft.append({"prompt": spec.prompt(), "response": demonstration(streams["sft"], spec, demo_quality)})
     label = dict(temperature=annotator_temperature, length_bias=annotator_length_bias, length_jitter=pair_length_jitter)
     pref = [preference_pair(streams["pref"], random_spec(streams["pref"], False), **label) for _ in range(n_pref)]
-    eval_pref = [preference_pair(streams["eval_pref"], random_spec(streams["eval_pref"], True), **label) for _ in range(n_eval_pref)]
+    eval_pref = [
+        preference_pair(streams["eval_pref"], random_spec(streams["eval_pref"], True), **label)
+        for _ in range(n_eval_pref)
+    ]
     eval_prompts = [{"prompt": p} for p in distinct_held_out_prompts(streams["eval"], n_eval_prompts)]
     ppo_prompts = [{"prompt": random_spec(streams["ppo"], False).prompt()} for _ in range(n_ppo_prompts)]
     return {"sft": sft, "pref": pref, "eval_prompts": eval_prompts, "eval_pref": eval_pref, "ppo_prompts": ppo_prompts}

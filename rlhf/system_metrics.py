@@ -15,9 +15,15 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 class StageSystemMetrics(SystemMetricsMonitor):
     def __init__(self, run_id: str, tracking_uri: str, interval_s: float) -> None:
-        super().__init__(run_id, sampling_interval=interval_s, samples_before_logging=1, resume_logging=True, tracking_uri=tracking_uri)
+        super().__init__(
+            run_id,
+            sampling_interval=interval_s,
+            samples_before_logging=1,
+            resume_logging=True,
+            tracking_uri=tracking_uri,
+        )
 
-    def __enter__(self) -> "StageSystemMetrics":
+    def __enter__(self) -> StageSystemMetrics:
         self.collect_metrics()  # a first sample at once: every stage has at least one point
         self.start()
         return self
@@ -61,7 +67,7 @@ class PeakMemory:
             self.peak_bytes = max(self.peak_bytes, self._rss())
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.cuda:
             import torch
 

@@ -25,7 +25,12 @@ RUN_NAME_TAG = "mlflow.runName"
 # MLflow's UI opens an experiment without this tag in GenAI mode (traces); with it, on the runs table.
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 # Which process owns a RUNNING run: a later run on this host closes the runs whose process is gone.
-HOST_TAG, PID_TAG, PROCESS_START_TAG, TAKEN_OVER_TAG = "rlhf.host", "rlhf.pid", "rlhf.process_start", "rlhf.taken_over_by"
+HOST_TAG, PID_TAG, PROCESS_START_TAG, TAKEN_OVER_TAG = (
+    "rlhf.host",
+    "rlhf.pid",
+    "rlhf.process_start",
+    "rlhf.taken_over_by",
+)
 
 
 class TrackingUnavailableError(ConnectionError):
@@ -53,7 +58,8 @@ def check_reachable(uri: str, timeout_s: float) -> None:
         time.sleep(0.5)
     raise TrackingUnavailableError(
         f"MLflow tracking server {uri} did not answer {url} within {timeout_s:.0f}s ({last}). Fix: start it "
-        f"(mlflow server ...), correct tracking.uri / MLFLOW_TRACKING_URI, or unset both to log to the local SQLite store."
+        f"(mlflow server ...), correct tracking.uri / MLFLOW_TRACKING_URI, or unset both to log to the local SQLite "
+        f"store."
     )
 
 
@@ -64,7 +70,9 @@ def experiment_id(client: MlflowClient, name: str, root: Path, uri: str) -> str:
     if exp is None:
         location = (Path(root).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
         try:
-            return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+            return client.create_experiment(
+                name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+            )
         except Exception:  # created by a concurrent process in between
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -76,7 +84,11 @@ def experiment_id(client: MlflowClient, name: str, root: Path, uri: str) -> str:
 
 def process_tags() -> dict[str, str]:
     """This process, as tags of the runs it owns (see :func:`close_orphaned_runs`)."""
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PROCESS_START_TAG: f"{psutil.Process().create_time():.2f}"}
+    return {
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(os.getpid()),
+        PROCESS_START_TAG: f"{psutil.Process().create_time():.2f}",
+    }
 
 
 def _process_alive(pid: str, started: str) -> bool:
@@ -112,7 +124,9 @@ class RunLogger:
         self._last_flush = time.monotonic()
 
     @classmethod
-    def create(cls, client: MlflowClient, experiment: str, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> "RunLogger":
+    def create(
+        cls, client: MlflowClient, experiment: str, name: str, tags: dict[str, str], parent_run_id: str | None = None
+    ) -> RunLogger:
         all_tags = {RUN_NAME_TAG: name, **process_tags(), **tags}
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id

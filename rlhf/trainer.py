@@ -18,8 +18,10 @@ import itertools
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
-from typing import Callable, ContextManager, Iterable, Protocol
+from typing import Protocol
 
 import torch
 from accelerate import Accelerator
@@ -99,10 +101,14 @@ class Trainer:
         warmup = int(cfg.warmup_ratio * total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.schedule, warmup, total_steps))
         self.step = 0
-        self.progress = Progress(prefix, total_steps, ProgressSettings("off"))  # a stage sets its own (StageContext.progress)
+        self.progress = Progress(
+            prefix, total_steps, ProgressSettings("off")
+        )  # a stage sets its own (StageContext.progress)
         self._window: dict[str, list[float]] = defaultdict(list)
         self._tokens, self._window_start = 0, time.perf_counter()
-        self.tokens_trained = 0  # every process's training tokens so far (kept in checkpoints): the stage's compute, in tokens
+        self.tokens_trained = (
+            0  # every process's training tokens so far (kept in checkpoints): the stage's compute, in tokens
+        )
 
     # ---- data parallelism ------------------------------------------------------------------------
     @property
@@ -126,7 +132,9 @@ class Trainer:
             return metrics
         names = list(metrics)
         device = self.accelerator.device
-        mean = self.accelerator.reduce(torch.stack([torch.as_tensor(metrics[k], device=device).float() for k in names]), "mean")
+        mean = self.accelerator.reduce(
+            torch.stack([torch.as_tensor(metrics[k], device=device).float() for k in names]), "mean"
+        )
         return dict(zip(names, mean))
 
     def _no_sync(self) -> ContextManager:
@@ -165,7 +173,8 @@ class Trainer:
         if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
-                f"{self.prefix}: non-finite loss ({float(loss_sum):.4g}) or gradient norm ({float(grad_norm):.4g}) at step "
+                f"{self.prefix}: non-finite loss ({float(loss_sum):.4g}) or gradient norm ({float(grad_norm):.4g}) at "
+                f"step "
                 f"{self.step + 1}. Nothing was applied; the last checkpoint in {self.ckpt_dir} is intact. "
                 f"Fix: lower {self.prefix}'s lr or check the data; re-running resumes from that checkpoint."
             )
@@ -219,8 +228,13 @@ class Trainer:
 
             rng = gather_object(rng)  # rank order
         if self.accelerator.is_main_process:
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "extra": extra_state or {},
-                     "tokens_trained": self.tokens_trained, "rng": rng}
+            state = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "extra": extra_state or {},
+                "tokens_trained": self.tokens_trained,
+                "rng": rng,
+            }
             self.sink.flush()  # metrics up to a checkpoint are never lost with the process
             checkpoint.save(self.ckpt_dir, self.step, self.models, self.tokenizer, state)
         self.accelerator.wait_for_everyone()
@@ -247,7 +261,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.tokens_trained = state["step"], state.get("tokens_trained", 0)
-        rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per process (older checkpoints: one)
+        rng = (
+            state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        )  # one per process (older checkpoints: one)
         if self.rank < len(rng):
             checkpoint.set_rng_state(rng[self.rank])
         else:  # resumed on more processes than saved: a fresh stream of its own, the same on every resume
@@ -267,6 +283,17 @@ def steps_for(n_examples: int, cfg: SupervisedConfig) -> int:
     return max(1, math.ceil(cfg.epochs * n_examples / cfg.batch_size))
 
 
+def _micro_losses(
+    micro_loss: Callable, batch: torch.Tensor, micro: int, tokens: list[int]
+) -> Iterable[tuple[torch.Tensor, dict]]:
+    """(loss, metrics) of each micro-batch of ``batch``, lazily (one graph at a time), adding their tokens to
+    ``tokens[0]``."""
+    for i in range(0, len(batch), micro):
+        loss, metrics, n_tok = micro_loss(batch[i : i + micro])
+        tokens[0] += n_tok
+        yield loss, metrics
+
+
 def fit(
     trainer: Trainer,
     n_examples: int,
@@ -276,7 +303,8 @@ def fit(
     """Supervised loop: shuffled epochs of batches, each split into ``grad_accum`` micro-batches.
 
     ``micro_loss(indices) -> (loss, metrics, n_tokens)``; under data parallelism each process gets every
-    ``world``-th example of the batch, so the processes together see exactly one process's batch. Starts at ``trainer.step`` (0, or the resumed
+    ``world``-th example of the batch, so the processes together see exactly one process's batch. Starts at
+    ``trainer.step`` (0, or the resumed
     step) and stops at ``trainer.total_steps``; evaluates every ``eval_every`` steps and at the end;
     checkpoints every ``checkpoint_every`` steps and at the end.
     """
@@ -287,18 +315,14 @@ def fit(
         epoch, offset = divmod(trainer.step, steps_per_epoch)
         order = epoch_order(n_examples, cfg.seed, epoch)
         batch = order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size]
-        batch = batch[: len(batch) - len(batch) % trainer.world][trainer.rank :: trainer.world]  # this process's equal share
-        tokens = 0
-
-        def losses():
-            nonlocal tokens
-            for i in range(0, len(batch), micro):
-                loss, metrics, n_tok = micro_loss(batch[i : i + micro])
-                tokens += n_tok
-                yield loss, metrics
-
-        metrics = trainer.optimizer_step(losses(), n_micro=math.ceil(len(batch) / micro))
-        trainer.record(metrics, tokens)
+        batch = batch[: len(batch) - len(batch) % trainer.world][
+            trainer.rank :: trainer.world
+        ]  # this process's equal share
+        tokens = [0]  # the micro-batches' real tokens, counted as the optimizer step draws them
+        metrics = trainer.optimizer_step(
+            _micro_losses(micro_loss, batch, micro, tokens), n_micro=math.ceil(len(batch) / micro)
+        )
+        trainer.record(metrics, tokens[0])
         if evaluate is not None and trainer.due(cfg.eval_every):
             trainer.log(evaluate())
         saved = trainer.due(cfg.checkpoint_every)

@@ -11,4 +11,6 @@ from .runner import Lineage, run_stage
 def data_stage(key: str, data: dict, env: dict, fresh: bool = False) -> dict:
     """Build every split (synthetic task or hub dataset) and write them as JSON lines."""
     cfg = from_dict(DataConfig, data)
-    return run_stage("data", key, env, fresh, lambda ctx: prepare.run(cfg, ctx), seed=cfg.seed, lineage=Lineage(None, SPLIT_CONTEXTS))
+    return run_stage(
+        "data", key, env, fresh, lambda ctx: prepare.run(cfg, ctx), seed=cfg.seed, lineage=Lineage(None, SPLIT_CONTEXTS)
+    )

@@ -9,17 +9,43 @@ from .runner import Lineage, run_stage
 
 
 @task(name="eval")
-def eval_stage(key: str, model: dict, eval_cfg: dict, has_gold: bool, data: dict, sft: dict, rewards: list[dict], policy: dict, env: dict,
-               missing_eos_penalty: float = 0.0, fresh: bool = False) -> dict:
+def eval_stage(
+    key: str,
+    model: dict,
+    eval_cfg: dict,
+    has_gold: bool,
+    data: dict,
+    sft: dict,
+    rewards: list[dict],
+    policy: dict,
+    env: dict,
+    missing_eos_penalty: float = 0.0,
+    fresh: bool = False,
+) -> dict:
     """Generate on held-out prompts with the tuned and the SFT policy; score, compare, log a sample table."""
     m, c = from_dict(ModelConfig, model), from_dict(EvalConfig, eval_cfg)
     sampler = registry()[policy["stage"]].sampler
 
     def body(ctx):
-        out = evaluate.run(c, m.max_length, has_gold, data["data_dir"], policy["model_path"], sft["model_path"],
-                           [r["model_path"] for r in rewards], ctx, missing_eos_penalty, sampler, policy.get("sampler_args"))
+        out = evaluate.run(
+            c,
+            m.max_length,
+            has_gold,
+            data["data_dir"],
+            policy["model_path"],
+            sft["model_path"],
+            [r["model_path"] for r in rewards],
+            ctx,
+            missing_eos_penalty,
+            sampler,
+            policy.get("sampler_args"),
+        )
         ctx.sink.log_table(out.pop("table"), "eval/samples.json")
         return out
 
-    lineage = Lineage(data["datasets"], {"eval_prompts": EVALUATION, "eval_pref": EVALUATION}, {"policy": policy, "sft": sft, "reward": rewards[0]})
+    lineage = Lineage(
+        data["datasets"],
+        {"eval_prompts": EVALUATION, "eval_pref": EVALUATION},
+        {"policy": policy, "sft": sft, "reward": rewards[0]},
+    )
     return run_stage("eval", key, env, fresh, body, seed=c.seed, lineage=lineage)

@@ -17,7 +17,12 @@ from rlhf.config import PipelineConfig, RewardConfig, reward_member, stage_kind,
 from rlhf.data import source_fingerprint
 
 # The module whose ``run`` each non-policy stage executes; a policy algorithm's is the module declaring it.
-STAGE_MODULES = {"data": "rlhf.stages.prepare", "sft": "rlhf.stages.sft", "reward": "rlhf.stages.reward", "eval": "rlhf.stages.evaluate"}
+STAGE_MODULES = {
+    "data": "rlhf.stages.prepare",
+    "sft": "rlhf.stages.sft",
+    "reward": "rlhf.stages.reward",
+    "eval": "rlhf.stages.evaluate",
+}
 
 
 def entry_module(stage: str) -> str:
@@ -27,7 +32,11 @@ def entry_module(stage: str) -> str:
 
 
 def stage_key(stage: str, config: dict, upstream: list[str]) -> str:
-    payload = json.dumps({"stage": stage, "config": config, "upstream": upstream, "code": code_version(entry_module(stage))}, sort_keys=True, default=str)
+    payload = json.dumps(
+        {"stage": stage, "config": config, "upstream": upstream, "code": code_version(entry_module(stage))},
+        sort_keys=True,
+        default=str,
+    )
     return f"{stage}-{hashlib.sha256(payload.encode()).hexdigest()[:24]}"
 
 
@@ -35,14 +44,32 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, dict]:
     """The part of the config each stage's result depends on."""
     m = cfg.model
     scoring = {"missing_eos_penalty": cfg.reward.missing_eos_penalty}  # how answers are scored, beside what was trained
-    precision = {"max_length": m.max_length, "dtype": m.dtype, "autocast": m.autocast, "gradient_checkpointing": m.gradient_checkpointing,
-                 "lora": [m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules]}
+    precision = {
+        "max_length": m.max_length,
+        "dtype": m.dtype,
+        "autocast": m.autocast,
+        "gradient_checkpointing": m.gradient_checkpointing,
+        "lora": [m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules],
+    }
     return {
-        "data": {"data": to_dict(cfg.data), "source": source_fingerprint(cfg.data)},  # the files' contents, the hub revision
+        "data": {
+            "data": to_dict(cfg.data),
+            "source": source_fingerprint(cfg.data),
+        },  # the files' contents, the hub revision
         "sft": {"model": to_dict(cfg.model), "sft": to_dict(cfg.sft)},
-        **{reward_member(i): {"reward": {k: v for k, v in to_dict(cfg.reward).items() if k not in RewardConfig.SCORING_ONLY}, **precision,
-                              **({"member": i} if i else {})} for i in range(cfg.reward.ensemble_size)},
-        cfg.algo.algo: {"algo": to_dict(cfg.algo), **precision, **(scoring if registry()[cfg.algo.algo].needs_reward else {})},
+        **{
+            reward_member(i): {
+                "reward": {k: v for k, v in to_dict(cfg.reward).items() if k not in RewardConfig.SCORING_ONLY},
+                **precision,
+                **({"member": i} if i else {}),
+            }
+            for i in range(cfg.reward.ensemble_size)
+        },
+        cfg.algo.algo: {
+            "algo": to_dict(cfg.algo),
+            **precision,
+            **(scoring if registry()[cfg.algo.algo].needs_reward else {}),
+        },
         "eval": {"eval": to_dict(cfg.eval), "max_length": cfg.model.max_length, **scoring},
     }
 

@@ -27,7 +27,9 @@ def _alive(pid: int) -> bool:
 
 
 class ProcessFileLockManager(FileSystemLockManager):
-    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
+    def acquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
         acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout)
         if acquired:
             path = self._lock_path_for_key(key)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rlhf import checkpoint
 
+
 def stage_dir(root: str | Path, stage: str, key: str) -> Path:
     return Path(root) / "stages" / stage / key
 
@@ -25,6 +26,8 @@ def write_record(out_dir: Path, record: dict) -> None:
 def read_record(root: str | Path, stage: str, key: str) -> dict:
     path = stage_dir(root, stage, key) / RECORD_FILE
     if not path.exists():
-        raise FileNotFoundError(f"stage {stage} finished without {path}. Fix: give the pipeline's and the stage's workers "
-                                f"the same paths.root (a shared volume); it is {root} here.")
+        raise FileNotFoundError(
+            f"stage {stage} finished without {path}. Fix: give the pipeline's and the stage's workers "
+            f"the same paths.root (a shared volume); it is {root} here."
+        )
     return json.loads(path.read_text())

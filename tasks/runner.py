@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from mlflow.entities import LoggedModelInput
 from mlflow.tracking import MlflowClient
@@ -32,8 +32,8 @@ from rlhf.system_metrics import PeakMemory, StageSystemMetrics
 from rlhf.tracking import RunLogger, process_tags
 
 from .keys import short_key
-from .records import RUN_ID_FILE, stage_dir, write_record
 from .locking import ProcessFileLockManager
+from .records import RUN_ID_FILE, stage_dir, write_record
 
 
 def _key_from_parameters(_context, parameters: dict) -> str:
@@ -43,7 +43,10 @@ def _key_from_parameters(_context, parameters: dict) -> str:
 def _transient(_task, _task_run, state) -> bool:
     """Retry only I/O and connection errors (a tracking server hiccup), never config or math errors."""
     exc = state.result(raise_on_failure=False)
-    return isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in {"MlflowException", "RestException"}
+    return isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in {
+        "MlflowException",
+        "RestException",
+    }
 
 
 def stage_options(root: Path, refresh: bool, retries: int = 2) -> dict:
@@ -53,8 +56,13 @@ def stage_options(root: Path, refresh: bool, retries: int = 2) -> dict:
         lock_manager=ProcessFileLockManager(lock_files_directory=root / "locks"),
     )
     return dict(
-        cache_policy=policy, persist_result=True, result_storage=root / "prefect-results", refresh_cache=refresh,
-        retries=retries, retry_delay_seconds=5, retry_condition_fn=_transient,
+        cache_policy=policy,
+        persist_result=True,
+        result_storage=root / "prefect-results",
+        refresh_cache=refresh,
+        retries=retries,
+        retry_delay_seconds=5,
+        retry_condition_fn=_transient,
     )
 
 
@@ -74,7 +82,8 @@ class Lineage:
 
 
 def _resumed_run(client: MlflowClient, out_dir: Path) -> RunLogger | None:
-    """A stage that failed after a checkpoint continues in its own MLflow run, so its metrics continue at their steps."""
+    """A stage that failed after a checkpoint continues in its own MLflow run, so its metrics continue at their
+    steps."""
     if not (checkpoint.latest(out_dir / "ckpt") and (out_dir / RUN_ID_FILE).exists()):
         return None
     run_id = (out_dir / RUN_ID_FILE).read_text().strip()
@@ -93,8 +102,16 @@ def _track_inputs(client: MlflowClient, run: RunLogger, lineage: Lineage | None)
         client.log_inputs(run.run_id, models=models)
 
 
-def _track_outputs(client: MlflowClient, run: RunLogger, stage: str, key: str, env: dict, out_dir: Path, lineage: Lineage | None,
-                   result: dict) -> dict:
+def _track_outputs(
+    client: MlflowClient,
+    run: RunLogger,
+    stage: str,
+    key: str,
+    env: dict,
+    out_dir: Path,
+    lineage: Lineage | None,
+    result: dict,
+) -> dict:
     """Upload what the stage made: the datasets it wrote, its final model as an MLflow model (registered
     where configured), its figures and, with tracking.log_checkpoints, its resumable checkpoints. Returns
     the model's ids."""
@@ -104,10 +121,25 @@ def _track_outputs(client: MlflowClient, run: RunLogger, stage: str, key: str, e
         log_datasets(client, run.run_id, result["datasets"], lineage.contexts)
     if lineage and lineage.model_task and tracking.log_models and (out_dir / FINAL_DIR / "config.json").exists():
         registered = getattr(tracking, lineage.registered_as) if lineage.registered_as else None
-        version_tags = {"pipeline_run_id": env["parent_run_id"], "pipeline_run_name": env.get("run_name", ""), "stage": stage,
-                        "cache_key": key, "stage_run_id": run.run_id, **{f"parent.{k}": v for k, v in lineage.parent_models().items()}}
-        logged = log_final_model(client, env["experiment_id"], run.run_id, env["parent_run_id"], out_dir / FINAL_DIR, stage,
-                                 lineage.model_task, registered, version_tags)
+        version_tags = {
+            "pipeline_run_id": env["parent_run_id"],
+            "pipeline_run_name": env.get("run_name", ""),
+            "stage": stage,
+            "cache_key": key,
+            "stage_run_id": run.run_id,
+            **{f"parent.{k}": v for k, v in lineage.parent_models().items()},
+        }
+        logged = log_final_model(
+            client,
+            env["experiment_id"],
+            run.run_id,
+            env["parent_run_id"],
+            out_dir / FINAL_DIR,
+            stage,
+            lineage.model_task,
+            registered,
+            version_tags,
+        )
     if tracking.log_checkpoints:
         for ckpt in checkpoint.complete_checkpoints(out_dir / CKPT_DIR):
             run.log_artifacts(ckpt, f"checkpoints/{ckpt.name}")
@@ -116,8 +148,15 @@ def _track_outputs(client: MlflowClient, run: RunLogger, stage: str, key: str, e
     return logged
 
 
-def run_stage(stage: str, key: str, env: dict, fresh: bool, body: Callable[[StageContext], dict], seed: int = 0,
-              lineage: Lineage | None = None) -> dict:
+def run_stage(
+    stage: str,
+    key: str,
+    env: dict,
+    fresh: bool,
+    body: Callable[[StageContext], dict],
+    seed: int = 0,
+    lineage: Lineage | None = None,
+) -> dict:
     """Run ``body`` inside a nested MLflow run; return the stage's record (paths, run id, key, metrics).
 
     ``env``: root, tracking_uri, experiment_id, parent_run_id, run_name, runtime, tracking. ``fresh``:
@@ -128,13 +167,22 @@ def run_stage(stage: str, key: str, env: dict, fresh: bool, body: Callable[[Stag
     out_dir = stage_dir(env["root"], stage, key)
     run = _resumed_run(client, out_dir) if not fresh else None
     if run is None:
-        run = RunLogger.create(client, env["experiment_id"], f"{stage}-{short_key(key)}", {"stage": stage, "cache_key": key}, env["parent_run_id"])
+        run = RunLogger.create(
+            client,
+            env["experiment_id"],
+            f"{stage}-{short_key(key)}",
+            {"stage": stage, "cache_key": key},
+            env["parent_run_id"],
+        )
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / RUN_ID_FILE).write_text(run.run_id)
     rt, tracking = from_dict(RuntimeConfig, env["runtime"]), from_dict(TrackingConfig, env["tracking"])
     training = stage in training_stages()
-    monitor = StageSystemMetrics(run.run_id, env["tracking_uri"], tracking.system_metrics_interval_s) \
-        if training and tracking.system_metrics else contextlib.nullcontext()
+    monitor = (
+        StageSystemMetrics(run.run_id, env["tracking_uri"], tracking.system_metrics_interval_s)
+        if training and tracking.system_metrics
+        else contextlib.nullcontext()
+    )
     try:
         _track_inputs(client, run, lineage)
         device = runtime.setup(rt, seed)
@@ -146,9 +194,19 @@ def run_stage(stage: str, key: str, env: dict, fresh: bool, body: Callable[[Stag
                     shutil.rmtree(out_dir / CKPT_DIR, ignore_errors=True)
                 result = run_data_parallel(body, out_dir, rt, seed, env["tracking_uri"], run.run_id)
             else:
-                with StopSignals() if training else contextlib.nullcontext():  # SIGTERM / SIGINT: finish the step, checkpoint, stop
-                    result = body(StageContext(out_dir, run, device, fresh=fresh, compile=rt.compile,
-                                               progress_settings=ProgressSettings(rt.progress, rt.progress_every_s)))
+                with (
+                    StopSignals() if training else contextlib.nullcontext()
+                ):  # SIGTERM / SIGINT: finish the step, checkpoint, stop
+                    result = body(
+                        StageContext(
+                            out_dir,
+                            run,
+                            device,
+                            fresh=fresh,
+                            compile=rt.compile,
+                            progress_settings=ProgressSettings(rt.progress, rt.progress_every_s),
+                        )
+                    )
         compute_s = time.perf_counter() - started  # the stage's own work; the rest of this function is tracking
         run.log_metrics({f"{stage}/compute_s": compute_s, f"{stage}/peak_memory_mb": memory.peak_mb}, step=0)
         run.flush()
@@ -161,7 +219,14 @@ def run_stage(stage: str, key: str, env: dict, fresh: bool, body: Callable[[Stag
         run.finish("FAILED")
         raise
     run.finish()
-    record = {"stage": stage, "cache_key": key, "run_id": run.run_id, "out_dir": str(out_dir), "compute_s": compute_s,
-              "peak_memory_mb": memory.peak_mb, **result}
+    record = {
+        "stage": stage,
+        "cache_key": key,
+        "run_id": run.run_id,
+        "out_dir": str(out_dir),
+        "compute_s": compute_s,
+        "peak_memory_mb": memory.peak_mb,
+        **result,
+    }
     write_record(out_dir, record)
     return record

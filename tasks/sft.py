@@ -13,4 +13,6 @@ def sft_stage(key: str, model: dict, sft_cfg: dict, data: dict, env: dict, fresh
     """Supervised fine-tuning of the base model on the demonstrations."""
     m, c = from_dict(ModelConfig, model), from_dict(SFTConfig, sft_cfg)
     lineage = Lineage(data["datasets"], {"sft": TRAINING}, model_task=GENERATION)
-    return run_stage("sft", key, env, fresh, lambda ctx: sft.run(m, c, data["data_dir"], ctx), seed=c.seed, lineage=lineage)
+    return run_stage(
+        "sft", key, env, fresh, lambda ctx: sft.run(m, c, data["data_dir"], ctx), seed=c.seed, lineage=lineage
+    )

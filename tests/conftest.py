@@ -16,8 +16,9 @@ SHARED_HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" 
 
 @pytest.fixture(scope="session")
 def prefect_server():
-    import tasks  # noqa: F401  (offline defaults)
     from prefect.testing.utilities import prefect_test_harness
+
+    import tasks  # noqa: F401  (offline defaults)
 
     with prefect_test_harness(server_startup_timeout=180):
         yield

@@ -32,7 +32,9 @@ class Processes:
 
     def start(self, name: str, cmd: list[str], env: dict, cwd: Path | None = None) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "w")
-        self.procs[name] = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         return self.procs[name]
 
     def wait_healthy(self, name: str, url: str, timeout: float = 180.0) -> None:
@@ -66,23 +68,39 @@ class Processes:
 
 def start_prefect_server(procs: Processes, home: Path, env: dict) -> str:
     port = free_port()
-    env.update({
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",  # the schedule test waits seconds, not a minute
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-    })
-    procs.start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env)
+    env.update(
+        {
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "false",
+            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",  # the schedule test waits seconds, not a minute
+            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        }
+    )
+    procs.start(
+        "prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env
+    )
     return env["PREFECT_API_URL"]
 
 
 def start_mlflow_server(procs: Processes, store: Path, env: dict) -> str:
     port = free_port()
     store.mkdir(parents=True, exist_ok=True)
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
-           "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        str(BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{store}/mlflow.db",
+        "--artifacts-destination",
+        str(store / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     procs.start("mlflow-server", cmd, {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     return f"http://127.0.0.1:{port}"
 
@@ -108,7 +126,9 @@ class PrefectAPI:
         return self._call("GET", f"/deployments/name/{name}")
 
     def trigger(self, name: str, parameters: dict) -> str:
-        return self._call("POST", f"/deployments/{self.deployment(name)['id']}/create_flow_run", json={"parameters": parameters})["id"]
+        return self._call(
+            "POST", f"/deployments/{self.deployment(name)['id']}/create_flow_run", json={"parameters": parameters}
+        )["id"]
 
     def flow_run(self, run_id: str) -> dict:
         return self._call("GET", f"/flow_runs/{run_id}")
@@ -127,7 +147,9 @@ class PrefectAPI:
         return self._call("POST", "/flow_runs/filter", json={"flow_runs": flow_runs_filter, "limit": 200})
 
     def task_runs(self, flow_run_ids: list[str]) -> list[dict]:
-        return self._call("POST", "/task_runs/filter", json={"task_runs": {"flow_run_id": {"any_": flow_run_ids}}, "limit": 200})
+        return self._call(
+            "POST", "/task_runs/filter", json={"task_runs": {"flow_run_id": {"any_": flow_run_ids}}, "limit": 200}
+        )
 
     def add_schedule(self, deployment: str, schedule: dict, parameters: dict) -> None:
         body = [{"schedule": schedule, "active": True, "parameters": parameters}]

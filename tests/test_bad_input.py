@@ -40,8 +40,10 @@ def test_missing_local_dataset_files(micro):
 
 
 def test_a_prompt_longer_than_the_context_fails_before_training(tmp_path):
-    data = prepare.run(DataConfig(n_sft=16, n_pref=16, n_eval_prompts=4, n_eval_pref=4, n_ppo_prompts=4),
-                       StageContext(tmp_path / "data", Recorder(), torch.device("cpu")))
+    data = prepare.run(
+        DataConfig(n_sft=16, n_pref=16, n_eval_prompts=4, n_eval_pref=4, n_ppo_prompts=4),
+        StageContext(tmp_path / "data", Recorder(), torch.device("cpu")),
+    )
     short = TINY_MODEL.__class__(**{**TINY_MODEL.__dict__, "max_length": 12})
     ctx = StageContext(tmp_path / "sft", Recorder(), torch.device("cpu"))
     with pytest.raises(DatasetError, match=r"longer than the context.*model\.max_length"):
@@ -73,7 +75,11 @@ def test_message_lists_under_the_columns_format_name_the_row_and_the_format_to_u
     rows = [{"prompt": "Hi", "chosen": turn("Hello"), "rejected": turn("Go away")}] * 3
     with pytest.raises(DatasetError) as e:
         build_splits(local(write_jsonl(tmp_path / "pairs.jsonl", rows), format="columns"))
-    assert "row 0" in str(e.value) and "column 'chosen'" in str(e.value) and "Fix: pass data.format=conversational" in str(e.value)
+    assert (
+        "row 0" in str(e.value)
+        and "column 'chosen'" in str(e.value)
+        and "Fix: pass data.format=conversational" in str(e.value)
+    )
 
 
 def test_a_broken_json_line_is_named_by_file_and_line(tmp_path):
@@ -104,7 +110,9 @@ def test_a_folder_without_a_model_or_a_tokenizer_is_named_before_training(micro,
         (folder / name).write_text("{}")
     with pytest.raises(ModelPathError) as e:
         preflight(validate(micro(f"model.pretrained={folder}")))
-    assert f"model.pretrained='{folder}' is a folder without a {what}" in str(e.value) and "Fix: point model.pretrained" in str(e.value)
+    assert f"model.pretrained='{folder}' is a folder without a {what}" in str(
+        e.value
+    ) and "Fix: point model.pretrained" in str(e.value)
 
 
 @pytest.mark.parametrize("where", ["under-a-file", "in-proc"])
@@ -115,4 +123,6 @@ def test_a_root_that_cannot_be_created_names_paths_root_and_the_fix(micro, tmp_p
     root = tmp_path / "a-file" / "root" if where == "under-a-file" else "/proc/rlhf-root"
     with pytest.raises(ConfigError) as e:
         preflight(validate(micro(f"paths.root={root}")))
-    assert f"paths.root='{root}' cannot be used" in str(e.value) and "Fix: pass paths.root=<a writable folder> or set RLHF_HOME" in str(e.value)
+    assert f"paths.root='{root}' cannot be used" in str(
+        e.value
+    ) and "Fix: pass paths.root=<a writable folder> or set RLHF_HOME" in str(e.value)

@@ -1,4 +1,5 @@
-"""The committed benchmark results: the throughput report holds every peer's measurement and renders from its JSON (every
+"""The committed benchmark results: the throughput report holds every peer's measurement and renders from its JSON
+(every
 report and the docs' results pages: tests/test_docs.py)."""
 
 import json
@@ -18,8 +19,15 @@ def throughput():
 
 def test_ppo_is_measured_against_trl_and_the_plain_loop_on_the_same_fields_with_gold(throughput):
     ppo = throughput["ppo"]
-    assert set(ppo["reference"]) <= set(ppo["trl"]) and {"tokens_per_s", "step_s", "update_s", "tokens_per_s_each"} <= set(ppo["trl"])
-    assert all(len(ppo[impl]["tokens_per_s_each"]) == ppo["repeats"] for impl in ("ours", "trl", "reference", *OURS[1:]))
+    assert set(ppo["reference"]) <= set(ppo["trl"]) and {
+        "tokens_per_s",
+        "step_s",
+        "update_s",
+        "tokens_per_s_each",
+    } <= set(ppo["trl"])
+    assert all(
+        len(ppo[impl]["tokens_per_s_each"]) == ppo["repeats"] for impl in ("ours", "trl", "reference", *OURS[1:])
+    )
     for impl in ("ours", "trl", "reference"):  # the counted run is the fastest of the rounds
         assert ppo[impl]["tokens_per_s"] == max(ppo[impl]["tokens_per_s_each"])
         assert {"gold_gain", "gold_gain_se", "win_rate_gold"} <= set(ppo["gold"][impl])

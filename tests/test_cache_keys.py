@@ -56,28 +56,42 @@ def test_editing_a_module_changes_exactly_the_keys_of_the_stages_that_import_it(
             unused.append(name)
     assert versions(root) == before
     # the test covers both sides: modules some stage runs, and modules no stage runs (which change nothing)
-    assert "rlhf.stats" in imported_by["eval"] and "rlhf.chat" in imported_by["sft"] and "rlhf.kl_control" in imported_by["rloo"]
+    assert (
+        "rlhf.stats" in imported_by["eval"]
+        and "rlhf.chat" in imported_by["sft"]
+        and "rlhf.kl_control" in imported_by["rloo"]
+    )
     assert "rlhf.frontier" in imported_by["grpo"] and "rlhf.reward_report" in imported_by["reward"]
-    assert {"rlhf.tracking", "tasks.runner", "flows.dag"} <= set(unused), unused  # how a stage is tracked and ordered, not what it computes
+    assert {"rlhf.tracking", "tasks.runner", "flows.dag"} <= set(unused), (
+        unused
+    )  # how a stage is tracked and ordered, not what it computes
 
 
 def test_the_static_graph_holds_every_module_a_stage_loads(tmp_path):
     """What importing a stage's module really loads is in its key (nothing reached by a route the graph misses)."""
     entries = sorted({entry_module(stage) for stage in STAGES})
-    script = (  # one process: the project's modules are dropped between entries, the packages (torch, ...) stay loaded
-        "import json, sys, importlib\n"
-        "ours = lambda: {n for n in sys.modules if n.split('.')[0] in %r}\n"
-        "loaded = {}\n"
-        "for m in sys.argv[1:]:\n"
-        "    for n in ours(): del sys.modules[n]\n"
-        "    importlib.import_module(m); loaded[m] = sorted(ours())\n"
-        "print(json.dumps(loaded))\n" % (PACKAGES,)
+    # one process: the project's modules are dropped between entries, the packages (torch, ...) stay loaded
+    script = f"""
+import json, sys, importlib
+ours = lambda: {{n for n in sys.modules if n.split('.')[0] in {PACKAGES!r}}}
+loaded = {{}}
+for m in sys.argv[1:]:
+    for n in ours():
+        del sys.modules[n]
+    importlib.import_module(m)
+    loaded[m] = sorted(ours())
+print(json.dumps(loaded))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script, *entries], cwd=PROJECT, capture_output=True, text=True, timeout=300, check=True
     )
-    out = subprocess.run([sys.executable, "-c", script, *entries], cwd=PROJECT, capture_output=True, text=True, timeout=300, check=True)
     loaded = json.loads(out.stdout.splitlines()[-1])
     assert sorted(loaded) == entries
     for entry, modules in loaded.items():
-        assert entry in modules and set(modules) <= set(cv.closure(entry)[0]), (entry, set(modules) - set(cv.closure(entry)[0]))
+        assert entry in modules and set(modules) <= set(cv.closure(entry)[0]), (
+            entry,
+            set(modules) - set(cv.closure(entry)[0]),
+        )
 
 
 def test_a_package_upgrade_changes_every_key_that_uses_the_package(monkeypatch):
@@ -96,12 +110,21 @@ def test_a_package_upgrade_changes_every_key_that_uses_the_package(monkeypatch):
 def test_editing_stats_in_a_copy_reruns_eval_and_only_the_stages_that_import_it(tmp_path):
     """The keys a fresh process computes in a copy of the project, before and after an edit of rlhf/stats.py."""
     root = copy_project(tmp_path / "copy")
-    script = "import json, rlhf; from flows.pipeline import load_config; from rlhf.config import validate; " \
-             "from tasks.keys import pipeline_keys; print(rlhf.__file__); print(json.dumps(pipeline_keys(validate(load_config(['algo=ppo'])))))"
+    script = (
+        "import json, rlhf; from flows.pipeline import load_config; from rlhf.config import validate; "
+        "from tasks.keys import pipeline_keys; print(rlhf.__file__); "
+        "print(json.dumps(pipeline_keys(validate(load_config(['algo=ppo'])))))"
+    )
 
     def keys() -> dict:
-        out = subprocess.run([sys.executable, "-c", script], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
-                             capture_output=True, text=True, timeout=180)
+        out = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": str(root)},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         *_, where, printed = out.stdout.splitlines()
         assert where == str(root / "rlhf" / "__init__.py")  # the copy's code, not the checkout's

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from rlhf.chat import prepare_tokenizer, render_row
 from rlhf.config import CHATML, DataConfig, ModelConfig
-from rlhf.data import DatasetError, build_splits, conversation_pair, encode_pairs, load_rows, save_splits
+from rlhf.data import DatasetError, build_splits, conversation_pair, encode_pairs, load_rows
 from rlhf.modeling import disable_dropout, load_policy, model_config, token_logprobs, train_tokenizer
 from rlhf.synthetic import behaviour_answer, random_spec
 
@@ -29,8 +28,14 @@ def ultrafeedback_rows(n: int, seed: int = 0) -> list[dict]:
         spec = random_spec(rng, held_out=False)
         user = {"role": "user", "content": spec.prompt()}
         a, b = (behaviour_answer(rng, spec) or spec.keyword for _ in range(2))  # a chat answer is never empty
-        rows.append({"chosen": [user, {"role": "assistant", "content": a}], "rejected": [user, {"role": "assistant", "content": b}],
-                     "score_chosen": 8.0, "score_rejected": 4.0})
+        rows.append(
+            {
+                "chosen": [user, {"role": "assistant", "content": a}],
+                "rejected": [user, {"role": "assistant", "content": b}],
+                "score_chosen": 8.0,
+                "score_rejected": 4.0,
+            }
+        )
     return rows
 
 
@@ -42,24 +47,45 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 # ---- conversational rows ------------------------------------------------------------------------
 def test_pairs_take_the_shared_messages_or_the_prompt_column_as_their_prompt():
     user = {"role": "user", "content": "hi"}
-    implicit = conversation_pair(None, [user, {"role": "assistant", "content": "a"}], [user, {"role": "assistant", "content": "b"}], "row 0")
-    assert implicit == {"prompt": [user], "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}
-    full_beside_prompt = conversation_pair("hi", [user, {"role": "assistant", "content": "a"}], [user, {"role": "assistant", "content": "b"}], "r")
+    implicit = conversation_pair(
+        None, [user, {"role": "assistant", "content": "a"}], [user, {"role": "assistant", "content": "b"}], "row 0"
+    )
+    assert implicit == {
+        "prompt": [user],
+        "chosen": [{"role": "assistant", "content": "a"}],
+        "rejected": [{"role": "assistant", "content": "b"}],
+    }
+    full_beside_prompt = conversation_pair(
+        "hi", [user, {"role": "assistant", "content": "a"}], [user, {"role": "assistant", "content": "b"}], "r"
+    )
     assert full_beside_prompt == implicit  # ultrafeedback_binarized: a prompt string and whole conversations
     explicit = conversation_pair([user], [{"role": "assistant", "content": "a"}], "b", "r")
     assert explicit == implicit  # TRL's explicit prompt format; a plain string is an assistant message
 
 
-@pytest.mark.parametrize("break_row, message", [
-    (lambda r: r["chosen"][0].pop("role"), "message 0"),  # a message without a role
-    (lambda r: r["rejected"][1].update(content="  "), "not a non-empty assistant turn"),
-    (lambda r: r["rejected"][0].update(content="another question"), "do not share their prompt"),
-])
+@pytest.mark.parametrize(
+    "break_row, message",
+    [
+        (lambda r: r["chosen"][0].pop("role"), "message 0"),  # a message without a role
+        (lambda r: r["rejected"][1].update(content="  "), "not a non-empty assistant turn"),
+        (lambda r: r["rejected"][0].update(content="another question"), "do not share their prompt"),
+    ],
+)
 def test_malformed_rows_name_the_row_and_the_fix(tmp_path, break_row, message):
     rows = json.loads(json.dumps(ultrafeedback_rows(30)))  # no message dict shared between rows
     break_row(rows[17])
-    cfg = DataConfig(source="hub", path="json", data_files=str(write_jsonl(tmp_path / "uf.jsonl", rows)), format="conversational",
-                     test_split="train", n_sft=8, n_pref=8, n_eval_prompts=2, n_eval_pref=2, n_ppo_prompts=4)
+    cfg = DataConfig(
+        source="hub",
+        path="json",
+        data_files=str(write_jsonl(tmp_path / "uf.jsonl", rows)),
+        format="conversational",
+        test_split="train",
+        n_sft=8,
+        n_pref=8,
+        n_eval_prompts=2,
+        n_eval_pref=2,
+        n_ppo_prompts=4,
+    )
     with pytest.raises(DatasetError) as e:
         build_splits(cfg)
     assert "row 17" in str(e.value) and message in str(e.value) and "Fix:" in str(e.value)
@@ -73,16 +99,33 @@ def test_prompts_carry_the_template_and_the_loss_covers_the_assistant_turn_only(
     tok = chat_tokenizer()
     prepare_tokenizer(tok, CHATML)
     assert tok.eos_token == "<|im_end|>"  # the assistant's turn ends where generation must stop
-    pair = conversation_pair(None, *[[{"role": "system", "content": "be brief"}, {"role": "user", "content": "topic: fruit"},
-                                      {"role": "assistant", "content": a}] for a in ("mango apple", "cherry")], "r")
+    pair = conversation_pair(
+        None,
+        *[
+            [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "topic: fruit"},
+                {"role": "assistant", "content": a},
+            ]
+            for a in ("mango apple", "cherry")
+        ],
+        "r",
+    )
     row = render_row(tok, pair)
-    assert row["prompt"] == "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\ntopic: fruit<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        row["prompt"]
+        == "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\ntopic: fruit<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert row["chosen"] == "mango apple"
     enc = encode_pairs(tok, [row["prompt"]], [row["chosen"]], 64)
     ids = enc.input_ids[0, : int(enc.last_index[0]) + 1]
     scored = ids[1:][enc.loss_mask[0, : len(ids) - 1].bool()]  # the target tokens the loss (and DPO) count
-    assert scored.tolist() == tok("mango apple", add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
-    assert int(ids[-1]) == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")  # the reward model reads the end of turn
+    assert scored.tolist() == tok("mango apple", add_special_tokens=False)["input_ids"] + [
+        tok.convert_tokens_to_ids("<|im_end|>")
+    ]
+    assert (
+        int(ids[-1]) == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    )  # the reward model reads the end of turn
     assert tok.convert_tokens_to_ids("<|im_start|>") in ids.tolist()  # markers are single special tokens, not text
 
 
@@ -106,7 +149,9 @@ def test_dropout_off_means_every_form_of_it(tmp_path, arch):
     mask = torch.ones_like(ids)
     model.train()
     noisy = token_logprobs(model, ids, mask).detach()
-    assert (noisy - token_logprobs(model.eval(), ids, mask).detach()).abs().max() > 1e-3  # dropout 0.3 moves log-probs in train mode
+    assert (
+        noisy - token_logprobs(model.eval(), ids, mask).detach()
+    ).abs().max() > 1e-3  # dropout 0.3 moves log-probs in train mode
     disable_dropout(model.train())
     assert torch.allclose(token_logprobs(model, ids, mask), token_logprobs(model.eval(), ids, mask), atol=1e-6)
 
@@ -116,7 +161,9 @@ def test_gpt2s_gelu_loads_as_the_fused_kernel_with_the_same_outputs(tmp_path):
 
     tok = chat_tokenizer()
     torch.manual_seed(0)
-    saved = AutoModelForCausalLM.from_config(model_config(ModelConfig(n_layer=2, n_embd=32, n_head=2), len(tok), tok.pad_token_id, tok.eos_token_id))
+    saved = AutoModelForCausalLM.from_config(
+        model_config(ModelConfig(n_layer=2, n_embd=32, n_head=2), len(tok), tok.pad_token_id, tok.eos_token_id)
+    )
     assert saved.config.activation_function == "gelu_new"  # GPT-2's own: the tanh formula as Python-level ops
     saved.save_pretrained(tmp_path)
     loaded = load_policy(str(tmp_path), tok)
@@ -133,9 +180,21 @@ def conversations(tmp_path_factory):
 
 
 def chat_overrides(root: Path, file: Path, arch: str, *extra: str) -> list[str]:
-    return micro_overrides(root, "data=conversational_local", f"data.data_files={file}", "data.n_sft=96", "data.n_pref=96",
-                           "data.n_eval_prompts=16", "data.n_eval_pref=16", "data.n_ppo_prompts=64", f"model.arch={arch}",
-                           "model.dropout=0.1", "model.max_length=96", "model.vocab_size=400", *extra)
+    return micro_overrides(
+        root,
+        "data=conversational_local",
+        f"data.data_files={file}",
+        "data.n_sft=96",
+        "data.n_pref=96",
+        "data.n_eval_prompts=16",
+        "data.n_eval_pref=16",
+        "data.n_ppo_prompts=64",
+        f"model.arch={arch}",
+        "model.dropout=0.1",
+        "model.max_length=96",
+        "model.vocab_size=400",
+        *extra,
+    )
 
 
 @pytest.mark.slow
@@ -174,5 +233,13 @@ def test_changed_rows_rerun_data_and_everything_after_unchanged_rows_stay_cached
     write_jsonl(file, ultrafeedback_rows(160, seed=1))  # same path, same config, new rows
     changed = rlhf_pipeline(load_config(chat_overrides(tmp_path, file, "gpt2")))
     assert not any(changed["cached"].values()) and changed["keys"]["data"] != first["keys"]["data"]
-    origin = json.loads(MlflowClient(changed["tracking_uri"]).get_run(changed["records"]["sft"]["run_id"]).inputs.dataset_inputs[0].dataset.source)
-    assert origin["origin"]["files"]["uf.jsonl"] != first["records"]["data"]["datasets"]["sft"]["origin"]["files"]["uf.jsonl"]
+    origin = json.loads(
+        MlflowClient(changed["tracking_uri"])
+        .get_run(changed["records"]["sft"]["run_id"])
+        .inputs.dataset_inputs[0]
+        .dataset.source
+    )
+    assert (
+        origin["origin"]["files"]["uf.jsonl"]
+        != first["records"]["data"]["datasets"]["sft"]["origin"]["files"]["uf.jsonl"]
+    )

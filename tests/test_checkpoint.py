@@ -59,7 +59,9 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused_with_the_file_and_the_
     torch.save({"step": 2, "optimizer": {}, "extra": {"hook": Payload()}}, ckpt / "trainer_state.pt")
     with pytest.raises(checkpoint.CheckpointError) as e:
         checkpoint.load_trainer_state(ckpt)
-    assert str(ckpt / "trainer_state.pt") in str(e.value) and "Fix: delete" in str(e.value) and "refresh=" in str(e.value)
+    assert (
+        str(ckpt / "trainer_state.pt") in str(e.value) and "Fix: delete" in str(e.value) and "refresh=" in str(e.value)
+    )
     assert "this ran" not in capsys.readouterr().out  # nothing in the file was executed
 
 
@@ -87,12 +89,22 @@ def test_a_trainer_state_round_trips_with_weights_only(tmp_path):
     from rlhf.runtime import accelerator
 
     model = Model(3, 1)
-    trainer = Trainer({"policy": model}, Tok(), OptimConfig(), 10, "t", Sink(), tmp_path, accelerator=accelerator(torch.device("cpu")))
+    trainer = Trainer(
+        {"policy": model}, Tok(), OptimConfig(), 10, "t", Sink(), tmp_path, accelerator=accelerator(torch.device("cpu"))
+    )
     trainer.optimizer_step([(model(torch.ones(2, 3)).pow(2).mean(), {})], n_micro=1)
-    extra = {"history": {"t/kl": [(1, 0.5)]}, "guard": {"best": None, "stopped": None}, "member_stats": torch.zeros(1, 2)}
+    extra = {
+        "history": {"t/kl": [(1, 0.5)]},
+        "guard": {"best": None, "stopped": None},
+        "member_stats": torch.zeros(1, 2),
+    }
     trainer.save(extra)
     expected = torch.rand(3)  # what the generator gives next, after the checkpoint
     torch.rand(5)
     loaded = trainer.load(checkpoint.latest(tmp_path))
-    assert loaded["history"] == extra["history"] and loaded["guard"] == extra["guard"] and torch.equal(loaded["member_stats"], extra["member_stats"])
+    assert (
+        loaded["history"] == extra["history"]
+        and loaded["guard"] == extra["guard"]
+        and torch.equal(loaded["member_stats"], extra["member_stats"])
+    )
     assert torch.equal(torch.rand(3), expected)  # the random state came back with the step

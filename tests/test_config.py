@@ -51,7 +51,10 @@ def test_out_of_range_values_name_the_key_and_the_fix(override, key, fix):
     [("algo=ppo", "algo.clip_range"), ("algo=ppo", "algo.rollout_batch_size")],
 )
 def test_ppo_specific_checks(override, key):
-    bad = {"algo.clip_range": ["algo.clip_range=1.0"], "algo.rollout_batch_size": ["algo.rollout_batch_size=60", "algo.minibatch_size=16"]}[key]
+    bad = {
+        "algo.clip_range": ["algo.clip_range=1.0"],
+        "algo.rollout_batch_size": ["algo.rollout_batch_size=60", "algo.minibatch_size=16"],
+    }[key]
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(load_config([override, *bad]))
 
@@ -86,7 +89,10 @@ def test_the_default_config_is_the_schema_defaults():
     assert composed == expected
 
 
-@pytest.mark.parametrize("group, option", [(d.name, p.stem) for d in sorted(CONF.iterdir()) if d.name in GROUPS for p in sorted(d.glob("*.yaml"))])
+@pytest.mark.parametrize(
+    "group, option",
+    [(d.name, p.stem) for d in sorted(CONF.iterdir()) if d.name in GROUPS for p in sorted(d.glob("*.yaml"))],
+)
 def test_each_option_changes_only_what_its_yaml_says_and_restates_no_default(group, option):
     own = OmegaConf.load(CONF / group / f"{option}.yaml")
     own.pop("defaults", None)
@@ -96,7 +102,9 @@ def test_each_option_changes_only_what_its_yaml_says_and_restates_no_default(gro
     assert set(own) <= set(defaults), f"{group}/{option}.yaml sets keys the schema lacks: {set(own) - set(defaults)}"
     for key, value in composed.items():
         if key in own:
-            assert own[key] != defaults[key], f"{group}/{option}.yaml restates the schema default {key}={defaults[key]!r}: delete it"
+            assert own[key] != defaults[key], (
+                f"{group}/{option}.yaml restates the schema default {key}={defaults[key]!r}: delete it"
+            )
             if not (isinstance(own[key], str) and "${" in own[key]):
                 assert value == own[key]
         else:
@@ -104,27 +112,53 @@ def test_each_option_changes_only_what_its_yaml_says_and_restates_no_default(gro
 
 
 def test_help_lists_groups_and_typed_fields_and_cfg_job_prints_the_schema():
-    run = lambda *a: subprocess.run([sys.executable, "-m", "flows.pipeline", *a], cwd=CONF.parent, capture_output=True, text=True, timeout=120)  # noqa: E731
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "flows.pipeline", *a], cwd=CONF.parent, capture_output=True, text=True, timeout=120
+    )  # noqa: E731
     help_text = run("--help").stdout
-    groups = dict(line.split(": ", 1) for line in help_text.split("== Config groups (group=option) ==\n")[1].split("\n\n")[0].splitlines())
-    assert groups["algo"] == "best_of_n, dpo, grpo, ppo, rloo" and {"tiny", "gpt2", "qwen2_450m"} <= set(groups["model"].split(", "))
+    groups = dict(
+        line.split(": ", 1)
+        for line in help_text.split("== Config groups (group=option) ==\n")[1].split("\n\n")[0].splitlines()
+    )
+    assert groups["algo"] == "best_of_n, dpo, grpo, ppo, rloo" and {"tiny", "gpt2", "qwen2_450m"} <= set(
+        groups["model"].split(", ")
+    )
     assert "algo.clip_range: float = 0.2" in help_text and "Ratio clip epsilon" in help_text
     assert "paths.root: str = '${oc.env:RLHF_HOME,.rlhf}'" in help_text
     job = yaml.safe_load(run("algo=ppo", "--cfg", "job").stdout)
-    assert job["algo"]["clip_range"] == 0.2 and job["data"]["max_prompt_chars"] is None and job["algo"]["sampling"]["batch_size"] == 64
+    assert (
+        job["algo"]["clip_range"] == 0.2
+        and job["data"]["max_prompt_chars"] is None
+        and job["algo"]["sampling"]["batch_size"] == 64
+    )
 
 
 def test_documented_overrides_of_schema_keys_need_no_plus():
-    cfg = validate(load_config(["data=hh_rlhf_local", "data.max_prompt_chars=300", "data.columns.prompt=question", "tracking.log_checkpoints=true"]))
-    assert cfg.data.max_prompt_chars == 300 and cfg.data.columns["prompt"] == "question" and cfg.tracking.log_checkpoints
+    cfg = validate(
+        load_config(
+            [
+                "data=hh_rlhf_local",
+                "data.max_prompt_chars=300",
+                "data.columns.prompt=question",
+                "tracking.log_checkpoints=true",
+            ]
+        )
+    )
+    assert (
+        cfg.data.max_prompt_chars == 300 and cfg.data.columns["prompt"] == "question" and cfg.tracking.log_checkpoints
+    )
 
 
 @pytest.mark.skipif(not (CONF.parent / ".git").exists(), reason="needs the git checkout")
 @pytest.mark.parametrize("name", ["rloo", "grpo", "best_of_n"])
 def test_an_algorithm_is_named_only_in_its_stage_module_its_config_and_the_registry(name):
-    out = subprocess.run(["git", "grep", "-l", f'"{name}"'], cwd=CONF.parent, capture_output=True, text=True).stdout.split()
+    out = subprocess.run(
+        ["git", "grep", "-l", f'"{name}"'], cwd=CONF.parent, capture_output=True, text=True
+    ).stdout.split()
     allowed = {f"rlhf/stages/{name}.py", f"conf/algo/{name}.yaml"}
-    assert {f for f in out if not f.startswith(("tests/", "docs/", "benchmarks/")) and not f.endswith(".md")} <= allowed, out
+    assert {
+        f for f in out if not f.startswith(("tests/", "docs/", "benchmarks/")) and not f.endswith(".md")
+    } <= allowed, out
 
 
 ALGO_OF_EXPERIMENT = {"micro_onpolicy": "grpo"}  # an experiment for any on-policy method names none itself
@@ -151,6 +185,8 @@ def test_the_ensembles_experiment_is_coste_et_al_setting():
     assert validate(load_config(["experiment=ensembles", "algo.reward_ensemble=worst"])).algo.reward_ensemble == "worst"
     pairs = build_splits(cfg.data)["pref"]
     stats = pair_length_stats(pairs)
-    assert stats["n"] == cfg.data.n_pref and 0.42 < stats["shorter_chosen"] < 0.58 and abs(stats["corr_length_gold"]) < 0.1
+    assert (
+        stats["n"] == cfg.data.n_pref and 0.42 < stats["shorter_chosen"] < 0.58 and abs(stats["corr_length_gold"]) < 0.1
+    )
     agreement = sum(p["gold_chosen"] > p["gold_rejected"] for p in pairs) / len(pairs)
     assert 0.6 < agreement < 0.8  # noisy labels: many pairs name the worse answer as chosen

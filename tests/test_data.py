@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from rlhf.config import DataConfig
 from rlhf.data import DatasetError, Encoded, build_splits, encode_pairs, encode_prompts, split_hh
@@ -21,7 +20,9 @@ def test_loss_mask_covers_the_answer_and_eos_only(tok):
     from rlhf.chat import render_answer
 
     prompts, answers = ["topic: fruit. answer:", "topic:"], ["apple banana", "cherry"]
-    enc = encode_pairs(tok, prompts, [render_answer(tok, p, a) for p, a in zip(prompts, answers)], max_length=32)  # plain text: one space
+    enc = encode_pairs(
+        tok, prompts, [render_answer(tok, p, a) for p, a in zip(prompts, answers)], max_length=32
+    )  # plain text: one space
     for row in range(2):
         ids = enc.input_ids[row]
         targets = ids[1:][enc.loss_mask[row].bool()]  # the tokens the loss scores
@@ -49,30 +50,57 @@ def test_split_hh_takes_the_last_assistant_turn():
     chosen = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: like this"
     rejected = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: no"
     row = split_hh(chosen, rejected)
-    assert row == {"prompt": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant:", "chosen": " like this", "rejected": " no"}
+    assert row == {
+        "prompt": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant:",
+        "chosen": " like this",
+        "rejected": " no",
+    }
 
 
 def test_missing_and_empty_columns_name_the_mapping(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"question": "q", "good": "a", "bad": "b"}) + "\n")
-    cfg = DataConfig(source="hub", path="json", data_files=str(f), train_split="train", test_split="train", format="columns",
-                     columns={"prompt": "prompt", "chosen": "good", "rejected": "bad"})
+    cfg = DataConfig(
+        source="hub",
+        path="json",
+        data_files=str(f),
+        train_split="train",
+        test_split="train",
+        format="columns",
+        columns={"prompt": "prompt", "chosen": "good", "rejected": "bad"},
+    )
     with pytest.raises(DatasetError, match=r"data\.columns\.<role>") as e:
         build_splits(cfg)
     assert "'prompt'" in str(e.value) and "question" in str(e.value)
     empty = tmp_path / "e.jsonl"
     empty.write_text("")
     with pytest.raises(DatasetError):
-        build_splits(DataConfig(source="hub", path="json", data_files=str(empty), train_split="train", test_split="train"))
+        build_splits(
+            DataConfig(source="hub", path="json", data_files=str(empty), train_split="train", test_split="train")
+        )
 
 
-@pytest.mark.skipif(not SHARED_HH.exists(), reason="needs ../shared/data/hh-rlhf (present in CI, absent in a user's clone)")
+@pytest.mark.skipif(
+    not SHARED_HH.exists(), reason="needs ../shared/data/hh-rlhf (present in CI, absent in a user's clone)"
+)
 def test_real_hh_rlhf_slice_loads_offline_through_datasets():
-    cfg = DataConfig(source="hub", path="json", data_files=str(SHARED_HH), train_split="train", test_split="train", n_sft=500, n_pref=500,
-                     n_eval_prompts=50, n_eval_pref=100, n_ppo_prompts=200)
+    cfg = DataConfig(
+        source="hub",
+        path="json",
+        data_files=str(SHARED_HH),
+        train_split="train",
+        test_split="train",
+        n_sft=500,
+        n_pref=500,
+        n_eval_prompts=50,
+        n_eval_pref=100,
+        n_ppo_prompts=200,
+    )
     s = build_splits(cfg)
     assert len(s["sft"]) == 500 and len(s["pref"]) == 500 and len(s["eval_pref"]) == 100
     assert all(r["prompt"].endswith("\n\nAssistant:") for r in s["pref"])
     assert all(r["chosen"] != r["rejected"] for r in s["pref"])
     held = {r["prompt"] for r in s["eval_pref"]}
-    assert not held & {r["prompt"] for r in s["pref"]} or len(held & {r["prompt"] for r in s["pref"]}) < 5  # disjoint rows
+    assert (
+        not held & {r["prompt"] for r in s["pref"]} or len(held & {r["prompt"] for r in s["pref"]}) < 5
+    )  # disjoint rows

@@ -22,7 +22,9 @@ REWARD = RewardConfig(lr=3e-3, epochs=1, batch_size=16, grad_accum=2, log_every=
 
 
 def scalar_weights(path):
-    return torch.cat([p.flatten() for p in AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).parameters()])
+    return torch.cat(
+        [p.flatten() for p in AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).parameters()]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +33,31 @@ def upstream(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     exp = client.create_experiment("ddp", artifact_location=str(root / "artifacts"))
-    data = prepare.run(DataConfig(n_sft=32, n_pref=64, n_eval_prompts=8, n_eval_pref=16, n_ppo_prompts=16), ctx(root, "data"))["data_dir"]
+    data = prepare.run(
+        DataConfig(n_sft=32, n_pref=64, n_eval_prompts=8, n_eval_pref=16, n_ppo_prompts=16), ctx(root, "data")
+    )["data_dir"]
     sft_path = sft.run(TINY_MODEL, SFTConfig(lr=3e-3, epochs=1, batch_size=16), data, ctx(root, "sft"))["model_path"]
     one = ctx(root, "rm-one")
     rm = reward.run(REWARD, TINY_MODEL, data, sft_path, one)
-    return {"root": root, "client": client, "new_run": lambda name: client.create_run(exp, run_name=name).info.run_id,
-            "data": data, "sft": sft_path, "rm": rm, "rm_sink": one.sink}
+    return {
+        "root": root,
+        "client": client,
+        "new_run": lambda name: client.create_run(exp, run_name=name).info.run_id,
+        "data": data,
+        "sft": sft_path,
+        "rm": rm,
+        "rm_sink": one.sink,
+    }
 
 
 def test_two_processes_reach_the_weights_of_one_and_log_each_step_once(upstream):
-    root, client, data, sft_path, single = upstream["root"], upstream["client"], upstream["data"], upstream["sft"], upstream["rm"]
+    root, client, data, sft_path, single = (
+        upstream["root"],
+        upstream["client"],
+        upstream["data"],
+        upstream["sft"],
+        upstream["rm"],
+    )
     run_id = upstream["new_run"]("rm-two")
     body = lambda c: reward.run(REWARD, TINY_MODEL, data, sft_path, c)  # noqa: E731
     double = run_data_parallel(body, root / "rm-two", TWO, REWARD.seed, client.tracking_uri, run_id)
@@ -57,16 +74,28 @@ def test_two_processes_reach_the_weights_of_one_and_log_each_step_once(upstream)
 
 def test_ppo_in_two_processes_starts_at_zero_kl_and_logs_each_iteration_once(upstream):
     root, client = upstream["root"], upstream["client"]
-    cfg = PPOConfig(steps=2, rollout_batch_size=8, minibatch_size=4, ppo_epochs=2, lr=1e-3, eval_every=2, checkpoint_every=2,
-                    sampling=SamplingConfig(max_new_tokens=8))
+    cfg = PPOConfig(
+        steps=2,
+        rollout_batch_size=8,
+        minibatch_size=4,
+        ppo_epochs=2,
+        lr=1e-3,
+        eval_every=2,
+        checkpoint_every=2,
+        sampling=SamplingConfig(max_new_tokens=8),
+    )
     run_id = upstream["new_run"]("ppo-two")
-    body = lambda c: ppo.run(cfg, TINY_MODEL, PolicyInputs(upstream["data"], upstream["sft"], upstream["rm"]["model_path"], True), c)  # noqa: E731
+    body = lambda c: ppo.run(
+        cfg, TINY_MODEL, PolicyInputs(upstream["data"], upstream["sft"], upstream["rm"]["model_path"], True), c
+    )  # noqa: E731
     out = run_data_parallel(body, root / "ppo-two", TWO, cfg.seed, client.tracking_uri, run_id)
 
     metric = lambda name: [(m.step, m.value) for m in client.get_metric_history(run_id, name)]  # noqa: E731
     assert [s for s, _ in metric("ppo/kl")] == [1, 2]
     assert abs(metric("ppo/kl")[0][1]) < 1e-4  # policy = reference at the first rollout, in both processes
-    assert metric("ppo/clipfrac_first_minibatch")[0][1] == 0 and abs(metric("ppo/approx_kl_first_minibatch")[0][1]) < 1e-6
+    assert (
+        metric("ppo/clipfrac_first_minibatch")[0][1] == 0 and abs(metric("ppo/approx_kl_first_minibatch")[0][1]) < 1e-6
+    )
     assert [s for s, _ in metric("ppo/eval_gold_reward")] == [0, 1, 2]  # 0: the policy before training (SFT)
     assert not torch.allclose(params_of(upstream["sft"]), params_of(out["model_path"]))
     assert (root / "ppo-two" / "ckpt" / "step-000008" / "COMPLETE").exists()  # 2 iterations x 2 epochs x 2 minibatches
@@ -78,11 +107,17 @@ def test_a_failing_process_fails_the_stage_with_its_output(upstream, tmp_path):
         raise ValueError(f"rank {c.accelerator.process_index} of {c.accelerator.num_processes} refuses")
 
     with pytest.raises(StageLaunchError, match=r"2 processes failed(.|\n)*rank \d of 2 refuses"):
-        run_data_parallel(body, tmp_path / "stage", TWO, 0, upstream["client"].tracking_uri, upstream["new_run"]("fails"))
+        run_data_parallel(
+            body, tmp_path / "stage", TWO, 0, upstream["client"].tracking_uri, upstream["new_run"]("fails")
+        )
 
 
 def test_batches_that_do_not_split_over_the_processes_are_refused_before_training(micro):
-    with pytest.raises(ConfigError, match=r"reward.batch_size=16 does not split into runtime.num_processes=3.*Fix: make reward.batch_size a multiple of 6"):
+    with pytest.raises(
+        ConfigError,
+        match=r"reward.batch_size=16 does not split into runtime.num_processes=3.*Fix: make reward.batch_size a "
+        r"multiple of 6",
+    ):
         validate(micro("runtime.num_processes=3", "reward.grad_accum=2", "sft.batch_size=12"))
     with pytest.raises(ConfigError, match=r"algo.minibatch_size=16 does not split into runtime.num_processes=3"):
         validate(micro("algo=ppo", "runtime.num_processes=3", "sft.batch_size=12", "reward.batch_size=12"))
@@ -93,8 +128,14 @@ def test_prompts_that_do_not_split_over_the_processes_are_refused_with_the_fix(m
     """Each process samples whole prompts (a group of answers stays in one process): 24 answers in groups of 4 are
     6 prompts, which 4 processes would take as 2, 2, 1, 1, with unequal optimizer steps and hung collectives (PPO's
     minibatch check already implies an even split: one answer per prompt)."""
-    base = [f"algo={algo}", "runtime.num_processes=4", "algo.rollout_batch_size=24", "algo.minibatch_size=8", "sft.batch_size=16",
-            "reward.batch_size=16"]
+    base = [
+        f"algo={algo}",
+        "runtime.num_processes=4",
+        "algo.rollout_batch_size=24",
+        "algo.minibatch_size=8",
+        "sft.batch_size=16",
+        "reward.batch_size=16",
+    ]
     with pytest.raises(ConfigError) as e:
         validate(micro(*base, *extra))
     assert f"gives {prompts} prompts an iteration" in str(e.value) and "runtime.num_processes=4" in str(e.value)
@@ -113,8 +154,17 @@ def test_each_process_saves_its_own_random_state_and_gets_it_back_on_resume(upst
         from rlhf.config import OptimConfig
         from rlhf.trainer import Trainer
 
-        trainer = Trainer({}, None, OptimConfig(), 4, "t", c.sink, c.ckpt_dir, [{"params": [torch.nn.Parameter(torch.zeros(1))]}],
-                          accelerator=c.accelerator)  # no model to write: the checkpoint is the trainer state
+        trainer = Trainer(
+            {},
+            None,
+            OptimConfig(),
+            4,
+            "t",
+            c.sink,
+            c.ckpt_dir,
+            [{"params": [torch.nn.Parameter(torch.zeros(1))]}],
+            accelerator=c.accelerator,
+        )  # no model to write: the checkpoint is the trainer state
         if resume:
             trainer.load(c.resume_point())
         else:
@@ -125,10 +175,17 @@ def test_each_process_saves_its_own_random_state_and_gets_it_back_on_resume(upst
 
     client, out = upstream["client"], tmp_path / "rng"
     for resume in (False, True):
-        run_data_parallel(lambda c, r=resume: body(c, r), out, TWO, 7, client.tracking_uri, upstream["new_run"](f"rng-{resume}"))
+        run_data_parallel(
+            lambda c, r=resume: body(c, r), out, TWO, 7, client.tracking_uri, upstream["new_run"](f"rng-{resume}")
+        )
     saved = torch.load(out / "ckpt" / "step-000000" / "trainer_state.pt", weights_only=True)["rng"]
-    assert len(saved) == 2 and not torch.equal(saved[0]["torch"], saved[1]["torch"])  # one state per process, each its own
-    draws = {(r, rank): json.loads((out / f"draws-{r}-{rank}.json").read_text()) for r in (False, True) for rank in (0, 1)}
-    assert draws[(True, 0)] == draws[(False, 0)] and draws[(True, 1)] == draws[(False, 1)]  # each process restored its own
+    assert len(saved) == 2 and not torch.equal(
+        saved[0]["torch"], saved[1]["torch"]
+    )  # one state per process, each its own
+    draws = {
+        (r, rank): json.loads((out / f"draws-{r}-{rank}.json").read_text()) for r in (False, True) for rank in (0, 1)
+    }
+    assert (
+        draws[(True, 0)] == draws[(False, 0)] and draws[(True, 1)] == draws[(False, 1)]
+    )  # each process restored its own
     assert draws[(False, 0)] != draws[(False, 1)]
-

@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -32,8 +32,14 @@ class Cluster:
     def __init__(self, tmp: Path) -> None:
         self.tmp, self.procs = tmp, Processes(tmp / "logs")
         self.root, self.store = tmp / "root", tmp / "mlflow"
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PREFECT_WORKER_QUERY_SECONDS": "1",
-                    "RLHF_HOME": str(self.root), "PREFECT_LOGGING_LEVEL": "INFO"}
+        self.env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "RLHF_HOME": str(self.root),
+            "PREFECT_LOGGING_LEVEL": "INFO",
+        }
         self.env.pop("MLFLOW_TRACKING_URI", None)
 
     def start(self) -> None:
@@ -42,10 +48,22 @@ class Cluster:
         self.env["MLFLOW_TRACKING_URI"] = self.mlflow_url
         self.procs.wait_healthy("prefect-server", f"{self.api_url}/health")
         self.procs.wait_healthy("mlflow-server", f"{self.mlflow_url}/health")
-        out = subprocess.run([sys.executable, "-m", "flows.deploy"], cwd=PROJECT, env=self.env, capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-m", "flows.deploy"],
+            cwd=PROJECT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         for pool in ("cpu", "gpu"):
-            self.procs.start(f"worker-{pool}", [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"], self.env, cwd=PROJECT)
+            self.procs.start(
+                f"worker-{pool}",
+                [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
+                self.env,
+                cwd=PROJECT,
+            )
         self.prefect = PrefectAPI(self.api_url)
         self.mlflow = httpx.Client(base_url=f"{self.mlflow_url}/api/2.0/mlflow", timeout=30)
 
@@ -68,7 +86,9 @@ class Cluster:
 
     def parent_run(self, flow_run_id: str) -> dict:
         exp = self.mlflow_get("/experiments/get-by-name", experiment_name="rlhf")["experiment"]["experiment_id"]
-        r = self.mlflow.post("/runs/search", json={"experiment_ids": [exp], "filter": "tags.pipeline = 'rlhf'", "max_results": 100})
+        r = self.mlflow.post(
+            "/runs/search", json={"experiment_ids": [exp], "filter": "tags.pipeline = 'rlhf'", "max_results": 100}
+        )
         r.raise_for_status()
         runs = [run for run in r.json()["runs"] if _tags(run).get("prefect.flow_run_id") == flow_run_id]
         assert len(runs) == 1, f"expected one parent MLflow run for flow run {flow_run_id}, got {len(runs)}"
@@ -102,7 +122,9 @@ def test_triggered_pipeline_trains_on_the_gpu_pool_and_logs_to_the_tracking_serv
     stages = sorted(r["parameters"]["stage"] for r in stage_runs.values())
     assert stages == ["dpo", "reward", "sft"]
     for r in stage_runs.values():  # named after the stage, its key and the pipeline run, not at random
-        assert re.fullmatch(rf"{r['parameters']['stage']}-[0-9a-f]{{6}} of {re.escape(run['name'])}", r["name"]), r["name"]
+        assert re.fullmatch(rf"{r['parameters']['stage']}-[0-9a-f]{{6}} of {re.escape(run['name'])}", r["name"]), r[
+            "name"
+        ]
     assert re.fullmatch(r"dpo-b0\.3-[0-9a-f]{6}", run["name"])
     assert all(r["state_type"] == "COMPLETED" and r["work_pool_name"] == "gpu" for r in stage_runs.values())
     assert run["work_pool_name"] == "cpu"
@@ -121,7 +143,9 @@ def test_triggered_pipeline_trains_on_the_gpu_pool_and_logs_to_the_tracking_serv
     assert len(versions) == 1 and {t["key"]: t["value"] for t in versions[0]["tags"]}["stage_run_id"] == dpo_run
     # The model went through the server into its artifact root, not beside the worker.
     assert list((cluster.store / "artifacts").rglob("model.safetensors"))
-    assert not cluster.mlflow_get("/artifacts/list", run_id=dpo_run, path="checkpoints").get("files")  # checkpoints stay local
+    assert not cluster.mlflow_get("/artifacts/list", run_id=dpo_run, path="checkpoints").get(
+        "files"
+    )  # checkpoints stay local
 
 
 def test_a_second_trigger_is_fully_cached_and_dispatches_nothing(cluster, first):
@@ -136,12 +160,16 @@ def test_a_second_trigger_is_fully_cached_and_dispatches_nothing(cluster, first)
 def test_a_schedule_runs_the_pipeline_without_a_trigger(cluster, first):
     dep = cluster.prefect.deployment(PIPELINE)
     assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 2 * * *"]  # the nightly run
-    soon = datetime.now(timezone.utc) + timedelta(seconds=5)
+    soon = datetime.now(UTC) + timedelta(seconds=5)
     cluster.prefect.add_schedule(PIPELINE, {"interval": 86400, "anchor_date": soon.isoformat()}, {"overrides": MICRO})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        due = [r for r in cluster.prefect.flow_runs(deployment_id={"any_": [dep["id"]]})
-               if r["auto_scheduled"] and abs(datetime.fromisoformat(r["expected_start_time"]) - soon) < timedelta(seconds=2)]
+        due = [
+            r
+            for r in cluster.prefect.flow_runs(deployment_id={"any_": [dep["id"]]})
+            if r["auto_scheduled"]
+            and abs(datetime.fromisoformat(r["expected_start_time"]) - soon) < timedelta(seconds=2)
+        ]
         if due:
             break
         time.sleep(1)
@@ -155,17 +183,24 @@ def test_two_runs_never_train_at_once_on_one_gpu_slot(cluster, first):
     # DPO trains long enough (algo.epochs) that the second run's stage flow is up while the first trains,
     # however far apart the two pipelines' own start-ups land on 2 cores: a micro epoch takes about 0.15 s, and
     # the start-ups were seen 3 s apart (6 epochs were not enough); 60 epochs give each run about 10 s
-    ids = [cluster.prefect.trigger(PIPELINE, {"overrides": [*MICRO, f"algo.beta={b}", "algo.epochs=60"]}) for b in (0.5, 0.7)]
+    ids = [
+        cluster.prefect.trigger(PIPELINE, {"overrides": [*MICRO, f"algo.beta={b}", "algo.epochs=60"]})
+        for b in (0.5, 0.7)
+    ]
     for run_id in ids:
         cluster.completed(run_id)
     new = [r for k, r in cluster.stage_runs().items() if k not in before]
     assert sorted(r["parameters"]["stage"] for r in new) == ["dpo", "dpo"]  # data, sft, reward were Cached
-    trains = sorted((t for t in cluster.prefect.task_runs([r["id"] for r in new]) if "gpu" in t["tags"]),
-                    key=lambda t: t["start_time"])
+    trains = sorted(
+        (t for t in cluster.prefect.task_runs([r["id"] for r in new]) if "gpu" in t["tags"]),
+        key=lambda t: t["start_time"],
+    )
     assert len(trains) == 2
     t = lambda s: datetime.fromisoformat(s)  # noqa: E731
     first_end, second_start = t(trains[0]["end_time"]), t(trains[1]["start_time"])
     assert second_start >= first_end, "two training stages held the gpu slot at the same time"
     # Both stage flow runs were up while the first trained: the second waited for the slot, not for a worker.
     last_up = max(t(r["start_time"]) for r in new)
-    assert last_up < first_end, f"second stage flow run started {last_up}, after the first trained ({first_end}): nothing to serialise"
+    assert last_up < first_end, (
+        f"second stage flow run started {last_up}, after the first trained ({first_end}): nothing to serialise"
+    )

@@ -20,12 +20,15 @@ def test_placement_never_changes_a_cache_key():
     assert local == pools
 
 
-@pytest.mark.parametrize("override, field", [
-    ("dispatch.stages=[sft,eval]", "dispatch.stages"),
-    ("dispatch.deployment=gpu", "dispatch.deployment"),
-    ("dispatch.mode=ray", "dispatch.mode"),
-    ("dispatch.poll_s=0", "dispatch.poll_s"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("dispatch.stages=[sft,eval]", "dispatch.stages"),
+        ("dispatch.deployment=gpu", "dispatch.deployment"),
+        ("dispatch.mode=ray", "dispatch.mode"),
+        ("dispatch.poll_s=0", "dispatch.poll_s"),
+    ],
+)
 def test_bad_placement_names_the_field_and_the_fix(override, field):
     with pytest.raises(ConfigError, match=re.escape(field)) as err:
         validate(load_config(["dispatch=pools", override]))
@@ -65,7 +68,9 @@ def test_dispatch_without_a_server_or_a_deployment_fails_before_training(prefect
 
     dispatch = validate(load_config(["dispatch=pools"])).dispatch
     with pytest.raises(ConfigError, match="no-such/deployment.*does not exist.*make deploy"):
-        check_stage_deployment(validate(load_config(["dispatch=pools", "dispatch.deployment=no-such/deployment"])).dispatch)
+        check_stage_deployment(
+            validate(load_config(["dispatch=pools", "dispatch.deployment=no-such/deployment"])).dispatch
+        )
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         with pytest.raises(ConfigError, match="PREFECT_API_URL is not set.*dispatch=local"):
             check_stage_deployment(dispatch)

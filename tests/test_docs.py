@@ -34,7 +34,11 @@ def reference() -> dict[str, dict[str, str]]:
 
 def pattern(entry: str) -> re.Pattern:
     """An entry of the reference as a regex: <stage> any trainer's prefix, <algo> an on-policy method's, * anything."""
-    text = re.escape(entry).replace(re.escape("<stage>"), f"({'|'.join(TRAINERS)})").replace(re.escape("<algo>"), f"({'|'.join(ON_POLICY)})")
+    text = (
+        re.escape(entry)
+        .replace(re.escape("<stage>"), f"({'|'.join(TRAINERS)})")
+        .replace(re.escape("<algo>"), f"({'|'.join(ON_POLICY)})")
+    )
     return re.compile(text.replace(re.escape("<any stage>"), r"[a-z_.0-9]+").replace(r"\*", ".*") + "$")
 
 
@@ -42,7 +46,9 @@ def unmatched(logged: set[str], groups: list[str]) -> tuple[set[str], set[str]]:
     """(logged metrics with no entry in ``groups``, entries of ``groups`` that match no logged metric)."""
     entries = [e for g in groups for e in reference()[g]]
     regexes = {e: pattern(e) for e in entries}
-    return {m for m in logged if not any(r.match(m) for r in regexes.values())}, {e for e, r in regexes.items() if not any(r.match(m) for m in logged)}
+    return {m for m in logged if not any(r.match(m) for r in regexes.values())}, {
+        e for e, r in regexes.items() if not any(r.match(m) for m in logged)
+    }
 
 
 def check_reference(logged: set[str], groups: list[str]) -> None:
@@ -74,15 +80,40 @@ def logged(tmp_path_factory) -> set[str]:
         sinks.append(c.sink)
         return c
 
-    data = prepare.run(DataConfig(n_sft=32, n_pref=32, n_eval_prompts=8, n_eval_pref=16, n_ppo_prompts=16), stage("data"))["data_dir"]
+    data = prepare.run(
+        DataConfig(n_sft=32, n_pref=32, n_eval_prompts=8, n_eval_pref=16, n_ppo_prompts=16), stage("data")
+    )["data_dir"]
     s = sft.run(TINY_MODEL, SFTConfig(epochs=1, **LOOP), data, stage("sft"))["model_path"]
-    rms = [reward.run(RewardConfig(epochs=1, bootstrap=True, **LOOP), TINY_MODEL, data, s, stage(f"rm{i}"), member=i)["model_path"] for i in (0, 1)]
+    rms = [
+        reward.run(RewardConfig(epochs=1, bootstrap=True, **LOOP), TINY_MODEL, data, s, stage(f"rm{i}"), member=i)[
+            "model_path"
+        ]
+        for i in (0, 1)
+    ]
     inputs = PolicyInputs(data, s, rms[0], True, 1.0, (rms[1],))
     dpo.run(dpo.DPOConfig(epochs=1, **LOOP), TINY_MODEL, inputs, stage("dpo"))
-    loop = dict(steps=2, rollout_batch_size=8, minibatch_size=4, ppo_epochs=1, eval_every=1, checkpoint_every=10,
-                sampling=SamplingConfig(max_new_tokens=6))
-    ppo.run(ppo.PPOConfig(**loop, reward_ensemble="worst", guard="conservative", guard_patience=1, adaptive_kl=True, normalize_reward=True),
-            TINY_MODEL, inputs, stage("ppo"))
+    loop = dict(
+        steps=2,
+        rollout_batch_size=8,
+        minibatch_size=4,
+        ppo_epochs=1,
+        eval_every=1,
+        checkpoint_every=10,
+        sampling=SamplingConfig(max_new_tokens=6),
+    )
+    ppo.run(
+        ppo.PPOConfig(
+            **loop,
+            reward_ensemble="worst",
+            guard="conservative",
+            guard_patience=1,
+            adaptive_kl=True,
+            normalize_reward=True,
+        ),
+        TINY_MODEL,
+        inputs,
+        stage("ppo"),
+    )
     rloo.run(rloo.RLOOConfig(**loop, kl_penalty="loss"), TINY_MODEL, inputs, stage("rloo"))
     grpo.run(grpo.GRPOConfig(**loop), TINY_MODEL, inputs, stage("grpo"))
     best_of_n(BestOfNConfig(n=2), TINY_MODEL, inputs, stage("best_of_n"))
@@ -111,7 +142,9 @@ def test_the_site_builds_strict_with_every_page_in_the_navigation(tmp_path):
     config = yaml.load((PROJECT / "mkdocs.yml").read_text(), Loader=yaml.BaseLoader)
     nav = {p for item in config["nav"] for p in _pages(item)}
     assert nav == {str(p.relative_to(DOCS)) for p in DOCS.glob("**/*.md")}  # every page linked, every link a page
-    assert (tmp_path / "site" / "speed" / "index.html").exists() and (tmp_path / "site" / "beta_sweep_frontier.png").exists()
+    assert (tmp_path / "site" / "speed" / "index.html").exists() and (
+        tmp_path / "site" / "beta_sweep_frontier.png"
+    ).exists()
     speed = (tmp_path / "site" / "speed" / "index.html").read_text()
     assert "runtime.compile=true" in speed and "TRL" in speed  # the reports rendered from their JSON are on the page
 
@@ -119,16 +152,25 @@ def test_the_site_builds_strict_with_every_page_in_the_navigation(tmp_path):
 def _pages(item) -> list[str]:
     if isinstance(item, str):
         return [item]
-    return [p for v in item.values() for p in (_pages(v) if isinstance(v, (dict, list)) else [v])] if isinstance(item, dict) else \
-        [p for i in item for p in _pages(i)]
+    return (
+        [p for v in item.values() for p in (_pages(v) if isinstance(v, (dict, list)) else [v])]
+        if isinstance(item, dict)
+        else [p for i in item for p in _pages(i)]
+    )
 
 
 def test_a_page_with_a_broken_link_fails_the_strict_build(tmp_path):
-    """The strict build can fail: the same site from a copy of the pages, one of them linking to a page that is not there."""
+    """The strict build can fail: the same site from a copy of the pages, one of them linking to a page that is not
+    there."""
     pages = tmp_path / "docs"
     shutil.copytree(DOCS, pages, ignore=shutil.ignore_patterns("hooks.py", "__pycache__"))
     (pages / "index.md").write_text((pages / "index.md").read_text() + "\n[gone](no-such-page.md)\n")
-    config = (PROJECT / "mkdocs.yml").read_text().replace("docs_dir: docs", f"docs_dir: {pages}").replace("- docs/hooks.py", f"- {DOCS / 'hooks.py'}")
+    config = (
+        (PROJECT / "mkdocs.yml")
+        .read_text()
+        .replace("docs_dir: docs", f"docs_dir: {pages}")
+        .replace("- docs/hooks.py", f"- {DOCS / 'hooks.py'}")
+    )
     (tmp_path / "mkdocs.yml").write_text(config)
     out = mkdocs("build", "--strict", "-f", str(tmp_path / "mkdocs.yml"), "--site-dir", str(tmp_path / "site"))
     assert out.returncode != 0 and "no-such-page.md" in out.stdout + out.stderr
@@ -152,5 +194,10 @@ def test_results_are_rendered_from_their_json_never_typed():
     for page in sorted(DOCS.glob("*.md")):
         assert not typed_numbers(page.read_text()), (page.name, typed_numbers(page.read_text()))
         h.expand(page.read_text())  # every macro resolves
-    assert typed_numbers("PPO is 1.52x TRL's, a gain of +0.085 ± 0.028, 3.3 SE") == ["1.52x", "+0.085", "0.028", "3.3 SE"]
+    assert typed_numbers("PPO is 1.52x TRL's, a gain of +0.085 ± 0.028, 3.3 SE") == [
+        "1.52x",
+        "+0.085",
+        "0.028",
+        "3.3 SE",
+    ]
     assert typed_numbers("{{ value throughput_cpu ppo.ours.tokens_per_s ,.0f }} tokens/s, `lr=1e-3`") == []

@@ -13,7 +13,6 @@ import httpx
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
-from transformers import AutoModelForCausalLM
 
 from flows.pipeline import load_config, rlhf_pipeline
 
@@ -21,18 +20,45 @@ from .conftest import SHARED_HH, micro_overrides
 
 pytestmark = pytest.mark.slow
 STAGES = ("data", "sft", "reward", "dpo", "eval")
-EVAL_METRICS = {"eval/gold_reward", "eval/sft_gold_reward", "eval/proxy_reward", "eval/kl", "eval/win_rate_gold", "eval/win_rate_proxy",
-                "eval/response_length", "eval/eos_rate", "eval/distinct_2", "eval/rm_accuracy", "eval/gold_gain", "eval/proxy_gain",
-                "eval/gold_reward_se", "eval/win_rate_gold_se", "eval/gold_gain_se", "eval/kl_se", "eval/win_rate_proxy_se"}
+EVAL_METRICS = {
+    "eval/gold_reward",
+    "eval/sft_gold_reward",
+    "eval/proxy_reward",
+    "eval/kl",
+    "eval/win_rate_gold",
+    "eval/win_rate_proxy",
+    "eval/response_length",
+    "eval/eos_rate",
+    "eval/distinct_2",
+    "eval/rm_accuracy",
+    "eval/gold_gain",
+    "eval/proxy_gain",
+    "eval/gold_reward_se",
+    "eval/win_rate_gold_se",
+    "eval/gold_gain_se",
+    "eval/kl_se",
+    "eval/win_rate_proxy_se",
+}
 STAGE_METRICS = {
     "sft": {"sft/loss", "sft/eval_loss", "sft/tokens_per_s", "sft/lr", "sft/grad_norm"},
     "reward": {"rm/loss", "rm/accuracy", "rm/eval_accuracy", "rm/margin", "rm/lr", "rm/grad_norm"},
-    "dpo": {"dpo/loss", "dpo/rewards_chosen", "dpo/rewards_rejected", "dpo/margin", "dpo/accuracy", "dpo/kl", "dpo/lr", "dpo/grad_norm"},
+    "dpo": {
+        "dpo/loss",
+        "dpo/rewards_chosen",
+        "dpo/rewards_rejected",
+        "dpo/margin",
+        "dpo/accuracy",
+        "dpo/kl",
+        "dpo/lr",
+        "dpo/grad_norm",
+    },
 }
 
 
 def stage_runs(client, parent_id):
-    runs = client.search_runs([r.info.experiment_id for r in [client.get_run(parent_id)]], f"tags.mlflow.parentRunId = '{parent_id}'")
+    runs = client.search_runs(
+        [r.info.experiment_id for r in [client.get_run(parent_id)]], f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
     return {r.data.tags["stage"]: r for r in runs}
 
 
@@ -61,8 +87,12 @@ def test_first_run_trains_every_stage_and_logs_everything(first_run):
         assert runs[s].info.run_name == f"{s}-{result['keys'][s].rsplit('-', 1)[1][:6]}"
     for s, names in STAGE_METRICS.items():
         assert names <= set(runs[s].data.metrics), (s, names - set(runs[s].data.metrics))
-        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(runs[s].data.metrics), s
-        assert 50 < runs[s].data.metrics[f"{s}/peak_memory_mb"] < 20_000  # peak resident memory of the stage (CUDA's max allocated on a GPU)
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+            runs[s].data.metrics
+        ), s
+        assert (
+            50 < runs[s].data.metrics[f"{s}/peak_memory_mb"] < 20_000
+        )  # peak resident memory of the stage (CUDA's max allocated on a GPU)
     first_dpo = client.get_metric_history(runs["dpo"].info.run_id, "dpo/loss")[0]
     assert first_dpo.step == 1 and first_dpo.value == pytest.approx(math.log(2), abs=0.01)
     assert EVAL_METRICS <= set(runs["eval"].data.metrics) and EVAL_METRICS <= set(parent.data.metrics)
@@ -71,7 +101,10 @@ def test_first_run_trains_every_stage_and_logs_everything(first_run):
 
 def datasets_of(run) -> dict[str, tuple[str, str]]:
     """name -> (digest, context) of a run's dataset inputs."""
-    return {d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags}["mlflow.data.context"]) for d in run.inputs.dataset_inputs}
+    return {
+        d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+        for d in run.inputs.dataset_inputs
+    }
 
 
 def test_every_run_records_the_datasets_it_read_by_digest(first_run):
@@ -80,8 +113,10 @@ def test_every_run_records_the_datasets_it_read_by_digest(first_run):
     runs = stage_runs(client, result["run_id"])
     digest = {f["name"]: f["digest"] for f in result["records"]["data"]["datasets"].values()}
     assert datasets_of(runs["sft"]) == {"synthetic.sft": (digest["synthetic.sft"], "training")}
-    assert datasets_of(runs["dpo"]) == {"synthetic.pref": (digest["synthetic.pref"], "training"),
-                                        "synthetic.eval_pref": (digest["synthetic.eval_pref"], "evaluation")}
+    assert datasets_of(runs["dpo"]) == {
+        "synthetic.pref": (digest["synthetic.pref"], "training"),
+        "synthetic.eval_pref": (digest["synthetic.eval_pref"], "evaluation"),
+    }
     assert set(datasets_of(runs["eval"])) == {"synthetic.eval_prompts", "synthetic.eval_pref"}
     parent = client.get_run(result["run_id"])
     assert {k: v[0] for k, v in datasets_of(parent).items()} == digest  # the member row's Dataset cell
@@ -89,19 +124,25 @@ def test_every_run_records_the_datasets_it_read_by_digest(first_run):
 
 
 def test_final_models_are_mlflow_models_and_the_policy_and_reward_are_registered(first_run, monkeypatch):
-    import mlflow
 
     _, _, result = first_run
     client = MlflowClient(result["tracking_uri"])
     runs = stage_runs(client, result["run_id"])
     sft, reward, dpo = (result["records"][s] for s in ("sft", "reward", "dpo"))
     assert [o.model_id for o in runs["sft"].outputs.model_outputs] == [sft["model_id"]]
-    assert [o.model_id for o in client.get_run(result["run_id"]).outputs.model_outputs] == [dpo["model_id"]]  # the Model cell
+    assert [o.model_id for o in client.get_run(result["run_id"]).outputs.model_outputs] == [
+        dpo["model_id"]
+    ]  # the Model cell
     policy_version = client.get_model_version("rlhf-policy", dpo["version"])
-    assert policy_version.tags["pipeline_run_id"] == result["run_id"] and policy_version.tags["cache_key"] == result["keys"]["dpo"]
+    assert (
+        policy_version.tags["pipeline_run_id"] == result["run_id"]
+        and policy_version.tags["cache_key"] == result["keys"]["dpo"]
+    )
     assert policy_version.tags["parent.sft"] == sft["model_uri"] and policy_version.tags["stage"] == "dpo"
     assert client.get_model_version("rlhf-reward", reward["version"]).tags["parent.sft"] == sft["model_uri"]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", result["tracking_uri"])  # where models:/ URIs resolve, as a user would set it
+    monkeypatch.setenv(
+        "MLFLOW_TRACKING_URI", result["tracking_uri"]
+    )  # where models:/ URIs resolve, as a user would set it
     generator = mlflow.transformers.load_model(f"models:/rlhf-policy/{dpo['version']}")
     scorer = mlflow.transformers.load_model(f"models:/rlhf-reward/{reward['version']}")
     prompt = "topic: fruit. open: mango. avoid: plum. length: short. answer:"
@@ -116,24 +157,43 @@ def test_final_models_are_mlflow_models_and_the_policy_and_reward_are_registered
 
 def test_prefect_shows_names_progress_logs_and_artifacts(first_run):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterName,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
 
     _, _, result = first_run
     with get_client(sync_client=True) as client:
-        flow_runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[result["run_name"]])))
+        flow_runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[result["run_name"]]))
+        )
         assert len(flow_runs) == 1  # the Prefect flow run carries the MLflow run's name
         task_runs = {t.name for t in client.read_task_runs() if t.flow_run_id == flow_runs[0].id}
         assert {f"{s}-{result['keys'][s].rsplit('-', 1)[1][:6]}" for s in STAGES} <= task_runs
         for _ in range(30):  # the API log handler sends in the background: the last lines may lag the flow's end
-            logs = [entry.message for entry in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_runs[0].id])))]
+            logs = [
+                entry.message
+                for entry in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_runs[0].id])))
+            ]
             if any(result["run_name"] + ": eval/" in line for line in logs):
                 break
             time.sleep(0.5)
-        artifacts = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rlhf-summary", "rlhf-eval", "rlhf-mlflow"])))
-                     if a.flow_run_id == flow_runs[0].id}
+        artifacts = {
+            a.key: a
+            for a in client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rlhf-summary", "rlhf-eval", "rlhf-mlflow"]))
+            )
+            if a.flow_run_id == flow_runs[0].id
+        }
     text = "\n".join(logs)
     assert result["run_id"] in text and "stage sft: ran in" in text
-    assert re.search(r"sft step \d+/\d+ .*loss [\d.]+.*tok/s.*eta", text), text[:2000]  # progress lines reach the flow run
+    assert re.search(r"sft step \d+/\d+ .*loss [\d.]+.*tok/s.*eta", text), text[
+        :2000
+    ]  # progress lines reach the flow run
     assert re.search(r"dpo step \d+/\d+ ", text)
     assert result["run_id"] in artifacts["rlhf-summary"].data and "eval/win_rate_gold" in artifacts["rlhf-summary"].data
     assert any(row["metric"] == "eval/win_rate_gold" for row in json.loads(artifacts["rlhf-eval"].data))
@@ -150,7 +210,9 @@ def test_make_ui_serves_the_local_store_at_the_printed_link(first_run, tmp_path)
     procs.start("ui", ["make", "-s", "ui", f"UI_PORT={port}"], env, cwd=Path(__file__).resolve().parents[1])
     try:
         procs.wait_healthy("ui", f"http://127.0.0.1:{port}/health", timeout=120)
-        experiment = httpx.get(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": "rlhf"}).json()
+        experiment = httpx.get(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": "rlhf"}
+        ).json()
         assert experiment["experiment"]["experiment_id"] == result["experiment_id"] == "1"
         assert f"127.0.0.1:{port}/#/experiments/1?workflowType=machine_learning" in procs.tail("ui")
     finally:
@@ -169,7 +231,9 @@ def test_second_run_is_fully_cached_with_the_same_lineage(first_run):
     assert not stage_runs(client, again["run_id"])  # nothing trained, no stage runs
     assert again["metrics"] == result["metrics"]
     assert len(client.search_model_versions("name = 'rlhf-policy'")) == 1  # a Cached stage registers no second version
-    assert [o.model_id for o in client.get_run(again["run_id"]).outputs.model_outputs] == [result["records"]["dpo"]["model_id"]]
+    assert [o.model_id for o in client.get_run(again["run_id"]).outputs.model_outputs] == [
+        result["records"]["dpo"]["model_id"]
+    ]
 
 
 def test_changing_beta_reruns_only_dpo_and_eval(first_run):
@@ -190,19 +254,42 @@ def test_ppo_pipeline_logs_every_step_and_the_kl_curve(first_run):
     assert r["cached"] == {"data": True, "sft": True, "reward": True, "ppo": False, "eval": False}
     client = MlflowClient(r["tracking_uri"])
     run = stage_runs(client, r["run_id"])["ppo"]
-    names = {"ppo/kl", "ppo/kl_k3", "ppo/eos_rate", "ppo/kl_coef", "ppo/score", "ppo/reward", "ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac",
-             "ppo/approx_kl", "ppo/entropy", "ppo/response_length", "ppo/advantages_mean", "ppo/advantages_std", "ppo/explained_variance",
-             "ppo/gen_tokens_per_s", "ppo/train_tokens_per_s", "ppo/lr", "ppo/grad_norm"}
+    names = {
+        "ppo/kl",
+        "ppo/kl_k3",
+        "ppo/eos_rate",
+        "ppo/kl_coef",
+        "ppo/score",
+        "ppo/reward",
+        "ppo/policy_loss",
+        "ppo/value_loss",
+        "ppo/clipfrac",
+        "ppo/approx_kl",
+        "ppo/entropy",
+        "ppo/response_length",
+        "ppo/advantages_mean",
+        "ppo/advantages_std",
+        "ppo/explained_variance",
+        "ppo/gen_tokens_per_s",
+        "ppo/train_tokens_per_s",
+        "ppo/lr",
+        "ppo/grad_norm",
+    }
     assert names <= set(run.data.metrics), names - set(run.data.metrics)
     kl = client.get_metric_history(run.info.run_id, "ppo/kl")
     assert [m.step for m in kl] == [1, 2, 3, 4] and abs(kl[0].value) < 1e-4
     assert "figures/kl_curve.png" in [f.path for f in client.list_artifacts(run.info.run_id, "figures")]
-    uploaded = [f.path for f in client.list_artifacts(run.info.run_id, "checkpoints")]  # tracking.log_checkpoints=true brings them back
-    assert uploaded and {"policy", "value", "trainer_state.pt"} <= {Path(f.path).name for f in client.list_artifacts(run.info.run_id, uploaded[-1])}
+    uploaded = [
+        f.path for f in client.list_artifacts(run.info.run_id, "checkpoints")
+    ]  # tracking.log_checkpoints=true brings them back
+    assert uploaded and {"policy", "value", "trainer_state.pt"} <= {
+        Path(f.path).name for f in client.list_artifacts(run.info.run_id, uploaded[-1])
+    }
 
 
 def run_on_a_terminal(cmd: list[str], env: dict, cwd: Path, timeout: float = 600) -> tuple[int, str]:
-    """Run ``cmd`` with stdout and stderr on a pseudo-terminal, as `make run` in a shell; returns (exit status, output)."""
+    """Run ``cmd`` with stdout and stderr on a pseudo-terminal, as `make run` in a shell; returns (exit status,
+    output)."""
     import fcntl
     import pty
     import select
@@ -230,8 +317,10 @@ def run_on_a_terminal(cmd: list[str], env: dict, cwd: Path, timeout: float = 600
     return proc.wait(timeout=60), b"".join(chunks).decode(errors="replace")
 
 
-@pytest.mark.parametrize("algo, extra", [("rloo", ["experiment=micro_onpolicy"]), ("grpo", ["experiment=micro_onpolicy"]),
-                                         ("best_of_n", ["algo.n=4"])])
+@pytest.mark.parametrize(
+    "algo, extra",
+    [("rloo", ["experiment=micro_onpolicy"]), ("grpo", ["experiment=micro_onpolicy"]), ("best_of_n", ["algo.n=4"])],
+)
 def test_every_algorithm_is_a_stage_on_the_same_cached_upstream(first_run, algo, extra):
     root, _, _ = first_run
     r = rlhf_pipeline(load_config(micro_overrides(root, f"algo={algo}", *extra)))
@@ -239,8 +328,12 @@ def test_every_algorithm_is_a_stage_on_the_same_cached_upstream(first_run, algo,
     client = MlflowClient(r["tracking_uri"])
     runs = stage_runs(client, r["run_id"])
     assert set(runs) == {algo, "eval"} and EVAL_METRICS <= set(r["metrics"])
-    if algo == "best_of_n":  # nothing trained: the eval samples 4 SFT answers per prompt and keeps the reward model's pick
-        assert r["metrics"]["eval/kl_analytic"] == pytest.approx(math.log(4) - 0.75) and r["run_name"].startswith("best_of_n-")
+    if (
+        algo == "best_of_n"
+    ):  # nothing trained: the eval samples 4 SFT answers per prompt and keeps the reward model's pick
+        assert r["metrics"]["eval/kl_analytic"] == pytest.approx(math.log(4) - 0.75) and r["run_name"].startswith(
+            "best_of_n-"
+        )
         return
     assert re.fullmatch(rf"{algo}-b[\d.]+-c0\.2-[0-9a-f]{{6}}", r["run_name"])
     kl = client.get_metric_history(runs[algo].info.run_id, f"{algo}/kl")
@@ -253,23 +346,38 @@ def test_every_algorithm_is_a_stage_on_the_same_cached_upstream(first_run, algo,
 def test_cli_first_run_on_fresh_homes_then_cached_in_a_new_process(tmp_path):
     """As a new user: fresh PREFECT_HOME and MLflow store, offline, on a terminal (a bar per training stage);
     the second process, with its output redirected, finds everything Cached."""
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/store.db", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/store.db",
+        "HF_HUB_OFFLINE": "1",
+    }
     env.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, "-m", "flows.pipeline", "experiment=micro", f"paths.root={tmp_path / 'root'}"]
     cwd = Path(__file__).resolve().parents[1]
     rc, shown = run_on_a_terminal(cmd, env, cwd)
     assert rc == 0, shown[-3000:]
-    for stage, steps in (("sft", 6), ("rm", 12), ("dpo", 3)):  # micro: 96 rows / 16 per batch (x2 epochs for sft and rm)
-        assert re.search(rf"{stage}: 100%\|[^|]*\| {steps}/{steps} \[", shown), shown[-3000:]  # tqdm's bar, drawn to the end
+    for stage, steps in (
+        ("sft", 6),
+        ("rm", 12),
+        ("dpo", 3),
+    ):  # micro: 96 rows / 16 per batch (x2 epochs for sft and rm)
+        assert re.search(rf"{stage}: 100%\|[^|]*\| {steps}/{steps} \[", shown), shown[
+            -3000:
+        ]  # tqdm's bar, drawn to the end
     assert "sft step 1/" not in shown  # a bar, not log lines, on a terminal
     started = time.monotonic()
     out = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
     elapsed = time.monotonic() - started
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "all stages cached" in out.stdout and "/#/experiments/" in out.stdout
-    assert "Starting temporary server" not in out.stdout + out.stderr and elapsed < 20  # no Prefect, no model: ~6 s here
+    assert (
+        "Starting temporary server" not in out.stdout + out.stderr and elapsed < 20
+    )  # no Prefect, no model: ~6 s here
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("rlhf").experiment_id], "tags.pipeline = 'rlhf'", order_by=["start_time ASC"])
+    runs = client.search_runs(
+        [client.get_experiment_by_name("rlhf").experiment_id], "tags.pipeline = 'rlhf'", order_by=["start_time ASC"]
+    )
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     assert all(runs[1].data.tags[f"stage.{s}.cached"] == "true" for s in STAGES)
     assert EVAL_METRICS <= set(runs[1].data.metrics)
@@ -277,30 +385,67 @@ def test_cli_first_run_on_fresh_homes_then_cached_in_a_new_process(tmp_path):
 
 def test_cli_rejects_a_bad_value_before_any_training(tmp_path):
     cmd = [sys.executable, "-m", "flows.pipeline", "experiment=micro", f"paths.root={tmp_path}", "algo.beta=-1"]
-    out = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PREFECT_HOME": str(tmp_path / "ph")})
+    out = subprocess.run(
+        cmd,
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PREFECT_HOME": str(tmp_path / "ph")},
+    )
     assert out.returncode != 0
     assert "algo.beta=-1" in out.stderr and "must be > 0" in out.stderr
     assert not (tmp_path / "stages").exists()
 
 
-@pytest.mark.skipif(not SHARED_HH.exists(), reason="needs ../shared/data/hh-rlhf (present in CI, absent in a user's clone)")
+@pytest.mark.skipif(
+    not SHARED_HH.exists(), reason="needs ../shared/data/hh-rlhf (present in CI, absent in a user's clone)"
+)
 def test_real_data_path_on_the_hh_rlhf_slice_exits_0_with_a_proxy_objective(tmp_path):
     """The hub-dataset path from the command line, offline: HH-RLHF rows through `datasets`, the tiny model,
     DPO, proxy-only eval; the objective follows the data (no gold reward) and the run ends with status 0."""
-    small = ["experiment=hh_local_tiny", f"data.data_files={SHARED_HH}", "data.n_sft=64", "data.n_pref=64", "data.n_eval_prompts=8",
-             "data.n_eval_pref=16", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "eval.n_prompts=8", "eval.sampling.max_new_tokens=8",
-             "runtime.threads=1", f"paths.root={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    small = [
+        "experiment=hh_local_tiny",
+        f"data.data_files={SHARED_HH}",
+        "data.n_sft=64",
+        "data.n_pref=64",
+        "data.n_eval_prompts=8",
+        "data.n_eval_pref=16",
+        "model.n_layer=1",
+        "model.n_embd=32",
+        "model.n_head=2",
+        "eval.n_prompts=8",
+        "eval.sampling.max_new_tokens=8",
+        "runtime.threads=1",
+        f"paths.root={tmp_path}",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+    ]
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "HF_HUB_OFFLINE": "1"}
     env.pop("PREFECT_API_URL", None)
-    out = subprocess.run([sys.executable, "-m", "flows.pipeline", *small], env=env, cwd=Path(__file__).resolve().parents[1],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.pipeline", *small],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("rlhf").experiment_id], "tags.pipeline = 'rlhf'")
     assert {"eval/proxy_reward", "eval/win_rate_proxy", "eval/kl", "eval/rm_accuracy"} <= set(run.data.metrics)
     assert "eval/gold_reward" not in run.data.metrics  # no gold reward for real data
     assert run.data.params["objective"] == "None" and "eval/proxy_reward" in out.stdout
-    refused = subprocess.run([sys.executable, "-m", "flows.pipeline", *small, "objective=eval/gold_reward"], env=env,
-                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
-    assert refused.returncode != 0 and "needs a gold reward" in refused.stderr and "Fix: pass objective=eval/proxy_reward" in refused.stderr
+    refused = subprocess.run(
+        [sys.executable, "-m", "flows.pipeline", *small, "objective=eval/gold_reward"],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        refused.returncode != 0
+        and "needs a gold reward" in refused.stderr
+        and "Fix: pass objective=eval/proxy_reward" in refused.stderr
+    )

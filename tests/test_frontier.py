@@ -38,7 +38,9 @@ def test_ensemble_scores():
 @pytest.mark.parametrize("how", ["mean", "worst", "uncertainty"])
 def test_an_ensemble_scores_on_the_single_models_scale_whatever_its_other_members_spread(how):
     single = torch.tensor([0.5, 1.0, 2.5, 1.0])  # member 0's raw scores of 4 answers
-    members = torch.stack([single, 3 * single - 2, 0.5 * single + 7])  # members that agree with it on a wider and a narrower scale
+    members = torch.stack(
+        [single, 3 * single - 2, 0.5 * single + 7]
+    )  # members that agree with it on a wider and a narrower scale
     stats = torch.stack([members.mean(1), members.std(1)], 1)  # (K, 2) as measured on SFT answers
     run = SimpleNamespace(member_stats=stats, cfg=SimpleNamespace(reward_ensemble=how, uncertainty_coef=0.5))
     assert torch.allclose(OnPolicy.ensemble(run, members), single)  # beta means what it means with member 0 alone
@@ -48,14 +50,29 @@ def test_an_ensemble_scores_on_the_single_models_scale_whatever_its_other_member
 def test_a_critic_started_from_member_0_starts_centred_like_an_ensembles_scores(how):
     from rlhf.stages.ppo import PPO
 
-    members = torch.randn(4, 256, generator=torch.Generator().manual_seed(0)) * torch.tensor([[1.0], [1.5], [0.7], [1.2]]) + 0.3  # SFT answers
+    members = (
+        torch.randn(4, 256, generator=torch.Generator().manual_seed(0)) * torch.tensor([[1.0], [1.5], [0.7], [1.2]])
+        + 0.3
+    )  # SFT answers
     stats = torch.stack([members.mean(1), members.std(1)], 1)
-    run = SimpleNamespace(member_stats=stats, cfg=SimpleNamespace(reward_ensemble=how, uncertainty_coef=0.5, value_init="reward",
-                                                                  score_norm=True, normalize_reward=False))
+    run = SimpleNamespace(
+        member_stats=stats,
+        cfg=SimpleNamespace(
+            reward_ensemble=how, uncertainty_coef=0.5, value_init="reward", score_norm=True, normalize_reward=False
+        ),
+    )
     ensemble = OnPolicy.ensemble(run, members)
-    run.score_offset, run.ensemble_gap = float(ensemble.mean()), float((ensemble - members[0]).mean())  # as measure_score_offset sets them
+    run.score_offset, run.ensemble_gap = (
+        float(ensemble.mean()),
+        float((ensemble - members[0]).mean()),
+    )  # as measure_score_offset sets them
     shift, scale = PPO.value_scale(run)
-    scores, values = ensemble - run.score_offset, (members[0] - shift) / scale  # what PPO optimises; the critic reading member 0
+    scores, values = (
+        ensemble - run.score_offset,
+        (members[0] - shift) / scale,
+    )  # what PPO optimises; the critic reading member 0
     assert scores.mean() == pytest.approx(0.0, abs=1e-5) and values.mean() == pytest.approx(0.0, abs=1e-5)
     if how == "worst":
-        assert run.ensemble_gap < -0.3  # the minimum of 4 members lies well below member 0: unshifted, the critic would start too optimistic
+        assert (
+            run.ensemble_gap < -0.3
+        )  # the minimum of 4 members lies well below member 0: unshifted, the critic would start too optimistic

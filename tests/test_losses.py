@@ -34,12 +34,23 @@ def test_dpo_loss_is_ln2_when_policy_equals_reference():
 
 def test_dpo_loss_hand_computed():
     # chosen ratio +1, rejected ratio -1 -> h = 0.5 * 2 = 1
-    loss, m = L.dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5)
+    loss, m = L.dpo_loss(
+        torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5
+    )
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-1.0)), rel=1e-6)
     assert m["rewards_chosen"].item() == pytest.approx(0.5) and m["rewards_rejected"].item() == pytest.approx(-0.5)
     assert m["accuracy"].item() == 1.0 and m["kl"].item() == pytest.approx(0.0)
-    smooth, _ = L.dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5, label_smoothing=0.2)
-    assert smooth.item() == pytest.approx(0.8 * math.log(1 + math.exp(-1.0)) + 0.2 * math.log(1 + math.exp(1.0)), rel=1e-6)
+    smooth, _ = L.dpo_loss(
+        torch.tensor([-1.0]),
+        torch.tensor([-3.0]),
+        torch.tensor([-2.0]),
+        torch.tensor([-2.0]),
+        beta=0.5,
+        label_smoothing=0.2,
+    )
+    assert smooth.item() == pytest.approx(
+        0.8 * math.log(1 + math.exp(-1.0)) + 0.2 * math.log(1 + math.exp(1.0)), rel=1e-6
+    )
 
 
 def test_kl_estimators():
@@ -98,7 +109,11 @@ def test_token_entropy_matches_the_categorical_and_carries_no_gradient():
     from rlhf.modeling import token_logprobs, token_logprobs_and_entropy
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=7, n_layer=1, n_embd=16, n_head=2, pad_token_id=0, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=7, n_layer=1, n_embd=16, n_head=2, pad_token_id=0, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0
+        )
+    )
     ids, mask = torch.randint(1, 7, (2, 5)), torch.ones(2, 5, dtype=torch.long)
     logp, entropy = token_logprobs_and_entropy(model, ids, mask, temperature=0.7)
     logits = model(input_ids=ids).logits[:, :-1].detach() / 0.7
@@ -117,7 +132,9 @@ def test_token_and_sequence_aggregation():
     assert aggregate(per_token, mask, "sequence") == pytest.approx((1 + 4) / 2)  # every answer weighs the same
     # Dr. GRPO: the same token sum over a constant, 2 answers x at most 6 tokens, whatever the answers' lengths
     assert aggregate(per_token, mask, "dr_grpo", max_tokens=6) == pytest.approx(8 / 12)
-    assert aggregate(per_token[:, :2], mask[:, :2], "dr_grpo", max_tokens=6) == pytest.approx((2 + 4) / 12)  # a trimmed batch
+    assert aggregate(per_token[:, :2], mask[:, :2], "dr_grpo", max_tokens=6) == pytest.approx(
+        (2 + 4) / 12
+    )  # a trimmed batch
 
 
 def test_dr_grpo_policy_loss_has_no_length_normalisation():
@@ -134,7 +151,9 @@ def test_dr_grpo_policy_loss_has_no_length_normalisation():
     assert torch.allclose(logp.grad, -mask / 16)  # every answer token the same gradient
     logp.grad = None
     policy_loss(logp, logp.detach(), advantages, mask, 0.2, "sequence")[0].backward()
-    assert logp.grad[0, 0] == pytest.approx(-1 / 8) and logp.grad[1, 0] == pytest.approx(-1 / 2)  # sequence: 1/|o| per answer
+    assert logp.grad[0, 0] == pytest.approx(-1 / 8) and logp.grad[1, 0] == pytest.approx(
+        -1 / 2
+    )  # sequence: 1/|o| per answer
 
 
 def test_kl_loss_is_k3_with_gradient_through_the_policy():

@@ -24,21 +24,47 @@ def ctx(root, name):
 @pytest.fixture(scope="module")
 def biased_reward_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("overopt")
-    data = prepare.run(DataConfig(n_sft=1000, n_pref=1500, n_eval_prompts=64, n_eval_pref=64, n_ppo_prompts=400, annotator_length_bias=0.5),
-                       ctx(root, "data"))["data_dir"]
-    s = sft.run(MODEL, SFTConfig(lr=3e-3, epochs=2, log_every=50, eval_every=1000, checkpoint_every=1000), data, ctx(root, "sft"))
-    r = reward.run(RewardConfig(lr=1e-3, epochs=2, log_every=50, eval_every=1000, checkpoint_every=1000), MODEL,
-                   data, s["model_path"], ctx(root, "rm"))
+    data = prepare.run(
+        DataConfig(
+            n_sft=1000, n_pref=1500, n_eval_prompts=64, n_eval_pref=64, n_ppo_prompts=400, annotator_length_bias=0.5
+        ),
+        ctx(root, "data"),
+    )["data_dir"]
+    s = sft.run(
+        MODEL,
+        SFTConfig(lr=3e-3, epochs=2, log_every=50, eval_every=1000, checkpoint_every=1000),
+        data,
+        ctx(root, "sft"),
+    )
+    r = reward.run(
+        RewardConfig(lr=1e-3, epochs=2, log_every=50, eval_every=1000, checkpoint_every=1000),
+        MODEL,
+        data,
+        s["model_path"],
+        ctx(root, "rm"),
+    )
     return root, data, s["model_path"], r["model_path"]
 
 
 def run_ppo(setup, beta, name):
     root, data, sft_path, rm_path = setup
     c = ctx(root, name)
-    cfg = PPOConfig(beta=beta, steps=24, rollout_batch_size=32, minibatch_size=16, ppo_epochs=4, lr=3e-4, eval_every=4,
-                    checkpoint_every=1000, sampling=SamplingConfig(max_new_tokens=16))
+    cfg = PPOConfig(
+        beta=beta,
+        steps=24,
+        rollout_batch_size=32,
+        minibatch_size=16,
+        ppo_epochs=4,
+        lr=3e-4,
+        eval_every=4,
+        checkpoint_every=1000,
+        sampling=SamplingConfig(max_new_tokens=16),
+    )
     ppo.run(cfg, MODEL, PolicyInputs(data, sft_path, rm_path, True, missing_eos_penalty=1.0), c)
-    return {k: [v for _, v in c.sink.metrics[k]] for k in ("ppo/kl", "ppo/eval_proxy_reward", "ppo/eval_gold_reward", "ppo/response_length")}
+    return {
+        k: [v for _, v in c.sink.metrics[k]]
+        for k in ("ppo/kl", "ppo/eval_proxy_reward", "ppo/eval_gold_reward", "ppo/response_length")
+    }
 
 
 def test_small_beta_overoptimises_the_proxy_and_a_larger_beta_holds_kl_lower(biased_reward_model):

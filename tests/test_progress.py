@@ -25,7 +25,9 @@ def test_log_lines_come_at_the_first_step_every_interval_and_the_last(monkeypatc
     lines = [r.getMessage() for r in caplog.records if r.name == "rlhf.progress"]
     steps = [int(line.split()[2].split("/")[0]) for line in lines]
     assert steps[0] == 1 and steps[-1] == 100
-    assert all(1.5 * (b - a) <= 10.5 for a, b in zip(steps, steps[1:]))  # never more than ~10 s of training without a line
+    assert all(
+        1.5 * (b - a) <= 10.5 for a, b in zip(steps, steps[1:])
+    )  # never more than ~10 s of training without a line
     assert len(lines) < 20  # and not one per step
     assert "sft step 1/100 (1%)  loss 1.99  200 tok/s" in lines[0] and "eta 2:28" in lines[0]
     assert "sft step 100/100 (100%)" in lines[-1] and "eta 0:00" in lines[-1]

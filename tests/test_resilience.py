@@ -17,7 +17,15 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 def pipeline_cmd(root: Path, *overrides: str, multirun: bool = False) -> list[str]:
     flags = ["--multirun"] if multirun else []
-    return [sys.executable, "-m", "flows.pipeline", *flags, f"paths.root={root}", f"tracking.uri=sqlite:///{root}/mlflow.db", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "flows.pipeline",
+        *flags,
+        f"paths.root={root}",
+        f"tracking.uri=sqlite:///{root}/mlflow.db",
+        *overrides,
+    ]
 
 
 def env_for(home: Path) -> dict:
@@ -44,8 +52,17 @@ def prepare_store(root: Path) -> None:
 def test_two_concurrent_runs_train_each_stage_once(tmp_path):
     root = tmp_path / "root"
     prepare_store(root)
-    procs = [subprocess.Popen(pipeline_cmd(root, "experiment=micro"), cwd=PROJECT, env=env_for(tmp_path / f"home{i}"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            pipeline_cmd(root, "experiment=micro"),
+            cwd=PROJECT,
+            env=env_for(tmp_path / f"home{i}"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
     assert any(re.search(r"sft step \d+/\d+ .*loss", o) for o in outs)  # stdout is no terminal: progress as log lines
@@ -58,10 +75,14 @@ def test_two_concurrent_runs_train_each_stage_once(tmp_path):
 
 def test_kill_9_mid_ppo_then_rerun_resumes_to_exactly_the_configured_steps(tmp_path):
     root, steps = tmp_path / "root", 30
-    cmd = pipeline_cmd(root, "experiment=micro_ppo", f"algo.steps={steps}", "algo.checkpoint_every=2", "algo.eval_every=100")
+    cmd = pipeline_cmd(
+        root, "experiment=micro_ppo", f"algo.steps={steps}", "algo.checkpoint_every=2", "algo.eval_every=100"
+    )
     env = env_for(tmp_path / "home")
     # its own process group: the kill takes the run and its ephemeral Prefect server, as a lost machine would
-    proc = subprocess.Popen(cmd, cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if list(root.glob("stages/ppo/*/ckpt/step-*/COMPLETE")):
@@ -98,14 +119,23 @@ def test_sigterm_mid_ppo_checkpoints_the_step_exits_and_the_rerun_loses_no_step(
     current iteration finishes, a checkpoint is written, both MLflow runs are marked KILLED with the reason, and the
     process exits within 20 s; the next run resumes at that iteration and logs every iteration once."""
     root, steps = tmp_path / "root", 12
-    cmd = pipeline_cmd(root, "experiment=micro_ppo", f"algo.steps={steps}", "algo.checkpoint_every=1000", "algo.eval_every=1000",
-                       "runtime.progress=log", "runtime.progress_every_s=0.2")
+    cmd = pipeline_cmd(
+        root,
+        "experiment=micro_ppo",
+        f"algo.steps={steps}",
+        "algo.checkpoint_every=1000",
+        "algo.eval_every=1000",
+        "runtime.progress=log",
+        "runtime.progress_every_s=0.2",
+    )
     env = env_for(tmp_path / "home")
-    proc = subprocess.Popen(cmd, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     lines = []
     for line in proc.stdout:  # the progress log lines say where PPO is
         lines.append(line)
-        if (m := re.search(r"ppo step (\d+)/%d" % steps, line)) and int(m.group(1)) >= 3:
+        if (m := re.search(rf"ppo step (\d+)/{steps}", line)) and int(m.group(1)) >= 3:
             break
     assert proc.poll() is None, "".join(lines[-30:])
     proc.send_signal(signal.SIGTERM)  # to the run's process alone, as Kubernetes signals a pod's main process
@@ -120,7 +150,9 @@ def test_sigterm_mid_ppo_checkpoints_the_step_exits_and_the_rerun_loses_no_step(
     assert stopped[0].info.status == "KILLED" and "stopped by SIGTERM" in stopped[0].data.tags["rlhf.stopped"]
     done = [m.step for m in client.get_metric_history(stopped[0].info.run_id, "ppo/kl")]
     assert done == list(range(1, len(done) + 1)) and len(done) >= 3
-    assert int(checkpoints[0].parent.name.split("-")[1]) == len(done) * 2 * (16 // 8)  # the last iteration done, checkpointed
+    assert int(checkpoints[0].parent.name.split("-")[1]) == len(done) * 2 * (
+        16 // 8
+    )  # the last iteration done, checkpointed
     _, parents = runs_of(root, "tags.pipeline = 'rlhf'")
     assert [p.info.status for p in parents] == ["KILLED"] and "SIGTERM" in parents[0].data.tags["rlhf.stopped"]
 
@@ -128,7 +160,9 @@ def test_sigterm_mid_ppo_checkpoints_the_step_exits_and_the_rerun_loses_no_step(
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     ppo_run = client.get_run(stopped[0].info.run_id)
     assert ppo_run.info.status == "FINISHED" and ppo_run.data.tags.get("resumed") == "true"
-    assert [m.step for m in client.get_metric_history(ppo_run.info.run_id, "ppo/kl")] == list(range(1, steps + 1))  # each once
+    assert [m.step for m in client.get_metric_history(ppo_run.info.run_id, "ppo/kl")] == list(
+        range(1, steps + 1)
+    )  # each once
 
 
 def test_optuna_search_runs_trials_as_mlflow_runs(tmp_path):

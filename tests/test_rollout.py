@@ -12,8 +12,18 @@ def tiny_lm(vocab=20, seed=0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab, n_layer=2, n_embd=32, n_head=2, n_positions=64, pad_token_id=0, eos_token_id=1,
-                     resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        n_positions=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        resid_pdrop=0,
+        embd_pdrop=0,
+        attn_pdrop=0,
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -24,7 +34,7 @@ def greedy_without_cache(model, ids, n):
         logits = model(input_ids=torch.tensor([seq])).logits[0, -1]
         logits[0] = float("-inf")
         seq.append(int(logits.argmax()))
-    return seq[len(ids):]
+    return seq[len(ids) :]
 
 
 def test_cached_generation_matches_uncached_with_left_padding():
@@ -39,13 +49,21 @@ def test_cached_generation_matches_uncached_with_left_padding():
 def test_masks_stop_at_the_first_eos_and_pad_after():
     model = tiny_lm(vocab=4, seed=1)  # tokens 1..3 with eos=1: answers end quickly
     ids, mask = left_pad([[2, 3], [3, 3, 2]], pad_id=0)
-    s = generate(model, ids, mask, SamplingConfig(max_new_tokens=30), eos_id=1, pad_id=0, generator=torch.Generator().manual_seed(0))
+    s = generate(
+        model,
+        ids,
+        mask,
+        SamplingConfig(max_new_tokens=30),
+        eos_id=1,
+        pad_id=0,
+        generator=torch.Generator().manual_seed(0),
+    )
     for row in range(2):
         r, m = s.response_ids[row], s.response_mask[row]
         if s.ended[row]:
             first = int((r == 1).nonzero()[0])
-            assert m[: first + 1].all() and not m[first + 1:].any()
-            assert (r[first + 1:] == 0).all()  # PAD after EOS
+            assert m[: first + 1].all() and not m[first + 1 :].any()
+            assert (r[first + 1 :] == 0).all()  # PAD after EOS
         else:
             assert m.all()
     assert int(s.last_index[0]) == ids.shape[1] + int(s.response_mask[0].sum()) - 1
@@ -54,19 +72,35 @@ def test_masks_stop_at_the_first_eos_and_pad_after():
 def test_rollout_logprobs_align_with_the_answer_tokens_and_the_sampler():
     model = tiny_lm()
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
-    s = generate(model, ids, mask, SamplingConfig(max_new_tokens=4), eos_id=1, pad_id=0, generator=torch.Generator().manual_seed(0))
+    s = generate(
+        model,
+        ids,
+        mask,
+        SamplingConfig(max_new_tokens=4),
+        eos_id=1,
+        pad_id=0,
+        generator=torch.Generator().manual_seed(0),
+    )
     full = s.response_slice(token_logprobs(model, s.input_ids, s.attention_mask))  # (B, R)
     answers_only = s.response_slice(token_logprobs(model, s.input_ids, s.attention_mask, first=s.first_target))
     assert torch.equal(full, answers_only)  # the LM head on the answers alone gives the same numbers
     # recompute the first answer token's log-prob from the prompt alone, under the sampler's distribution (no PAD)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[:, -1]
-    expected = logits.index_fill(-1, torch.tensor([0]), float("-inf")).log_softmax(-1).gather(1, s.response_ids[:, :1]).squeeze(1)
+    expected = (
+        logits.index_fill(-1, torch.tensor([0]), float("-inf"))
+        .log_softmax(-1)
+        .gather(1, s.response_ids[:, :1])
+        .squeeze(1)
+    )
     assert torch.allclose(full[:, 0], expected, atol=1e-5)
 
 
 def test_top_k_and_top_p_filtering():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    assert torch.isinf(filter_logits(logits, 2, 1.0)[0, 2:]).all() and torch.isfinite(filter_logits(logits, 2, 1.0)[0, :2]).all()
+    assert (
+        torch.isinf(filter_logits(logits, 2, 1.0)[0, 2:]).all()
+        and torch.isfinite(filter_logits(logits, 2, 1.0)[0, :2]).all()
+    )
     kept = torch.isfinite(filter_logits(logits, 0, 0.7)[0])
     assert kept.tolist() == [True, True, False, False]  # 0.5 + 0.3 >= 0.7
 
@@ -74,12 +108,25 @@ def test_top_k_and_top_p_filtering():
 def test_trimming_drops_only_the_padding_every_row_shares_and_keeps_the_log_probs():
     model = tiny_lm()
     ids, mask = left_pad([[5, 6, 7, 8, 9], [3, 4], [10, 11, 12]], pad_id=0)
-    s = generate(model, ids, mask, SamplingConfig(max_new_tokens=10), eos_id=1, pad_id=0, generator=torch.Generator().manual_seed(0))
+    s = generate(
+        model,
+        ids,
+        mask,
+        SamplingConfig(max_new_tokens=10),
+        eos_id=1,
+        pad_id=0,
+        generator=torch.Generator().manual_seed(0),
+    )
     part = s[1:]  # the two short prompts: their common left padding is 2 columns
     t = part.trimmed()
     assert t.prompt_ids.shape[1] == 3 and t.response_ids.shape[1] == int(part.response_mask.sum(1).max())
-    full = part.response_slice(token_logprobs(model, part.input_ids, part.attention_mask))[:, : t.response_ids.shape[1]] * t.response_mask
-    trim = t.response_slice(token_logprobs(model, t.input_ids, t.attention_mask, first=t.first_target)) * t.response_mask
+    full = (
+        part.response_slice(token_logprobs(model, part.input_ids, part.attention_mask))[:, : t.response_ids.shape[1]]
+        * t.response_mask
+    )
+    trim = (
+        t.response_slice(token_logprobs(model, t.input_ids, t.attention_mask, first=t.first_target)) * t.response_mask
+    )
     assert torch.allclose(full, trim, atol=1e-5) and torch.equal(part.last_index - 2, t.last_index)
 
 

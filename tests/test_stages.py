@@ -45,7 +45,9 @@ def ctx(root: Path, name: str, **kw) -> StageContext:
 def upstream(tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
     torch.manual_seed(0)  # the tiny model's initialisation: the same upstream whichever tests ran before
-    data = prepare.run(DataConfig(n_sft=64, n_pref=64, n_eval_prompts=16, n_eval_pref=16, n_ppo_prompts=32), ctx(root, "data"))
+    data = prepare.run(
+        DataConfig(n_sft=64, n_pref=64, n_eval_prompts=16, n_eval_pref=16, n_ppo_prompts=32), ctx(root, "data")
+    )
     c = ctx(root, "sft")
     s = sft.run(TINY_MODEL, SFTConfig(lr=3e-3, epochs=2, **LOOP), data["data_dir"], c)
     rc = ctx(root, "rm")
@@ -62,13 +64,21 @@ def test_sft_learns_and_saves_a_loadable_checkpoint(upstream):
     losses = [v for _, v in sink.metrics["sft/loss"]]
     assert losses[-1] < losses[0] - 0.5
     assert {"sft/eval_loss", "sft/tokens_per_s", "sft/lr", "sft/grad_norm"} <= set(sink.metrics)
-    base, tuned = params_of(Path(upstream["sft"]["model_path"]).parent / "base"), params_of(upstream["sft"]["model_path"])
+    base, tuned = (
+        params_of(Path(upstream["sft"]["model_path"]).parent / "base"),
+        params_of(upstream["sft"]["model_path"]),
+    )
     assert not torch.allclose(base, tuned)
 
 
 def test_dpo_first_loss_is_ln2_and_the_policy_moves(upstream):
     c = ctx(upstream["root"], "dpo")
-    out = dpo.run(DPOConfig(lr=1e-3, beta=0.1, **LOOP), TINY_MODEL, PolicyInputs(upstream["data"], upstream["sft"]["model_path"]), c)
+    out = dpo.run(
+        DPOConfig(lr=1e-3, beta=0.1, **LOOP),
+        TINY_MODEL,
+        PolicyInputs(upstream["data"], upstream["sft"]["model_path"]),
+        c,
+    )
     assert c.sink.first("dpo/loss") == pytest.approx(math.log(2), abs=1e-4)
     assert abs(c.sink.first("dpo/kl")) < 1e-4 and c.sink.first("dpo/margin") == pytest.approx(0, abs=1e-5)
     assert {"dpo/rewards_chosen", "dpo/rewards_rejected", "dpo/accuracy", "dpo/eval_accuracy"} <= set(c.sink.metrics)
@@ -84,12 +94,26 @@ def test_mixed_precision_and_gradient_checkpointing_train_in_bf16_with_fp32_weig
 
     seen, heads = [], []
     forward, projection = Conv1D.forward, modeling.fp32_projection
-    monkeypatch.setattr(Conv1D, "forward", lambda self, x: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))) or forward(self, x))
-    monkeypatch.setattr(modeling, "fp32_projection", lambda h, layer: heads.append(torch.is_autocast_enabled("cpu")) or projection(h, layer))
+    monkeypatch.setattr(
+        Conv1D,
+        "forward",
+        lambda self, x: (
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))) or forward(self, x)
+        ),
+    )
+    monkeypatch.setattr(
+        modeling,
+        "fp32_projection",
+        lambda h, layer: heads.append(torch.is_autocast_enabled("cpu")) or projection(h, layer),
+    )
     model = replace(TINY_MODEL, autocast="bfloat16", gradient_checkpointing=True)
     c = ctx(upstream["root"], "dpo-bf16")
-    out = dpo.run(DPOConfig(lr=1e-3, beta=0.1, **LOOP), model, PolicyInputs(upstream["data"], upstream["sft"]["model_path"]), c)
-    assert seen and set(seen) == {(True, torch.bfloat16)}  # every transformer block's projection ran under bf16 autocast
+    out = dpo.run(
+        DPOConfig(lr=1e-3, beta=0.1, **LOOP), model, PolicyInputs(upstream["data"], upstream["sft"]["model_path"]), c
+    )
+    assert seen and set(seen) == {
+        (True, torch.bfloat16)
+    }  # every transformer block's projection ran under bf16 autocast
     assert heads and all(heads)  # the LM head was called inside autocast, and fp32_projection takes it out (next test)
     assert c.sink.first("dpo/loss") == pytest.approx(math.log(2), abs=0.02)  # bf16 forwards: ln 2 up to rounding
     assert all(math.isfinite(v) for _, v in c.sink.metrics["dpo/loss"])
@@ -106,7 +130,9 @@ def test_the_output_projection_runs_in_fp32_under_bf16_autocast():
         fp32 = fp32_projection(hidden, head)
     assert bf16.dtype == torch.bfloat16 and fp32.dtype == torch.float32
     exact = hidden @ head.weight.T
-    assert torch.allclose(fp32, exact, atol=1e-5) and (bf16.float() - exact).abs().max() > 1e-2  # bf16 logits round by 0.01+
+    assert (
+        torch.allclose(fp32, exact, atol=1e-5) and (bf16.float() - exact).abs().max() > 1e-2
+    )  # bf16 logits round by 0.01+
 
 
 def test_lora_trains_adapters_only_resumes_from_them_and_saves_a_merged_model(upstream):
@@ -114,7 +140,9 @@ def test_lora_trains_adapters_only_resumes_from_them_and_saves_a_merged_model(up
 
     model = replace(TINY_MODEL, lora_r=4, lora_alpha=8.0)
     c = ctx(upstream["root"], "dpo-lora")
-    out = dpo.run(DPOConfig(lr=1e-2, beta=0.1, **LOOP), model, PolicyInputs(upstream["data"], upstream["sft"]["model_path"]), c)
+    out = dpo.run(
+        DPOConfig(lr=1e-2, beta=0.1, **LOOP), model, PolicyInputs(upstream["data"], upstream["sft"]["model_path"]), c
+    )
     assert c.sink.first("dpo/loss") == pytest.approx(math.log(2), abs=1e-4)  # LoRA's B = 0: the policy starts as SFT
     ckpt = sorted((c.out_dir / "ckpt").glob("step-*"))[-1] / "policy"
     assert (ckpt / "adapter_config.json").exists() and not (ckpt / "model.safetensors").exists()
@@ -123,7 +151,12 @@ def test_lora_trains_adapters_only_resumes_from_them_and_saves_a_merged_model(up
     before, after = dict(sft_model.named_parameters()), dict(tuned.named_parameters())
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("c_attn" in k for k in changed)  # peft's default target for GPT-2; nothing else moved
-    again = dpo.run(DPOConfig(lr=1e-2, beta=0.1, **LOOP), model, PolicyInputs(upstream["data"], upstream["sft"]["model_path"]), ctx(upstream["root"], "dpo-lora"))
+    again = dpo.run(
+        DPOConfig(lr=1e-2, beta=0.1, **LOOP),
+        model,
+        PolicyInputs(upstream["data"], upstream["sft"]["model_path"]),
+        ctx(upstream["root"], "dpo-lora"),
+    )
     resumed = AutoModelForCausalLM.from_pretrained(again["model_path"])  # from the last checkpoint's adapters
     assert all(torch.allclose(p, dict(resumed.named_parameters())[k], atol=1e-6) for k, p in after.items())
 
@@ -138,9 +171,22 @@ def test_reward_model_starts_at_ln2(upstream):
 
 def test_ppo_first_step_has_zero_kl_and_no_clipping(upstream):
     c = ctx(upstream["root"], "ppo")
-    cfg = PPOConfig(steps=3, rollout_batch_size=8, minibatch_size=4, ppo_epochs=2, lr=1e-3, eval_every=2, checkpoint_every=2,
-                    sampling=SamplingConfig(max_new_tokens=8))
-    out = ppo.run(cfg, TINY_MODEL, PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True), c)
+    cfg = PPOConfig(
+        steps=3,
+        rollout_batch_size=8,
+        minibatch_size=4,
+        ppo_epochs=2,
+        lr=1e-3,
+        eval_every=2,
+        checkpoint_every=2,
+        sampling=SamplingConfig(max_new_tokens=8),
+    )
+    out = ppo.run(
+        cfg,
+        TINY_MODEL,
+        PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True),
+        c,
+    )
     m = c.sink
     assert abs(m.first("ppo/kl")) < 1e-4 and abs(m.first("ppo/kl_k3")) < 1e-4
     assert m.first("ppo/clipfrac_first_minibatch") == 0 and abs(m.first("ppo/approx_kl_first_minibatch")) < 1e-6
@@ -155,7 +201,8 @@ def test_ppo_first_step_has_zero_kl_and_no_clipping(upstream):
 @pytest.mark.parametrize("autocast", ["none", "bfloat16"])
 def test_old_log_probs_come_from_the_sampler_in_fp32_and_from_a_forward_under_bf16(upstream, monkeypatch, autocast):
     """In fp32 the experience pass and the held-out KL take the policy's log-probs from the sampler: no forward of
-    the policy without a gradient; under bf16 autocast a forward recomputes them. The first step's numbers hold either way."""
+    the policy without a gradient; under bf16 autocast a forward recomputes them. The first step's numbers hold either
+    way."""
     import dataclasses
 
     from rlhf.modeling import Logprobs
@@ -164,26 +211,54 @@ def test_old_log_probs_come_from_the_sampler_in_fp32_and_from_a_forward_under_bf
     forward = Logprobs.forward
 
     def counting(self, *args, **kwargs):
-        if not torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters()):  # the policy, not the reference
+        if not torch.is_grad_enabled() and any(
+            p.requires_grad for p in self.model.parameters()
+        ):  # the policy, not the reference
             scoring_forwards.append(args[0].shape)
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(Logprobs, "forward", counting)
     c = ctx(upstream["root"], f"ppo-logprobs-{autocast}")
-    cfg = PPOConfig(steps=2, rollout_batch_size=8, minibatch_size=4, ppo_epochs=1, lr=1e-3, eval_every=1, checkpoint_every=10,
-                    sampling=SamplingConfig(max_new_tokens=8))
+    cfg = PPOConfig(
+        steps=2,
+        rollout_batch_size=8,
+        minibatch_size=4,
+        ppo_epochs=1,
+        lr=1e-3,
+        eval_every=1,
+        checkpoint_every=10,
+        sampling=SamplingConfig(max_new_tokens=8),
+    )
     model = dataclasses.replace(TINY_MODEL, autocast=autocast)
-    ppo.run(cfg, model, PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True), c)
-    assert len(scoring_forwards) == (0 if autocast == "none" else 2 + 3)  # 2 experience passes, 3 evaluations (before, 1, 2)
+    ppo.run(
+        cfg, model, PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True), c
+    )
+    assert len(scoring_forwards) == (
+        0 if autocast == "none" else 2 + 3
+    )  # 2 experience passes, 3 evaluations (before, 1, 2)
     assert abs(c.sink.first("ppo/kl")) < 1e-4 and abs(c.sink.first("ppo/approx_kl_first_minibatch")) < 1e-6
     assert abs(c.sink.first("ppo/eval_kl")) < 1e-4  # the policy before training is the reference
 
 
 def test_a_value_warmup_keeps_the_policy_and_evaluates_only_once_it_moves(upstream):
     c = ctx(upstream["root"], "ppo-warmup")
-    cfg = PPOConfig(steps=4, rollout_batch_size=8, minibatch_size=4, ppo_epochs=1, lr=1e-3, eval_every=1, checkpoint_every=10,
-                    value_warmup_steps=2, sampling=SamplingConfig(max_new_tokens=8))
-    ppo.run(cfg, TINY_MODEL, PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True), c)
+    cfg = PPOConfig(
+        steps=4,
+        rollout_batch_size=8,
+        minibatch_size=4,
+        ppo_epochs=1,
+        lr=1e-3,
+        eval_every=1,
+        checkpoint_every=10,
+        value_warmup_steps=2,
+        sampling=SamplingConfig(max_new_tokens=8),
+    )
+    ppo.run(
+        cfg,
+        TINY_MODEL,
+        PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True),
+        c,
+    )
     kl = dict(c.sink.metrics["ppo/kl"])  # the rollouts' KL to the reference: 0 while only the value model trains
     assert abs(kl[1]) < 1e-4 and abs(kl[2]) < 1e-4 and abs(kl[3]) < 1e-4 and abs(kl[4]) > 1e-4
     assert [s for s, _ in c.sink.metrics["ppo/eval_gold_reward"]] == [0, 3, 4]  # no evaluations of the unchanged policy
@@ -199,8 +274,16 @@ def test_compiled_ppo_trains_the_same_modules_and_adamw_is_fused(upstream, monke
     assert adamw([{"params": [torch.nn.Parameter(torch.zeros(3))]}], PPOConfig()).defaults["fused"] is True
     from torch._dynamo.utils import counters
 
-    cfg = PPOConfig(steps=2, rollout_batch_size=8, minibatch_size=4, ppo_epochs=1, lr=1e-3, eval_every=10, checkpoint_every=10,
-                    sampling=SamplingConfig(max_new_tokens=8))
+    cfg = PPOConfig(
+        steps=2,
+        rollout_batch_size=8,
+        minibatch_size=4,
+        ppo_epochs=1,
+        lr=1e-3,
+        eval_every=10,
+        checkpoint_every=10,
+        sampling=SamplingConfig(max_new_tokens=8),
+    )
     inputs = PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True)
     module_compile = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: module_compile(self, backend="eager", **kw))
@@ -210,12 +293,18 @@ def test_compiled_ppo_trains_the_same_modules_and_adamw_is_fused(upstream, monke
         c = ctx(upstream["root"], f"ppo-compiled-{compiled}", compile=compiled)
         out = ppo.run(cfg, TINY_MODEL, inputs, c)
         runs[compiled] = c.sink
-        assert (counters["stats"]["unique_graphs"] > 0) == compiled  # the update's forwards (policy and value) went through dynamo
+        assert (
+            counters["stats"]["unique_graphs"] > 0
+        ) == compiled  # the update's forwards (policy and value) went through dynamo
     assert abs(runs[True].first("ppo/kl")) < 1e-4 and abs(runs[True].first("ppo/approx_kl_first_minibatch")) < 1e-5
     for key in ("ppo/policy_loss", "ppo/value_loss", "ppo/score"):  # compiled = eager numerics, step by step
-        assert [v for _, v in runs[True].metrics[key]] == pytest.approx([v for _, v in runs[False].metrics[key]], abs=1e-4), key
+        assert [v for _, v in runs[True].metrics[key]] == pytest.approx(
+            [v for _, v in runs[False].metrics[key]], abs=1e-4
+        ), key
     saved = load_file(Path(out["model_path"]) / "model.safetensors")
-    assert set(saved) == set(load_file(Path(upstream["sft"]["model_path"]) / "model.safetensors"))  # no _orig_mod. prefixes
+    assert set(saved) == set(
+        load_file(Path(upstream["sft"]["model_path"]) / "model.safetensors")
+    )  # no _orig_mod. prefixes
     assert not torch.allclose(params_of(upstream["sft"]["model_path"]), params_of(out["model_path"]))
 
 
@@ -225,14 +314,29 @@ def test_lora_ppo_holds_each_base_once_and_matches_separate_frozen_copies(upstre
     from rlhf.onpolicy import OnPolicyModels
 
     lora = replace(TINY_MODEL, lora_r=4, lora_alpha=8.0)
-    cfg = PPOConfig(steps=3, rollout_batch_size=8, minibatch_size=4, ppo_epochs=2, lr=1e-2, eval_every=100, checkpoint_every=100,
-                    forward_batch_size=3, sampling=SamplingConfig(max_new_tokens=8))
+    cfg = PPOConfig(
+        steps=3,
+        rollout_batch_size=8,
+        minibatch_size=4,
+        ppo_epochs=2,
+        lr=1e-2,
+        eval_every=100,
+        checkpoint_every=100,
+        forward_batch_size=3,
+        sampling=SamplingConfig(max_new_tokens=8),
+    )
     inputs = PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True)
     models = OnPolicyModels(lora, inputs, None, torch.device("cpu"), value_init="reward")
-    assert models.reference.model is models.policy and models.rewards[0].model is models.value  # adapters off, no second copy
+    assert (
+        models.reference.model is models.policy and models.rewards[0].model is models.value
+    )  # adapters off, no second copy
     storage = lambda *ms: {p.data_ptr() for m in ms for p in m.parameters()}  # noqa: E731
-    assert storage(models.policy, models.value, models.reference.model, models.rewards[0].model) == storage(models.policy, models.value)
-    copies = OnPolicyModels(replace(lora, lora_shared_reference=False), inputs, None, torch.device("cpu"), value_init="reward")
+    assert storage(models.policy, models.value, models.reference.model, models.rewards[0].model) == storage(
+        models.policy, models.value
+    )
+    copies = OnPolicyModels(
+        replace(lora, lora_shared_reference=False), inputs, None, torch.device("cpu"), value_init="reward"
+    )
     assert not storage(copies.reference.model) & storage(copies.policy)  # the old way: a frozen copy of the SFT weights
 
     runs = {}
@@ -255,33 +359,77 @@ def test_lora_ppo_keeps_training_after_the_guard_saves_and_returns_the_kept_adap
     from rlhf.onpolicy import GUARD_DIR
 
     lora = replace(TINY_MODEL, lora_r=4, lora_alpha=8.0, lora_shared_reference=shared)
-    cfg = PPOConfig(steps=4, rollout_batch_size=8, minibatch_size=4, ppo_epochs=2, lr=1e-2, eval_every=1, checkpoint_every=100,
-                    guard="conservative", guard_patience=0, sampling=SamplingConfig(max_new_tokens=8))
+    cfg = PPOConfig(
+        steps=4,
+        rollout_batch_size=8,
+        minibatch_size=4,
+        ppo_epochs=2,
+        lr=1e-2,
+        eval_every=1,
+        checkpoint_every=100,
+        guard="conservative",
+        guard_patience=0,
+        sampling=SamplingConfig(max_new_tokens=8),
+    )
     c = ctx(upstream["root"], f"ppo-lora-guard-{shared}")
     torch.manual_seed(0)
-    out = ppo.run(cfg, lora, PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True), c)
+    out = ppo.run(
+        cfg, lora, PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True), c
+    )
     m = c.sink.metrics
-    assert [s for s, _ in m["ppo/kl"]] == [1, 2, 3, 4]  # the reference (the policy with its adapters off) answered every iteration
-    assert all(v > 1e-7 for s, v in m["ppo/approx_kl"] if s >= 2)  # the guard saved at iteration 1; the adapters still train after
+    assert [s for s, _ in m["ppo/kl"]] == [
+        1,
+        2,
+        3,
+        4,
+    ]  # the reference (the policy with its adapters off) answered every iteration
+    assert all(
+        v > 1e-7 for s, v in m["ppo/approx_kl"] if s >= 2
+    )  # the guard saved at iteration 1; the adapters still train after
     kept = c.out_dir / GUARD_DIR
     assert (kept / "adapter_config.json").exists()  # the guard kept the adapters, not a merged copy of the live policy
-    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(upstream["sft"]["model_path"]), str(kept)).merge_and_unload()
+    expected = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(upstream["sft"]["model_path"]), str(kept)
+    ).merge_and_unload()
     final = dict(AutoModelForCausalLM.from_pretrained(out["model_path"]).named_parameters())
-    assert all(torch.allclose(p, final[k], atol=1e-6) for k, p in expected.named_parameters())  # the stage's model: the kept one, merged
+    assert all(
+        torch.allclose(p, final[k], atol=1e-6) for k, p in expected.named_parameters()
+    )  # the stage's model: the kept one, merged
 
 
-@pytest.mark.parametrize("name, extra", [("rloo", {}), ("grpo", {}), ("grpo", {"loss_aggregation": "dr_grpo"})], ids=["rloo", "grpo", "dr_grpo"])
+@pytest.mark.parametrize(
+    "name, extra",
+    [("rloo", {}), ("grpo", {}), ("grpo", {"loss_aggregation": "dr_grpo"})],
+    ids=["rloo", "grpo", "dr_grpo"],
+)
 def test_critic_free_methods_start_at_zero_kl_and_ratio_one_and_move_the_policy(upstream, name, extra):
     from rlhf.stages import grpo, rloo
 
     module, schema = {"rloo": (rloo, rloo.RLOOConfig), "grpo": (grpo, grpo.GRPOConfig)}[name]
     c = ctx(upstream["root"], f"{name}-{len(extra)}")
-    cfg = schema(steps=3, rollout_batch_size=8, minibatch_size=4, ppo_epochs=2, lr=1e-3, eval_every=2, checkpoint_every=2,
-                 samples_per_prompt=4, sampling=SamplingConfig(max_new_tokens=8), **extra)
-    out = module.run(cfg, TINY_MODEL, PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True, 1.0), c)
+    cfg = schema(
+        steps=3,
+        rollout_batch_size=8,
+        minibatch_size=4,
+        ppo_epochs=2,
+        lr=1e-3,
+        eval_every=2,
+        checkpoint_every=2,
+        samples_per_prompt=4,
+        sampling=SamplingConfig(max_new_tokens=8),
+        **extra,
+    )
+    out = module.run(
+        cfg,
+        TINY_MODEL,
+        PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True, 1.0),
+        c,
+    )
     m = c.sink
     assert abs(m.first(f"{name}/kl")) < 1e-4 and m.first(f"{name}/clipfrac_first_minibatch") == 0
-    assert abs(m.first(f"{name}/approx_kl_first_minibatch")) < 1e-6 and m.first(f"{name}/ratio") == pytest.approx(1.0, abs=0.05)
+    assert abs(m.first(f"{name}/approx_kl_first_minibatch")) < 1e-6 and m.first(f"{name}/ratio") == pytest.approx(
+        1.0, abs=0.05
+    )
     assert [s for s, _ in m.metrics[f"{name}/kl"]] == [1, 2, 3] and f"{name}/eval_gold_reward" in m.metrics
     assert f"{name}/group_reward_std" in m.metrics and f"{name}/entropy" in m.metrics
     assert not torch.allclose(params_of(upstream["sft"]["model_path"]), params_of(out["model_path"]))
@@ -295,17 +443,46 @@ def test_best_of_one_is_sft_sampling_and_the_analytic_kl(upstream):
 
     assert analytic_kl(1) == 0 and analytic_kl(16) == pytest.approx(math.log(16) - 15 / 16)
     s, rm = upstream["sft"]["model_path"], upstream["rm"]["model_path"]
-    record = best_of_n_run(BestOfNConfig(n=1), TINY_MODEL, PolicyInputs(upstream["data"], s, rm, True, 1.0), ctx(upstream["root"], "bon1"))
+    record = best_of_n_run(
+        BestOfNConfig(n=1), TINY_MODEL, PolicyInputs(upstream["data"], s, rm, True, 1.0), ctx(upstream["root"], "bon1")
+    )
     assert record["model_path"] == s and record["sampler_args"] == {"n": 1, "seed": 0}
     cfg = EvalConfig(n_prompts=16, sampling=SamplingConfig(max_new_tokens=8))
-    one = evaluate.run(cfg, TINY_MODEL.max_length, True, upstream["data"], s, s, rm, ctx(upstream["root"], "eval-bon1"), 1.0, sample, {"n": 1})
+    one = evaluate.run(
+        cfg,
+        TINY_MODEL.max_length,
+        True,
+        upstream["data"],
+        s,
+        s,
+        rm,
+        ctx(upstream["root"], "eval-bon1"),
+        1.0,
+        sample,
+        {"n": 1},
+    )
     m = one["metrics"]
     assert m["eval/kl"] == 0 and m["eval/kl_analytic"] == 0  # best-of-1 is SFT sampling
-    # ... from a stream of its own: its answers are not the very SFT answers they are compared with (a tie of 0.5 exactly)
+    # ... from a stream of its own: its answers are not the very SFT answers they are compared with (a tie of 0.5
+    # exactly)
     table = one["table"]
     assert table["policy_answer"] != table["sft_answer"] and m["eval/win_rate_gold"] != 0.5
-    assert abs(m["eval/win_rate_gold"] - 0.5) < 3 * m["eval/win_rate_gold_se"] + 0.05  # and as good as SFT, within noise
-    four = evaluate.run(cfg, TINY_MODEL.max_length, True, upstream["data"], s, s, rm, ctx(upstream["root"], "eval-bon4"), 1.0, sample, {"n": 4})
+    assert (
+        abs(m["eval/win_rate_gold"] - 0.5) < 3 * m["eval/win_rate_gold_se"] + 0.05
+    )  # and as good as SFT, within noise
+    four = evaluate.run(
+        cfg,
+        TINY_MODEL.max_length,
+        True,
+        upstream["data"],
+        s,
+        s,
+        rm,
+        ctx(upstream["root"], "eval-bon4"),
+        1.0,
+        sample,
+        {"n": 4},
+    )
     m4 = four["metrics"]
     assert m4["eval/proxy_gain"] > 0 and m4["eval/win_rate_proxy"] > 0.5  # the reward model picks what it likes
     assert m4["eval/kl_analytic"] == pytest.approx(math.log(4) - 0.75) and 0 < m4["eval/kl"] <= math.log(4)
@@ -314,30 +491,68 @@ def test_best_of_one_is_sft_sampling_and_the_analytic_kl(upstream):
 def test_a_reward_ensemble_scores_conservatively_and_the_guard_returns_its_checkpoint(upstream):
     from rlhf.onpolicy import GUARD_DIR
 
-    second = reward.run(RewardConfig(lr=1e-3, epochs=1, bootstrap=True, **LOOP), TINY_MODEL, upstream["data"], upstream["sft"]["model_path"],
-                        ctx(upstream["root"], "rm-1"), member=1)
-    assert not torch.allclose(params_of(second["model_path"]), params_of(upstream["rm"]["model_path"]))  # another seed, another resample
+    second = reward.run(
+        RewardConfig(lr=1e-3, epochs=1, bootstrap=True, **LOOP),
+        TINY_MODEL,
+        upstream["data"],
+        upstream["sft"]["model_path"],
+        ctx(upstream["root"], "rm-1"),
+        member=1,
+    )
+    assert not torch.allclose(
+        params_of(second["model_path"]), params_of(upstream["rm"]["model_path"])
+    )  # another seed, another resample
     c = ctx(upstream["root"], "ppo-ensemble")
-    cfg = PPOConfig(steps=12, rollout_batch_size=8, minibatch_size=4, ppo_epochs=2, lr=3e-3, eval_every=1, checkpoint_every=100,
-                    reward_ensemble="worst", guard="conservative", guard_patience=2, sampling=SamplingConfig(max_new_tokens=8))
-    inputs = PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True, 1.0, (second["model_path"],))
+    cfg = PPOConfig(
+        steps=12,
+        rollout_batch_size=8,
+        minibatch_size=4,
+        ppo_epochs=2,
+        lr=3e-3,
+        eval_every=1,
+        checkpoint_every=100,
+        reward_ensemble="worst",
+        guard="conservative",
+        guard_patience=2,
+        sampling=SamplingConfig(max_new_tokens=8),
+    )
+    inputs = PolicyInputs(
+        upstream["data"],
+        upstream["sft"]["model_path"],
+        upstream["rm"]["model_path"],
+        True,
+        1.0,
+        (second["model_path"],),
+    )
     out = ppo.run(cfg, TINY_MODEL, inputs, c)
     m = c.sink.metrics
     assert "ppo/ensemble_std" in m and "ppo/eval_ensemble_std" in m and "ppo/eval_guard_score" in m
     scores = dict(m["ppo/eval_guard_score"])  # every evaluation's held-out conservative score, step 0 = SFT
     kept = int(c.sink.first("ppo/guard_iteration"))
-    assert scores[kept] == max(v for k, v in scores.items() if k >= 1)  # the best evaluated checkpoint (the guard never saw gold)
+    assert scores[kept] == max(
+        v for k, v in scores.items() if k >= 1
+    )  # the best evaluated checkpoint (the guard never saw gold)
     stopped = m.get("ppo/guard_stopped_at")
     assert stopped is None or stopped[0][1] - kept >= 2  # it stopped only after 2 evaluations without a better score
-    assert torch.equal(params_of(out["model_path"]), params_of(c.out_dir / GUARD_DIR))  # the stage's model is the kept one
+    assert torch.equal(
+        params_of(out["model_path"]), params_of(c.out_dir / GUARD_DIR)
+    )  # the stage's model is the kept one
     assert {"ppo/frontier_gold_alpha", "ppo/frontier_gold_r2", "ppo/frontier_proxy_d_star"} <= set(m)
     assert (c.out_dir / "figures" / "frontier.png").stat().st_size > 1000
 
 
 def test_evaluation_of_the_sft_policy_against_itself_is_a_tie(upstream):
     s = upstream["sft"]["model_path"]
-    out = evaluate.run(EvalConfig(n_prompts=16, sampling=SamplingConfig(max_new_tokens=8)), TINY_MODEL.max_length, True, upstream["data"],
-                       s, s, upstream["rm"]["model_path"], ctx(upstream["root"], "eval"))
+    out = evaluate.run(
+        EvalConfig(n_prompts=16, sampling=SamplingConfig(max_new_tokens=8)),
+        TINY_MODEL.max_length,
+        True,
+        upstream["data"],
+        s,
+        s,
+        upstream["rm"]["model_path"],
+        ctx(upstream["root"], "eval"),
+    )
     m = out["metrics"]
     assert m["eval/win_rate_gold"] == 0.5 and m["eval/win_rate_proxy"] == 0.5 and abs(m["eval/kl"]) < 1e-4
     assert m["eval/gold_reward"] == m["eval/sft_gold_reward"]

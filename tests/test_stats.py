@@ -18,7 +18,9 @@ def test_mean_and_standard_error():
 def test_several_answers_per_prompt_count_as_one_observation_of_the_prompt():
     values = torch.tensor([1.0, 3.0, 0.0, 0.0, 5.0, 7.0])  # 3 prompts x 2 answers, prompt-major
     assert per_prompt(values, 2).tolist() == [2.0, 0.0, 6.0]
-    assert mean_se(per_prompt(values, 2))[1] == pytest.approx(math.sqrt(((2 - 8 / 3) ** 2 + (8 / 3) ** 2 + (6 - 8 / 3) ** 2) / 2) / math.sqrt(3))
+    assert mean_se(per_prompt(values, 2))[1] == pytest.approx(
+        math.sqrt(((2 - 8 / 3) ** 2 + (8 / 3) ** 2 + (6 - 8 / 3) ** 2) / 2) / math.sqrt(3)
+    )
 
 
 def test_comparisons_are_paired_and_ties_count_half():
@@ -36,13 +38,20 @@ def test_ece_of_a_calibrated_scorer_is_about_zero_and_of_an_overconfident_one_is
     g = torch.Generator().manual_seed(0)
     margins = torch.randn(20000, generator=g) * 1.5  # true reward differences
     prefers_a = torch.rand(20000, generator=g) < torch.sigmoid(margins)  # Bradley-Terry labels on them
-    chosen, rejected = torch.where(prefers_a, margins, 0.0), torch.where(prefers_a, 0.0, margins)  # a scorer that predicts exactly
+    chosen, rejected = (
+        torch.where(prefers_a, margins, 0.0),
+        torch.where(prefers_a, 0.0, margins),
+    )  # a scorer that predicts exactly
     lengths = torch.ones(20000, 2)
     calibrated, _ = report(chosen, rejected, lengths)
     overconfident, _ = report(3 * chosen, 3 * rejected, lengths)
     assert calibrated["eval_ece"] < 0.02 and overconfident["eval_ece"] > 0.1
     ece, table = expected_calibration_error(torch.tensor([0.05, 0.05, 0.95, 0.95]), torch.tensor([0, 1, 1, 1]))
-    assert ece == pytest.approx(0.5 * 0.45 + 0.5 * 0.05) and table[0].tolist() == pytest.approx([0.05, 0.5, 2]) and table[5, 2] == 0
+    assert (
+        ece == pytest.approx(0.5 * 0.45 + 0.5 * 0.05)
+        and table[0].tolist() == pytest.approx([0.05, 0.5, 2])
+        and table[5, 2] == 0
+    )
 
 
 def test_the_bias_detector_sees_a_scorer_that_likes_length_more_than_gold_does():

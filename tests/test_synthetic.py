@@ -11,8 +11,16 @@ PROMPT = "topic: fruit. open: mango. avoid: plum. length: short. answer:"
 
 
 def test_splits_are_deterministic_in_the_seed():
-    kw = dict(n_sft=50, n_pref=50, n_eval_prompts=20, n_eval_pref=20, n_ppo_prompts=20,
-              annotator_temperature=0.3, annotator_length_bias=0.1, demo_quality=0.65)
+    kw = dict(
+        n_sft=50,
+        n_pref=50,
+        n_eval_prompts=20,
+        n_eval_pref=20,
+        n_ppo_prompts=20,
+        annotator_temperature=0.3,
+        annotator_length_bias=0.1,
+        demo_quality=0.65,
+    )
     assert S.make_splits(seed=3, **kw) == S.make_splits(seed=3, **kw)
     assert S.make_splits(seed=3, **kw)["sft"] != S.make_splits(seed=4, **kw)["sft"]
 
@@ -57,7 +65,9 @@ def test_annotator_is_bradley_terry_with_length_bias():
 
 def _pairs(length_bias: float) -> list[dict]:
     rng = random.Random(0)
-    return [S.preference_pair(rng, S.random_spec(rng, False), temperature=0.3, length_bias=length_bias) for _ in range(2000)]
+    return [
+        S.preference_pair(rng, S.random_spec(rng, False), temperature=0.3, length_bias=length_bias) for _ in range(2000)
+    ]
 
 
 def test_labels_follow_gold_with_noise_and_favour_length():
@@ -112,9 +122,13 @@ def test_asking_for_more_held_out_prompts_than_exist_is_refused_before_training(
 
 
 def test_pair_length_stats_on_hand_made_pairs():
-    pairs = [{"chosen": "a b", "rejected": "a b c", "gold_chosen": 1.0, "gold_rejected": 0.0},
-             {"chosen": "a b c d", "rejected": "a b", "gold_chosen": 0.0, "gold_rejected": 1.0},
-             {"chosen": "a", "rejected": "b", "gold_chosen": 0.5, "gold_rejected": 0.5}]
+    pairs = [
+        {"chosen": "a b", "rejected": "a b c", "gold_chosen": 1.0, "gold_rejected": 0.0},
+        {"chosen": "a b c d", "rejected": "a b", "gold_chosen": 0.0, "gold_rejected": 1.0},
+        {"chosen": "a", "rejected": "b", "gold_chosen": 0.5, "gold_rejected": 0.5},
+    ]
     stats = S.pair_length_stats(pairs)
     assert stats["n"] == 3 and stats["shorter_chosen"] == 0.5  # the equal-length pair does not count
-    assert stats["corr_length_gold"] == pytest.approx(-0.5738190417570045)  # lengths 2,3,4,2,1,1 against gold 1,0,0,1,.5,.5
+    assert stats["corr_length_gold"] == pytest.approx(
+        -0.5738190417570045
+    )  # lengths 2,3,4,2,1,1 against gold 1,0,0,1,.5,.5

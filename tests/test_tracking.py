@@ -36,7 +36,9 @@ def test_experiments_are_created_or_adopted_as_model_training(tmp_path):
 
 def test_runs_of_a_dead_process_are_killed_and_name_their_successor(store):
     _, _, client, exp = store
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     orphan = RunLogger.create(client, exp, "killed-9", {"pipeline": "rlhf"})
     client.set_tag(orphan.run_id, PID_TAG, dead)  # as if that process had made it and died
     alive = RunLogger.create(client, exp, "still-training", {"pipeline": "rlhf"})  # this process: alive
@@ -44,7 +46,10 @@ def test_runs_of_a_dead_process_are_killed_and_name_their_successor(store):
     assert close_orphaned_runs(client, exp, successor.run_id) == [orphan.run_id]
     killed = client.get_run(orphan.run_id)
     assert killed.info.status == "KILLED" and killed.data.tags[TAKEN_OVER_TAG] == successor.run_id
-    assert client.get_run(alive.run_id).info.status == "RUNNING" and client.get_run(successor.run_id).info.status == "RUNNING"
+    assert (
+        client.get_run(alive.run_id).info.status == "RUNNING"
+        and client.get_run(successor.run_id).info.status == "RUNNING"
+    )
 
 
 def _make_sweep_row(args) -> str:
@@ -64,7 +69,9 @@ def test_splits_are_dataset_inputs_with_digest_schema_and_rows(store, tmp_path):
     _, _, client, exp = store
     splits = tmp_path / "splits"
     splits.mkdir()
-    (splits / "pref.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(7)))
+    (splits / "pref.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(7))
+    )
     (splits / "eval_pref.jsonl").write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
     fingerprints = fingerprint_splits(splits, "toy")
     run = RunLogger.create(client, exp, "reward-x", {})
@@ -76,7 +83,9 @@ def test_splits_are_dataset_inputs_with_digest_schema_and_rows(store, tmp_path):
     assert json.loads(pref.dataset.profile) == {"num_rows": 7}
     assert [c["name"] for c in json.loads(pref.dataset.schema)["mlflow_colspec"]] == ["prompt", "chosen", "rejected"]
     assert {t.key: t.value for t in pref.tags}["mlflow.data.context"] == "training"
-    (splits / "pref.jsonl").write_text((splits / "pref.jsonl").read_text() + json.dumps({"prompt": "new", "chosen": "a", "rejected": "b"}) + "\n")
+    (splits / "pref.jsonl").write_text(
+        (splits / "pref.jsonl").read_text() + json.dumps({"prompt": "new", "chosen": "a", "rejected": "b"}) + "\n"
+    )
     assert fingerprint_splits(splits, "toy")["pref"]["digest"] != pref.dataset.digest  # the digest is the content's
 
 

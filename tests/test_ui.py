@@ -35,9 +35,19 @@ def sweep(tmp_path_factory):
     uri = start_mlflow_server(procs, tmp / "mlflow", env)
     try:
         procs.wait_healthy("mlflow-server", f"{uri}/health")
-        cmd = [sys.executable, "-m", "flows.pipeline", "-m", "experiment=micro_ppo", f"paths.root={tmp / 'root'}",
-               "algo.beta=0.02,0.1", "algo.clip_range=0.1,0.2"]
-        out = subprocess.run(cmd, cwd=PROJECT, env={**env, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=900)
+        cmd = [
+            sys.executable,
+            "-m",
+            "flows.pipeline",
+            "-m",
+            "experiment=micro_ppo",
+            f"paths.root={tmp / 'root'}",
+            "algo.beta=0.02,0.1",
+            "algo.clip_range=0.1,0.2",
+        ]
+        out = subprocess.run(
+            cmd, cwd=PROJECT, env={**env, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=900
+        )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + procs.tail("mlflow-server")
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name("rlhf")
@@ -57,7 +67,12 @@ def test_a_sweep_is_one_row_with_its_members_nested_and_the_summary_on_it(sweep)
     assert row.info.run_name.startswith("sweep-ppo-betaxclip_range-")
     members = runs(sweep, f"tags.mlflow.parentRunId = '{row.info.run_id}'")
     assert {(m.data.params["algo.beta"], m.data.params["algo.clip_range"]) for m in members} == MEMBERS
-    assert sorted(m.info.run_name for m in members) == ["ppo-b0.02-c0.1-m0", "ppo-b0.02-c0.2-m1", "ppo-b0.1-c0.1-m2", "ppo-b0.1-c0.2-m3"]
+    assert sorted(m.info.run_name for m in members) == [
+        "ppo-b0.02-c0.1-m0",
+        "ppo-b0.02-c0.2-m1",
+        "ppo-b0.1-c0.1-m2",
+        "ppo-b0.1-c0.2-m3",
+    ]
     assert all(m.data.tags["sweep_id"] == row.data.tags["sweep_id"] for m in members)
     for m in members:  # each member's stage runs are its children
         children = {r.data.tags["stage"] for r in runs(sweep, f"tags.mlflow.parentRunId = '{m.info.run_id}'")}
@@ -97,7 +112,11 @@ def cells(page, run_name: str) -> dict[str, str]:
     return out
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine: `apt-get install chromium` (make test does it where apt and root are available)")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no Chromium on this machine: `apt-get install chromium` (make test does it where apt and root are "
+    "available)",
+)
 def test_the_mlflow_ui_shows_the_sweep_its_members_datasets_models_and_charts(sweep):
     from playwright.sync_api import sync_playwright
 
@@ -106,21 +125,34 @@ def test_the_mlflow_ui_shows_the_sweep_its_members_datasets_models_and_charts(sw
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (row,) = runs(sweep, "tags.`rlhf.sweep` = 'true'")
     members = ["ppo-b0.02-c0.1-m0", "ppo-b0.02-c0.2-m1", "ppo-b0.1-c0.1-m2", "ppo-b0.1-c0.2-m3"]
-    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"]
+    args = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
         page = browser.new_page(viewport={"width": 1700, "height": 950})
         try:
-            page.goto(experiment_link(sweep["uri"], sweep["experiment"].experiment_id))  # the link the README and every run print
-            page.get_by_role("columnheader", name="Run Name").first.wait_for(timeout=60_000)  # the runs table, not GenAI's traces
+            page.goto(
+                experiment_link(sweep["uri"], sweep["experiment"].experiment_id)
+            )  # the link the README and every run print
+            page.get_by_role("columnheader", name="Run Name").first.wait_for(
+                timeout=60_000
+            )  # the runs table, not GenAI's traces
             for header in ("Dataset", "Models"):
                 assert page.get_by_role("columnheader", name=header).first.is_visible()
             assistant = page.get_by_role("button", name="Close")
             if assistant.count():
                 assistant.first.click()  # the assistant panel hides half the table
             sweep_row = page.get_by_role("row").filter(has_text=row.info.run_name)
-            assert sweep_row.count() == 1 and page.get_by_text(members[0]).count() == 0  # members folded under the sweep
+            assert (
+                sweep_row.count() == 1 and page.get_by_text(members[0]).count() == 0
+            )  # members folded under the sweep
             sweep_row.locator("button[data-component-id*='runnamecellrenderer']").click()  # expand the sweep
             page.get_by_text(members[-1]).wait_for(timeout=20_000)
             page.wait_for_timeout(1500)  # the Models cells fill in from a second request
@@ -140,4 +172,6 @@ def test_the_mlflow_ui_shows_the_sweep_its_members_datasets_models_and_charts(sw
             page.screenshot(path=str(ARTIFACTS / "mlflow_ui_charts.png"))
         finally:
             browser.close()
-    assert (ARTIFACTS / "mlflow_ui_runs.png").stat().st_size > 20_000 and (ARTIFACTS / "mlflow_ui_charts.png").stat().st_size > 20_000
+    assert (ARTIFACTS / "mlflow_ui_runs.png").stat().st_size > 20_000 and (
+        ARTIFACTS / "mlflow_ui_charts.png"
+    ).stat().st_size > 20_000

@@ -31,8 +31,11 @@ from .common import StageContext
 class BestOfNConfig:
     algo: str = setting("best_of_n", "Algorithm name.", choices=["best_of_n"])
     n: int = setting(16, "Answers sampled from SFT per prompt; the reward model keeps the best.", ge=1)
-    seed: int = setting(0, "Seed of the candidates' draws, a stream of its own: the SFT answers they are compared with (eval.seed) "
-                           "are never among the candidates.")
+    seed: int = setting(
+        0,
+        "Seed of the candidates' draws, a stream of its own: the SFT answers they are compared with (eval.seed) "
+        "are never among the candidates.",
+    )
 
 
 def analytic_kl(n: int) -> float:
@@ -49,7 +52,9 @@ def candidate_seed(eval_seed: int, seed: int) -> int:
 
 def _select(candidates: Samples, scores: torch.Tensor, n: int) -> tuple[Samples, torch.Tensor]:
     """The best of each prompt's n consecutive candidates, and its score."""
-    best = scores.view(-1, n).argmax(1) + torch.arange(0, len(scores), n, device=scores.device)  # (G,) rows of the winners
+    best = scores.view(-1, n).argmax(1) + torch.arange(
+        0, len(scores), n, device=scores.device
+    )  # (G,) rows of the winners
     return candidates[best], scores[best]
 
 
@@ -78,7 +83,12 @@ def sample(env, prompt_ids: list[list[int]], args: dict) -> tuple[list[Samples],
 def run(cfg: BestOfNConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: StageContext) -> dict:
     """Nothing to train: the record names the SFT model and n, which the eval stage samples with :func:`sample`."""
     ctx.sink.log_metrics({"best_of_n/n": cfg.n, "best_of_n/kl_analytic": analytic_kl(cfg.n)}, 0)
-    return {"model_path": inputs.sft_path, "sampler_args": {"n": cfg.n, "seed": cfg.seed}, "metrics": {"best_of_n/kl_analytic": analytic_kl(cfg.n)}, "steps": 0}
+    return {
+        "model_path": inputs.sft_path,
+        "sampler_args": {"n": cfg.n, "seed": cfg.seed},
+        "metrics": {"best_of_n/kl_analytic": analytic_kl(cfg.n)},
+        "steps": 0,
+    }
 
 
 ALGORITHM = Algorithm("best_of_n", BestOfNConfig, run, needs_reward=True, sampler=sample)

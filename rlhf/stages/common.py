@@ -15,7 +15,6 @@ from ..modeling import save_pretrained_atomic
 from ..progress import Progress, ProgressSettings
 from ..trainer import MetricSink, Trainer, steps_for
 
-
 CKPT_DIR, FINAL_DIR = "ckpt", "model"  # a stage folder's resumable checkpoints and its output model
 
 
@@ -29,7 +28,9 @@ class StageContext:
     device: torch.device
     fresh: bool = False  # ignore existing checkpoints (refresh=[stage])
     accelerator: Accelerator | None = None  # None: this process alone
-    progress_settings: ProgressSettings = field(default_factory=ProgressSettings)  # runtime.progress*: bar, log lines or off
+    progress_settings: ProgressSettings = field(
+        default_factory=ProgressSettings
+    )  # runtime.progress*: bar, log lines or off
     compile: bool = False  # runtime.compile: torch.compile the models an on-policy stage trains
 
     def __post_init__(self) -> None:
@@ -70,11 +71,29 @@ def batched(fn, n: int, batch_size: int):
     return torch.cat([fn(torch.arange(i, min(i + batch_size, n))) for i in range(0, n, batch_size)])
 
 
-def supervised_trainer(name: str, model: torch.nn.Module, tokenizer, cfg: SupervisedConfig, n_examples: int, prefix: str,
-                       ctx: StageContext, resume: Path | None, amp=contextlib.nullcontext) -> Trainer:
+def supervised_trainer(
+    name: str,
+    model: torch.nn.Module,
+    tokenizer,
+    cfg: SupervisedConfig,
+    n_examples: int,
+    prefix: str,
+    ctx: StageContext,
+    resume: Path | None,
+    amp=contextlib.nullcontext,
+) -> Trainer:
     """The shared trainer for one model over a fixed dataset, restored from ``resume`` when given."""
-    trainer = Trainer({name: model}, tokenizer, cfg, steps_for(n_examples, cfg), prefix, ctx.sink, ctx.ckpt_dir, amp=amp,
-                      accelerator=ctx.accelerator)
+    trainer = Trainer(
+        {name: model},
+        tokenizer,
+        cfg,
+        steps_for(n_examples, cfg),
+        prefix,
+        ctx.sink,
+        ctx.ckpt_dir,
+        amp=amp,
+        accelerator=ctx.accelerator,
+    )
     if resume:
         trainer.load(resume)
     trainer.progress = ctx.progress(prefix, trainer.total_steps, trainer.step)

@@ -27,17 +27,23 @@ class DPOConfig(SupervisedConfig):
     checkpoint_every: int = default(SupervisedConfig, "checkpoint_every", 100)
 
 
-def pair_logps(model, chosen: Encoded, rejected: Encoded, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+def pair_logps(
+    model, chosen: Encoded, rejected: Encoded, idx: torch.Tensor, device
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Sequence log-probs (sum over answer tokens) of chosen and rejected, one forward: (B,), (B,), tokens."""
     both = Encoded.stack(chosen.batch(idx), rejected.batch(idx)).to(device)
-    seq = (token_logprobs(model, both.input_ids, both.attention_mask, first=both.first_target) * both.loss_mask).sum(1)  # (2B,)
-    return seq[: len(idx)], seq[len(idx):], int(both.attention_mask.sum())
+    seq = (token_logprobs(model, both.input_ids, both.attention_mask, first=both.first_target) * both.loss_mask).sum(
+        1
+    )  # (2B,)
+    return seq[: len(idx)], seq[len(idx) :], int(both.attention_mask.sum())
 
 
 def reference_logps(model, chosen: Encoded, rejected: Encoded, device) -> torch.Tensor:
     """(N, 2) reference log-probs of every pair, computed once: the reference is frozen."""
     model.eval()
-    return batched(lambda idx: torch.stack(pair_logps(model, chosen, rejected, idx, device)[:2], 1).cpu(), len(chosen), 256)
+    return batched(
+        lambda idx: torch.stack(pair_logps(model, chosen, rejected, idx, device)[:2], 1).cpu(), len(chosen), 256
+    )
 
 
 def run(cfg: DPOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: StageContext) -> dict:
@@ -50,7 +56,10 @@ def run(cfg: DPOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: Stage
 
     reference = load_policy(sft_path, tokenizer, dtype).to(ctx.device)
     with amp():
-        ref, ref_held = reference_logps(reference, chosen, rejected, ctx.device), reference_logps(reference, held_c, held_r, ctx.device)
+        ref, ref_held = (
+            reference_logps(reference, chosen, rejected, ctx.device),
+            reference_logps(reference, held_c, held_r, ctx.device),
+        )
     del reference
 
     resume = ctx.resume_point()
@@ -69,7 +78,11 @@ def run(cfg: DPOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: Stage
     def evaluate() -> dict:
         policy.eval()
         with amp():
-            logps = batched(lambda idx: torch.stack(pair_logps(policy, held_c, held_r, idx, ctx.device)[:2], 1).cpu(), len(held), 256)
+            logps = batched(
+                lambda idx: torch.stack(pair_logps(policy, held_c, held_r, idx, ctx.device)[:2], 1).cpu(),
+                len(held),
+                256,
+            )
         policy.train()
         loss, m = dpo_loss(logps[:, 0], logps[:, 1], ref_held[:, 0], ref_held[:, 1], cfg.beta, cfg.label_smoothing)
         return {"eval_loss": float(loss), "eval_accuracy": float(m["accuracy"]), "eval_margin": float(m["margin"])}
@@ -79,7 +92,11 @@ def run(cfg: DPOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: Stage
     ctx.save_final(policy, tokenizer, {"stage": "dpo", "step": trainer.step})
     final["tokens_trained"] = trainer.tokens_trained
     ctx.sink.log_metrics({"dpo/tokens_trained": trainer.tokens_trained}, trainer.step)
-    return {"model_path": str(ctx.final_dir), "metrics": {f"dpo/{k}": v for k, v in final.items()}, "steps": trainer.step}
+    return {
+        "model_path": str(ctx.final_dir),
+        "metrics": {f"dpo/{k}": v for k, v in final.items()},
+        "steps": trainer.step,
+    }
 
 
 ALGORITHM = Algorithm("dpo", DPOConfig, run, needs_reward=False)

@@ -14,8 +14,8 @@ sampler through its algorithm's declaration (:attr:`rlhf.algorithms.Algorithm.sa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -34,7 +34,9 @@ class EvalEnv:
     """What a sampler may use: the SFT model, the reward model's score, the settings, one generator."""
 
     sft: torch.nn.Module
-    score: Callable[[Samples], torch.Tensor]  # (B,) the scoring rule: raw reward-model score minus the missing-EOS penalty
+    score: Callable[
+        [Samples], torch.Tensor
+    ]  # (B,) the scoring rule: raw reward-model score minus the missing-EOS penalty
     cfg: EvalConfig
     tokenizer: object
     device: torch.device
@@ -49,7 +51,15 @@ class EvalEnv:
         """Answers of ``model`` to ``prompt_ids`` in one batch."""
         tok = self.tokenizer
         ids, mask = left_pad(prompt_ids, tok.pad_token_id)
-        return generate(model, ids.to(self.device), mask.to(self.device), self.cfg.sampling, tok.eos_token_id, tok.pad_token_id, self.generator)
+        return generate(
+            model,
+            ids.to(self.device),
+            mask.to(self.device),
+            self.cfg.sampling,
+            tok.eos_token_id,
+            tok.pad_token_id,
+            self.generator,
+        )
 
 
 # A sampler: (env, prompt ids (one per answer), its args) -> (answers, per-answer KL to SFT (N,) or None, extra metrics)
@@ -59,7 +69,9 @@ Sampler = Callable[[EvalEnv, list[list[int]], dict], tuple[list[Samples], torch.
 @torch.no_grad()
 def sequence_logp(model, samples: Samples, temperature: float) -> torch.Tensor:
     """Sum of answer-token log-probs under ``model``: (B,)."""
-    lp = samples.response_slice(token_logprobs(model, samples.input_ids, samples.attention_mask, temperature, samples.first_target))
+    lp = samples.response_slice(
+        token_logprobs(model, samples.input_ids, samples.attention_mask, temperature, samples.first_target)
+    )
     return (lp * samples.response_mask).sum(1)
 
 
@@ -69,9 +81,12 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
 
 
 def _answers(batches: list[Samples], tokenizer, score) -> dict:
-    return {"texts": [t for b in batches for t in decode_responses(tokenizer, b)], "ended": torch.cat([b.ended.cpu() for b in batches]),
-            "length": torch.cat([b.lengths().cpu() for b in batches]),
-            "proxy": torch.cat([score(b).cpu() for b in batches]) if score else None}
+    return {
+        "texts": [t for b in batches for t in decode_responses(tokenizer, b)],
+        "ended": torch.cat([b.ended.cpu() for b in batches]),
+        "length": torch.cat([b.lengths().cpu() for b in batches]),
+        "proxy": torch.cat([score(b).cpu() for b in batches]) if score else None,
+    }
 
 
 def _with_se(metrics: dict, name: str, values: torch.Tensor, n_samples: int) -> None:
@@ -80,7 +95,8 @@ def _with_se(metrics: dict, name: str, values: torch.Tensor, n_samples: int) -> 
 
 
 def comparison_metrics(kind: str, policy: torch.Tensor, sft: torch.Tensor, n_samples: int) -> dict:
-    """Policy and SFT values of a reward (gold or proxy) per answer: means, the paired gain and the win rate, with SEs."""
+    """Policy and SFT values of a reward (gold or proxy) per answer: means, the paired gain and the win rate, with
+    SEs."""
     out: dict = {}
     _with_se(out, f"eval/{kind}_reward", policy, n_samples)
     _with_se(out, f"eval/sft_{kind}_reward", sft, n_samples)
@@ -90,8 +106,19 @@ def comparison_metrics(kind: str, policy: torch.Tensor, sft: torch.Tensor, n_sam
 
 
 @torch.no_grad()
-def run(cfg: EvalConfig, max_length: int, has_gold: bool, data_dir: str, policy_path: str, sft_path: str, reward_paths: list[str] | str | None,
-        ctx: StageContext, missing_eos_penalty: float = 0.0, sampler: Sampler | None = None, sampler_args: dict | None = None) -> dict:
+def run(
+    cfg: EvalConfig,
+    max_length: int,
+    has_gold: bool,
+    data_dir: str,
+    policy_path: str,
+    sft_path: str,
+    reward_paths: list[str] | str | None,
+    ctx: StageContext,
+    missing_eos_penalty: float = 0.0,
+    sampler: Sampler | None = None,
+    sampler_args: dict | None = None,
+) -> dict:
     """Evaluate the policy at ``policy_path`` (or ``sampler``'s) against SFT; ``reward_paths``: the reward
     model, or an ensemble's members (the proxy is their mean score; ``eval/ensemble_std`` their disagreement)."""
     tokenizer = load_tokenizer(sft_path)
@@ -110,7 +137,14 @@ def run(cfg: EvalConfig, max_length: int, has_gold: bool, data_dir: str, policy_
     def score(s: Samples) -> torch.Tensor:
         return members(s).mean(0) - missing_eos_penalty * (~s.ended).float()
 
-    env = EvalEnv(sft, score if reward is not None else None, cfg, tokenizer, ctx.device, torch.Generator(device=ctx.device).manual_seed(cfg.seed))
+    env = EvalEnv(
+        sft,
+        score if reward is not None else None,
+        cfg,
+        tokenizer,
+        ctx.device,
+        torch.Generator(device=ctx.device).manual_seed(cfg.seed),
+    )
     t = cfg.sampling.temperature
     if sampler is None:
         policy = load_policy(policy_path, tokenizer).to(ctx.device).eval()
@@ -119,17 +153,27 @@ def run(cfg: EvalConfig, max_length: int, has_gold: bool, data_dir: str, policy_
     else:
         batches, kl, extra = sampler(env, prompt_ids, sampler_args or {})
     env.generator.manual_seed(cfg.seed)  # SFT's answers from the same seed as the policy's (the default sampler's)
-    answers = {"policy": _answers(batches, tokenizer, env.score), "sft": _answers(env.sample(sft, prompt_ids), tokenizer, env.score)}
+    answers = {
+        "policy": _answers(batches, tokenizer, env.score),
+        "sft": _answers(env.sample(sft, prompt_ids), tokenizer, env.score),
+    }
 
-    metrics = {"eval/n_prompts": len(raw_prompts), "eval/n_samples": S, "eval/eos_rate": float(answers["policy"]["ended"].float().mean()),
-               "eval/distinct_2": distinct_n(answers["policy"]["texts"]), **extra}
+    metrics = {
+        "eval/n_prompts": len(raw_prompts),
+        "eval/n_samples": S,
+        "eval/eos_rate": float(answers["policy"]["ended"].float().mean()),
+        "eval/distinct_2": distinct_n(answers["policy"]["texts"]),
+        **extra,
+    }
     _with_se(metrics, "eval/kl", kl, S)
     _with_se(metrics, "eval/response_length", answers["policy"]["length"], S)
     _with_se(metrics, "eval/sft_response_length", answers["sft"]["length"], S)
     gold = {}
     if has_gold:
         for who, a in answers.items():
-            gold[who] = torch.tensor([synthetic.gold_reward(p, x, bool(e)) for p, x, e in zip(prompts, a["texts"], a["ended"])])
+            gold[who] = torch.tensor(
+                [synthetic.gold_reward(p, x, bool(e)) for p, x, e in zip(prompts, a["texts"], a["ended"])]
+            )
         metrics.update(comparison_metrics("gold", gold["policy"], gold["sft"], S))
     if reward is not None:
         metrics.update(comparison_metrics("proxy", answers["policy"]["proxy"], answers["sft"]["proxy"], S))
@@ -141,8 +185,15 @@ def run(cfg: EvalConfig, max_length: int, has_gold: bool, data_dir: str, policy_
             metrics["eval/rm_gold_accuracy"] = acc["eval_gold_accuracy"]
 
     n = min(cfg.n_samples_table, len(prompts))
-    table = {"prompt": prompts[:n], "sft_answer": answers["sft"]["texts"][:n], "policy_answer": answers["policy"]["texts"][:n]}
-    for kind, values in (("gold", gold), ("proxy", {w: a["proxy"] for w, a in answers.items() if a["proxy"] is not None})):
+    table = {
+        "prompt": prompts[:n],
+        "sft_answer": answers["sft"]["texts"][:n],
+        "policy_answer": answers["policy"]["texts"][:n],
+    }
+    for kind, values in (
+        ("gold", gold),
+        ("proxy", {w: a["proxy"] for w, a in answers.items() if a["proxy"] is not None}),
+    ):
         for who in values:
             table[f"{who}_{kind}_reward"] = [round(float(x), 4) for x in values[who][:n]]
     ctx.sink.log_metrics(metrics, 0)

@@ -35,30 +35,42 @@ class GRPOConfig(OnPolicyConfig):
     algo: str = setting("grpo", "Algorithm name.", choices=["grpo"])
     beta: float = default(OnPolicyConfig, "beta", 0.04)
     samples_per_prompt: int = setting(4, "G: answers per prompt, the group an advantage is normalised in.", ge=2)
-    scale_rewards: bool = setting(False, "Divide an answer's centred reward by its group's standard deviation (Shao et al.). Off by "
-                                         "default (Liu et al. 2025, Dr. GRPO): it inflates the groups the reward model barely separates; "
-                                         "on the default task it drove the policy to KL 25 and a gold win rate of 0.07, off: KL 1.4, win rate 0.68 "
-                                         "(measured at commit 702fdab; README, section Speed).")
-    loss_aggregation: str = setting("sequence", "sequence: each answer's token mean, then the mean over answers (Shao et al.); "
-                                                "token: the mean over all answer tokens of the batch (DAPO); dr_grpo: the sum over all "
-                                                "answer tokens divided by answers x sampling.max_new_tokens, a constant (Liu et al. "
-                                                "2025: with scale_rewards=false, the whole of Dr. GRPO).",
-                                    choices=["sequence", "token", "dr_grpo"])
+    scale_rewards: bool = setting(
+        False,
+        "Divide an answer's centred reward by its group's standard deviation (Shao et al.). Off by "
+        "default (Liu et al. 2025, Dr. GRPO): it inflates the groups the reward model barely separates; "
+        "on the default task it drove the policy to KL 25 and a gold win rate of 0.07, off: KL 1.4, win rate 0.68 "
+        "(measured at commit 702fdab; README, section Speed).",
+    )
+    loss_aggregation: str = setting(
+        "sequence",
+        "sequence: each answer's token mean, then the mean over answers (Shao et al.); "
+        "token: the mean over all answer tokens of the batch (DAPO); dr_grpo: the sum over all "
+        "answer tokens divided by answers x sampling.max_new_tokens, a constant (Liu et al. "
+        "2025: with scale_rewards=false, the whole of Dr. GRPO).",
+        choices=["sequence", "token", "dr_grpo"],
+    )
 
     def check(self, key: str) -> None:
         super().check(key)
         if self.rollout_batch_size % self.samples_per_prompt:
-            raise ConfigError(f"{key}.rollout_batch_size={self.rollout_batch_size} is not a multiple of {key}.samples_per_prompt="
-                              f"{self.samples_per_prompt} (it counts answers, G per prompt). Fix: make it a multiple.")
+            raise ConfigError(
+                f"{key}.rollout_batch_size={self.rollout_batch_size} is not a multiple of {key}.samples_per_prompt="
+                f"{self.samples_per_prompt} (it counts answers, G per prompt). Fix: make it a multiple."
+            )
 
 
 class GRPO(OnPolicy):
-    def __init__(self, cfg: GRPOConfig, models: OnPolicyModels, prompts: list, ctx: StageContext, inputs: PolicyInputs) -> None:
+    def __init__(
+        self, cfg: GRPOConfig, models: OnPolicyModels, prompts: list, ctx: StageContext, inputs: PolicyInputs
+    ) -> None:
         self.samples_per_prompt = cfg.samples_per_prompt
         super().__init__("grpo", cfg, models, prompts, ctx, inputs)
 
     def experience(self, samples: Samples) -> tuple[Experience, dict]:
-        return self.sequence_experience(samples, partial(group_normalized, scale=self.cfg.scale_rewards), kl_in_reward=False)
+        return self.sequence_experience(
+            samples, partial(group_normalized, scale=self.cfg.scale_rewards), kl_in_reward=False
+        )
 
     def minibatch_losses(self, exp: Experience, train_policy: bool):
         for e in self.micro_batches(exp):

@@ -48,14 +48,18 @@ class PPOConfig(OnPolicyConfig):
     adaptive_kl: bool = setting(False, "Adaptive KL controller (Ziegler et al. 2019).")
     target_kl: float = setting(3.0, "Adaptive controller's target sequence KL (nats).", gt=0.0)
     kl_horizon: int = setting(10000, "Adaptive controller's horizon (samples).", ge=1)
-    value_init: str = setting("reward", "Initialise the value model from the reward model or the SFT policy.", choices=["reward", "sft"])
+    value_init: str = setting(
+        "reward", "Initialise the value model from the reward model or the SFT policy.", choices=["reward", "sft"]
+    )
     value_warmup_steps: int = setting(0, "Iterations that train only the value model before the policy moves.", ge=0)
 
 
 class PPO(OnPolicy):
     """PPO with a critic on the shared on-policy loop."""
 
-    def __init__(self, cfg: PPOConfig, models: OnPolicyModels, prompts: list[list[int]], ctx: StageContext, inputs: PolicyInputs) -> None:
+    def __init__(
+        self, cfg: PPOConfig, models: OnPolicyModels, prompts: list[list[int]], ctx: StageContext, inputs: PolicyInputs
+    ) -> None:
         super().__init__("ppo", cfg, models, prompts, ctx, inputs)
         self.kl_ctl = make_controller(cfg.beta, cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
         self.score_moments = RunningMoments()
@@ -106,10 +110,15 @@ class PPO(OnPolicy):
         if cfg.whiten_advantages:
             advantages = whiten(advantages, mask)
         stats = {
-            **self.kl_stats(old_logp, ref_logp, mask), "kl_coef": torch.tensor(beta),
-            "score": scores.mean(), "score_raw": raw.mean(), "reward": (scores - beta * kl.sum(1)).mean(),
-            "eos_rate": samples.ended.float().mean(), "response_length": mask.sum(1).mean(),
-            "advantages_mean": masked_mean(raw_adv, mask), "advantages_std": masked_var(raw_adv, mask).sqrt(),
+            **self.kl_stats(old_logp, ref_logp, mask),
+            "kl_coef": torch.tensor(beta),
+            "score": scores.mean(),
+            "score_raw": raw.mean(),
+            "reward": (scores - beta * kl.sum(1)).mean(),
+            "eos_rate": samples.ended.float().mean(),
+            "response_length": mask.sum(1).mean(),
+            "advantages_mean": masked_mean(raw_adv, mask),
+            "advantages_std": masked_var(raw_adv, mask).sqrt(),
             "explained_variance": 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8),
             **self.ensemble_stats(f),
         }

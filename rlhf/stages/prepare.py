@@ -13,7 +13,9 @@ def run(cfg: DataConfig, ctx: StageContext) -> dict:
         if not rows:
             from ..data import DatasetError
 
-            raise DatasetError(f"split {name!r} is empty. Fix: raise data.n_{name} (or check the dataset's {name} rows).")
+            raise DatasetError(
+                f"split {name!r} is empty. Fix: raise data.n_{name} (or check the dataset's {name} rows)."
+            )
     sizes = save_splits(splits, ctx.out_dir / "splits")
     summary = {f"data/n_{k}": v for k, v in sizes.items()}
     if cfg.source == "synthetic":

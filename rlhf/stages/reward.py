@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import torch
 
-from ..config import ModelConfig, RewardConfig
 from .. import reward_report
 from ..chat import texts as chat_texts
+from ..config import ModelConfig, RewardConfig
 from ..data import Encoded, encode_pairs, load_rows, load_split
 from ..losses import pairwise_loss
 from ..modeling import TokenValues, autocast, load_tokenizer, load_trainable
@@ -25,12 +25,14 @@ def encode_preferences(tokenizer, rows: list[dict], max_length: int) -> tuple[En
     )
 
 
-def pair_scores(scorer: TokenValues, chosen: Encoded, rejected: Encoded, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+def pair_scores(
+    scorer: TokenValues, chosen: Encoded, rejected: Encoded, idx: torch.Tensor, device
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Scores of chosen and rejected answers of pairs ``idx`` in one forward: (B,), (B,), tokens."""
     both = Encoded.stack(chosen.batch(idx), rejected.batch(idx)).to(device)
     values = scorer(both.input_ids, both.attention_mask)  # (2B, T)
     scores = values.gather(1, both.last_index.unsqueeze(1)).squeeze(1)  # (2B,)
-    return scores[: len(idx)], scores[len(idx):], int(both.attention_mask.sum())
+    return scores[: len(idx)], scores[len(idx) :], int(both.attention_mask.sum())
 
 
 @torch.no_grad()
@@ -40,7 +42,9 @@ def held_out_scores(model, rows: list[dict], tokenizer, max_length: int, device)
     was_training = model.training
     model.eval()
     scorer = TokenValues(model)
-    scores = batched(lambda idx: torch.stack(pair_scores(scorer, chosen, rejected, idx, device)[:2], 1).cpu(), len(rows), 256)
+    scores = batched(
+        lambda idx: torch.stack(pair_scores(scorer, chosen, rejected, idx, device)[:2], 1).cpu(), len(rows), 256
+    )
     model.train(was_training)
     return scores
 
@@ -50,7 +54,10 @@ def pair_accuracy(model, rows: list[dict], tokenizer, max_length: int, device) -
     """Held-out accuracy against the annotators' labels and, where known, against the gold order."""
     scores = held_out_scores(model, rows, tokenizer, max_length, device)
     margins = scores[:, 0] - scores[:, 1]
-    out = {"eval_accuracy": float((margins > 0).float().mean()), "eval_loss": float(-torch.nn.functional.logsigmoid(margins).mean())}
+    out = {
+        "eval_accuracy": float((margins > 0).float().mean()),
+        "eval_loss": float(-torch.nn.functional.logsigmoid(margins).mean()),
+    }
     if "gold_chosen" in rows[0]:
         gold = torch.tensor([r["gold_chosen"] - r["gold_rejected"] for r in rows])
         keep = gold != 0
@@ -58,13 +65,17 @@ def pair_accuracy(model, rows: list[dict], tokenizer, max_length: int, device) -
     return out
 
 
-def run(cfg: RewardConfig, model_cfg: ModelConfig, data_dir: str, sft_path: str, ctx: StageContext, member: int = 0) -> dict:
+def run(
+    cfg: RewardConfig, model_cfg: ModelConfig, data_dir: str, sft_path: str, ctx: StageContext, member: int = 0
+) -> dict:
     """Train reward model ``member`` of the ensemble (0: the single reward model): its own seed (data order)
     and, with ``cfg.bootstrap`` and member > 0, its own bootstrap resample of the pairs."""
     cfg = replace(cfg, seed=cfg.seed + member)
     tokenizer = load_tokenizer(sft_path)
     resume = ctx.resume_point()
-    model = load_trainable("scalar", sft_path, resume and resume / "reward", tokenizer, model_cfg, zero_head=True).to(ctx.device)
+    model = load_trainable("scalar", sft_path, resume and resume / "reward", tokenizer, model_cfg, zero_head=True).to(
+        ctx.device
+    )
     amp, max_length = autocast(model_cfg, ctx.device), model_cfg.max_length
     rows, held = load_rows(data_dir, "pref", tokenizer), load_rows(data_dir, "eval_pref", tokenizer)
     if cfg.bootstrap and member:
@@ -85,20 +96,41 @@ def run(cfg: RewardConfig, model_cfg: ModelConfig, data_dir: str, sft_path: str,
             return pair_accuracy(model, held, tokenizer, max_length, ctx.device)
 
     fit(trainer, len(rows), micro_loss, evaluate)
-    final = {**evaluate(), **report_on(model, load_split(data_dir, "eval_pref"), held, tokenizer, max_length, ctx, amp, trainer.step)}
+    final = {
+        **evaluate(),
+        **report_on(model, load_split(data_dir, "eval_pref"), held, tokenizer, max_length, ctx, amp, trainer.step),
+    }
     ctx.save_final(model, tokenizer, {"stage": "reward", "step": trainer.step})
     final["tokens_trained"] = trainer.tokens_trained
     ctx.sink.log_metrics({"rm/tokens_trained": trainer.tokens_trained}, trainer.step)
-    return {"model_path": str(ctx.final_dir), "metrics": {f"rm/{k}": v for k, v in final.items()}, "steps": trainer.step}
+    return {
+        "model_path": str(ctx.final_dir),
+        "metrics": {f"rm/{k}": v for k, v in final.items()},
+        "steps": trainer.step,
+    }
 
 
-def report_on(model, raw_rows: list[dict], rows: list[dict], tokenizer, max_length: int, ctx: StageContext, amp, step: int) -> dict:
+def report_on(
+    model, raw_rows: list[dict], rows: list[dict], tokenizer, max_length: int, ctx: StageContext, amp, step: int
+) -> dict:
     """The reward-model report (:mod:`rlhf.reward_report`) on the held-out pairs: metrics of the stage's
     last step, and ``figures/reward_report.png``."""
     with amp():
         scores = held_out_scores(model, rows, tokenizer, max_length, ctx.device)
-    words = torch.tensor([[len(" ".join(chat_texts({"a": r["chosen"]})).split()), len(" ".join(chat_texts({"a": r["rejected"]})).split())] for r in raw_rows])
-    gold = torch.tensor([[r["gold_chosen"], r["gold_rejected"]] for r in raw_rows]) if "gold_chosen" in raw_rows[0] else None
+    words = torch.tensor(
+        [
+            [
+                len(" ".join(chat_texts({"a": r["chosen"]})).split()),
+                len(" ".join(chat_texts({"a": r["rejected"]})).split()),
+            ]
+            for r in raw_rows
+        ]
+    )
+    gold = (
+        torch.tensor([[r["gold_chosen"], r["gold_rejected"]] for r in raw_rows])
+        if "gold_chosen" in raw_rows[0]
+        else None
+    )
     metrics, plot = reward_report.report(scores[:, 0], scores[:, 1], words, gold)
     ctx.sink.log_metrics({f"rm/{k}": v for k, v in metrics.items()}, step)
     if ctx.accelerator.is_main_process:

@@ -25,20 +25,30 @@ class RLOOConfig(OnPolicyConfig):
     """RLOO's own hyperparameters beside the on-policy loop's; ``rollout_batch_size`` counts answers."""
 
     algo: str = setting("rloo", "Algorithm name.", choices=["rloo"])
-    samples_per_prompt: int = setting(4, "k: answers per prompt, each baselined by the mean reward of the other k - 1.", ge=2)
-    kl_penalty: str = setting("reward", "Where the KL to the reference acts: in the reward (k1 sequence KL times beta) or as a "
-                                        "loss term (k3 times beta).", choices=["reward", "loss"])
+    samples_per_prompt: int = setting(
+        4, "k: answers per prompt, each baselined by the mean reward of the other k - 1.", ge=2
+    )
+    kl_penalty: str = setting(
+        "reward",
+        "Where the KL to the reference acts: in the reward (k1 sequence KL times beta) or as a "
+        "loss term (k3 times beta).",
+        choices=["reward", "loss"],
+    )
     whiten_advantages: bool = setting(False, "Normalise the advantages over the batch.")
 
     def check(self, key: str) -> None:
         super().check(key)
         if self.rollout_batch_size % self.samples_per_prompt:
-            raise ConfigError(f"{key}.rollout_batch_size={self.rollout_batch_size} is not a multiple of {key}.samples_per_prompt="
-                              f"{self.samples_per_prompt} (it counts answers, k per prompt). Fix: make it a multiple.")
+            raise ConfigError(
+                f"{key}.rollout_batch_size={self.rollout_batch_size} is not a multiple of {key}.samples_per_prompt="
+                f"{self.samples_per_prompt} (it counts answers, k per prompt). Fix: make it a multiple."
+            )
 
 
 class RLOO(OnPolicy):
-    def __init__(self, cfg: RLOOConfig, models: OnPolicyModels, prompts: list, ctx: StageContext, inputs: PolicyInputs) -> None:
+    def __init__(
+        self, cfg: RLOOConfig, models: OnPolicyModels, prompts: list, ctx: StageContext, inputs: PolicyInputs
+    ) -> None:
         self.samples_per_prompt = cfg.samples_per_prompt
         super().__init__("rloo", cfg, models, prompts, ctx, inputs)
 

@@ -33,8 +33,12 @@ def base_model(model_cfg: ModelConfig, data_dir: Path, ctx: StageContext) -> str
 def run(model_cfg: ModelConfig, cfg: SFTConfig, data_dir: str, ctx: StageContext) -> dict:
     with ctx.accelerator.main_process_first():  # one process builds the tiny base; the others load it
         base = base_model(model_cfg, Path(data_dir), ctx)
-    tokenizer = load_tokenizer(model_cfg.tokenizer or base, "model.tokenizer" if model_cfg.tokenizer else "model.pretrained")
-    if is_conversational(data_dir):  # the template and its end-of-turn EOS travel with the SFT model to every later stage
+    tokenizer = load_tokenizer(
+        model_cfg.tokenizer or base, "model.tokenizer" if model_cfg.tokenizer else "model.pretrained"
+    )
+    if is_conversational(
+        data_dir
+    ):  # the template and its end-of-turn EOS travel with the SFT model to every later stage
         prepare_tokenizer(tokenizer, model_cfg.default_chat_template)
     resume = ctx.resume_point()
     model = load_trainable("policy", base, resume and resume / "policy", tokenizer, model_cfg).to(ctx.device)
@@ -42,15 +46,28 @@ def run(model_cfg: ModelConfig, cfg: SFTConfig, data_dir: str, ctx: StageContext
 
     rows = load_rows(data_dir, "sft", tokenizer)
     n_eval = max(1, int(EVAL_SHARE * len(rows))) if len(rows) > 1 else 0
-    train = encode_pairs(tokenizer, [r["prompt"] for r in rows[n_eval:]], [r["response"] for r in rows[n_eval:]], model_cfg.max_length)
-    held = encode_pairs(tokenizer, [r["prompt"] for r in rows[:n_eval]], [r["response"] for r in rows[:n_eval]], model_cfg.max_length) if n_eval else None
+    train = encode_pairs(
+        tokenizer, [r["prompt"] for r in rows[n_eval:]], [r["response"] for r in rows[n_eval:]], model_cfg.max_length
+    )
+    held = (
+        encode_pairs(
+            tokenizer,
+            [r["prompt"] for r in rows[:n_eval]],
+            [r["response"] for r in rows[:n_eval]],
+            model_cfg.max_length,
+        )
+        if n_eval
+        else None
+    )
 
     trainer = supervised_trainer("policy", model, tokenizer, cfg, len(train), "sft", ctx, resume, amp)
     trained = trainer.wrap(Logprobs(model))
 
     def micro_loss(idx: torch.Tensor):
         b = train.batch(idx).to(ctx.device)
-        loss, metrics = sft_loss(token_logprobs(trained, b.input_ids, b.attention_mask, first=b.first_target), b.loss_mask)
+        loss, metrics = sft_loss(
+            token_logprobs(trained, b.input_ids, b.attention_mask, first=b.first_target), b.loss_mask
+        )
         return loss, metrics, int(b.attention_mask.sum())
 
     def evaluate() -> dict:
@@ -73,4 +90,8 @@ def run(model_cfg: ModelConfig, cfg: SFTConfig, data_dir: str, ctx: StageContext
     ctx.save_final(model, tokenizer, {"stage": "sft", "step": trainer.step})
     final["tokens_trained"] = trainer.tokens_trained
     ctx.sink.log_metrics({"sft/tokens_trained": trainer.tokens_trained}, trainer.step)
-    return {"model_path": str(ctx.final_dir), "metrics": {f"sft/{k}": v for k, v in final.items()}, "steps": trainer.step}
+    return {
+        "model_path": str(ctx.final_dir),
+        "metrics": {f"sft/{k}": v for k, v in final.items()},
+        "steps": trainer.step,
+    }
