@@ -73,7 +73,7 @@ def main() -> None:
     args = ap.parse_args()
     import importlib.metadata as md
 
-    from flows.pipeline import load_config
+    from flows.compose import load_config
 
     root = Path(args.root or tempfile.mkdtemp(prefix="rlhf-bench-compile-")).resolve()
     (root / "prefect-home").mkdir(exist_ok=True)

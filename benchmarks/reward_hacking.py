@@ -57,7 +57,8 @@ BETAS = (0.005, 0.01, 0.03, 0.1)
 
 
 def pipeline(*overrides: str) -> dict:
-    from flows.pipeline import load_config, rlhf_pipeline
+    from flows.compose import load_config
+    from flows.dag import rlhf_pipeline
 
     return rlhf_pipeline(load_config([f"paths.root={STORE}", *overrides]))
 
@@ -276,8 +277,8 @@ def ensembles() -> dict:
                 row["seeds_in_se"] = row["seeds_over_single"] / math.hypot(row["seeds_se"], single["seeds_se"])
         out[setting] = rows
         views[setting] = members_view(policies)
-    from flows.pipeline import load_config
-    from rlhf.config import validate
+    from flows.compose import load_config
+    from rlhf.validate import validate
 
     algo = validate(load_config(["experiment=ensembles"])).algo
     out["members_view"] = views

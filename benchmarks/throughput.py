@@ -48,6 +48,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from rlhf.synthetic import gold_reward
+
 PROJECT = Path(__file__).resolve().parents[1]
 RESULTS = PROJECT / "benchmarks" / "results"
 
@@ -137,8 +139,8 @@ class NullSink:
 
 def pipeline_inputs(overrides: list[str]):
     """The composed config and the finished upstream stages of the pipeline run of phase 1."""
-    from flows.pipeline import load_config
-    from rlhf.config import validate
+    from flows.compose import load_config
+    from rlhf.validate import validate
     from tasks.keys import pipeline_keys
     from tasks.records import read_record
 
@@ -157,9 +159,10 @@ def child_pipeline(spec: dict) -> dict:
     from prefect.client.orchestration import get_client
 
     import tasks  # noqa: F401
-    from flows.pipeline import load_config, rlhf_pipeline
-    from rlhf.config import validate
+    from flows.compose import load_config
+    from flows.dag import rlhf_pipeline
     from rlhf.tracking import experiment_id, resolve_uri
+    from rlhf.validate import validate
     from tasks.records import read_record
 
     t_imported = time.time()
@@ -222,8 +225,8 @@ def ours(stage: str, cfg, rec: dict, work: Path) -> Meter:
     import rlhf.trainer as trainer_mod
     from rlhf import runtime
     from rlhf.algorithms import PolicyInputs
+    from rlhf.context import StageContext
     from rlhf.stages import dpo, reward, sft
-    from rlhf.stages.common import StageContext
 
     meter = Meter()
     trainer_mod.Trainer.optimizer_step = meter.timed(trainer_mod.Trainer.optimizer_step)
@@ -452,8 +455,8 @@ def child_ppo(spec: dict) -> dict:
 
     from rlhf import runtime
     from rlhf.algorithms import PolicyInputs
+    from rlhf.context import StageContext
     from rlhf.stages import ppo
-    from rlhf.stages.common import StageContext
 
     cfg, rec = pipeline_inputs(spec["overrides"])
     ppo_cfg = ppo_settings(spec)
@@ -593,8 +596,8 @@ def run_trl_ppo(spec: dict) -> dict:
 def child_ppo_gold(spec: dict) -> dict:
     """Held-out gold of each trained policy against SFT: our eval stage with the config's eval settings."""
     from rlhf import runtime
+    from rlhf.context import StageContext
     from rlhf.stages import evaluate
-    from rlhf.stages.common import StageContext
 
     cfg, rec = pipeline_inputs(spec["overrides"])
     device = runtime.setup(cfg.runtime, 0)
@@ -604,7 +607,7 @@ def child_ppo_gold(spec: dict) -> dict:
             m = evaluate.run(
                 cfg.eval,
                 cfg.model.max_length,
-                True,
+                gold_reward,
                 rec["data"]["data_dir"],
                 policy_dir,
                 rec["sft"]["model_path"],
@@ -624,7 +627,7 @@ def child_ppo_gold(spec: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 def onpolicy_settings(spec: dict):
     from rlhf.algorithms import registry
-    from rlhf.config import from_dict
+    from rlhf.settings import from_dict
 
     algorithm = registry()[spec["algo_cfg"]["algo"]]
     return algorithm, from_dict(
@@ -643,7 +646,7 @@ def child_critic_free(spec: dict) -> dict:
     missing-EOS penalty), as a reward function on the token ids TRL sampled."""
     from rlhf import runtime
     from rlhf.algorithms import PolicyInputs
-    from rlhf.stages.common import StageContext
+    from rlhf.context import StageContext
 
     cfg, rec = pipeline_inputs(spec["overrides"])
     algorithm, c = onpolicy_settings(spec)
@@ -791,7 +794,7 @@ def trl_critic_free(spec: dict, cfg, rec: dict, c, device) -> list[tuple[float, 
 def measure_critic_free(overrides: list[str], steps: int, env: dict, repeats: int) -> dict:
     """RLOO and GRPO: ours and TRL's for the same iterations, ``repeats`` rounds in alternating order (the
     fastest run of each counts), then the held-out gold of each counted run's policy."""
-    from flows.pipeline import load_config
+    from flows.compose import load_config
 
     policies = Path(tempfile.mkdtemp(prefix="rlhf-bench-cf-"))
     out: dict = {}
@@ -1136,7 +1139,7 @@ def main() -> None:
             "ratio": r["ours"]["tokens_per_s"] / r["trl"]["tokens_per_s"],
             "tokens_per_s_each": {impl: [x["tokens_per_s"] for x in rs] for impl, rs in runs.items()},
         }
-    from flows.pipeline import load_config
+    from flows.compose import load_config
 
     if "ppo" in phases:
         report["ppo"] = measure_ppo(
@@ -1145,7 +1148,7 @@ def main() -> None:
     if "critic_free" in phases:
         report["critic_free"] = measure_critic_free(overrides, args.ppo_steps, env, args.ppo_repeats)
     report["device"] = run_child_device(env)
-    from rlhf.config import validate
+    from rlhf.validate import validate
 
     model_cfg = validate(load_config(overrides)).model
     report["precision"] = model_cfg.autocast if model_cfg.autocast != "none" else model_cfg.dtype

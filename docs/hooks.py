@@ -136,8 +136,9 @@ def memory_table() -> str:
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM
 
-    from rlhf.config import ModelConfig, from_dict
+    from rlhf.config import ModelConfig
     from rlhf.modeling import model_config
+    from rlhf.settings import from_dict
 
     counts = dict(HUB_PARAMETERS)
     for name in ("qwen2_450m", "llama_400m"):  # built from a config: counted on the meta device, nothing allocated

@@ -6,23 +6,28 @@ deployment ``rlhf-pipeline/nightly`` run.
 
 from __future__ import annotations
 
+import tasks  # noqa: F401  (Prefect's defaults, set in tasks/__init__.py, before Prefect is imported)
+
+# isort: split
+
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as prefect_run
 
-import tasks  # noqa: F401  (Prefect defaults first)
 from flows.parent import open_parent_run, record_results, stage_tags
 from flows.report import mlflow_link, publish, run_name, ui_hint
 from flows.stage import training_task
-from rlhf.algorithms import registry
-from rlhf.config import PipelineConfig, reward_member, stage_kind, to_dict, training_stages, validate
+from rlhf.algorithms import registry, training_stages
+from rlhf.config import PipelineConfig, reward_member, stage_kind
 from rlhf.preemption import Preempted
 from rlhf.preflight import preflight
+from rlhf.settings import to_dict
 from rlhf.tracking import RunLogger, experiment_id
+from rlhf.validate import validate
 from tasks.data import data_stage
-from tasks.dispatch import check_stage_deployment, dispatch_stage
+from tasks.dispatch import check_stage_deployment, dispatch_stage, dispatched
 from tasks.evaluate import eval_stage
 from tasks.keys import pipeline_keys, short_key
 from tasks.runner import stage_options
@@ -50,7 +55,7 @@ class Stages:
         refresh = name in self.refreshed
         options = {**stage_options(self.root, refresh), "task_run_name": f"{name}-{short_key(self.keys[name])}"}
         dispatch = self.cfg.dispatch
-        if dispatch.dispatched(name):
+        if dispatched(dispatch, name):
             task = dispatch_stage.with_options(name=name, **options)
             inputs = {
                 "stage": name,
@@ -91,7 +96,7 @@ class Stages:
     def all(self, calls: list[tuple[str, object, dict]]) -> list[dict]:
         """Independent stages (a reward-model ensemble's members): on the work pool all at once, each its own
         flow run; in this process one after the other (torch's global RNG and threads are per process)."""
-        if not all(self.cfg.dispatch.dispatched(name) for name, _, _ in calls):
+        if not all(dispatched(self.cfg.dispatch, name) for name, _, _ in calls):
             return [self(name, task, **inputs) for name, task, inputs in calls]
         futures = [
             (name, task.submit(**inputs))
@@ -124,7 +129,7 @@ def rlhf_pipeline(
     """
     logger = get_run_logger()
     if config is None:
-        from flows.pipeline import load_config
+        from flows.compose import load_config
 
         config = load_config([*(base_overrides or []), *(overrides or [])])
     cfg = validate(config)

@@ -2,9 +2,10 @@
 (CPU pool, nightly cron) and the training-stage deployment (GPU pool). Idempotent: re-running updates them.
 
     python -m flows.deploy [hydra overrides of conf/deploy.yaml]       (make deploy)
+    python -m flows.deploy --help                                      (this, and every setting with its default)
 
 Needs PREFECT_API_URL pointing at a Prefect server (``prefect server start``); an ephemeral API forgets
-everything when the process exits, so this refuses to run without one.
+everything when the process exits, so this refuses to run without one. Prefect is imported only to deploy.
 """
 
 from __future__ import annotations
@@ -15,18 +16,9 @@ import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
-from prefect.exceptions import ObjectNotFound
-from prefect.schedules import Cron
-from prefect.settings import PREFECT_API_URL
-from prefect.workers.process import ProcessWorker
 
-import tasks  # noqa: F401  (Prefect defaults first)
-from flows.dag import rlhf_pipeline
-from flows.pipeline import CONF_DIR, PROJECT_DIR
-from flows.stage import rlhf_stage
-from rlhf.config import ConfigError
+from flows.compose import CONF_DIR, PROJECT_DIR
+from rlhf.settings import ConfigError
 
 
 def load_deploy_config(overrides: list[str] | None = None) -> dict:
@@ -51,10 +43,15 @@ def base_job_template(pool: dict, name: str) -> dict:
             f"pools.{name}.type={pool['type']} needs pools.{name}.base_job_template. Fix: pass its JSON "
             f"file (`prefect work-pool get-default-base-job-template --type {pool['type']}` prints a start)."
         )
+    from prefect.workers.process import ProcessWorker
+
     return ProcessWorker.get_default_base_job_template()
 
 
 def ensure_pools(client, pools: dict) -> None:
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectNotFound
+
     for name, pool in pools.items():
         template = base_job_template(pool, name)
         try:
@@ -75,6 +72,16 @@ def ensure_pools(client, pools: dict) -> None:
 
 def deploy(cfg: dict) -> dict[str, str]:
     """Create or update everything; returns {deployment name: id}."""
+    import tasks  # noqa: F401  (Prefect's defaults, set in tasks/__init__.py, before Prefect is imported)
+
+    # isort: split
+    from prefect.client.orchestration import get_client
+    from prefect.schedules import Cron
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.dag import rlhf_pipeline
+    from flows.stage import rlhf_stage
+
     if not PREFECT_API_URL.value():
         raise ConfigError(
             "PREFECT_API_URL is not set: deployments need a Prefect server that outlives this process. "
@@ -130,14 +137,20 @@ def deploy(cfg: dict) -> dict[str, str]:
 
 
 def main(argv: list[str]) -> None:
+    if {"-h", "--help"} & set(argv):
+        settings = OmegaConf.to_yaml(load_deploy_config())
+        print(f"{__doc__.strip()}\n\nSettings (conf/deploy.yaml; override any with key=value):\n\n{settings}")
+        return
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     cfg = load_deploy_config(argv)
-    for name, dep_id in deploy(cfg).items():
+    ids = deploy(cfg)
+    for name, dep_id in ids.items():
         print(f"deployment {name}: {dep_id}")
     pools = " and ".join(f"`prefect worker start --pool {p}`" for p in cfg["pools"])
+    pipeline = next(name for name in ids if name != cfg["dispatch"]["deployment"])
     print(
         f"tag limit: {cfg['concurrency']['tag']}={cfg['concurrency']['limit']}. Start {pools}, then "
-        f"`prefect deployment run {rlhf_pipeline.name}/{cfg['pipeline']['name']}`."
+        f"`prefect deployment run {pipeline}`."
     )
 
 

@@ -10,8 +10,9 @@ from mlflow.entities import LoggedModelOutput
 from mlflow.tracking import MlflowClient
 
 from flows.sweep import sweep_run
-from rlhf.config import PipelineConfig, flatten, to_dict
+from rlhf.config import PipelineConfig
 from rlhf.lineage import SPLIT_CONTEXTS, log_datasets
+from rlhf.settings import flatten, to_dict
 from rlhf.tracking import RunLogger, close_orphaned_runs
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]

@@ -6,10 +6,14 @@ the task run carries the concurrency tag, so a tag limit of 1 lets one stage tra
 
 from __future__ import annotations
 
+import tasks  # noqa: F401  (Prefect's defaults, set in tasks/__init__.py, before Prefect is imported)
+
+# isort: split
+
 from prefect import flow
 
-import tasks  # noqa: F401  (Prefect defaults first)
-from rlhf.config import stage_kind, training_stages
+from rlhf.algorithms import training_stages
+from rlhf.config import stage_kind
 from tasks.policy import policy_stage
 from tasks.reward import reward_stage
 from tasks.sft import sft_stage

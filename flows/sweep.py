@@ -56,7 +56,8 @@ class _Sweep:
     """The sweep's tracking context, from the multirun's config."""
 
     def __init__(self, config: DictConfig) -> None:
-        from rlhf.config import TrackingConfig, from_dict
+        from rlhf.config import TrackingConfig
+        from rlhf.settings import from_dict
         from rlhf.tracking import experiment_id, resolve_uri
 
         self.sweep_id = sweep_id_for(config.hydra.sweep.dir)

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from . import synthetic
-from .config import FILE_BUILDERS, DataConfig
+from .config import DataConfig
+from .config_data import FILE_BUILDERS
 
 SPLITS = ("sft", "pref", "eval_prompts", "eval_pref", "ppo_prompts")
 HH_SEPARATOR = "\n\nAssistant:"

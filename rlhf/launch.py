@@ -129,8 +129,8 @@ def main(spec_path: str) -> None:
     from mlflow.tracking import MlflowClient
 
     from . import checkpoint, runtime
+    from .context import StageContext
     from .progress import ProgressSettings
-    from .stages.common import StageContext
     from .tracking import RunLogger
 
     spec = cloudpickle.loads(Path(spec_path).read_bytes())

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import ConfigError, PipelineConfig
+from .config import PipelineConfig
 from .data import DatasetError, data_files_list
 from .modeling import check_model_source
+from .settings import ConfigError
 from .tracking import check_reachable, resolve_uri
 
 

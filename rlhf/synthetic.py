@@ -42,6 +42,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from .config_data import PAIR_LENGTH_JITTER
+
 TOPICS: dict[str, tuple[str, ...]] = {
     "fruit": ("apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"),
     "animal": ("cat", "dog", "horse", "tiger", "whale", "eagle", "snake", "rabbit"),
@@ -182,9 +184,6 @@ def demonstration(rng: random.Random, spec: Spec, quality: float) -> str:
 
 
 DEGENERATE_SHARE = 0.1  # behaviour answers of 0-2 words: the reward model must see (and learn to dislike) them
-
-
-PAIR_LENGTH_JITTER = (-3, 6)  # the default of data.pair_length_jitter: 3 words short of the target to 6 past it
 
 
 def behaviour_answer(rng: random.Random, spec: Spec, length_jitter: tuple[int, int] = PAIR_LENGTH_JITTER) -> str:

@@ -27,7 +27,7 @@ import torch
 from accelerate import Accelerator
 
 from . import checkpoint, preemption
-from .config import OptimConfig, SupervisedConfig
+from .config_training import OptimConfig, SupervisedConfig
 from .progress import Progress, ProgressSettings
 
 

@@ -1,7 +1,8 @@
 from prefect import task
 
-from rlhf.config import DataConfig, from_dict
+from rlhf.config import DataConfig
 from rlhf.lineage import SPLIT_CONTEXTS
+from rlhf.settings import from_dict
 from rlhf.stages import prepare
 
 from .runner import Lineage, run_stage

@@ -10,13 +10,21 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
-from rlhf.config import ConfigError, DispatchConfig
+from rlhf.algorithms import training_stages
+from rlhf.config import DispatchConfig, stage_kind
+from rlhf.settings import ConfigError
 
 from .records import read_record
 
 
 class StageDispatchError(RuntimeError):
     """The stage's flow run on the work pool did not complete."""
+
+
+def dispatched(dispatch: DispatchConfig, stage: str) -> bool:
+    """Does ``stage`` run on the work pool (``dispatch.mode=deployments`` and a training stage it lists)?"""
+    chosen = dispatch.stages if dispatch.stages is not None else training_stages()
+    return dispatch.mode == "deployments" and stage_kind(stage) in chosen
 
 
 def check_stage_deployment(dispatch: DispatchConfig) -> None:

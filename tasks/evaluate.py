@@ -1,9 +1,11 @@
 from prefect import task
 
 from rlhf.algorithms import registry
-from rlhf.config import EvalConfig, ModelConfig, from_dict
+from rlhf.config import EvalConfig, ModelConfig
 from rlhf.lineage import EVALUATION
+from rlhf.settings import from_dict
 from rlhf.stages import evaluate
+from rlhf.synthetic import gold_reward
 
 from .runner import Lineage, run_stage
 
@@ -30,7 +32,7 @@ def eval_stage(
         out = evaluate.run(
             c,
             m.max_length,
-            has_gold,
+            gold_reward if has_gold else None,  # the task's true reward, where it has one
             data["data_dir"],
             policy["model_path"],
             sft["model_path"],

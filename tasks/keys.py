@@ -13,8 +13,9 @@ import json
 
 from rlhf.algorithms import registry
 from rlhf.code_version import code_version
-from rlhf.config import PipelineConfig, RewardConfig, reward_member, stage_kind, to_dict
+from rlhf.config import PipelineConfig, RewardConfig, reward_member, stage_kind
 from rlhf.data import source_fingerprint
+from rlhf.settings import to_dict
 
 # The module whose ``run`` each non-policy stage executes; a policy algorithm's is the module declaring it.
 STAGE_MODULES = {

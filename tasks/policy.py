@@ -1,9 +1,11 @@
 from prefect import task
 
 from rlhf.algorithms import PolicyInputs, registry
-from rlhf.config import ModelConfig, from_dict, reward_member
+from rlhf.config import ModelConfig, reward_member
 from rlhf.lineage import EVALUATION, TRAINING
 from rlhf.model_logging import GENERATION
+from rlhf.settings import from_dict
+from rlhf.synthetic import gold_reward
 
 from .runner import Lineage, run_stage
 
@@ -29,7 +31,7 @@ def policy_stage(
         data["data_dir"],
         sft["model_path"],
         paths[0] if paths else None,
-        has_gold,
+        gold_reward if has_gold else None,  # the task's true reward, handed to the loop's held-out evaluations
         missing_eos_penalty,
         tuple(paths[1:]),
     )

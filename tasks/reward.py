@@ -1,8 +1,9 @@
 from prefect import task
 
-from rlhf.config import ModelConfig, RewardConfig, from_dict, reward_member
+from rlhf.config import ModelConfig, RewardConfig, reward_member
 from rlhf.lineage import EVALUATION, TRAINING
 from rlhf.model_logging import SCORING
+from rlhf.settings import from_dict
 from rlhf.stages import reward
 
 from .runner import Lineage, run_stage

@@ -21,13 +21,15 @@ from mlflow.tracking import MlflowClient
 from prefect.cache_policies import CacheKeyFnPolicy
 
 from rlhf import checkpoint, runtime
-from rlhf.config import RuntimeConfig, TrackingConfig, from_dict, training_stages
+from rlhf.algorithms import training_stages
+from rlhf.config import RuntimeConfig, TrackingConfig
+from rlhf.context import CKPT_DIR, FINAL_DIR, StageContext
 from rlhf.launch import run_data_parallel
 from rlhf.lineage import log_datasets
 from rlhf.model_logging import log_final_model
 from rlhf.preemption import Preempted, StopSignals
 from rlhf.progress import ProgressSettings
-from rlhf.stages.common import CKPT_DIR, FINAL_DIR, StageContext
+from rlhf.settings import from_dict
 from rlhf.system_metrics import PeakMemory, StageSystemMetrics
 from rlhf.tracking import RunLogger, process_tags
 

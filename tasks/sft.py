@@ -1,8 +1,9 @@
 from prefect import task
 
-from rlhf.config import ModelConfig, SFTConfig, from_dict
+from rlhf.config import ModelConfig, SFTConfig
 from rlhf.lineage import TRAINING
 from rlhf.model_logging import GENERATION
+from rlhf.settings import from_dict
 from rlhf.stages import sft
 
 from .runner import Lineage, run_stage

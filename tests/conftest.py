@@ -30,6 +30,6 @@ def micro_overrides(root: Path, *extra: str) -> list[str]:
 
 @pytest.fixture
 def micro(tmp_path):
-    from flows.pipeline import load_config
+    from flows.compose import load_config
 
     return lambda *extra: load_config(micro_overrides(tmp_path, *extra))

@@ -5,13 +5,14 @@ import socket
 import pytest
 import torch
 
-from rlhf.config import DataConfig, SFTConfig, validate
+from rlhf.config import DataConfig, SFTConfig
+from rlhf.context import StageContext
 from rlhf.data import DatasetError
 from rlhf.modeling import ModelPathError
 from rlhf.preflight import preflight
 from rlhf.stages import prepare, sft
-from rlhf.stages.common import StageContext
 from rlhf.tracking import TrackingUnavailableError
+from rlhf.validate import validate
 
 from .test_stages import TINY_MODEL, Recorder
 
@@ -117,7 +118,7 @@ def test_a_folder_without_a_model_or_a_tokenizer_is_named_before_training(micro,
 
 @pytest.mark.parametrize("where", ["under-a-file", "in-proc"])
 def test_a_root_that_cannot_be_created_names_paths_root_and_the_fix(micro, tmp_path, where):
-    from rlhf.config import ConfigError
+    from rlhf.settings import ConfigError
 
     (tmp_path / "a-file").write_text("")
     root = tmp_path / "a-file" / "root" if where == "under-a-file" else "/proc/rlhf-root"

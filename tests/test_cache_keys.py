@@ -111,7 +111,7 @@ def test_editing_stats_in_a_copy_reruns_eval_and_only_the_stages_that_import_it(
     """The keys a fresh process computes in a copy of the project, before and after an edit of rlhf/stats.py."""
     root = copy_project(tmp_path / "copy")
     script = (
-        "import json, rlhf; from flows.pipeline import load_config; from rlhf.config import validate; "
+        "import json, rlhf; from flows.compose import load_config; from rlhf.validate import validate; "
         "from tasks.keys import pipeline_keys; print(rlhf.__file__); "
         "print(json.dumps(pipeline_keys(validate(load_config(['algo=ppo'])))))"
     )

@@ -13,7 +13,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from rlhf.chat import prepare_tokenizer, render_row
-from rlhf.config import CHATML, DataConfig, ModelConfig
+from rlhf.config import DataConfig, ModelConfig
+from rlhf.config_model import CHATML
 from rlhf.data import DatasetError, build_splits, conversation_pair, encode_pairs, load_rows
 from rlhf.modeling import disable_dropout, load_policy, model_config, token_logprobs, train_tokenizer
 from rlhf.synthetic import behaviour_answer, random_spec
@@ -200,7 +201,8 @@ def chat_overrides(root: Path, file: Path, arch: str, *extra: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_dpo_and_ppo_on_chat_architectures_and_conversational_data(tmp_path, conversations, arch, prefect_server):
-    from flows.pipeline import load_config, rlhf_pipeline
+    from flows.compose import load_config
+    from flows.dag import rlhf_pipeline
 
     dpo = rlhf_pipeline(load_config(chat_overrides(tmp_path, conversations, arch)))
     client = MlflowClient(dpo["tracking_uri"])
@@ -224,7 +226,8 @@ def test_dpo_and_ppo_on_chat_architectures_and_conversational_data(tmp_path, con
 
 @pytest.mark.slow
 def test_changed_rows_rerun_data_and_everything_after_unchanged_rows_stay_cached(tmp_path, prefect_server):
-    from flows.pipeline import load_config, rlhf_pipeline
+    from flows.compose import load_config
+    from flows.dag import rlhf_pipeline
 
     file = write_jsonl(tmp_path / "uf.jsonl", ultrafeedback_rows(160))
     first = rlhf_pipeline(load_config(chat_overrides(tmp_path, file, "gpt2")))

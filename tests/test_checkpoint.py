@@ -68,7 +68,7 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused_with_the_file_and_the_
 def test_a_trainer_state_round_trips_with_weights_only(tmp_path):
     """What the trainer saves (optimizer, schedule, the on-policy state with its tuples and Nones, every process's
     random state) is plain data: it loads with weights_only."""
-    from rlhf.config import OptimConfig
+    from rlhf.config_training import OptimConfig
     from rlhf.trainer import Trainer
 
     class Sink:

@@ -11,10 +11,13 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoModelForSequenceClassification
 
 from rlhf.algorithms import PolicyInputs
-from rlhf.config import ConfigError, DataConfig, RewardConfig, RuntimeConfig, SamplingConfig, SFTConfig, validate
+from rlhf.config import DataConfig, RewardConfig, RuntimeConfig, SamplingConfig, SFTConfig
 from rlhf.launch import StageLaunchError, run_data_parallel
+from rlhf.settings import ConfigError
 from rlhf.stages import ppo, prepare, reward, sft
 from rlhf.stages.ppo import PPOConfig
+from rlhf.synthetic import gold_reward
+from rlhf.validate import validate
 from tests.test_stages import TINY_MODEL, ctx, params_of
 
 TWO = RuntimeConfig(device="cpu", threads=1, num_processes=2)
@@ -86,7 +89,7 @@ def test_ppo_in_two_processes_starts_at_zero_kl_and_logs_each_iteration_once(ups
     )
     run_id = upstream["new_run"]("ppo-two")
     body = lambda c: ppo.run(
-        cfg, TINY_MODEL, PolicyInputs(upstream["data"], upstream["sft"], upstream["rm"]["model_path"], True), c
+        cfg, TINY_MODEL, PolicyInputs(upstream["data"], upstream["sft"], upstream["rm"]["model_path"], gold_reward), c
     )  # noqa: E731
     out = run_data_parallel(body, root / "ppo-two", TWO, cfg.seed, client.tracking_uri, run_id)
 
@@ -151,7 +154,7 @@ def test_each_process_saves_its_own_random_state_and_gets_it_back_on_resume(upst
     def body(c, resume: bool):
         from pathlib import Path
 
-        from rlhf.config import OptimConfig
+        from rlhf.config_training import OptimConfig
         from rlhf.trainer import Trainer
 
         trainer = Trainer(

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from flows.compose import load_config
 from flows.deploy import base_job_template, load_deploy_config
-from flows.pipeline import load_config
-from rlhf.config import ConfigError, validate
+from rlhf.settings import ConfigError
+from rlhf.validate import validate
 from tasks.keys import pipeline_keys
 
 PROJECT = Path(__file__).resolve().parents[1]

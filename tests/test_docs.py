@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rlhf.synthetic import gold_reward
+
 PROJECT = Path(__file__).resolve().parents[1]
 DOCS = PROJECT / "docs"
 TRAINERS = ("sft", "rm", "dpo", "ppo", "rloo", "grpo")  # every prefix the shared trainer logs under
@@ -90,7 +92,7 @@ def logged(tmp_path_factory) -> set[str]:
         ]
         for i in (0, 1)
     ]
-    inputs = PolicyInputs(data, s, rms[0], True, 1.0, (rms[1],))
+    inputs = PolicyInputs(data, s, rms[0], gold_reward, 1.0, (rms[1],))
     dpo.run(dpo.DPOConfig(epochs=1, **LOOP), TINY_MODEL, inputs, stage("dpo"))
     loop = dict(
         steps=2,
@@ -118,7 +120,7 @@ def logged(tmp_path_factory) -> set[str]:
     grpo.run(grpo.GRPOConfig(**loop), TINY_MODEL, inputs, stage("grpo"))
     best_of_n(BestOfNConfig(n=2), TINY_MODEL, inputs, stage("best_of_n"))
     cfg = EvalConfig(n_prompts=8, sampling=SamplingConfig(max_new_tokens=6))
-    evaluate.run(cfg, TINY_MODEL.max_length, True, data, s, s, rms, stage("eval"), 1.0, sample, {"n": 2})
+    evaluate.run(cfg, TINY_MODEL.max_length, gold_reward, data, s, s, rms, stage("eval"), 1.0, sample, {"n": 2})
     return {name for sink in sinks for name in sink.metrics}
 
 

@@ -14,7 +14,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flows.pipeline import load_config, rlhf_pipeline
+from flows.compose import load_config
+from flows.dag import rlhf_pipeline
 
 from .conftest import SHARED_HH, micro_overrides
 

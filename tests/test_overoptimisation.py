@@ -7,9 +7,10 @@ import torch
 
 from rlhf.algorithms import PolicyInputs
 from rlhf.config import DataConfig, ModelConfig, RewardConfig, SamplingConfig, SFTConfig
+from rlhf.context import StageContext
 from rlhf.stages import ppo, prepare, reward, sft
-from rlhf.stages.common import StageContext
 from rlhf.stages.ppo import PPOConfig
+from rlhf.synthetic import gold_reward
 
 from .test_stages import Recorder
 
@@ -60,7 +61,7 @@ def run_ppo(setup, beta, name):
         checkpoint_every=1000,
         sampling=SamplingConfig(max_new_tokens=16),
     )
-    ppo.run(cfg, MODEL, PolicyInputs(data, sft_path, rm_path, True, missing_eos_penalty=1.0), c)
+    ppo.run(cfg, MODEL, PolicyInputs(data, sft_path, rm_path, gold_reward, missing_eos_penalty=1.0), c)
     return {
         k: [v for _, v in c.sink.metrics[k]]
         for k in ("ppo/kl", "ppo/eval_proxy_reward", "ppo/eval_gold_reward", "ppo/response_length")

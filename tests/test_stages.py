@@ -10,10 +10,11 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rlhf.algorithms import PolicyInputs
 from rlhf.config import DataConfig, EvalConfig, ModelConfig, RewardConfig, SamplingConfig, SFTConfig
+from rlhf.context import StageContext
 from rlhf.stages import dpo, evaluate, ppo, prepare, reward, sft
-from rlhf.stages.common import StageContext
 from rlhf.stages.dpo import DPOConfig
 from rlhf.stages.ppo import PPOConfig
+from rlhf.synthetic import gold_reward
 from rlhf.trainer import NonFiniteLossError, Trainer
 
 TINY_MODEL = ModelConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=300, max_length=48)
@@ -184,7 +185,7 @@ def test_ppo_first_step_has_zero_kl_and_no_clipping(upstream):
     out = ppo.run(
         cfg,
         TINY_MODEL,
-        PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True),
+        PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], gold_reward),
         c,
     )
     m = c.sink
@@ -231,7 +232,10 @@ def test_old_log_probs_come_from_the_sampler_in_fp32_and_from_a_forward_under_bf
     )
     model = dataclasses.replace(TINY_MODEL, autocast=autocast)
     ppo.run(
-        cfg, model, PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True), c
+        cfg,
+        model,
+        PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], gold_reward),
+        c,
     )
     assert len(scoring_forwards) == (
         0 if autocast == "none" else 2 + 3
@@ -256,7 +260,7 @@ def test_a_value_warmup_keeps_the_policy_and_evaluates_only_once_it_moves(upstre
     ppo.run(
         cfg,
         TINY_MODEL,
-        PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True),
+        PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], gold_reward),
         c,
     )
     kl = dict(c.sink.metrics["ppo/kl"])  # the rollouts' KL to the reference: 0 while only the value model trains
@@ -284,7 +288,7 @@ def test_compiled_ppo_trains_the_same_modules_and_adamw_is_fused(upstream, monke
         checkpoint_every=10,
         sampling=SamplingConfig(max_new_tokens=8),
     )
-    inputs = PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True)
+    inputs = PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], gold_reward)
     module_compile = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: module_compile(self, backend="eager", **kw))
     runs = {}
@@ -325,7 +329,7 @@ def test_lora_ppo_holds_each_base_once_and_matches_separate_frozen_copies(upstre
         forward_batch_size=3,
         sampling=SamplingConfig(max_new_tokens=8),
     )
-    inputs = PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True)
+    inputs = PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], gold_reward)
     models = OnPolicyModels(lora, inputs, None, torch.device("cpu"), value_init="reward")
     assert (
         models.reference.model is models.policy and models.rewards[0].model is models.value
@@ -374,7 +378,10 @@ def test_lora_ppo_keeps_training_after_the_guard_saves_and_returns_the_kept_adap
     c = ctx(upstream["root"], f"ppo-lora-guard-{shared}")
     torch.manual_seed(0)
     out = ppo.run(
-        cfg, lora, PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True), c
+        cfg,
+        lora,
+        PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], gold_reward),
+        c,
     )
     m = c.sink.metrics
     assert [s for s, _ in m["ppo/kl"]] == [
@@ -422,7 +429,7 @@ def test_critic_free_methods_start_at_zero_kl_and_ratio_one_and_move_the_policy(
     out = module.run(
         cfg,
         TINY_MODEL,
-        PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], True, 1.0),
+        PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], gold_reward, 1.0),
         c,
     )
     m = c.sink
@@ -444,14 +451,17 @@ def test_best_of_one_is_sft_sampling_and_the_analytic_kl(upstream):
     assert analytic_kl(1) == 0 and analytic_kl(16) == pytest.approx(math.log(16) - 15 / 16)
     s, rm = upstream["sft"]["model_path"], upstream["rm"]["model_path"]
     record = best_of_n_run(
-        BestOfNConfig(n=1), TINY_MODEL, PolicyInputs(upstream["data"], s, rm, True, 1.0), ctx(upstream["root"], "bon1")
+        BestOfNConfig(n=1),
+        TINY_MODEL,
+        PolicyInputs(upstream["data"], s, rm, gold_reward, 1.0),
+        ctx(upstream["root"], "bon1"),
     )
     assert record["model_path"] == s and record["sampler_args"] == {"n": 1, "seed": 0}
     cfg = EvalConfig(n_prompts=16, sampling=SamplingConfig(max_new_tokens=8))
     one = evaluate.run(
         cfg,
         TINY_MODEL.max_length,
-        True,
+        gold_reward,
         upstream["data"],
         s,
         s,
@@ -473,7 +483,7 @@ def test_best_of_one_is_sft_sampling_and_the_analytic_kl(upstream):
     four = evaluate.run(
         cfg,
         TINY_MODEL.max_length,
-        True,
+        gold_reward,
         upstream["data"],
         s,
         s,
@@ -520,7 +530,7 @@ def test_a_reward_ensemble_scores_conservatively_and_the_guard_returns_its_check
         upstream["data"],
         upstream["sft"]["model_path"],
         upstream["rm"]["model_path"],
-        True,
+        gold_reward,
         1.0,
         (second["model_path"],),
     )
@@ -546,7 +556,7 @@ def test_evaluation_of_the_sft_policy_against_itself_is_a_tie(upstream):
     out = evaluate.run(
         EvalConfig(n_prompts=16, sampling=SamplingConfig(max_new_tokens=8)),
         TINY_MODEL.max_length,
-        True,
+        gold_reward,
         upstream["data"],
         s,
         s,

@@ -114,8 +114,9 @@ def test_evaluation_prompts_are_distinct_and_there_are_at_least_256():
 
 
 def test_asking_for_more_held_out_prompts_than_exist_is_refused_before_training():
-    from flows.pipeline import load_config
-    from rlhf.config import ConfigError, validate
+    from flows.compose import load_config
+    from rlhf.settings import ConfigError
+    from rlhf.validate import validate
 
     with pytest.raises(ConfigError, match=r"data\.n_eval_prompts=400.*Fix: pass data\.n_eval_prompts<="):
         validate(load_config(["data.n_eval_prompts=400"]))

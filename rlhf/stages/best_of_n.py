@@ -17,25 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
 
 import torch
 
-from ..algorithms import Algorithm, PolicyInputs
-from ..config import ModelConfig, setting
+from ..algorithms import PolicyInputs
+from ..config import ModelConfig
+from ..config_algorithms import BestOfNConfig
+from ..context import StageContext
 from ..rollout import Samples
-from .common import StageContext
-
-
-@dataclass
-class BestOfNConfig:
-    algo: str = setting("best_of_n", "Algorithm name.", choices=["best_of_n"])
-    n: int = setting(16, "Answers sampled from SFT per prompt; the reward model keeps the best.", ge=1)
-    seed: int = setting(
-        0,
-        "Seed of the candidates' draws, a stream of its own: the SFT answers they are compared with (eval.seed) "
-        "are never among the candidates.",
-    )
 
 
 def analytic_kl(n: int) -> float:
@@ -89,6 +78,3 @@ def run(cfg: BestOfNConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: S
         "metrics": {"best_of_n/kl_analytic": analytic_kl(cfg.n)},
         "steps": 0,
     }
-
-
-ALGORITHM = Algorithm("best_of_n", BestOfNConfig, run, needs_reward=True, sampler=sample)

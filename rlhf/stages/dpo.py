@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..algorithms import Algorithm, PolicyInputs
-from ..config import ModelConfig, SupervisedConfig, default, setting
+from ..algorithms import PolicyInputs
+from ..config import ModelConfig
+from ..config_algorithms import DPOConfig
+from ..context import StageContext
 from ..data import Encoded, load_rows
 from ..losses import dpo_loss
 from ..modeling import Logprobs, autocast, disable_dropout, load_policy, load_tokenizer, load_trainable, token_logprobs
 from ..trainer import fit
-from .common import StageContext, batched, supervised_trainer
+from .common import batched, supervised_trainer
 from .reward import encode_preferences
-
-
-@dataclass
-class DPOConfig(SupervisedConfig):
-    """DPO's hyperparameters; the loop's (lr, batch_size, epochs, ...) are the supervised trainer's."""
-
-    algo: str = setting("dpo", "Algorithm name.", choices=["dpo"])
-    beta: float = setting(0.3, "KL strength: the inverse temperature of the implicit reward.", gt=0.0)
-    label_smoothing: float = setting(0.0, "Conservative DPO: assumed label-flip rate.", ge=0.0, lt=0.5)
-    lr: float = default(SupervisedConfig, "lr", 1e-4)
-    checkpoint_every: int = default(SupervisedConfig, "checkpoint_every", 100)
 
 
 def pair_logps(
@@ -97,6 +86,3 @@ def run(cfg: DPOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: Stage
         "metrics": {f"dpo/{k}": v for k, v in final.items()},
         "steps": trainer.step,
     }
-
-
-ALGORITHM = Algorithm("dpo", DPOConfig, run, needs_reward=False)

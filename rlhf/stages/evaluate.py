@@ -19,13 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import synthetic
 from ..config import EvalConfig
+from ..context import StageContext
 from ..data import encode_prompts, left_pad, load_rows
-from ..modeling import load_policy, load_scalar_model, load_tokenizer, sequence_scores, token_logprobs
+from ..modeling import FrozenModel, load_policy, load_scalar_model, load_tokenizer, token_logprobs
 from ..rollout import Samples, decode_responses, generate
+from ..scoring import GoldReward, Scorer, gold_rewards
 from ..stats import mean_se, per_prompt, wins
-from .common import StageContext
 from .reward import pair_accuracy
 
 
@@ -109,7 +109,7 @@ def comparison_metrics(kind: str, policy: torch.Tensor, sft: torch.Tensor, n_sam
 def run(
     cfg: EvalConfig,
     max_length: int,
-    has_gold: bool,
+    gold: GoldReward | None,
     data_dir: str,
     policy_path: str,
     sft_path: str,
@@ -120,7 +120,8 @@ def run(
     sampler_args: dict | None = None,
 ) -> dict:
     """Evaluate the policy at ``policy_path`` (or ``sampler``'s) against SFT; ``reward_paths``: the reward
-    model, or an ensemble's members (the proxy is their mean score; ``eval/ensemble_std`` their disagreement)."""
+    model, or an ensemble's members (the proxy is their mean score; ``eval/ensemble_std`` their disagreement);
+    ``gold``: the task's true reward, where it has one."""
     tokenizer = load_tokenizer(sft_path)
     raw_prompts = [r["prompt"] for r in load_rows(data_dir, "eval_prompts", tokenizer)][: cfg.n_prompts]
     S = cfg.n_samples
@@ -128,73 +129,73 @@ def run(
     prompt_ids = encode_prompts(tokenizer, prompts, max_length - cfg.sampling.max_new_tokens)
     sft = load_policy(sft_path, tokenizer).to(ctx.device).eval()
     paths = [reward_paths] if isinstance(reward_paths, str) else list(reward_paths or [])
-    rewards = [load_scalar_model(p, tokenizer, zero_head=False).to(ctx.device).eval() for p in paths]
-    reward = rewards[0] if rewards else None
-
-    def members(s: Samples) -> torch.Tensor:  # (K, B)
-        return torch.stack([sequence_scores(r, s.input_ids, s.attention_mask, s.last_index) for r in rewards])
-
-    def score(s: Samples) -> torch.Tensor:
-        return members(s).mean(0) - missing_eos_penalty * (~s.ended).float()
-
-    env = EvalEnv(
-        sft,
-        score if reward is not None else None,
-        cfg,
-        tokenizer,
-        ctx.device,
-        torch.Generator(device=ctx.device).manual_seed(cfg.seed),
-    )
-    t = cfg.sampling.temperature
-    if sampler is None:
-        policy = load_policy(policy_path, tokenizer).to(ctx.device).eval()
-        batches = env.sample(policy, prompt_ids)
-        kl, extra = torch.cat([(sequence_logp(policy, b, t) - sequence_logp(sft, b, t)).cpu() for b in batches]), {}
-    else:
-        batches, kl, extra = sampler(env, prompt_ids, sampler_args or {})
+    rewards = [load_scalar_model(p, tokenizer, zero_head=False).to(ctx.device) for p in paths]
+    scorer = Scorer([FrozenModel(r) for r in rewards], missing_eos_penalty)
+    score = (lambda s: scorer.proxy(scorer.members(s), s)) if rewards else None
+    env = EvalEnv(sft, score, cfg, tokenizer, ctx.device, torch.Generator(device=ctx.device).manual_seed(cfg.seed))
+    batches, kl, extra = sample_policy(env, policy_path, prompt_ids, sampler, sampler_args)
     env.generator.manual_seed(cfg.seed)  # SFT's answers from the same seed as the policy's (the default sampler's)
     answers = {
-        "policy": _answers(batches, tokenizer, env.score),
-        "sft": _answers(env.sample(sft, prompt_ids), tokenizer, env.score),
+        "policy": _answers(batches, tokenizer, score),
+        "sft": _answers(env.sample(sft, prompt_ids), tokenizer, score),
     }
-
+    pol = answers["policy"]
     metrics = {
         "eval/n_prompts": len(raw_prompts),
         "eval/n_samples": S,
-        "eval/eos_rate": float(answers["policy"]["ended"].float().mean()),
-        "eval/distinct_2": distinct_n(answers["policy"]["texts"]),
+        "eval/eos_rate": float(pol["ended"].float().mean()),
+        "eval/distinct_2": distinct_n(pol["texts"]),
         **extra,
     }
-    _with_se(metrics, "eval/kl", kl, S)
-    _with_se(metrics, "eval/response_length", answers["policy"]["length"], S)
-    _with_se(metrics, "eval/sft_response_length", answers["sft"]["length"], S)
-    gold = {}
-    if has_gold:
-        for who, a in answers.items():
-            gold[who] = torch.tensor(
-                [synthetic.gold_reward(p, x, bool(e)) for p, x, e in zip(prompts, a["texts"], a["ended"])]
-            )
-        metrics.update(comparison_metrics("gold", gold["policy"], gold["sft"], S))
-    if reward is not None:
-        metrics.update(comparison_metrics("proxy", answers["policy"]["proxy"], answers["sft"]["proxy"], S))
+    for name, values in (
+        ("kl", kl),
+        ("response_length", pol["length"]),
+        ("sft_response_length", answers["sft"]["length"]),
+    ):
+        _with_se(metrics, f"eval/{name}", values, S)
+    golds = {who: gold_rewards(gold, prompts, a["texts"], a["ended"]) for who, a in answers.items()} if gold else {}
+    if golds:
+        metrics.update(comparison_metrics("gold", golds["policy"], golds["sft"], S))
+    if rewards:
+        metrics.update(comparison_metrics("proxy", pol["proxy"], answers["sft"]["proxy"], S))
         if len(rewards) > 1:  # the members' disagreement on the policy's answers (raw units)
-            _with_se(metrics, "eval/ensemble_std", torch.cat([members(b).std(0).cpu() for b in batches]), S)
-        acc = pair_accuracy(reward, load_rows(data_dir, "eval_pref", tokenizer), tokenizer, max_length, ctx.device)
-        metrics["eval/rm_accuracy"] = acc["eval_accuracy"]
-        if "eval_gold_accuracy" in acc:
-            metrics["eval/rm_gold_accuracy"] = acc["eval_gold_accuracy"]
+            _with_se(metrics, "eval/ensemble_std", torch.cat([scorer.members(b).std(0).cpu() for b in batches]), S)
+        metrics.update(rm_accuracy(rewards[0], data_dir, tokenizer, max_length, ctx.device))
+    ctx.sink.log_metrics(metrics, 0)
+    return {"metrics": metrics, "table": sample_table(cfg.n_samples_table, prompts, answers, golds)}
 
-    n = min(cfg.n_samples_table, len(prompts))
+
+def sample_policy(env: EvalEnv, policy_path: str, prompt_ids: list, sampler: Sampler | None, sampler_args: dict | None):
+    """The policy's answers, their KL to SFT (N,) and the sampler's extra metrics: the model at ``policy_path`` sampled
+    as SFT is, or the algorithm's ``sampler`` (best-of-n)."""
+    if sampler is not None:
+        return sampler(env, prompt_ids, sampler_args or {})
+    t = env.cfg.sampling.temperature
+    policy = load_policy(policy_path, env.tokenizer).to(env.device).eval()
+    batches = env.sample(policy, prompt_ids)
+    kl = torch.cat([(sequence_logp(policy, b, t) - sequence_logp(env.sft, b, t)).cpu() for b in batches])
+    return batches, kl, {}
+
+
+def rm_accuracy(reward, data_dir: str, tokenizer, max_length: int, device) -> dict:
+    """The reward model on the held-out pairs: against the annotators' labels, and the gold order where known."""
+    acc = pair_accuracy(reward, load_rows(data_dir, "eval_pref", tokenizer), tokenizer, max_length, device)
+    out = {"eval/rm_accuracy": acc["eval_accuracy"]}
+    if "eval_gold_accuracy" in acc:
+        out["eval/rm_gold_accuracy"] = acc["eval_gold_accuracy"]
+    return out
+
+
+def sample_table(n_rows: int, prompts: list[str], answers: dict, golds: dict) -> dict:
+    """The logged sample table: prompt, SFT and policy answers, their gold and proxy rewards."""
+    n = min(n_rows, len(prompts))
     table = {
         "prompt": prompts[:n],
         "sft_answer": answers["sft"]["texts"][:n],
         "policy_answer": answers["policy"]["texts"][:n],
     }
-    for kind, values in (
-        ("gold", gold),
-        ("proxy", {w: a["proxy"] for w, a in answers.items() if a["proxy"] is not None}),
-    ):
+    proxies = {w: a["proxy"] for w, a in answers.items() if a["proxy"] is not None}
+    for kind, values in (("gold", golds), ("proxy", proxies)):
         for who in values:
             table[f"{who}_{kind}_reward"] = [round(float(x), 4) for x in values[who][:n]]
-    ctx.sink.log_metrics(metrics, 0)
-    return {"metrics": metrics, "table": table}
+    return table

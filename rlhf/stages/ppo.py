@@ -16,42 +16,23 @@ and the adaptive KL controller's input are taken over all processes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from ..advantages import RunningMoments, gae, whiten
-from ..algorithms import Algorithm, PolicyInputs
-from ..config import ModelConfig, OnPolicyConfig, setting
+from ..algorithms import PolicyInputs
+from ..config import ModelConfig
+from ..config_algorithms import PPOConfig
+from ..context import StageContext
+from ..experience import Experience
 from ..kl_control import make_controller
 from ..losses import masked_mean, masked_var, value_loss
 from ..modeling import TokenValues
-from ..onpolicy import Experience, OnPolicy, OnPolicyModels, prompts_of, train
+from ..onpolicy import OnPolicy
+from ..onpolicy_loop import run_method
+from ..onpolicy_models import OnPolicyModels
 from ..rollout import Samples
-from .common import StageContext
-
-
-@dataclass
-class PPOConfig(OnPolicyConfig):
-    """PPO's own hyperparameters beside the on-policy loop's (beta, clip_range, steps, batch sizes, sampling)."""
-
-    algo: str = setting("ppo", "Algorithm name.", choices=["ppo"])
-    gamma: float = setting(1.0, "Discount.", ge=0.0, le=1.0)
-    lam: float = setting(0.95, "GAE lambda.", ge=0.0, le=1.0)
-    vf_coef: float = setting(0.1, "Value-loss weight.", ge=0.0)
-    value_clip_range: float = setting(0.2, "Value clipping around the rollout values.", gt=0.0)
-    value_lr: Optional[float] = setting(None, "Value model learning rate (null: same as lr).", gt=0.0)
-    whiten_advantages: bool = setting(True, "Normalise advantages per batch.")
-    normalize_reward: bool = setting(False, "Scale scores by a running std (rescales beta: see README).")
-    adaptive_kl: bool = setting(False, "Adaptive KL controller (Ziegler et al. 2019).")
-    target_kl: float = setting(3.0, "Adaptive controller's target sequence KL (nats).", gt=0.0)
-    kl_horizon: int = setting(10000, "Adaptive controller's horizon (samples).", ge=1)
-    value_init: str = setting(
-        "reward", "Initialise the value model from the reward model or the SFT policy.", choices=["reward", "sft"]
-    )
-    value_warmup_steps: int = setting(0, "Iterations that train only the value model before the policy moves.", ge=0)
 
 
 class PPO(OnPolicy):
@@ -142,10 +123,4 @@ class PPO(OnPolicy):
 
 
 def run(cfg: PPOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: StageContext) -> dict:
-    resume = ctx.resume_point()
-    models = OnPolicyModels(model_cfg, inputs, resume, ctx.device, value_init=cfg.value_init)
-    prompts, eval_prompts, eval_ids = prompts_of(cfg, model_cfg, inputs, models.tokenizer)
-    return train(PPO(cfg, models, prompts, ctx, inputs), eval_prompts, eval_ids, inputs, resume)
-
-
-ALGORITHM = Algorithm("ppo", PPOConfig, run, needs_reward=True)
+    return run_method(PPO, cfg, model_cfg, inputs, ctx, value_init=cfg.value_init)

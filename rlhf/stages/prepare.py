@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..config import DataConfig
+from ..context import StageContext
 from ..data import build_splits, dataset_label, fingerprint_splits, save_splits, source_fingerprint
-from .common import StageContext
 
 
 def run(cfg: DataConfig, ctx: StageContext) -> dict:

@@ -10,11 +10,12 @@ import torch
 from .. import reward_report
 from ..chat import texts as chat_texts
 from ..config import ModelConfig, RewardConfig
+from ..context import StageContext
 from ..data import Encoded, encode_pairs, load_rows, load_split
 from ..losses import pairwise_loss
 from ..modeling import TokenValues, autocast, load_tokenizer, load_trainable
 from ..trainer import fit
-from .common import StageContext, batched, supervised_trainer
+from .common import batched, supervised_trainer
 
 
 def encode_preferences(tokenizer, rows: list[dict], max_length: int) -> tuple[Encoded, Encoded]:

@@ -10,39 +10,16 @@ over ``ppo_epochs`` passes (with one pass and no clipping active it is plain RLO
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ..advantages import leave_one_out, whiten
-from ..algorithms import Algorithm, PolicyInputs
-from ..config import ConfigError, ModelConfig, OnPolicyConfig, setting
-from ..onpolicy import Experience, OnPolicy, OnPolicyModels, prompts_of, train
+from ..algorithms import PolicyInputs
+from ..config import ModelConfig
+from ..config_algorithms import RLOOConfig
+from ..context import StageContext
+from ..experience import Experience
+from ..onpolicy import OnPolicy
+from ..onpolicy_loop import run_method
+from ..onpolicy_models import OnPolicyModels
 from ..rollout import Samples
-from .common import StageContext
-
-
-@dataclass
-class RLOOConfig(OnPolicyConfig):
-    """RLOO's own hyperparameters beside the on-policy loop's; ``rollout_batch_size`` counts answers."""
-
-    algo: str = setting("rloo", "Algorithm name.", choices=["rloo"])
-    samples_per_prompt: int = setting(
-        4, "k: answers per prompt, each baselined by the mean reward of the other k - 1.", ge=2
-    )
-    kl_penalty: str = setting(
-        "reward",
-        "Where the KL to the reference acts: in the reward (k1 sequence KL times beta) or as a "
-        "loss term (k3 times beta).",
-        choices=["reward", "loss"],
-    )
-    whiten_advantages: bool = setting(False, "Normalise the advantages over the batch.")
-
-    def check(self, key: str) -> None:
-        super().check(key)
-        if self.rollout_batch_size % self.samples_per_prompt:
-            raise ConfigError(
-                f"{key}.rollout_batch_size={self.rollout_batch_size} is not a multiple of {key}.samples_per_prompt="
-                f"{self.samples_per_prompt} (it counts answers, k per prompt). Fix: make it a multiple."
-            )
 
 
 class RLOO(OnPolicy):
@@ -65,10 +42,4 @@ class RLOO(OnPolicy):
 
 
 def run(cfg: RLOOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: StageContext) -> dict:
-    resume = ctx.resume_point()
-    models = OnPolicyModels(model_cfg, inputs, resume, ctx.device)
-    prompts, eval_prompts, eval_ids = prompts_of(cfg, model_cfg, inputs, models.tokenizer)
-    return train(RLOO(cfg, models, prompts, ctx, inputs), eval_prompts, eval_ids, inputs, resume)
-
-
-ALGORITHM = Algorithm("rloo", RLOOConfig, run, needs_reward=True)
+    return run_method(RLOO, cfg, model_cfg, inputs, ctx)

@@ -9,11 +9,12 @@ import torch
 from .. import checkpoint
 from ..chat import prepare_tokenizer, texts
 from ..config import ModelConfig, SFTConfig
+from ..context import StageContext
 from ..data import encode_pairs, is_conversational, load_rows, load_split
 from ..losses import sft_loss
 from ..modeling import Logprobs, autocast, build_tiny, load_tokenizer, load_trainable, token_logprobs
 from ..trainer import fit
-from .common import StageContext, batched, supervised_trainer
+from .common import batched, supervised_trainer
 
 EVAL_SHARE = 0.05  # demonstrations held out for sft/eval_loss
 

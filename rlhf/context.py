@@ -1,0 +1,62 @@
+"""A stage's context: where it writes and logs, its device, and its place among a data-parallel launch's processes."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from . import checkpoint, runtime
+from .modeling import save_pretrained_atomic
+from .progress import Progress, ProgressSettings
+from .trainer import MetricSink
+
+CKPT_DIR, FINAL_DIR = "ckpt", "model"  # a stage folder's resumable checkpoints and its output model
+
+
+@dataclass
+class StageContext:
+    """Where a stage writes, where it logs, on which device it runs, and its place among the processes
+    of a data-parallel launch (``accelerator``: one process unless launched by ``accelerate launch``)."""
+
+    out_dir: Path
+    sink: MetricSink
+    device: torch.device
+    fresh: bool = False  # ignore existing checkpoints (refresh=[stage])
+    accelerator: Accelerator | None = None  # None: this process alone
+    progress_settings: ProgressSettings = field(
+        default_factory=ProgressSettings
+    )  # runtime.progress*: bar, log lines or off
+    compile: bool = False  # runtime.compile: torch.compile the models an on-policy stage trains
+
+    def __post_init__(self) -> None:
+        self.accelerator = self.accelerator or runtime.accelerator(self.device)
+
+    def progress(self, name: str, total: int, start: int = 0) -> Progress:
+        """The stage's progress bar or log lines (shown by the main process only)."""
+        settings = self.progress_settings if self.accelerator.is_main_process else ProgressSettings("off")
+        return Progress(name, total, settings, start)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / CKPT_DIR
+
+    @property
+    def final_dir(self) -> Path:
+        return self.out_dir / FINAL_DIR
+
+    def resume_point(self) -> Path | None:
+        """The newest complete checkpoint to continue from, unless a fresh start was asked for."""
+        if self.fresh:
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+            return None
+        return checkpoint.latest(self.ckpt_dir)
+
+    def save_final(self, model, tokenizer, meta: dict) -> None:
+        """The stage's output model, written once (by the main process) and seen by every process after."""
+        if self.accelerator.is_main_process:
+            save_pretrained_atomic(model, tokenizer, self.final_dir, meta)
+        self.accelerator.wait_for_everyone()

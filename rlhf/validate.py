@@ -1,0 +1,163 @@
+"""Validation: a composed config (a DictConfig or a plain dict) into a checked :class:`~rlhf.config.PipelineConfig`.
+
+Unknown keys and wrong types fail while merging into the schema; every field's bounds come from its metadata
+(:func:`rlhf.settings.setting`); each section's ``check`` holds its cross-field rules; what needs the algorithm
+registry or the synthetic task (the algorithm's schema, stage names, the held-out prompts there are, how batches
+split over processes) is checked here. Every error is a :class:`~rlhf.settings.ConfigError` naming the key and
+the fix, raised before any stage starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from .algorithms import registry, training_stages
+from .config import PipelineConfig, stage_kind
+from .config_training import OnPolicyConfig, SupervisedConfig
+from .settings import ConfigError
+
+
+def stages() -> tuple[str, ...]:
+    """Every stage name a config may refer to (refresh=[...])."""
+    return ("data", *training_stages(), "eval")
+
+
+def _check_bounds(obj: Any, key: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        path = f"{key}.{f.name}" if key else f.name
+        if dataclasses.is_dataclass(value):
+            _check_bounds(value, path)
+            continue
+        meta = f.metadata
+        if value is None:
+            continue
+        rules = [
+            ("gt", lambda v, b: v > b, ">"),
+            ("ge", lambda v, b: v >= b, ">="),
+            ("lt", lambda v, b: v < b, "<"),
+            ("le", lambda v, b: v <= b, "<="),
+        ]
+        broken = [(sym, meta[name]) for name, ok, sym in rules if name in meta and not ok(value, meta[name])]
+        if broken:
+            allowed = " and ".join(f"{sym} {meta[name]}" for name, _, sym in rules if name in meta)
+            raise ConfigError(
+                f"{path}={value!r} is out of range: must be {allowed} ({meta.get('help', '')}). "
+                f"Fix: pass {path}=<value {allowed}>."
+            )
+        if "choices" in meta and value not in meta["choices"]:
+            raise ConfigError(
+                f"{path}={value!r} is not one of {meta['choices']} ({meta.get('help', '')}). Fix: pass {path}=<one of "
+                f"them>."
+            )
+    if hasattr(obj, "check"):
+        obj.check(key)
+
+
+def validate(config: Any) -> PipelineConfig:
+    """Turn a composed config (DictConfig or plain dict) into a checked :class:`PipelineConfig`.
+
+    Raises :class:`ConfigError` naming the key and the fix for unknown keys, wrong types and values out
+    of range. Runs before any stage starts.
+    """
+    container = OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else dict(config)
+    algo = (container.get("algo") or {}).get("algo")
+    algorithms = registry()
+    if algo not in algorithms:
+        raise ConfigError(
+            f"algo.algo={algo!r} is not one of {sorted(algorithms)}. Fix: pass algo=<one of them>, e.g. algo=dpo."
+        )
+    schema = OmegaConf.structured(PipelineConfig)
+    with _errors_named():
+        OmegaConf.set_struct(schema, False)
+        schema.algo = OmegaConf.structured(algorithms[algo].schema)
+        OmegaConf.set_struct(schema, True)
+        merged = OmegaConf.merge(schema, container)
+        cfg: PipelineConfig = OmegaConf.to_object(merged)
+    _check_bounds(cfg, "")
+    _check_stage_names(cfg)
+    _check_synthetic(cfg)
+    _check_data_parallel(cfg)
+    return cfg
+
+
+def _check_stage_names(cfg: PipelineConfig) -> None:
+    """``refresh`` and ``dispatch.stages`` name stages that exist."""
+    unknown = {stage_kind(s) for s in cfg.refresh} - set(stages())
+    if unknown:
+        raise ConfigError(
+            f"refresh={cfg.refresh} names unknown stages {sorted(unknown)}. Fix: use stages among {list(stages())}."
+        )
+    unknown = set(cfg.dispatch.stages or ()) - set(training_stages())
+    if unknown:
+        raise ConfigError(
+            f"dispatch.stages={cfg.dispatch.stages} names {sorted(unknown)}, which are not training stages. "
+            f"Fix: choose among {list(training_stages())}."
+        )
+
+
+def _check_synthetic(cfg: PipelineConfig) -> None:
+    """The synthetic task holds so many distinct held-out prompts."""
+    if cfg.data.source != "synthetic":
+        return
+    from .synthetic import all_specs
+
+    held_out = len(all_specs(held_out=True))
+    if cfg.data.n_eval_prompts > held_out:
+        raise ConfigError(
+            f"data.n_eval_prompts={cfg.data.n_eval_prompts}: the synthetic task has {held_out} distinct held-out "
+            f"prompts. Fix: pass data.n_eval_prompts<={held_out} (eval.n_samples>1 for more answers per prompt)."
+        )
+
+
+def _check_data_parallel(cfg: PipelineConfig) -> None:
+    """Each of ``num_processes`` ranks takes an equal share of every batch, in ``grad_accum`` micro-batches."""
+    n = cfg.runtime.num_processes
+    batches = [
+        ("sft.batch_size", cfg.sft.batch_size, "sft.grad_accum", cfg.sft.grad_accum),
+        ("reward.batch_size", cfg.reward.batch_size, "reward.grad_accum", cfg.reward.grad_accum),
+    ]
+    if isinstance(cfg.algo, SupervisedConfig):
+        batches.append(("algo.batch_size", cfg.algo.batch_size, "algo.grad_accum", cfg.algo.grad_accum))
+    elif isinstance(
+        cfg.algo, OnPolicyConfig
+    ):  # each process samples its share of the rollout batch, updates on its share of each minibatch
+        batches.append(("algo.minibatch_size", cfg.algo.minibatch_size, "algo.grad_accum", cfg.algo.grad_accum))
+    for key, size, accum_key, accum in batches:
+        if size % (accum * n):
+            raise ConfigError(
+                f"{key}={size} does not split into runtime.num_processes={n} processes x {accum_key}={accum} equal "
+                f"micro-batches. Fix: make {key} a multiple of {n * accum}."
+            )
+    group = getattr(cfg.algo, "samples_per_prompt", 1)
+    if isinstance(cfg.algo, OnPolicyConfig) and (cfg.algo.rollout_batch_size // group) % n:
+        # each process samples whole groups of prompts: unequal shares would give unequal optimizer steps and hang the
+        # collectives
+        per = f" (samples_per_prompt={group} answers per prompt)" if group > 1 else ""
+        raise ConfigError(
+            f"algo.rollout_batch_size={cfg.algo.rollout_batch_size} gives {cfg.algo.rollout_batch_size // group} "
+            f"prompts an iteration"
+            f"{per}, which do not split evenly over runtime.num_processes={n} processes. Fix: make "
+            f"algo.rollout_batch_size a "
+            f"multiple of {group * n} (and of algo.minibatch_size)."
+        )
+
+
+class _errors_named:
+    """Re-raise OmegaConf's type / key errors as ConfigError with the full key and a fix."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        from omegaconf.errors import OmegaConfBaseException
+
+        if exc is not None and isinstance(exc, OmegaConfBaseException):
+            key = getattr(exc, "full_key", None) or "?"
+            raise ConfigError(
+                f"{key}: {exc.msg if hasattr(exc, 'msg') else exc}. Fix: check the key name and type in conf/."
+            ) from exc
+        return False
