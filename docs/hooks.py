@@ -137,8 +137,8 @@ def memory_table() -> str:
     from transformers import AutoModelForCausalLM
 
     from rlhf.config import ModelConfig
-    from rlhf.modeling import model_config
     from rlhf.settings import from_dict
+    from rlhf.tiny import model_config
 
     counts = dict(HUB_PARAMETERS)
     for name in ("qwen2_450m", "llama_400m"):  # built from a config: counted on the meta device, nothing allocated

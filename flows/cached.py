@@ -36,12 +36,9 @@ def cached_run(cfg: PipelineConfig) -> dict | None:
     """The pipeline's result when every stage is cached (see the module docstring), else None."""
     if cfg.refresh or cfg.dispatch.mode != "local" or os.environ.get("PREFECT_API_URL"):
         return None
-    from mlflow.tracking import MlflowClient
-
-    from flows.parent import open_parent_run, record_results, stage_tags
-    from flows.report import mlflow_link, run_name, ui_hint
+    from flows.parent import PipelineRun, stage_tags
+    from flows.report import mlflow_link, ui_hint
     from rlhf.preflight import preflight
-    from rlhf.tracking import experiment_id
     from tasks.keys import pipeline_keys
 
     uri = preflight(cfg)
@@ -49,30 +46,9 @@ def cached_run(cfg: PipelineConfig) -> dict | None:
     records = cached_records(cfg, keys)
     if records is None:
         return None
-    client = MlflowClient(uri)
-    exp_id = experiment_id(client, cfg.tracking.experiment, Path(cfg.paths.root), uri)
-    name = run_name(cfg, keys)
-    parent = open_parent_run(cfg, client, exp_id, name)
-    parent.set_tags(
-        {k: v for stage, rec in records.items() for k, v in stage_tags(stage, keys[stage], True, rec).items()}
-    )
-    algo, metrics = cfg.algo.algo, records["eval"]["metrics"]
-    record_results(client, parent, records["data"], records[algo], metrics)
-    parent.set_tags({"cached_run": "true"})
-    parent.finish()
-    print(
-        f"all stages cached: nothing to train. MLflow run {name}: "
-        f"{mlflow_link(uri, exp_id, parent.run_id)}{ui_hint(uri)}",
-        flush=True,
-    )
-    return {
-        "run_id": parent.run_id,
-        "run_name": name,
-        "experiment_id": exp_id,
-        "tracking_uri": uri,
-        "keys": keys,
-        "cached": {stage: True for stage in keys},
-        "metrics": metrics,
-        "policy_path": records[algo]["model_path"],
-        "records": records,
-    }
+    run = PipelineRun.open(cfg, uri, keys)
+    tags = {k: v for stage, rec in records.items() for k, v in stage_tags(stage, keys[stage], True, rec).items()}
+    run.parent.set_tags({**tags, "cached_run": "true"})
+    link = mlflow_link(uri, run.exp_id, run.parent.run_id)
+    print(f"all stages cached: nothing to train. MLflow run {run.name}: {link}{ui_hint(uri)}", flush=True)
+    return run.result(records, dict.fromkeys(keys, True))

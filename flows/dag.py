@@ -12,19 +12,18 @@ import tasks  # noqa: F401  (Prefect's defaults, set in tasks/__init__.py, befor
 
 from pathlib import Path
 
-from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as prefect_run
 
-from flows.parent import open_parent_run, record_results, stage_tags
-from flows.report import mlflow_link, publish, run_name, ui_hint
+from flows.parent import PipelineRun, stage_tags
+from flows.report import mlflow_link, publish, ui_hint
 from flows.stage import training_task
 from rlhf.algorithms import registry, training_stages
 from rlhf.config import PipelineConfig, reward_member, stage_kind
-from rlhf.preemption import Preempted
+from rlhf.preemption import Preempted, pending
 from rlhf.preflight import preflight
 from rlhf.settings import to_dict
-from rlhf.tracking import RunLogger, experiment_id
+from rlhf.tracking import RunLogger
 from rlhf.validate import validate
 from tasks.data import data_stage
 from tasks.dispatch import check_stage_deployment, dispatch_stage, dispatched
@@ -91,7 +90,10 @@ class Stages:
 
     def __call__(self, name: str, task, **inputs) -> dict:
         task, inputs = self._placed(name, task, inputs)
-        return self._record(name, task(return_state=True, **inputs))
+        record = self._record(name, task(return_state=True, **inputs))
+        if stop := pending():  # a stop signal came as the stage finished its training: stop after it
+            raise stop
+        return record
 
     def all(self, calls: list[tuple[str, object, dict]]) -> list[dict]:
         """Independent stages (a reward-model ensemble's members): on the work pool all at once, each its own
@@ -133,84 +135,51 @@ def rlhf_pipeline(
 
         config = load_config([*(base_overrides or []), *(overrides or [])])
     cfg = validate(config)
-    uri = preflight(cfg)
+    uri = preflight(cfg)  # before anything starts: paths, models, data files, the tracking server
     if cfg.dispatch.mode == "deployments":
         check_stage_deployment(cfg.dispatch)
-    root = Path(cfg.paths.root)
-    root.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(uri)
-    exp_id = experiment_id(client, cfg.tracking.experiment, root, uri)
     keys = pipeline_keys(cfg)
-    name = run_name(cfg, keys)
-    name_flow_run(name)
-    parent = open_parent_run(cfg, client, exp_id, name, prefect_run.id)
-    logger.info("MLflow run %s: %s%s", name, mlflow_link(uri, exp_id, parent.run_id), ui_hint(uri))
-    env = {
-        "root": str(root),
-        "tracking_uri": uri,
-        "experiment_id": exp_id,
-        "parent_run_id": parent.run_id,
-        "run_name": name,
-        "runtime": to_dict(cfg.runtime),
-        "tracking": to_dict(cfg.tracking),
-    }
-    stage = Stages(cfg, keys, env, parent, logger)
-    algo, model, has_gold = cfg.algo.algo, to_dict(cfg.model), cfg.data.source == "synthetic"
+    run = PipelineRun.open(cfg, uri, keys, prefect_run.id)
+    name_flow_run(run.name)
+    logger.info("MLflow run %s: %s%s", run.name, mlflow_link(uri, run.exp_id, run.parent.run_id), ui_hint(uri))
+    stage = Stages(cfg, keys, run.env(), run.parent, logger)
     try:
-        data = stage("data", data_stage, data=to_dict(cfg.data))
-        sft = stage("sft", training_task("sft"), model=model, sft_cfg=to_dict(cfg.sft), data=data)
-        rewards = stage.all(
-            [
-                (
-                    reward_member(i),
-                    training_task("reward"),
-                    dict(model=model, reward_cfg=to_dict(cfg.reward), data=data, sft=sft, member=i),
-                )
-                for i in range(cfg.reward.ensemble_size)
-            ]
-        )
-        policy_inputs = (
-            {"rewards": rewards, "has_gold": has_gold, "missing_eos_penalty": cfg.reward.missing_eos_penalty}
-            if registry()[algo].needs_reward
-            else {}
-        )
-        policy = stage(
-            algo, training_task(algo), model=model, algo=to_dict(cfg.algo), data=data, sft=sft, **policy_inputs
-        )
-        evaluation = stage(
-            "eval",
-            eval_stage,
-            model=model,
-            eval_cfg=to_dict(cfg.eval),
-            has_gold=has_gold,
-            missing_eos_penalty=cfg.reward.missing_eos_penalty,
-            data=data,
-            sft=sft,
-            rewards=rewards,
-            policy=policy,
-        )
+        records = run_stages(stage, cfg)
     except Preempted as stopped:  # a stop signal: the stage checkpointed its step; the next run resumes there
-        parent.set_tags({"rlhf.stopped": str(stopped)})
-        parent.finish("KILLED")
+        run.parent.set_tags({"rlhf.stopped": str(stopped)})
+        run.parent.finish("KILLED")
         raise
     except BaseException:
-        parent.finish("FAILED")
+        run.parent.finish("FAILED")
         raise
-    metrics = evaluation["metrics"]
-    record_results(client, parent, data, policy, metrics)
-    publish(cfg, name, metrics, uri, exp_id, parent.run_id, stage.cached)
+    metrics = records["eval"]["metrics"]
+    publish(cfg, run.name, metrics, uri, run.exp_id, run.parent.run_id, stage.cached)
     if all(stage.cached.values()):
         logger.info("all stages cached: nothing trained")
-    logger.info("%s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
-    parent.finish()
-    return {
-        "run_id": parent.run_id,
-        "run_name": name,
-        "experiment_id": exp_id,
-        "tracking_uri": uri,
-        "keys": keys,
-        "cached": stage.cached,
-        "metrics": metrics,
-        "policy_path": policy["model_path"],
-        "records": {"data": data, "sft": sft, **{reward_member(i): r for i, r in enumerate(rewards)}, algo: policy},
-    }
+    logger.info("%s: %s", run.name, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+    return run.result(records, stage.cached)
+
+
+def run_stages(stage: Stages, cfg: PipelineConfig) -> dict[str, dict]:
+    """Every stage in order, each a cached task (or its dispatch to the work pool); their records by stage name."""
+    algo, model, has_gold = cfg.algo.algo, to_dict(cfg.model), cfg.data.source == "synthetic"
+    data = stage("data", data_stage, data=to_dict(cfg.data))
+    sft = stage("sft", training_task("sft"), model=model, sft_cfg=to_dict(cfg.sft), data=data)
+    members = [reward_member(i) for i in range(cfg.reward.ensemble_size)]
+    reward_inputs = dict(model=model, reward_cfg=to_dict(cfg.reward), data=data, sft=sft)
+    rewards = stage.all([(m, training_task("reward"), {**reward_inputs, "member": i}) for i, m in enumerate(members)])
+    scoring = {"has_gold": has_gold, "missing_eos_penalty": cfg.reward.missing_eos_penalty}
+    policy_inputs = {"rewards": rewards, **scoring} if registry()[algo].needs_reward else {}
+    policy = stage(algo, training_task(algo), model=model, algo=to_dict(cfg.algo), data=data, sft=sft, **policy_inputs)
+    evaluation = stage(
+        "eval",
+        eval_stage,
+        model=model,
+        eval_cfg=to_dict(cfg.eval),
+        data=data,
+        sft=sft,
+        rewards=rewards,
+        policy=policy,
+        **scoring,
+    )
+    return {"data": data, "sft": sft, **dict(zip(members, rewards)), algo: policy, "eval": evaluation}

@@ -4,6 +4,7 @@ of the command line uses it too)."""
 from __future__ import annotations
 
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow.entities import LoggedModelOutput
@@ -13,7 +14,7 @@ from flows.sweep import sweep_run
 from rlhf.config import PipelineConfig
 from rlhf.lineage import SPLIT_CONTEXTS, log_datasets
 from rlhf.settings import flatten, to_dict
-from rlhf.tracking import RunLogger, close_orphaned_runs
+from rlhf.tracking import RunLogger, close_orphaned_runs, experiment_id
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
@@ -69,3 +70,55 @@ def stage_tags(name: str, key: str, cached: bool, record: dict) -> dict[str, str
         f"stage.{name}.cached": str(cached).lower(),
         f"stage.{name}.run_id": record["run_id"],
     }
+
+
+@dataclass
+class PipelineRun:
+    """One pipeline run's parent MLflow run and what its stages and its result need. The Prefect flow and the
+    command line's all-cached answer (:mod:`flows.cached`) both open and close it."""
+
+    cfg: PipelineConfig
+    uri: str  # the tracking URI
+    client: MlflowClient
+    exp_id: str
+    keys: dict[str, str]  # every stage's cache key
+    name: str
+    parent: RunLogger
+
+    @classmethod
+    def open(cls, cfg: PipelineConfig, uri: str, keys: dict[str, str], flow_run_id: str | None = None) -> PipelineRun:
+        from flows.report import run_name
+
+        client = MlflowClient(uri)
+        exp_id = experiment_id(client, cfg.tracking.experiment, Path(cfg.paths.root), uri)
+        name = run_name(cfg, keys)
+        return cls(cfg, uri, client, exp_id, keys, name, open_parent_run(cfg, client, exp_id, name, flow_run_id))
+
+    def env(self) -> dict:
+        """What every stage task is handed about where it runs and logs (plain data: it travels to work pools)."""
+        return {
+            "root": self.cfg.paths.root,
+            "tracking_uri": self.uri,
+            "experiment_id": self.exp_id,
+            "parent_run_id": self.parent.run_id,
+            "run_name": self.name,
+            "runtime": to_dict(self.cfg.runtime),
+            "tracking": to_dict(self.cfg.tracking),
+        }
+
+    def result(self, records: dict[str, dict], cached: dict[str, bool]) -> dict:
+        """The eval metrics, datasets and tuned policy on the parent run, which closes; the pipeline's result."""
+        algo, metrics = self.cfg.algo.algo, records["eval"]["metrics"]
+        record_results(self.client, self.parent, records["data"], records[algo], metrics)
+        self.parent.finish()
+        return {
+            "run_id": self.parent.run_id,
+            "run_name": self.name,
+            "experiment_id": self.exp_id,
+            "tracking_uri": self.uri,
+            "keys": self.keys,
+            "cached": cached,
+            "metrics": metrics,
+            "policy_path": records[algo]["model_path"],
+            "records": records,
+        }

@@ -112,7 +112,8 @@ def load_trainer_state(ckpt: Path) -> dict:
     try:
         return torch.load(path, weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[-1][:300]
+        lines = str(e).strip().splitlines()  # torch names the offending type on its "Unsupported global" line
+        reason = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else str(e))[:300]
         raise CheckpointError(
             f"{path} holds more than tensors, numbers and containers ({reason}); loading it would run code stored in "
             f"the file, "

@@ -17,11 +17,14 @@ from functools import cache
 from importlib import metadata
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the folder holding the project's packages (rlhf, tasks, flows)
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the folder holding the project's packages
+PROJECT_PACKAGES = ("rlhf", "tasks", "flows")  # (installed without -e, PROJECT_ROOT is site-packages: only these count)
 
 
 def module_file(name: str, root: Path) -> Path | None:
     """The source file of project module ``name`` under ``root`` (a module or a package's ``__init__``), or None."""
+    if name.split(".")[0] not in PROJECT_PACKAGES:
+        return None
     base = root.joinpath(*name.split("."))
     for path in (base.with_suffix(".py"), base / "__init__.py"):
         if path.is_file():
@@ -71,7 +74,7 @@ def closure(entry: str, root: Path = PROJECT_ROOT) -> tuple[tuple[str, ...], tup
             top = imported.split(".")[0]
             if module_file(imported, root) is not None:
                 todo.append(imported)
-            elif module_file(top, root) is None and top not in sys.stdlib_module_names and top != "__future__":
+            elif top not in PROJECT_PACKAGES and top not in sys.stdlib_module_names and top != "__future__":
                 external.add(top)
     return tuple(sorted(project)), tuple(sorted(external))
 

@@ -95,6 +95,12 @@ class RuntimeConfig:
         choices=["auto", "bar", "log", "off"],
     )
     progress_every_s: float = setting(5.0, "Seconds between progress log lines (when not drawing a bar).", gt=0.0)
+    stop_grace_s: float = setting(
+        600.0,
+        "Seconds a data-parallel stage's processes get, after a stop signal, to finish their step and checkpoint "
+        "before the launcher kills them (the step itself may be long on a large model).",
+        gt=0.0,
+    )
     compile: bool = setting(
         False,
         "torch.compile the forwards of an on-policy stage's update (PPO, RLOO, GRPO: the policy's log-probs "

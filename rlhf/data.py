@@ -15,19 +15,14 @@ import glob
 import hashlib
 import json
 import os
-import random
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from . import synthetic
 from .config import DataConfig
 from .config_data import FILE_BUILDERS
-
-SPLITS = ("sft", "pref", "eval_prompts", "eval_pref", "ppo_prompts")
-HH_SEPARATOR = "\n\nAssistant:"
 
 
 class DatasetError(ValueError):
@@ -88,13 +83,13 @@ def source_fingerprint(cfg: DataConfig) -> dict | None:
     synthetic task, whose config is its content."""
     if cfg.source == "synthetic":
         return None
-    files = _local_files(data_files_list(cfg.data_files) or [cfg.path])
+    files = local_files(data_files_list(cfg.data_files) or [cfg.path])
     if files:
         return {"files": {Path(f).name: _file_sha256(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files}}
     return {"dataset": cfg.path, "revision": _resolved_revision(cfg.path, cfg.revision)}
 
 
-def _local_files(patterns: list[str]) -> list[str]:
+def local_files(patterns: list[str]) -> list[str]:
     """The files that local paths, globs or folders name (remote URLs and hub ids name none)."""
     found = set()
     for pattern in patterns:
@@ -102,240 +97,6 @@ def _local_files(patterns: list[str]) -> list[str]:
             path = Path(match)
             found.update(str(f) for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
     return sorted(found)
-
-
-def build_splits(cfg: DataConfig) -> dict[str, list[dict]]:
-    if cfg.source == "synthetic":
-        return synthetic.make_splits(
-            cfg.seed,
-            cfg.n_sft,
-            cfg.n_pref,
-            cfg.n_eval_prompts,
-            cfg.n_eval_pref,
-            cfg.n_ppo_prompts,
-            cfg.annotator_temperature,
-            cfg.annotator_length_bias,
-            cfg.demo_quality,
-            tuple(cfg.pair_length_jitter),
-        )
-    return _hub_splits(cfg)
-
-
-def split_hh(chosen: str, rejected: str) -> dict:
-    """HH-RLHF rows hold two whole dialogues; the prompt is everything up to the last Assistant turn."""
-    cut = chosen.rfind(HH_SEPARATOR) + len(HH_SEPARATOR)
-    prompt = chosen[:cut]
-    rejected_answer = (
-        rejected[cut:] if rejected.startswith(prompt) else rejected[rejected.rfind(HH_SEPARATOR) + len(HH_SEPARATOR) :]
-    )
-    return {"prompt": prompt, "chosen": chosen[cut:], "rejected": rejected_answer}
-
-
-def _first_bad_json_line(files: list[str]) -> str | None:
-    """``<file> line <n>: <error>`` for the first line of the JSON-lines files that is not a JSON object, else None."""
-    import gzip
-
-    for name in files:
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(name, "rt", errors="replace") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    return f"{name} line {n}: {e.msg} at column {e.colno} ({line.strip()[:60]!r})"
-                if not isinstance(row, dict):
-                    kind = type(row).__name__
-                    return f"{name} line {n}: a JSON {kind}, not an object of columns ({line.strip()[:60]!r})"
-    return None
-
-
-def _load_split(cfg: DataConfig, split: str):
-    import datasets
-
-    try:
-        return datasets.load_dataset(cfg.path, data_files=cfg.data_files, split=split, revision=cfg.revision)
-    except (
-        Exception
-    ) as e:  # datasets raises many types (missing files, empty files, offline hub); all mean the same here
-        bad = _first_bad_json_line(_local_files(data_files_list(cfg.data_files))) if cfg.path == "json" else None
-        if bad:  # datasets says only that "an error occurred while generating the dataset": say where
-            raise DatasetError(
-                f"data.data_files: {bad}. Fix: make every line of the file one JSON object (JSON lines), or "
-                f"remove that line."
-            ) from e
-        raise DatasetError(
-            f"data.path={cfg.path!r} split {split!r} could not be loaded ({type(e).__name__}: {e}). Fix: check "
-            f"data.path / data.data_files "
-            f"and data.train_split / data.test_split; offline, point data.path=json and data.data_files at local files."
-        ) from e
-
-
-ROLES = ("system", "user", "assistant", "tool")
-
-
-def _messages(value, role: str, where: str) -> list[dict]:
-    """A conversation (list of {role, content}); a plain string becomes one message of ``role``."""
-    if isinstance(value, str):
-        return [{"role": role, "content": value}]
-    if not isinstance(value, list) or not value:
-        raise DatasetError(
-            f"{where} is {type(value).__name__} {value!r:.60}, not a list of messages. "
-            f"Fix: give it as [{{role, content}}, ...] (data.format=conversational) or use data.format=columns for "
-            f"text."
-        )
-    for j, m in enumerate(value):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DatasetError(
-                f"{where}: message {j} is {m!r:.80}, which lacks a role in {list(ROLES)} or a string content. "
-                f"Fix: every message needs role and content."
-            )
-    return [{"role": m["role"], "content": m["content"]} for m in value]
-
-
-def conversation_pair(prompt, chosen, rejected, where: str) -> dict | None:
-    """A preference row of message lists: the prompt (explicit, or the messages chosen and rejected
-    share) and the two completions (what follows it, starting with the assistant's turn). None for a
-    pair whose completions are the same."""
-    chosen, rejected = (
-        _messages(chosen, "assistant", f"{where} chosen"),
-        _messages(rejected, "assistant", f"{where} rejected"),
-    )
-    if prompt is None:  # implicit prompt: the messages both sides share
-        n = 0
-        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
-            n += 1
-        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
-        if not prompt:
-            raise DatasetError(
-                f"{where}: chosen and rejected do not share their prompt (their first messages differ). "
-                f"Fix: both must repeat the same conversation before the assistant's answer, or give a prompt column."
-            )
-    else:
-        prompt = _messages(prompt, "user", f"{where} prompt")
-        chosen = (
-            chosen[len(prompt) :] if chosen[: len(prompt)] == prompt else chosen
-        )  # full conversations beside a prompt column
-        rejected = rejected[len(prompt) :] if rejected[: len(prompt)] == prompt else rejected
-    for name, completion in (("chosen", chosen), ("rejected", rejected)):
-        if not completion or completion[0]["role"] != "assistant" or not completion[0]["content"].strip():
-            raise DatasetError(
-                f"{where}: the {name} answer {completion!r:.80} is not a non-empty assistant turn after the prompt. "
-                f"Fix: every pair needs an assistant message with content after the shared prompt."
-            )
-    return None if chosen == rejected else {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-
-
-def _prompt_chars(prompt) -> int:
-    return sum(len(m["content"]) for m in prompt) if isinstance(prompt, list) else len(prompt)
-
-
-def _rows(cfg: DataConfig, split: str) -> list[dict]:
-    ds = _load_split(cfg, split)
-    needed = {"chosen": "chosen", "rejected": "rejected"} if cfg.format == "hh" else dict(cfg.columns)
-    if cfg.format == "conversational" and needed.get("prompt") not in ds.column_names:
-        needed.pop("prompt", None)  # an implicit prompt: the messages chosen and rejected share
-    missing = {role: col for role, col in needed.items() if col not in ds.column_names}
-    if missing:
-        raise DatasetError(
-            f"dataset {cfg.path!r} split {split!r} has no column(s) {sorted(missing.values())} "
-            f"(mapped by data.columns / data.format={cfg.format}); it has {ds.column_names}. "
-            f"Fix: set data.columns.<role>=<column> for each of {sorted(missing)}."
-        )
-    if len(ds) == 0:
-        raise DatasetError(
-            f"dataset {cfg.path!r} split {split!r} is empty. Fix: point data.path / data.data_files at non-empty data."
-        )
-    where = f"dataset {cfg.path!r} split {split!r}"
-    dropped = {
-        "the same answer as chosen and rejected": 0,
-        "an empty prompt or answer": 0,
-        "a prompt past data.max_prompt_chars": 0,
-    }
-    if cfg.format == "conversational":
-        prompts = ds[needed["prompt"]] if "prompt" in needed else [None] * len(ds)
-        pairs = [
-            conversation_pair(p, ch, rj, f"{where} row {i}")
-            for i, (p, ch, rj) in enumerate(zip(prompts, ds[needed["chosen"]], ds[needed["rejected"]]))
-        ]
-        rows = [r for r in pairs if r]
-        dropped["the same answer as chosen and rejected"] = len(pairs) - len(rows)
-    else:
-        texts = [ds[needed[role]] for role in ("chosen", "rejected")] + (
-            [ds[needed["prompt"]]] if cfg.format == "columns" else []
-        )
-        for column, role in zip(texts, ("chosen", "rejected", "prompt")):
-            _check_text(column, where, needed[role], cfg.format)
-        if cfg.format == "hh":
-            rows = [split_hh(c, r) for c, r in zip(ds["chosen"], ds["rejected"])]
-        else:
-            c = cfg.columns
-            rows = [
-                {"prompt": p, "chosen": ch, "rejected": rj}
-                for p, ch, rj in zip(ds[c["prompt"]], ds[c["chosen"]], ds[c["rejected"]])
-            ]
-        kept = [r for r in rows if r["prompt"] and r["chosen"].strip() and r["rejected"].strip()]
-        dropped["an empty prompt or answer"] = len(rows) - len(kept)
-        rows = [r for r in kept if r["chosen"] != r["rejected"]]
-        dropped["the same answer as chosen and rejected"] = len(kept) - len(rows)
-    if cfg.max_prompt_chars:
-        short = [r for r in rows if _prompt_chars(r["prompt"]) <= cfg.max_prompt_chars]
-        dropped["a prompt past data.max_prompt_chars"] = len(rows) - len(short)
-        rows = short
-    if not rows:
-        reasons = "; ".join(f"{n} with {why}" for why, n in dropped.items() if n)
-        fixes = {
-            "the same answer as chosen and rejected": "pairs need two different answers, the preferred one as chosen",
-            "an empty prompt or answer": "every row needs a prompt and two non-empty answers",
-            "a prompt past data.max_prompt_chars": f"raise data.max_prompt_chars (now {cfg.max_prompt_chars}) or set "
-            f"it to null",
-        }
-        raise DatasetError(
-            f"{where} has no usable rows: all {len(ds)} were dropped ({reasons}). "
-            f"Fix: {'; '.join(fixes[why] for why, n in dropped.items() if n)}."
-        )
-    return rows
-
-
-def _check_text(values: list, where: str, column: str, data_format: str) -> None:
-    """Every value of a text column is a string; a message list names its row and the format that reads it."""
-    for i, value in enumerate(values):
-        if not isinstance(value, str):
-            kind = "a list of messages" if isinstance(value, list) else f"a {type(value).__name__}"
-            fix = (
-                "pass data.format=conversational, which reads message lists"
-                if isinstance(value, list)
-                else f"give column {column!r} text in every row"
-            )
-            raise DatasetError(
-                f"{where} row {i}: column {column!r} holds {kind} ({value!r:.60}), and data.format={data_format} reads "
-                f"text. Fix: {fix}."
-            )
-
-
-def _hub_splits(cfg: DataConfig) -> dict[str, list[dict]]:
-    """Train split -> sft (prompt + chosen), pref, ppo prompts; test split -> eval prompts and pairs."""
-    train = _rows(cfg, cfg.train_split)
-    test = _rows(cfg, cfg.test_split) if cfg.test_split != cfg.train_split else None
-    rng = random.Random(cfg.seed)
-    rng.shuffle(train)
-    if test is None:  # one split only: hold out a slice of it
-        n_test = max(1, min(len(train) // 10, cfg.n_eval_pref))
-        test, train = train[:n_test], train[n_test:]
-    if cfg.max_rows:
-        train = train[: cfg.max_rows]
-    if not train:
-        raise DatasetError(
-            f"dataset {cfg.path!r} has no usable training rows. Fix: check data.path and data.train_split."
-        )
-    return {
-        "sft": [{"prompt": r["prompt"], "response": r["chosen"]} for r in train[: cfg.n_sft]],
-        "pref": train[: cfg.n_pref],
-        "eval_prompts": [{"prompt": r["prompt"]} for r in test[: cfg.n_eval_prompts]],
-        "eval_pref": test[: cfg.n_eval_pref],
-        "ppo_prompts": [{"prompt": r["prompt"]} for r in train[: cfg.n_ppo_prompts]],
-    }
 
 
 def save_splits(splits: dict[str, list[dict]], out_dir: Path) -> dict[str, int]:

@@ -24,9 +24,9 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from .config import RuntimeConfig
-from .preemption import Preempted, StopSignals
+from .preemption import Preempted, StopSignals, kill_tree
 
-LAUNCH_DIR, RESULT_FILE = "launch", "result.json"
+LAUNCH_DIR, RESULT_FILE, STOP_FILE = "launch", "result.json", "STOP"
 
 
 class StageLaunchError(RuntimeError):
@@ -73,16 +73,26 @@ def launch_command(num_processes: int, spec: Path) -> list[str]:
 
 
 def run_data_parallel(
-    body: Callable, out_dir: Path, runtime: RuntimeConfig, seed: int, tracking_uri: str, run_id: str
+    body: Callable,
+    out_dir: Path,
+    runtime: RuntimeConfig,
+    seed: int,
+    tracking_uri: str,
+    run_id: str,
+    signals: StopSignals | None = None,
 ) -> dict:
     """Run ``body(ctx)`` in ``runtime.num_processes`` processes; return the main process's result.
 
-    The processes' output goes to ``<out_dir>/launch/log.txt``; a failure raises with its tail.
+    The processes' output goes to ``<out_dir>/launch/log.txt``; a failure raises with its tail. ``signals``: the
+    caller's stop signals; the first is passed on to the processes through a stop file (every process stops after
+    the same step and checkpoints), a second kills them all with this process (none: nobody stops them).
     """
+    signals = signals or StopSignals()
     folder = Path(out_dir) / LAUNCH_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    result = folder / RESULT_FILE
+    result, stop_file = folder / RESULT_FILE, folder / STOP_FILE
     result.unlink(missing_ok=True)
+    stop_file.unlink(missing_ok=True)
     spec = folder / "spec.pkl"
     spec.write_bytes(
         cloudpickle.dumps(
@@ -97,21 +107,20 @@ def run_data_parallel(
         )
     )
     log = folder / "log.txt"
+    project = str(Path(__file__).resolve().parents[1])
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([project, os.environ.get("PYTHONPATH", "")]),
+        # torch elastic kills its processes this long after its own stop: give them the step and the checkpoint
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(int(runtime.stop_grace_s)),
     }
     with log.open("w") as out:
-        # a session of its own: a stop signal reaches the launcher once, from here, and it passes it on to every process
-        proc = subprocess.Popen(
-            launch_command(runtime.num_processes, spec),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        with StopSignals(on_first=proc.send_signal):
-            rc = proc.wait()
+        # a session of its own: the launcher never sees the stop signal; its processes read the stop file
+        cmd = launch_command(runtime.num_processes, spec)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        signals.on_first = lambda signum: stop_file.write_text(str(signum))
+        signals.on_second = lambda _signum: kill_tree(proc.pid)
+        rc = proc.wait()
     outcome = json.loads(result.read_text()) if result.exists() else None
     if outcome and "preempted" in outcome:  # the processes stopped on a signal, their last step checkpointed
         raise Preempted(**outcome["preempted"])
@@ -157,10 +166,11 @@ def main(spec_path: str) -> None:
         compile=rt.compile,
     )
     try:
-        with StopSignals():  # the launcher passes a stop signal on: every process stops after the same step
+        # asked through the stop file; a signal that reaches this process directly asks the same, however often
+        with StopSignals(once=True, stop_file=Path(spec_path).with_name(STOP_FILE)):
             result = spec["body"](ctx)
     except Preempted as stopped:
-        result = {"preempted": {"stage": stopped.stage, "signum": stopped.signum, "step": stopped.step}}
+        result = {"preempted": {"stage": stopped.stage, "signum": stopped.signum, "at": stopped.at}}
     sink.flush()
     if main_process:
         checkpoint.atomic_write_json(Path(spec_path).with_name(RESULT_FILE), result)

@@ -89,7 +89,7 @@ def train(method: OnPolicy, eval_prompts: list[str], eval_ids: list, resume: Pat
         saved = method.iteration % cfg.checkpoint_every == 0 or method.iteration == cfg.steps or method.guard.stopped
         if saved:
             method.trainer.save(method.state())  # 5. checkpoint
-        method.trainer.stop_if_requested(method.state, saved)
+        method.trainer.stop_if_requested(method.state, saved, at=f"iteration {method.iteration}")
     progress.close()
     return finish(method, metrics)
 

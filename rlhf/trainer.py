@@ -240,20 +240,24 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return checkpoint.step_dir(self.ckpt_dir, self.step)
 
-    def stop_if_requested(self, extra_state: Callable[[], dict] | None = None, saved: bool = False) -> None:
+    def stop_if_requested(
+        self, extra_state: Callable[[], dict] | None = None, saved: bool = False, at: str = ""
+    ) -> None:
         """At the end of a step: if a stop signal came (:mod:`rlhf.preemption`; in any process, so all stop at the same
         step), log the metrics of the steps since the last log, checkpoint (unless this step just ``saved``) and raise
-        :class:`~rlhf.preemption.Preempted`. ``extra_state``: what the stage adds to its checkpoints."""
+        :class:`~rlhf.preemption.Preempted` naming where (``at``, else the step). ``extra_state``: what the stage adds
+        to its checkpoints. After the last step nothing is raised: the stage finishes, and the pipeline stops after
+        it."""
         signum = preemption.requested() or 0
         if self.world > 1:
             signum = int(self.accelerator.reduce(torch.tensor(signum, device=self.accelerator.device), "max"))
-        if not signum:
+        if not signum or self.step >= self.total_steps:
             return
         self.flush()
         if not saved:
             self.save(extra_state() if extra_state else None)
         self.progress.close()
-        raise preemption.Preempted(self.prefix, signum, self.step)
+        raise preemption.Preempted(self.prefix, signum, at or f"step {self.step}")
 
     def load(self, ckpt: Path) -> dict:
         """Restore optimizer, schedule, RNG and step from a checkpoint (weights are loaded by the stage)."""

@@ -27,7 +27,7 @@ from rlhf.context import CKPT_DIR, FINAL_DIR, StageContext
 from rlhf.launch import run_data_parallel
 from rlhf.lineage import log_datasets
 from rlhf.model_logging import log_final_model
-from rlhf.preemption import Preempted, StopSignals
+from rlhf.preemption import Preempted, StopSignals, stop_after
 from rlhf.progress import ProgressSettings
 from rlhf.settings import from_dict
 from rlhf.system_metrics import PeakMemory, StageSystemMetrics
@@ -163,21 +163,12 @@ def run_stage(
 
     ``env``: root, tracking_uri, experiment_id, parent_run_id, run_name, runtime, tracking. ``fresh``:
     ignore checkpoints. With ``runtime.num_processes > 1`` a training stage's body runs under
-    ``accelerate launch``. Training stages record system metrics while they run.
+    ``accelerate launch``. Training stages record system metrics while they run, and stop on SIGTERM / SIGINT
+    after their step, checkpointed (:mod:`rlhf.preemption`).
     """
     client = MlflowClient(env["tracking_uri"])
     out_dir = stage_dir(env["root"], stage, key)
-    run = _resumed_run(client, out_dir) if not fresh else None
-    if run is None:
-        run = RunLogger.create(
-            client,
-            env["experiment_id"],
-            f"{stage}-{short_key(key)}",
-            {"stage": stage, "cache_key": key},
-            env["parent_run_id"],
-        )
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / RUN_ID_FILE).write_text(run.run_id)
+    run = (None if fresh else _resumed_run(client, out_dir)) or _new_run(client, env, stage, key, out_dir)
     rt, tracking = from_dict(RuntimeConfig, env["runtime"]), from_dict(TrackingConfig, env["tracking"])
     training = stage in training_stages()
     monitor = (
@@ -185,30 +176,13 @@ def run_stage(
         if training and tracking.system_metrics
         else contextlib.nullcontext()
     )
+    signals = StopSignals()
     try:
         _track_inputs(client, run, lineage)
         device = runtime.setup(rt, seed)
         started = time.perf_counter()
-        with monitor, PeakMemory(device.type) as memory:
-            if rt.num_processes > 1 and training:
-                run.set_tags({"num_processes": rt.num_processes})
-                if fresh:
-                    shutil.rmtree(out_dir / CKPT_DIR, ignore_errors=True)
-                result = run_data_parallel(body, out_dir, rt, seed, env["tracking_uri"], run.run_id)
-            else:
-                with (
-                    StopSignals() if training else contextlib.nullcontext()
-                ):  # SIGTERM / SIGINT: finish the step, checkpoint, stop
-                    result = body(
-                        StageContext(
-                            out_dir,
-                            run,
-                            device,
-                            fresh=fresh,
-                            compile=rt.compile,
-                            progress_settings=ProgressSettings(rt.progress, rt.progress_every_s),
-                        )
-                    )
+        with monitor, PeakMemory(device.type) as memory, signals if training else contextlib.nullcontext():
+            result = _run_body(body, run, out_dir, rt, seed, env, device, fresh, training, signals)
         compute_s = time.perf_counter() - started  # the stage's own work; the rest of this function is tracking
         run.log_metrics({f"{stage}/compute_s": compute_s, f"{stage}/peak_memory_mb": memory.peak_mb}, step=0)
         run.flush()
@@ -221,6 +195,8 @@ def run_stage(
         run.finish("FAILED")
         raise
     run.finish()
+    if signals.signum is not None:  # asked to stop once training had ended: the stage is done, the pipeline stops
+        stop_after(stage, signals.signum)
     record = {
         "stage": stage,
         "cache_key": key,
@@ -232,3 +208,34 @@ def run_stage(
     }
     write_record(out_dir, record)
     return record
+
+
+def _new_run(client: MlflowClient, env: dict, stage: str, key: str, out_dir: Path) -> RunLogger:
+    """The stage's MLflow run, nested under the pipeline's, its id kept in the stage folder (a resume continues it)."""
+    tags = {"stage": stage, "cache_key": key}
+    run = RunLogger.create(client, env["experiment_id"], f"{stage}-{short_key(key)}", tags, env["parent_run_id"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RUN_ID_FILE).write_text(run.run_id)
+    return run
+
+
+def _run_body(
+    body,
+    run: RunLogger,
+    out_dir: Path,
+    rt: RuntimeConfig,
+    seed: int,
+    env: dict,
+    device,
+    fresh: bool,
+    training: bool,
+    signals: StopSignals,
+) -> dict:
+    """The stage's body here, or in ``runtime.num_processes`` processes under ``accelerate launch``."""
+    if rt.num_processes > 1 and training:
+        run.set_tags({"num_processes": rt.num_processes})
+        if fresh:
+            shutil.rmtree(out_dir / CKPT_DIR, ignore_errors=True)
+        return run_data_parallel(body, out_dir, rt, seed, env["tracking_uri"], run.run_id, signals)
+    progress = ProgressSettings(rt.progress, rt.progress_every_s)
+    return body(StageContext(out_dir, run, device, fresh=fresh, compile=rt.compile, progress_settings=progress))

@@ -70,7 +70,7 @@ PAIR = {"prompt": "What is two and two?", "chosen": "four", "rejected": "five"}
 
 
 def test_message_lists_under_the_columns_format_name_the_row_and_the_format_to_use(tmp_path):
-    from rlhf.data import build_splits
+    from rlhf.sources import build_splits
 
     turn = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731  (a conversational export, read as columns)
     rows = [{"prompt": "Hi", "chosen": turn("Hello"), "rejected": turn("Go away")}] * 3
@@ -84,7 +84,7 @@ def test_message_lists_under_the_columns_format_name_the_row_and_the_format_to_u
 
 
 def test_a_broken_json_line_is_named_by_file_and_line(tmp_path):
-    from rlhf.data import build_splits
+    from rlhf.sources import build_splits
 
     file = write_jsonl(tmp_path / "pairs.jsonl", [PAIR] * 5, broken_line=4)
     with pytest.raises(DatasetError) as e:
@@ -93,7 +93,7 @@ def test_a_broken_json_line_is_named_by_file_and_line(tmp_path):
 
 
 def test_pairs_whose_answers_are_all_the_same_are_blamed_on_that_not_on_the_prompt_limit(tmp_path):
-    from rlhf.data import build_splits
+    from rlhf.sources import build_splits
 
     rows = [{"prompt": f"q{i}", "chosen": "same", "rejected": "same"} for i in range(6)]
     with pytest.raises(DatasetError) as e:
@@ -127,3 +127,25 @@ def test_a_root_that_cannot_be_created_names_paths_root_and_the_fix(micro, tmp_p
     assert f"paths.root='{root}' cannot be used" in str(
         e.value
     ) and "Fix: pass paths.root=<a writable folder> or set RLHF_HOME" in str(e.value)
+
+
+def test_a_json_array_file_is_not_blamed_on_json_lines(tmp_path):
+    """A file the json builder reads fine (a JSON array) failing for another reason keeps datasets' own reason."""
+    import json
+
+    from rlhf.sources import build_splits
+
+    file = tmp_path / "pairs.json"
+    file.write_text(json.dumps([PAIR] * 4, indent=1))
+    with pytest.raises(DatasetError) as e:
+        build_splits(
+            DataConfig(
+                source="hub",
+                path="json",
+                data_files=str(file),
+                train_split="train",
+                test_split="test",
+                format="columns",
+            )
+        )  # a split the file does not have
+    assert "line 1" not in str(e.value) and "could not be loaded" in str(e.value) and "test" in str(e.value)

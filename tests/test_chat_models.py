@@ -15,9 +15,11 @@ from mlflow.tracking import MlflowClient
 from rlhf.chat import prepare_tokenizer, render_row
 from rlhf.config import DataConfig, ModelConfig
 from rlhf.config_model import CHATML
-from rlhf.data import DatasetError, build_splits, conversation_pair, encode_pairs, load_rows
-from rlhf.modeling import disable_dropout, load_policy, model_config, token_logprobs, train_tokenizer
+from rlhf.data import DatasetError, encode_pairs, load_rows
+from rlhf.modeling import disable_dropout, load_policy, token_logprobs
+from rlhf.sources import build_splits, conversation_pair
 from rlhf.synthetic import behaviour_answer, random_spec
+from rlhf.tiny import model_config, train_tokenizer
 
 from .conftest import micro_overrides
 

@@ -108,3 +108,31 @@ def test_a_trainer_state_round_trips_with_weights_only(tmp_path):
         and torch.equal(loaded["member_stats"], extra["member_stats"])
     )
     assert torch.equal(torch.rand(3), expected)  # the random state came back with the step
+
+
+def test_preempted_survives_pickling_and_names_where_to_resume():
+    import pickle
+
+    from rlhf.preemption import Preempted
+
+    stop = pickle.loads(pickle.dumps(Preempted("ppo", 15, "iteration 37")))
+    assert (stop.stage, stop.signum, stop.at, stop.exit_code) == ("ppo", 15, "iteration 37", 143)
+    assert "stopped by SIGTERM after iteration 37" in str(stop) and "resume at iteration 37" in str(stop)
+    assert "after the stage finished" in str(Preempted("sft", 2, None))
+
+
+def test_a_stop_file_or_any_number_of_signals_ask_a_launched_process_once(tmp_path):
+    import os
+    import signal
+
+    from rlhf import preemption
+
+    stop_file = tmp_path / "STOP"
+    with preemption.StopSignals(once=True, stop_file=stop_file) as signals:
+        assert preemption.requested() is None
+        stop_file.write_text(str(int(signal.SIGINT)))
+        assert preemption.requested() == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGTERM)  # a repeat does not end the process
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.signum == signal.SIGTERM
+    assert preemption.requested() is None

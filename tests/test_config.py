@@ -178,7 +178,7 @@ def test_the_ensembles_experiment_is_coste_et_al_setting():
     """Few noisy pairs, and nothing every member would learn alike: no annotator length bias and no length
     trend in the pairs (the shorter answer wins about half the pairs of unequal length; length tells nothing
     of gold), so the single model's errors are its own. The docs' two arms compose as documented."""
-    from rlhf.data import build_splits
+    from rlhf.sources import build_splits
     from rlhf.synthetic import pair_length_stats
 
     cfg = validate(load_config(["experiment=ensembles"]))

@@ -5,8 +5,9 @@ import json
 import pytest
 
 from rlhf.config import DataConfig
-from rlhf.data import DatasetError, Encoded, build_splits, encode_pairs, encode_prompts, split_hh
-from rlhf.modeling import train_tokenizer
+from rlhf.data import DatasetError, Encoded, encode_pairs, encode_prompts
+from rlhf.sources import build_splits, split_hh
+from rlhf.tiny import train_tokenizer
 
 from .conftest import SHARED_HH
 

@@ -192,3 +192,40 @@ def test_each_process_saves_its_own_random_state_and_gets_it_back_on_resume(upst
         draws[(True, 0)] == draws[(False, 0)] and draws[(True, 1)] == draws[(False, 1)]
     )  # each process restored its own
     assert draws[(False, 0)] != draws[(False, 1)]
+
+
+def test_a_stop_signal_stops_every_process_after_the_same_step_and_the_rerun_finishes(upstream, tmp_path):
+    """SIGTERM to the launching process mid-stage: the processes learn it from the stop file (the launcher never sees
+    a signal), finish their step, checkpoint it and stop; the launching process raises Preempted. Run again, the
+    stage resumes there and ends at the configured steps, every step logged once."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from rlhf.preemption import Preempted, StopSignals
+
+    client, out = upstream["client"], tmp_path / "rm-stopped"
+    cfg = RewardConfig(
+        lr=1e-3, epochs=40, batch_size=16, grad_accum=2, log_every=1, eval_every=1000, checkpoint_every=1000
+    )
+    body = lambda c: reward.run(cfg, TINY_MODEL, upstream["data"], upstream["sft"], c)  # noqa: E731
+    run_id = upstream["new_run"]("rm-stopped")
+
+    def stop_when_training():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not client.get_metric_history(run_id, "rm/loss"):
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_when_training, daemon=True).start()
+    with pytest.raises(Preempted) as stopped, StopSignals() as signals:
+        run_data_parallel(body, out, TWO, cfg.seed, client.tracking_uri, run_id, signals)
+    assert stopped.value.signum == signal.SIGTERM and stopped.value.at.startswith("step ")
+    step = int(stopped.value.at.split()[1])
+    checkpoints = sorted((out / "ckpt").glob("step-*"))
+    assert [c.name for c in checkpoints] == [f"step-{step:06d}"] and 0 < step < 160  # the signal's own checkpoint
+
+    done = run_data_parallel(body, out, TWO, cfg.seed, client.tracking_uri, run_id)
+    steps = [m.step for m in client.get_metric_history(run_id, "rm/loss")]
+    assert done["steps"] == 160 and steps == list(range(1, 161))  # resumed at the stopped step, each step once

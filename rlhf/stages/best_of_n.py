@@ -60,7 +60,7 @@ def sample(env, prompt_ids: list[list[int]], args: dict) -> tuple[list[Samples],
         candidates = env.sample_batch(env.sft, repeated)
         chosen, best = _select(candidates, env.score(candidates), n)
         answers.append(chosen)
-        if n == 1:  # the SFT answer itself: KL 0, and no second draw, so the answers are SFT's sample for sample
+        if n == 1:  # an SFT answer from the candidates' own stream: KL 0, and no second draw
             kls.append(torch.zeros(len(best)))
             continue
         pool = env.score(env.sample_batch(env.sft, repeated)).view(-1, n)

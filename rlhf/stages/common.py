@@ -46,3 +46,12 @@ def supervised_trainer(
     trainer.progress = ctx.progress(prefix, trainer.total_steps, trainer.step)
     model.train()
     return trainer
+
+
+def finish(trainer: Trainer, ctx: StageContext, model: torch.nn.Module, tokenizer, stage: str, final: dict) -> dict:
+    """The end of a supervised stage: its final model saved, its tokens trained logged; its record, with ``final``
+    (the last evaluation's metrics, named without prefix) under the trainer's prefix."""
+    ctx.save_final(model, tokenizer, {"stage": stage, "step": trainer.step})
+    ctx.sink.log_metrics({f"{trainer.prefix}/tokens_trained": trainer.tokens_trained}, trainer.step)
+    metrics = {f"{trainer.prefix}/{k}": v for k, v in {**final, "tokens_trained": trainer.tokens_trained}.items()}
+    return {"model_path": str(ctx.final_dir), "metrics": metrics, "steps": trainer.step}

@@ -12,7 +12,7 @@ from ..data import Encoded, load_rows
 from ..losses import dpo_loss
 from ..modeling import Logprobs, autocast, disable_dropout, load_policy, load_tokenizer, load_trainable, token_logprobs
 from ..trainer import fit
-from .common import batched, supervised_trainer
+from .common import batched, finish, supervised_trainer
 from .reward import encode_preferences
 
 
@@ -77,12 +77,4 @@ def run(cfg: DPOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: Stage
         return {"eval_loss": float(loss), "eval_accuracy": float(m["accuracy"]), "eval_margin": float(m["margin"])}
 
     fit(trainer, len(rows), micro_loss, evaluate)
-    final = evaluate()
-    ctx.save_final(policy, tokenizer, {"stage": "dpo", "step": trainer.step})
-    final["tokens_trained"] = trainer.tokens_trained
-    ctx.sink.log_metrics({"dpo/tokens_trained": trainer.tokens_trained}, trainer.step)
-    return {
-        "model_path": str(ctx.final_dir),
-        "metrics": {f"dpo/{k}": v for k, v in final.items()},
-        "steps": trainer.step,
-    }
+    return finish(trainer, ctx, policy, tokenizer, "dpo", evaluate())

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ..config import DataConfig
 from ..context import StageContext
-from ..data import build_splits, dataset_label, fingerprint_splits, save_splits, source_fingerprint
+from ..data import dataset_label, fingerprint_splits, save_splits, source_fingerprint
+from ..sources import build_splits
 
 
 def run(cfg: DataConfig, ctx: StageContext) -> dict:

@@ -15,7 +15,7 @@ from ..data import Encoded, encode_pairs, load_rows, load_split
 from ..losses import pairwise_loss
 from ..modeling import TokenValues, autocast, load_tokenizer, load_trainable
 from ..trainer import fit
-from .common import batched, supervised_trainer
+from .common import batched, finish, supervised_trainer
 
 
 def encode_preferences(tokenizer, rows: list[dict], max_length: int) -> tuple[Encoded, Encoded]:
@@ -97,18 +97,8 @@ def run(
             return pair_accuracy(model, held, tokenizer, max_length, ctx.device)
 
     fit(trainer, len(rows), micro_loss, evaluate)
-    final = {
-        **evaluate(),
-        **report_on(model, load_split(data_dir, "eval_pref"), held, tokenizer, max_length, ctx, amp, trainer.step),
-    }
-    ctx.save_final(model, tokenizer, {"stage": "reward", "step": trainer.step})
-    final["tokens_trained"] = trainer.tokens_trained
-    ctx.sink.log_metrics({"rm/tokens_trained": trainer.tokens_trained}, trainer.step)
-    return {
-        "model_path": str(ctx.final_dir),
-        "metrics": {f"rm/{k}": v for k, v in final.items()},
-        "steps": trainer.step,
-    }
+    report = report_on(model, load_split(data_dir, "eval_pref"), held, tokenizer, max_length, ctx, amp, trainer.step)
+    return finish(trainer, ctx, model, tokenizer, "reward", {**evaluate(), **report})
 
 
 def report_on(

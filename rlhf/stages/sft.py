@@ -10,11 +10,12 @@ from .. import checkpoint
 from ..chat import prepare_tokenizer, texts
 from ..config import ModelConfig, SFTConfig
 from ..context import StageContext
-from ..data import encode_pairs, is_conversational, load_rows, load_split
+from ..data import Encoded, encode_pairs, is_conversational, load_rows, load_split
 from ..losses import sft_loss
-from ..modeling import Logprobs, autocast, build_tiny, load_tokenizer, load_trainable, token_logprobs
+from ..modeling import Logprobs, autocast, load_tokenizer, load_trainable, token_logprobs
+from ..tiny import build_tiny
 from ..trainer import fit
-from .common import batched, supervised_trainer
+from .common import batched, finish, supervised_trainer
 
 EVAL_SHARE = 0.05  # demonstrations held out for sft/eval_loss
 
@@ -34,65 +35,52 @@ def base_model(model_cfg: ModelConfig, data_dir: Path, ctx: StageContext) -> str
 def run(model_cfg: ModelConfig, cfg: SFTConfig, data_dir: str, ctx: StageContext) -> dict:
     with ctx.accelerator.main_process_first():  # one process builds the tiny base; the others load it
         base = base_model(model_cfg, Path(data_dir), ctx)
-    tokenizer = load_tokenizer(
-        model_cfg.tokenizer or base, "model.tokenizer" if model_cfg.tokenizer else "model.pretrained"
-    )
-    if is_conversational(
-        data_dir
-    ):  # the template and its end-of-turn EOS travel with the SFT model to every later stage
+    key = "model.tokenizer" if model_cfg.tokenizer else "model.pretrained"
+    tokenizer = load_tokenizer(model_cfg.tokenizer or base, key)
+    if is_conversational(data_dir):  # the template and its end-of-turn EOS travel with the SFT model to later stages
         prepare_tokenizer(tokenizer, model_cfg.default_chat_template)
     resume = ctx.resume_point()
     model = load_trainable("policy", base, resume and resume / "policy", tokenizer, model_cfg).to(ctx.device)
     amp = autocast(model_cfg, ctx.device)
-
     rows = load_rows(data_dir, "sft", tokenizer)
     n_eval = max(1, int(EVAL_SHARE * len(rows))) if len(rows) > 1 else 0
-    train = encode_pairs(
-        tokenizer, [r["prompt"] for r in rows[n_eval:]], [r["response"] for r in rows[n_eval:]], model_cfg.max_length
+    train, held = (
+        demonstrations(tokenizer, rows[n_eval:], model_cfg),
+        demonstrations(tokenizer, rows[:n_eval], model_cfg),
     )
-    held = (
-        encode_pairs(
-            tokenizer,
-            [r["prompt"] for r in rows[:n_eval]],
-            [r["response"] for r in rows[:n_eval]],
-            model_cfg.max_length,
-        )
-        if n_eval
-        else None
-    )
-
     trainer = supervised_trainer("policy", model, tokenizer, cfg, len(train), "sft", ctx, resume, amp)
     trained = trainer.wrap(Logprobs(model))
 
     def micro_loss(idx: torch.Tensor):
         b = train.batch(idx).to(ctx.device)
-        loss, metrics = sft_loss(
-            token_logprobs(trained, b.input_ids, b.attention_mask, first=b.first_target), b.loss_mask
-        )
+        logp = token_logprobs(trained, b.input_ids, b.attention_mask, first=b.first_target)
+        loss, metrics = sft_loss(logp, b.loss_mask)
         return loss, metrics, int(b.attention_mask.sum())
 
-    def evaluate() -> dict:
-        if held is None:
-            return {}
-        model.eval()
-
-        def nll(idx):
-            b = held.batch(idx).to(ctx.device)
-            with amp():
-                lp = token_logprobs(model, b.input_ids, b.attention_mask, first=b.first_target)
-            return torch.stack([-(lp * b.loss_mask).sum(), b.loss_mask.sum()])[None]
-
-        sums = batched(nll, len(held), 256).sum(0)
-        model.train()
-        return {"eval_loss": float(sums[0] / sums[1])}
-
+    evaluate = lambda: held_out_nll(model, held, ctx, amp)  # noqa: E731
     fit(trainer, len(train), micro_loss, evaluate)
-    final = evaluate()
-    ctx.save_final(model, tokenizer, {"stage": "sft", "step": trainer.step})
-    final["tokens_trained"] = trainer.tokens_trained
-    ctx.sink.log_metrics({"sft/tokens_trained": trainer.tokens_trained}, trainer.step)
-    return {
-        "model_path": str(ctx.final_dir),
-        "metrics": {f"sft/{k}": v for k, v in final.items()},
-        "steps": trainer.step,
-    }
+    return finish(trainer, ctx, model, tokenizer, "sft", evaluate())
+
+
+def demonstrations(tokenizer, rows: list[dict], model_cfg: ModelConfig) -> Encoded | None:
+    """Prompt + response of each demonstration, encoded (None for no rows)."""
+    if not rows:
+        return None
+    return encode_pairs(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], model_cfg.max_length)
+
+
+def held_out_nll(model, held: Encoded | None, ctx: StageContext, amp) -> dict:
+    """The token NLL of the held-out demonstrations' answers (``eval_loss``)."""
+    if held is None:
+        return {}
+    model.eval()
+
+    def nll(idx):
+        b = held.batch(idx).to(ctx.device)
+        with amp():
+            lp = token_logprobs(model, b.input_ids, b.attention_mask, first=b.first_target)
+        return torch.stack([-(lp * b.loss_mask).sum(), b.loss_mask.sum()])[None]
+
+    sums = batched(nll, len(held), 256).sum(0)
+    model.train()
+    return {"eval_loss": float(sums[0] / sums[1])}
