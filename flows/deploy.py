@@ -98,42 +98,29 @@ def deploy(cfg: dict) -> dict[str, str]:
         ensure_pools(client, cfg["pools"])
         conc = cfg["concurrency"]
         client.create_concurrency_limit(tag=conc["tag"], concurrency_limit=conc["limit"])
-    stage, pipe = cfg["stage"], cfg["pipeline"]
-    ids = {}
-    ids[cfg["dispatch"]["deployment"]] = str(
-        rlhf_stage.from_source(source, "flows/stage.py:rlhf_stage").deploy(
-            name=stage_name,
-            work_pool_name=stage["pool"],
-            job_variables=stage["job_variables"],
-            tags=stage["tags"],
-            build=False,
-            push=False,
-            print_next_steps=False,
-            ignore_warnings=True,
-            description="One training stage (SFT, a reward model or the policy stage); started by the pipeline with "
-            "run_deployment.",
-        )
+    stage, pipe, sched = cfg["stage"], cfg["pipeline"], cfg["pipeline"]["schedule"]
+    common = dict(build=False, push=False, print_next_steps=False, ignore_warnings=True)
+    stage_id = rlhf_stage.from_source(source, "flows/stage.py:rlhf_stage").deploy(
+        name=stage_name,
+        work_pool_name=stage["pool"],
+        job_variables=stage["job_variables"],
+        tags=stage["tags"],
+        description="One training stage (SFT, a reward model or the policy stage); started by the pipeline with "
+        "run_deployment.",
+        **common,
     )
-    sched = pipe["schedule"]
-    ids[f"{rlhf_pipeline.name}/{pipe['name']}"] = str(
-        rlhf_pipeline.from_source(source, "flows/dag.py:rlhf_pipeline").deploy(
-            name=pipe["name"],
-            work_pool_name=pipe["pool"],
-            job_variables=pipe["job_variables"],
-            tags=pipe["tags"],
-            parameters={"base_overrides": pipe["base_overrides"]},
-            schedules=[Cron(sched["cron"], timezone=sched["timezone"], active=sched["active"])]
-            if sched["cron"]
-            else [],
-            build=False,
-            push=False,
-            print_next_steps=False,
-            ignore_warnings=True,
-            description='The RLHF pipeline; parameter `overrides` takes Hydra overrides (e.g. ["algo=ppo", '
-            '"algo.beta=0.1"]).',
-        )
+    cron = [Cron(sched["cron"], timezone=sched["timezone"], active=sched["active"])] if sched["cron"] else []
+    pipeline_id = rlhf_pipeline.from_source(source, "flows/dag.py:rlhf_pipeline").deploy(
+        name=pipe["name"],
+        work_pool_name=pipe["pool"],
+        job_variables=pipe["job_variables"],
+        tags=pipe["tags"],
+        parameters={"base_overrides": pipe["base_overrides"]},
+        schedules=cron,
+        description='The RLHF pipeline; its parameter `overrides` takes Hydra overrides: ["algo=ppo", ...].',
+        **common,
     )
-    return ids
+    return {cfg["dispatch"]["deployment"]: str(stage_id), f"{rlhf_pipeline.name}/{pipe['name']}": str(pipeline_id)}
 
 
 def main(argv: list[str]) -> None:

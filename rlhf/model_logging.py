@@ -71,7 +71,6 @@ def log_final_model(
     """
     import mlflow
     from mlflow.entities import LoggedModelOutput
-    from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
     model, tokenizer = _load(Path(path), task)
@@ -96,19 +95,27 @@ def log_final_model(
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
     out = {"model_id": logged.model_id, "model_uri": f"models:/{logged.model_id}"}
     if registered_name:
-        try:
-            client.create_registered_model(registered_name)
-        except MlflowException:  # it exists (or another run made it just now)
-            pass
-        # The source is the artifact location: a models:/ source would be resolved against the global tracking URI.
-        version = client.create_model_version(
-            registered_name,
-            logged.artifact_location,
-            run_id=run_id,
-            model_id=logged.model_id,
-            tags={k: str(v) for k, v in (version_tags or {}).items()},
-            await_creation_for=0,
-        )
-        out.update(registered_model=registered_name, version=str(version.version))
-        log.info("registered %s version %s (%s)", registered_name, version.version, json.dumps(version_tags or {}))
+        out.update(register(client, registered_name, logged, run_id, version_tags or {}))
     return out
+
+
+def register(client: MlflowClient, registered_name: str, logged, run_id: str, version_tags: dict) -> dict:
+    """A new version of ``registered_name`` (created if need be) for the logged model, made by stage run ``run_id``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(registered_name)
+    except MlflowException:  # it exists (or another run made it just now)
+        pass
+    # The source is the artifact location: a models:/ source would be resolved against the global tracking URI.
+    tags = {k: str(v) for k, v in version_tags.items()}
+    version = client.create_model_version(
+        registered_name,
+        logged.artifact_location,
+        run_id=run_id,
+        model_id=logged.model_id,
+        tags=tags,
+        await_creation_for=0,
+    )
+    log.info("registered %s version %s (%s)", registered_name, version.version, json.dumps(version_tags))
+    return {"registered_model": registered_name, "version": str(version.version)}

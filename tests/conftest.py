@@ -33,3 +33,23 @@ def micro(tmp_path):
     from flows.compose import load_config
 
     return lambda *extra: load_config(micro_overrides(tmp_path, *extra))
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory):
+    """Data, SFT and a reward model on tiny sizes, trained once for every stage test."""
+    from rlhf.config import DataConfig, RewardConfig, SFTConfig
+    from rlhf.stages import prepare, reward, sft
+
+    from .tiny import LOOP, TINY_MODEL, ctx
+
+    root = tmp_path_factory.mktemp("stages")
+    torch.manual_seed(0)  # the tiny model's initialisation: the same upstream whichever tests ran before
+    data = prepare.run(
+        DataConfig(n_sft=64, n_pref=64, n_eval_prompts=16, n_eval_pref=16, n_ppo_prompts=32), ctx(root, "data")
+    )
+    c = ctx(root, "sft")
+    s = sft.run(TINY_MODEL, SFTConfig(lr=3e-3, epochs=2, **LOOP), data["data_dir"], c)
+    rc = ctx(root, "rm")
+    r = reward.run(RewardConfig(lr=1e-3, epochs=1, **LOOP), TINY_MODEL, data["data_dir"], s["model_path"], rc)
+    return {"root": root, "data": data["data_dir"], "sft": s, "sft_sink": c.sink, "rm": r, "rm_sink": rc.sink}

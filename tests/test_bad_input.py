@@ -14,7 +14,7 @@ from rlhf.stages import prepare, sft
 from rlhf.tracking import TrackingUnavailableError
 from rlhf.validate import validate
 
-from .test_stages import TINY_MODEL, Recorder
+from .tiny import TINY_MODEL, Recorder
 
 
 def free_port() -> int:

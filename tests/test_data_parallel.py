@@ -18,7 +18,7 @@ from rlhf.stages import ppo, prepare, reward, sft
 from rlhf.stages.ppo import PPOConfig
 from rlhf.synthetic import gold_reward
 from rlhf.validate import validate
-from tests.test_stages import TINY_MODEL, ctx, params_of
+from tests.tiny import TINY_MODEL, ctx, params_of
 
 TWO = RuntimeConfig(device="cpu", threads=1, num_processes=2)
 REWARD = RewardConfig(lr=3e-3, epochs=1, batch_size=16, grad_accum=2, log_every=1, eval_every=100, checkpoint_every=2)

@@ -71,7 +71,7 @@ def logged(tmp_path_factory) -> set[str]:
     from rlhf.stages.best_of_n import BestOfNConfig, sample
     from rlhf.stages.best_of_n import run as best_of_n
 
-    from .test_stages import LOOP, TINY_MODEL, ctx
+    from .tiny import LOOP, TINY_MODEL, ctx
 
     root = tmp_path_factory.mktemp("metrics")
     torch.manual_seed(0)
@@ -82,16 +82,11 @@ def logged(tmp_path_factory) -> set[str]:
         sinks.append(c.sink)
         return c
 
-    data = prepare.run(
-        DataConfig(n_sft=32, n_pref=32, n_eval_prompts=8, n_eval_pref=16, n_ppo_prompts=16), stage("data")
-    )["data_dir"]
+    splits = DataConfig(n_sft=32, n_pref=32, n_eval_prompts=8, n_eval_pref=16, n_ppo_prompts=16)
+    data = prepare.run(splits, stage("data"))["data_dir"]
     s = sft.run(TINY_MODEL, SFTConfig(epochs=1, **LOOP), data, stage("sft"))["model_path"]
-    rms = [
-        reward.run(RewardConfig(epochs=1, bootstrap=True, **LOOP), TINY_MODEL, data, s, stage(f"rm{i}"), member=i)[
-            "model_path"
-        ]
-        for i in (0, 1)
-    ]
+    rm = RewardConfig(epochs=1, bootstrap=True, **LOOP)
+    rms = [reward.run(rm, TINY_MODEL, data, s, stage(f"rm{i}"), member=i)["model_path"] for i in (0, 1)]
     inputs = PolicyInputs(data, s, rms[0], gold_reward, 1.0, (rms[1],))
     dpo.run(dpo.DPOConfig(epochs=1, **LOOP), TINY_MODEL, inputs, stage("dpo"))
     loop = dict(
@@ -103,19 +98,10 @@ def logged(tmp_path_factory) -> set[str]:
         checkpoint_every=10,
         sampling=SamplingConfig(max_new_tokens=6),
     )
-    ppo.run(
-        ppo.PPOConfig(
-            **loop,
-            reward_ensemble="worst",
-            guard="conservative",
-            guard_patience=1,
-            adaptive_kl=True,
-            normalize_reward=True,
-        ),
-        TINY_MODEL,
-        inputs,
-        stage("ppo"),
+    everything = dict(
+        reward_ensemble="worst", guard="conservative", guard_patience=1, adaptive_kl=True, normalize_reward=True
     )
+    ppo.run(ppo.PPOConfig(**loop, **everything), TINY_MODEL, inputs, stage("ppo"))
     rloo.run(rloo.RLOOConfig(**loop, kl_penalty="loss"), TINY_MODEL, inputs, stage("rloo"))
     grpo.run(grpo.GRPOConfig(**loop), TINY_MODEL, inputs, stage("grpo"))
     best_of_n(BestOfNConfig(n=2), TINY_MODEL, inputs, stage("best_of_n"))

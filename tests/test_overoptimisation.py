@@ -12,7 +12,7 @@ from rlhf.stages import ppo, prepare, reward, sft
 from rlhf.stages.ppo import PPOConfig
 from rlhf.synthetic import gold_reward
 
-from .test_stages import Recorder
+from .tiny import Recorder
 
 pytestmark = pytest.mark.slow
 MODEL = ModelConfig(n_layer=2, n_embd=64, n_head=4, vocab_size=400, max_length=48)
