@@ -46,13 +46,26 @@ class PPOConfig(OnPolicyConfig):
 
 
 @dataclass
-class RLOOConfig(OnPolicyConfig):
+class GroupConfig(OnPolicyConfig):
+    """A critic-free method's: several answers per prompt, compared within their group; ``rollout_batch_size``
+    counts answers."""
+
+    samples_per_prompt: int = setting(4, "Answers per prompt: the group each answer is compared with.", ge=2)
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        if self.rollout_batch_size % self.samples_per_prompt:
+            raise ConfigError(
+                f"{key}.rollout_batch_size={self.rollout_batch_size} is not a multiple of {key}.samples_per_prompt="
+                f"{self.samples_per_prompt} (it counts answers, samples_per_prompt a prompt). Fix: make it a multiple."
+            )
+
+
+@dataclass
+class RLOOConfig(GroupConfig):
     """RLOO's own hyperparameters beside the on-policy loop's; ``rollout_batch_size`` counts answers."""
 
     algo: str = setting("rloo", "Algorithm name.", choices=["rloo"])
-    samples_per_prompt: int = setting(
-        4, "k: answers per prompt, each baselined by the mean reward of the other k - 1.", ge=2
-    )
     kl_penalty: str = setting(
         "reward",
         "Where the KL to the reference acts: in the reward (k1 sequence KL times beta) or as a "
@@ -61,28 +74,18 @@ class RLOOConfig(OnPolicyConfig):
     )
     whiten_advantages: bool = setting(False, "Normalise the advantages over the batch.")
 
-    def check(self, key: str) -> None:
-        super().check(key)
-        if self.rollout_batch_size % self.samples_per_prompt:
-            raise ConfigError(
-                f"{key}.rollout_batch_size={self.rollout_batch_size} is not a multiple of {key}.samples_per_prompt="
-                f"{self.samples_per_prompt} (it counts answers, k per prompt). Fix: make it a multiple."
-            )
-
 
 @dataclass
-class GRPOConfig(OnPolicyConfig):
+class GRPOConfig(GroupConfig):
     """GRPO's own hyperparameters beside the on-policy loop's; ``rollout_batch_size`` counts answers."""
 
     algo: str = setting("grpo", "Algorithm name.", choices=["grpo"])
     beta: float = default(OnPolicyConfig, "beta", 0.04)
-    samples_per_prompt: int = setting(4, "G: answers per prompt, the group an advantage is normalised in.", ge=2)
     scale_rewards: bool = setting(
         False,
         "Divide an answer's centred reward by its group's standard deviation (Shao et al.). Off by "
-        "default (Liu et al. 2025, Dr. GRPO): it inflates the groups the reward model barely separates; "
-        "on the default task it drove the policy to KL 25 and a gold win rate of 0.07, off: KL 1.4, win rate 0.68 "
-        "(measured at commit 702fdab; README, section Speed).",
+        "default (Liu et al. 2025, Dr. GRPO): it inflates the groups the reward model barely separates, and on "
+        "the default task it drove the policy far from SFT and lost gold (docs: Methods).",
     )
     loss_aggregation: str = setting(
         "sequence",
@@ -92,14 +95,6 @@ class GRPOConfig(OnPolicyConfig):
         "2025: with scale_rewards=false, the whole of Dr. GRPO).",
         choices=["sequence", "token", "dr_grpo"],
     )
-
-    def check(self, key: str) -> None:
-        super().check(key)
-        if self.rollout_batch_size % self.samples_per_prompt:
-            raise ConfigError(
-                f"{key}.rollout_batch_size={self.rollout_batch_size} is not a multiple of {key}.samples_per_prompt="
-                f"{self.samples_per_prompt} (it counts answers, G per prompt). Fix: make it a multiple."
-            )
 
 
 @dataclass

@@ -30,12 +30,14 @@ class ModelPathError(FileNotFoundError):
     """A model path or hub id cannot be loaded; the message names the config key and the fix."""
 
 
-TOKENIZER_FILES = (
+TOKENIZER_FILES = (  # any one of them: a tokenizer is there (fast, BPE vocabularies, WordPiece, SentencePiece)
     "tokenizer.json",
     "tokenizer_config.json",
     "vocab.json",
+    "vocab.txt",
     "tokenizer.model",
-)  # any one: a tokenizer is there
+    "spiece.model",
+)
 
 
 def check_model_source(name_or_path: str, key: str, needs: str = "model") -> None:

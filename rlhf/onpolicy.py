@@ -37,18 +37,18 @@ SCORE_NORM_BATCHES = 2  # rollout batches of the SFT policy used to measure the 
 class OnPolicy:
     """One on-policy run: the state that must survive a resume, the rollout, the experience and the update."""
 
-    samples_per_prompt = 1  # answers sampled for each prompt of an iteration
+    name = ""  # the method's name: its metrics' prefix and its stage's
 
     def __init__(
         self,
-        name: str,
         cfg: OnPolicyConfig,
         models: OnPolicyModels,
         prompts: list[list[int]],
         ctx: StageContext,
         inputs: PolicyInputs,
     ) -> None:
-        self.name, self.cfg, self.m, self.prompts, self.ctx, self.gold = name, cfg, models, prompts, ctx, inputs.gold
+        self.cfg, self.m, self.prompts, self.ctx, self.gold = cfg, models, prompts, ctx, inputs.gold
+        self.samples_per_prompt = getattr(cfg, "samples_per_prompt", 1)  # answers sampled for each prompt (a group)
         self.scorer = Scorer(models.rewards, inputs.missing_eos_penalty)
         self.kl_ctl = FixedKLController(cfg.beta)
         self.score_offset = 0.0
@@ -62,7 +62,7 @@ class OnPolicy:
             models.tokenizer,
             cfg,
             n_updates,
-            name,
+            self.name,
             ctx.sink,
             ctx.ckpt_dir,
             self.param_groups(),

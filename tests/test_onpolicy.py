@@ -7,31 +7,20 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf.algorithms import PolicyInputs
-from rlhf.config import RewardConfig, SamplingConfig
+from rlhf.config import RewardConfig
 from rlhf.stages import ppo, reward
 from rlhf.stages.ppo import PPOConfig
-from rlhf.synthetic import gold_reward
 
-from .tiny import LOOP, TINY_MODEL, ctx, params_of
+from .tiny import LOOP, TINY_MODEL, ctx, inputs_of, on_policy, params_of
 
 
 def test_ppo_first_step_has_zero_kl_and_no_clipping(upstream):
     c = ctx(upstream["root"], "ppo")
-    cfg = PPOConfig(
-        steps=3,
-        rollout_batch_size=8,
-        minibatch_size=4,
-        ppo_epochs=2,
-        lr=1e-3,
-        eval_every=2,
-        checkpoint_every=2,
-        sampling=SamplingConfig(max_new_tokens=8),
-    )
+    cfg = on_policy()
     out = ppo.run(
         cfg,
         TINY_MODEL,
-        PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], gold_reward),
+        inputs_of(upstream),
         c,
     )
     m = c.sink
@@ -66,21 +55,12 @@ def test_old_log_probs_come_from_the_sampler_in_fp32_and_from_a_forward_under_bf
 
     monkeypatch.setattr(Logprobs, "forward", counting)
     c = ctx(upstream["root"], f"ppo-logprobs-{autocast}")
-    cfg = PPOConfig(
-        steps=2,
-        rollout_batch_size=8,
-        minibatch_size=4,
-        ppo_epochs=1,
-        lr=1e-3,
-        eval_every=1,
-        checkpoint_every=10,
-        sampling=SamplingConfig(max_new_tokens=8),
-    )
+    cfg = on_policy(steps=2, ppo_epochs=1, eval_every=1, checkpoint_every=10)
     model = dataclasses.replace(TINY_MODEL, autocast=autocast)
     ppo.run(
         cfg,
         model,
-        PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], gold_reward),
+        inputs_of(upstream),
         c,
     )
     assert len(scoring_forwards) == (
@@ -92,21 +72,11 @@ def test_old_log_probs_come_from_the_sampler_in_fp32_and_from_a_forward_under_bf
 
 def test_a_value_warmup_keeps_the_policy_and_evaluates_only_once_it_moves(upstream):
     c = ctx(upstream["root"], "ppo-warmup")
-    cfg = PPOConfig(
-        steps=4,
-        rollout_batch_size=8,
-        minibatch_size=4,
-        ppo_epochs=1,
-        lr=1e-3,
-        eval_every=1,
-        checkpoint_every=10,
-        value_warmup_steps=2,
-        sampling=SamplingConfig(max_new_tokens=8),
-    )
+    cfg = on_policy(steps=4, ppo_epochs=1, eval_every=1, checkpoint_every=10, value_warmup_steps=2)
     ppo.run(
         cfg,
         TINY_MODEL,
-        PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], gold_reward),
+        inputs_of(upstream),
         c,
     )
     kl = dict(c.sink.metrics["ppo/kl"])  # the rollouts' KL to the reference: 0 while only the value model trains
@@ -124,17 +94,8 @@ def test_compiled_ppo_trains_the_same_modules_and_adamw_is_fused(upstream, monke
     assert adamw([{"params": [torch.nn.Parameter(torch.zeros(3))]}], PPOConfig()).defaults["fused"] is True
     from torch._dynamo.utils import counters
 
-    cfg = PPOConfig(
-        steps=2,
-        rollout_batch_size=8,
-        minibatch_size=4,
-        ppo_epochs=1,
-        lr=1e-3,
-        eval_every=10,
-        checkpoint_every=10,
-        sampling=SamplingConfig(max_new_tokens=8),
-    )
-    inputs = PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], gold_reward)
+    cfg = on_policy(steps=2, ppo_epochs=1, eval_every=10, checkpoint_every=10)
+    inputs = inputs_of(upstream)
     module_compile = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: module_compile(self, backend="eager", **kw))
     runs = {}
@@ -164,18 +125,8 @@ def test_lora_ppo_holds_each_base_once_and_matches_separate_frozen_copies(upstre
     from rlhf.onpolicy import OnPolicyModels
 
     lora = replace(TINY_MODEL, lora_r=4, lora_alpha=8.0)
-    cfg = PPOConfig(
-        steps=3,
-        rollout_batch_size=8,
-        minibatch_size=4,
-        ppo_epochs=2,
-        lr=1e-2,
-        eval_every=100,
-        checkpoint_every=100,
-        forward_batch_size=3,
-        sampling=SamplingConfig(max_new_tokens=8),
-    )
-    inputs = PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], gold_reward)
+    cfg = on_policy(lr=1e-2, eval_every=100, checkpoint_every=100, forward_batch_size=3)
+    inputs = inputs_of(upstream)
     models = OnPolicyModels(lora, inputs, None, torch.device("cpu"), value_init="reward")
     assert (
         models.reference.model is models.policy and models.rewards[0].model is models.value
@@ -209,24 +160,13 @@ def test_lora_ppo_keeps_training_after_the_guard_saves_and_returns_the_kept_adap
     from rlhf.onpolicy import GUARD_DIR
 
     lora = replace(TINY_MODEL, lora_r=4, lora_alpha=8.0, lora_shared_reference=shared)
-    cfg = PPOConfig(
-        steps=4,
-        rollout_batch_size=8,
-        minibatch_size=4,
-        ppo_epochs=2,
-        lr=1e-2,
-        eval_every=1,
-        checkpoint_every=100,
-        guard="conservative",
-        guard_patience=0,
-        sampling=SamplingConfig(max_new_tokens=8),
-    )
+    cfg = on_policy(steps=4, lr=1e-2, eval_every=1, checkpoint_every=100, guard="conservative", guard_patience=0)
     c = ctx(upstream["root"], f"ppo-lora-guard-{shared}")
     torch.manual_seed(0)
     out = ppo.run(
         cfg,
         lora,
-        PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], gold_reward),
+        inputs_of(upstream),
         c,
     )
     m = c.sink.metrics
@@ -260,22 +200,11 @@ def test_critic_free_methods_start_at_zero_kl_and_ratio_one_and_move_the_policy(
 
     module, schema = {"rloo": (rloo, rloo.RLOOConfig), "grpo": (grpo, grpo.GRPOConfig)}[name]
     c = ctx(upstream["root"], f"{name}-{len(extra)}")
-    cfg = schema(
-        steps=3,
-        rollout_batch_size=8,
-        minibatch_size=4,
-        ppo_epochs=2,
-        lr=1e-3,
-        eval_every=2,
-        checkpoint_every=2,
-        samples_per_prompt=4,
-        sampling=SamplingConfig(max_new_tokens=8),
-        **extra,
-    )
+    cfg = on_policy(schema, samples_per_prompt=4, **extra)
     out = module.run(
         cfg,
         TINY_MODEL,
-        PolicyInputs(upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], gold_reward, 1.0),
+        inputs_of(upstream, missing_eos_penalty=1.0),
         c,
     )
     m = c.sink
@@ -305,27 +234,16 @@ def test_a_reward_ensemble_scores_conservatively_and_the_guard_returns_its_check
         params_of(second["model_path"]), params_of(upstream["rm"]["model_path"])
     )  # another seed, another resample
     c = ctx(upstream["root"], "ppo-ensemble")
-    cfg = PPOConfig(
+    cfg = on_policy(
         steps=12,
-        rollout_batch_size=8,
-        minibatch_size=4,
-        ppo_epochs=2,
         lr=3e-3,
         eval_every=1,
         checkpoint_every=100,
         reward_ensemble="worst",
         guard="conservative",
         guard_patience=2,
-        sampling=SamplingConfig(max_new_tokens=8),
     )
-    inputs = PolicyInputs(
-        upstream["data"],
-        upstream["sft"]["model_path"],
-        upstream["rm"]["model_path"],
-        gold_reward,
-        1.0,
-        (second["model_path"],),
-    )
+    inputs = inputs_of(upstream, missing_eos_penalty=1.0, extra_reward_paths=(second["model_path"],))
     out = ppo.run(cfg, TINY_MODEL, inputs, c)
     m = c.sink.metrics
     assert "ppo/ensemble_std" in m and "ppo/eval_ensemble_std" in m and "ppo/eval_guard_score" in m

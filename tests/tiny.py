@@ -38,3 +38,24 @@ def ctx(root: Path, name: str, **kw) -> StageContext:
 
 def params_of(path):
     return torch.cat([p.flatten() for p in AutoModelForCausalLM.from_pretrained(path).parameters()])
+
+
+def on_policy(schema: type | None = None, max_new_tokens: int = 8, **overrides):
+    """A tiny on-policy config (PPO's unless ``schema``): a few iterations of small batches, short answers."""
+    from rlhf.config import SamplingConfig
+    from rlhf.config_algorithms import PPOConfig
+
+    loop = dict(
+        steps=3, rollout_batch_size=8, minibatch_size=4, ppo_epochs=2, lr=1e-3, eval_every=2, checkpoint_every=2
+    )
+    return (schema or PPOConfig)(**{**loop, **overrides}, sampling=SamplingConfig(max_new_tokens=max_new_tokens))
+
+
+def inputs_of(upstream: dict, **kw):
+    """The policy stages' inputs from the session's tiny upstream (tests/conftest.py), with the task's gold reward."""
+    from rlhf.algorithms import PolicyInputs
+    from rlhf.synthetic import gold_reward
+
+    return PolicyInputs(
+        upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], gold_reward, **kw
+    )

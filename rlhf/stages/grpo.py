@@ -27,16 +27,11 @@ from ..context import StageContext
 from ..experience import Experience
 from ..onpolicy import OnPolicy
 from ..onpolicy_loop import run_method
-from ..onpolicy_models import OnPolicyModels
 from ..rollout import Samples
 
 
 class GRPO(OnPolicy):
-    def __init__(
-        self, cfg: GRPOConfig, models: OnPolicyModels, prompts: list, ctx: StageContext, inputs: PolicyInputs
-    ) -> None:
-        self.samples_per_prompt = cfg.samples_per_prompt
-        super().__init__("grpo", cfg, models, prompts, ctx, inputs)
+    name = "grpo"
 
     def experience(self, samples: Samples) -> tuple[Experience, dict]:
         return self.sequence_experience(

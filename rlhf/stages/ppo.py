@@ -38,10 +38,12 @@ from ..rollout import Samples
 class PPO(OnPolicy):
     """PPO with a critic on the shared on-policy loop."""
 
+    name = "ppo"
+
     def __init__(
         self, cfg: PPOConfig, models: OnPolicyModels, prompts: list[list[int]], ctx: StageContext, inputs: PolicyInputs
     ) -> None:
-        super().__init__("ppo", cfg, models, prompts, ctx, inputs)
+        super().__init__(cfg, models, prompts, ctx, inputs)
         self.kl_ctl = make_controller(cfg.beta, cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
         self.score_moments = RunningMoments()
         self.value_train = self.trainer.wrap(self.compiled(TokenValues(models.value)))

@@ -18,16 +18,11 @@ from ..context import StageContext
 from ..experience import Experience
 from ..onpolicy import OnPolicy
 from ..onpolicy_loop import run_method
-from ..onpolicy_models import OnPolicyModels
 from ..rollout import Samples
 
 
 class RLOO(OnPolicy):
-    def __init__(
-        self, cfg: RLOOConfig, models: OnPolicyModels, prompts: list, ctx: StageContext, inputs: PolicyInputs
-    ) -> None:
-        self.samples_per_prompt = cfg.samples_per_prompt
-        super().__init__("rloo", cfg, models, prompts, ctx, inputs)
+    name = "rloo"
 
     def experience(self, samples: Samples) -> tuple[Experience, dict]:
         exp, stats = self.sequence_experience(samples, leave_one_out, kl_in_reward=self.cfg.kl_penalty == "reward")
