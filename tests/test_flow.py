@@ -310,3 +310,16 @@ def test_every_algorithm_is_a_stage_on_the_same_cached_upstream(first_run, algo,
     assert "figures/kl_curve.png" in [f.path for f in client.list_artifacts(runs[algo].info.run_id, "figures")]
     versions = client.search_model_versions("name = 'rlhf-policy'")
     assert any(v.tags.get("stage") == algo for v in versions)
+
+
+def test_every_metric_of_the_runs_is_in_the_metric_reference(first_run):
+    """What the module's flow runs logged (DPO, PPO, RLOO, GRPO, best-of-n, every stage run's tracking metrics), against
+    docs/metrics.yaml: each has an entry, and the tracking entries are each logged (MLflow's own system/* aside)."""
+    from tests.test_docs import TRACKING_GROUP, check_reference, reference, unmatched
+
+    root, _, result = first_run
+    client = MlflowClient(result["tracking_uri"])
+    names = {m for r in client.search_runs([result["experiment_id"]], max_results=1000) for m in r.data.metrics}
+    names = {m for m in names if not m.startswith("system/")}
+    assert not unmatched(names, list(reference()))[0]  # every logged metric has an entry
+    check_reference({m for m in names if m.endswith(("/compute_s", "/peak_memory_mb"))}, [TRACKING_GROUP])

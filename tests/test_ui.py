@@ -44,6 +44,7 @@ def sweep(tmp_path_factory):
             f"paths.root={tmp / 'root'}",
             "algo.beta=0.02,0.1",
             "algo.clip_range=0.1,0.2",
+            "algo.lr=0.01",  # enough for the members' policies to move apart: their eval metrics differ on the pages
         ]
         out = subprocess.run(
             cmd, cwd=PROJECT, env={**env, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=900
@@ -81,6 +82,14 @@ def test_a_sweep_is_one_row_with_its_members_nested_and_the_summary_on_it(sweep)
         assert len(runs(sweep, f"tags.stage = '{stage}'")) == n, stage
     files = {f.path for f in client.list_artifacts(row.info.run_id, "sweep")}
     assert {"sweep/kl_curves.png", "sweep/reward_vs_kl.png", "sweep/members.json"} <= files
+    assert len({round(m.data.metrics["eval/gold_reward"], 6) for m in members}) >= 3  # the comparison shows something
+
+
+def test_the_sweep_rows_metrics_are_in_the_metric_reference(sweep):
+    from tests.test_docs import SWEEP_GROUP, check_reference
+
+    (row,) = runs(sweep, "tags.`rlhf.sweep` = 'true'")
+    check_reference(set(row.data.metrics), [SWEEP_GROUP])
 
 
 def test_the_comparison_notebook_reads_the_sweep_from_the_server(sweep):
