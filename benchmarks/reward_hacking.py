@@ -288,6 +288,29 @@ def ensembles() -> dict:
     return out
 
 
+def _ensemble_table(rows: dict, versus: str) -> list[str]:
+    """One of the ensemble report's tables: each arm's gold over prompts (``versus="in_se"``) or over PPO runs."""
+    if versus == "in_se":
+        head = ["| reward | gold gain | win rate (gold) | KL | proxy gain | vs single |", "|---|---|---|---|---|---|"]
+        cells = lambda r: (
+            f"{r['eval/gold_gain']:+.3f} +- {r['eval/gold_gain_se']:.3f} | {r['eval/win_rate_gold']:.3f} "  # noqa: E731
+            f"+- {r['eval/win_rate_gold_se']:.3f} | {r['eval/kl']:.2f} | {r['eval/proxy_gain']:+.3f}"
+        )
+        diff = "gold_gain_over_single"
+    else:
+        head = ["| reward | gold gain of each run | mean over runs | vs single |", "|---|---|---|---|"]
+        cells = lambda r: (
+            f"{', '.join(f'{g:+.3f}' for g in r['seeds'].values())} | {r['seeds_mean']:+.3f} +- "  # noqa: E731
+            f"{r['seeds_se']:.3f}"
+        )
+        diff = "seeds_over_single"
+    rows_md = [
+        f"| {name} | {cells(r)} | " + (f"{r[diff]:+.3f} ({r[versus]:+.1f} SE)" if versus in r else "") + " |"
+        for name, r in rows.items()
+    ]
+    return head + rows_md
+
+
 def ensembles_markdown(out: dict) -> str:
     """The report of :func:`ensembles`, from its JSON alone."""
     views, settings = out["members_view"], out["settings"]
@@ -303,35 +326,17 @@ def ensembles_markdown(out: dict) -> str:
     for setting, rows in out.items():
         if setting in ("members_view", "settings", "meta"):
             continue
+        seeds = [s for s in next(iter(rows.values()))["seeds"] if str(s) != "0"]
         md += [
             f"## {setting}",
             "",
-            "| reward | gold gain | win rate (gold) | KL | proxy gain | vs single |",
-            "|---|---|---|---|---|---|",
-        ]
-        for name, row in rows.items():
-            versus = f"{row['gold_gain_over_single']:+.3f} ({row['in_se']:+.1f} SE)" if "in_se" in row else ""
-            md.append(
-                f"| {name} | {row['eval/gold_gain']:+.3f} +- {row['eval/gold_gain_se']:.3f} | "
-                f"{row['eval/win_rate_gold']:.3f} +- "
-                f"{row['eval/win_rate_gold_se']:.3f} | {row['eval/kl']:.2f} | {row['eval/proxy_gain']:+.3f} | "
-                f"{versus} |"
-            )
-        seeds = [s for s in next(iter(rows.values()))["seeds"] if str(s) != "0"]
-        md += [
+            *_ensemble_table(rows, "in_se"),
             "",
-            f"Run to run: the same reward models, PPO seeds 0, {', '.join(map(str, seeds))} (`algo.seed`); mean +- SE "
-            f"over the runs.",
+            f"Run to run: the same reward models, PPO seeds 0, {', '.join(map(str, seeds))} (`algo.seed`); mean +- "
+            "SE over the runs.",
             "",
-            "| reward | gold gain of each run | mean over runs | vs single |",
-            "|---|---|---|---|",
+            *_ensemble_table(rows, "seeds_in_se"),
         ]
-        for name, row in rows.items():
-            versus = f"{row['seeds_over_single']:+.3f} ({row['seeds_in_se']:+.1f} SE)" if "seeds_in_se" in row else ""
-            md.append(
-                f"| {name} | {', '.join(f'{g:+.3f}' for g in row['seeds'].values())} | {row['seeds_mean']:+.3f} +- "
-                f"{row['seeds_se']:.3f} | {versus} |"
-            )
         md.append("")
         view, pairs = views[setting]["policies"], views[setting]["pairs"]
         md += [

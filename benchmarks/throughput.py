@@ -250,6 +250,19 @@ def ours(stage: str, cfg, rec: dict, work: Path) -> Meter:
     return meter
 
 
+def trl_optimizer(cfg) -> dict:
+    """Our optimiser and schedule settings (an OptimConfig) in TRL's argument names: the same AdamW, the same steps."""
+    return dict(
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.schedule,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        adam_beta2=0.95,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+    )
+
+
 def trl_args(stage_cfg, work: Path, device, **extra) -> dict:
     """TrainingArguments shared by the three TRL trainers, set to our config's values."""
     return dict(
@@ -257,13 +270,7 @@ def trl_args(stage_cfg, work: Path, device, **extra) -> dict:
         per_device_train_batch_size=stage_cfg.batch_size,
         gradient_accumulation_steps=stage_cfg.grad_accum,
         num_train_epochs=stage_cfg.epochs,
-        learning_rate=stage_cfg.lr,
-        lr_scheduler_type=stage_cfg.schedule,
-        warmup_steps=stage_cfg.warmup_ratio,
-        weight_decay=stage_cfg.weight_decay,
-        adam_beta2=0.95,
-        max_grad_norm=stage_cfg.max_grad_norm,
-        seed=stage_cfg.seed,
+        **trl_optimizer(stage_cfg),
         logging_steps=stage_cfg.log_every,
         save_strategy="no",
         eval_strategy="no",
@@ -721,13 +728,7 @@ def trl_critic_free(spec: dict, cfg, rec: dict, c, device) -> list[tuple[float, 
 
     common = dict(
         output_dir=str(Path(spec["policy_dir"]).with_suffix(".trainer")),
-        learning_rate=c.lr,
-        lr_scheduler_type=c.schedule,
-        warmup_steps=c.warmup_ratio,
-        weight_decay=c.weight_decay,
-        adam_beta2=0.95,
-        max_grad_norm=c.max_grad_norm,
-        seed=c.seed,
+        **trl_optimizer(c),
         per_device_train_batch_size=c.minibatch_size,
         steps_per_generation=c.rollout_batch_size // c.minibatch_size,
         num_generations=c.samples_per_prompt,

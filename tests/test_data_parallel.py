@@ -11,14 +11,13 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoModelForSequenceClassification
 
 from rlhf.algorithms import PolicyInputs
-from rlhf.config import DataConfig, RewardConfig, RuntimeConfig, SamplingConfig, SFTConfig
+from rlhf.config import DataConfig, RewardConfig, RuntimeConfig, SFTConfig
 from rlhf.launch import StageLaunchError, run_data_parallel
 from rlhf.settings import ConfigError
 from rlhf.stages import ppo, prepare, reward, sft
-from rlhf.stages.ppo import PPOConfig
 from rlhf.synthetic import gold_reward
 from rlhf.validate import validate
-from tests.tiny import TINY_MODEL, ctx, params_of
+from tests.tiny import TINY_MODEL, ctx, on_policy, params_of
 
 TWO = RuntimeConfig(device="cpu", threads=1, num_processes=2)
 REWARD = RewardConfig(lr=3e-3, epochs=1, batch_size=16, grad_accum=2, log_every=1, eval_every=100, checkpoint_every=2)
@@ -77,16 +76,7 @@ def test_two_processes_reach_the_weights_of_one_and_log_each_step_once(upstream)
 
 def test_ppo_in_two_processes_starts_at_zero_kl_and_logs_each_iteration_once(upstream):
     root, client = upstream["root"], upstream["client"]
-    cfg = PPOConfig(
-        steps=2,
-        rollout_batch_size=8,
-        minibatch_size=4,
-        ppo_epochs=2,
-        lr=1e-3,
-        eval_every=2,
-        checkpoint_every=2,
-        sampling=SamplingConfig(max_new_tokens=8),
-    )
+    cfg = on_policy(steps=2)
     run_id = upstream["new_run"]("ppo-two")
     body = lambda c: ppo.run(
         cfg, TINY_MODEL, PolicyInputs(upstream["data"], upstream["sft"], upstream["rm"]["model_path"], gold_reward), c
