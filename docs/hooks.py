@@ -23,14 +23,14 @@ import sys
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
-if str(PROJECT) not in sys.path:  # `mkdocs build` from anywhere: the renderers live in benchmarks/, beside rlhf/
-    sys.path.insert(0, str(PROJECT))
 RESULTS = PROJECT / "benchmarks" / "results"
 MACRO = re.compile(r"\{\{\s*(\w+)([^}]*)\}\}")
 
 
 def _reports() -> dict:
     """Each results JSON's report renderer: the function its benchmark writes the ``.md`` with."""
+    if str(PROJECT) not in sys.path:  # `mkdocs build` from anywhere: the renderers live in benchmarks/, beside rlhf/
+        sys.path.insert(0, str(PROJECT))
     from benchmarks import compile as compile_bench
     from benchmarks import default_run, methods, reward_hacking, throughput
 

@@ -164,7 +164,7 @@ def test_a_page_with_a_broken_link_fails_the_strict_build(tmp_path):
     assert out.returncode != 0 and "no-such-page.md" in out.stdout + out.stderr
 
 
-NUMBER = re.compile(r"(?<![\w.`/-])[+-]?\d[\d,]*\.\d+(?![\w.`])|\d+(?:\.\d+)?\s?(?:x|%|SE)\b")
+NUMBER = re.compile(r"(?<![\w.`/-])\d+(?:\.\d+)?\s?(?:x|%|SE)\b|(?<![\w.`/-])[+-]?\d[\d,]*\.\d+(?![\w.`])")
 
 
 def typed_numbers(text: str) -> list[str]:

@@ -93,17 +93,10 @@ class PPO(OnPolicy):
         if cfg.whiten_advantages:
             advantages = whiten(advantages, mask)
         stats = {
-            **self.kl_stats(old_logp, ref_logp, mask),
-            "kl_coef": torch.tensor(beta),
-            "score": scores.mean(),
-            "score_raw": raw.mean(),
-            "reward": (scores - beta * kl.sum(1)).mean(),
-            "eos_rate": samples.ended.float().mean(),
-            "response_length": mask.sum(1).mean(),
+            **self.batch_stats(samples, f, scores, scores - beta * kl.sum(1)),
             "advantages_mean": masked_mean(raw_adv, mask),
             "advantages_std": masked_var(raw_adv, mask).sqrt(),
             "explained_variance": 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8),
-            **self.ensemble_stats(f),
         }
         exp = Experience(samples, mask, old_logp, ref_logp, scores, advantages, old_values=values, returns=returns)
         return exp, self.trainer.average(stats)
