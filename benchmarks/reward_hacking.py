@@ -43,7 +43,7 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
 EVAL_PROMPTS = (
-    256  # held-out prompts of each evaluation during training (rlhf.onpolicy.EVAL_PROMPTS, the default task's)
+    256  # held-out prompts of each evaluation during training (rlhf.onpolicy_loop.EVAL_PROMPTS, the default task's)
 )
 RESULTS = PROJECT / "benchmarks" / "results"
 STORE = RESULTS / "reward_hacking_store"

@@ -155,10 +155,12 @@ def pipeline_inputs(overrides: list[str]):
 # ------------------------------------------------------------------------------------------------
 def child_pipeline(spec: dict) -> dict:
     t_launch = spec["t_launch"]
+    import tasks  # noqa: F401  (Prefect's defaults, set in tasks/__init__.py, before Prefect is imported)
+
+    # isort: split
     from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
 
-    import tasks  # noqa: F401
     from flows.compose import load_config
     from flows.dag import rlhf_pipeline
     from rlhf.tracking import experiment_id, resolve_uri
@@ -491,9 +493,9 @@ def child_ppo(spec: dict) -> dict:
         if (
             spec["impl"] == "ours_recomputed_logprobs"
         ):  # one change undone: old log-probs from a forward, not from the sampler
-            import rlhf.onpolicy as onpolicy_mod
+            import rlhf.onpolicy_models as onpolicy_models
 
-            onpolicy_mod.sampler_logprobs_exact = lambda model_cfg: False
+            onpolicy_models.sampler_logprobs_exact = lambda model_cfg: False
         sink = NullSink()
         with tempfile.TemporaryDirectory() as work:
             ctx = StageContext(Path(work), sink, device, fresh=True, compile=spec["impl"] == OURS_COMPILED)

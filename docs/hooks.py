@@ -79,7 +79,7 @@ def metrics_reference() -> str:
 
 
 def config_reference() -> str:
-    """Every field of the schema (rlhf/config.py and each algorithm's): key, type, default, bounds and help."""
+    """Every field of the schema (rlhf/config*.py, each algorithm's too): key, type, default, bounds and help."""
     import dataclasses
     import typing
 

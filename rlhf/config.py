@@ -6,8 +6,8 @@ what it changes. :func:`rlhf.validate.validate` merges a composed config into th
 and wrong types fail before any stage starts; ranges are checked from each field's metadata and cross-field
 rules live in each class's ``check``, naming the offending key and the fix.
 
-The policy-training algorithms' own schemas (DPO, PPO, ...) live beside their stages and are found
-through :mod:`rlhf.algorithms`.
+The groups' schemas are in ``rlhf/config_model.py``, ``config_data.py`` and ``config_training.py``; the
+policy-training algorithms' (DPO, PPO, ...) in ``config_algorithms.py``, found through :mod:`rlhf.algorithms`.
 """
 
 from __future__ import annotations
@@ -34,16 +34,12 @@ class EvalConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def check(self, key: str) -> None:
-        if self.sampling.top_k or self.sampling.top_p < 1.0:
-            raise ConfigError(
-                f"{key}.sampling.top_k={self.sampling.top_k} / top_p={self.sampling.top_p}: eval/kl is the mean of "
-                f"log pi - log pi_SFT "
-                f"over the policy's answers, at the sampling temperature; answers drawn from a truncated distribution "
-                f"are not the "
-                f"policy's, and the estimate would be biased. Fix: pass {key}.sampling.top_k=0 "
-                f"{key}.sampling.top_p=1.0 "
-                f"(the temperature is used on both sides)."
-            )
+        self.sampling.refuse_truncation(
+            key,
+            "eval/kl is the mean of log pi - log pi_SFT over the policy's answers, at the sampling temperature; "
+            "answers drawn from a truncated distribution are not the policy's, and the estimate would be biased",
+            " (the temperature is used on both sides)",
+        )
 
 
 @dataclass

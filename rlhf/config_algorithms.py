@@ -35,7 +35,7 @@ class PPOConfig(OnPolicyConfig):
     value_clip_range: float = setting(0.2, "Value clipping around the rollout values.", gt=0.0)
     value_lr: Optional[float] = setting(None, "Value model learning rate (null: same as lr).", gt=0.0)
     whiten_advantages: bool = setting(True, "Normalise advantages per batch.")
-    normalize_reward: bool = setting(False, "Scale scores by a running std (rescales beta: see README).")
+    normalize_reward: bool = setting(False, "Scale scores by a running std (which rescales the effective beta).")
     adaptive_kl: bool = setting(False, "Adaptive KL controller (Ziegler et al. 2019).")
     target_kl: float = setting(3.0, "Adaptive controller's target sequence KL (nats).", gt=0.0)
     kl_horizon: int = setting(10000, "Adaptive controller's horizon (samples).", ge=1)

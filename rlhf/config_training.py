@@ -89,6 +89,15 @@ class SamplingConfig:
     max_new_tokens: int = setting(24, "Longest answer in tokens.", ge=1)
     batch_size: int = setting(128, "Prompts per generation batch.", ge=1)
 
+    def refuse_truncation(self, key: str, why: str, fix: str = "") -> None:
+        """Top-k or top-p sampling would draw from another distribution than the policy's softmax, which ``why``
+        needs; the error names both keys and the fix."""
+        if self.top_k or self.top_p < 1.0:
+            raise ConfigError(
+                f"{key}.sampling.top_k={self.top_k} / top_p={self.top_p}: {why}. Fix: pass {key}.sampling.top_k=0 "
+                f"{key}.sampling.top_p=1.0{fix}."
+            )
+
 
 @dataclass
 class OnPolicyConfig(OptimConfig):
@@ -158,16 +167,13 @@ class OnPolicyConfig(OptimConfig):
                 f"{key}.guard={self.guard} keeps checkpoints within a KL budget, and {key}.guard_kl_budget is not set. "
                 f"Fix: pass {key}.guard_kl_budget=<nats>, e.g. 2.0, or {key}.guard=conservative."
             )
-        if self.sampling.top_k or self.sampling.top_p < 1.0:
-            raise ConfigError(
-                f"{key}.sampling.top_k={self.sampling.top_k} / top_p={self.sampling.top_p}: the rollouts would come "
-                f"from the truncated "
-                f"distribution while the ratios, the KL penalty and the advantages use the policy's full "
-                f"(temperature-scaled) "
-                f"softmax, so the update would refer to a policy that did not sample the data. Fix: pass "
-                f"{key}.sampling.top_k=0 {key}.sampling.top_p=1.0 (lower {key}.sampling.temperature for more focused "
-                f"samples)."
-            )
+        self.sampling.refuse_truncation(
+            key,
+            "the rollouts would come from the truncated distribution while the ratios, the KL penalty and the "
+            "advantages use the policy's full (temperature-scaled) softmax, so the update would refer to a policy that "
+            "did not sample the data",
+            f" (lower {key}.sampling.temperature for more focused samples)",
+        )
         if self.rollout_batch_size % self.minibatch_size:
             raise ConfigError(
                 f"{key}.rollout_batch_size={self.rollout_batch_size} is not divisible by "

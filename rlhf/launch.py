@@ -120,6 +120,8 @@ def run_data_parallel(
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         signals.on_first = lambda signum: stop_file.write_text(str(signum))
         signals.on_second = lambda _signum: kill_tree(proc.pid)
+        if signals.signum is not None:  # asked before the processes started: they stop after their first step
+            signals.on_first(signals.signum)
         rc = proc.wait()
     outcome = json.loads(result.read_text()) if result.exists() else None
     if outcome and "preempted" in outcome:  # the processes stopped on a signal, their last step checkpointed

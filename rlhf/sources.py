@@ -49,11 +49,11 @@ def _first_bad_json_line(files: list[str]) -> str | None:
     for name in files:
         opener = gzip.open if name.endswith(".gz") else open
         with opener(name, "rt", errors="replace") as f:
-            lines = (line for line in f if line.strip())
-            first = next(lines, "")
-            if not first.lstrip().startswith("{"):
+            numbered = ((n, line) for n, line in enumerate(f, 1) if line.strip())  # numbers as an editor shows them
+            first = next(numbered, (0, ""))
+            if not first[1].lstrip().startswith("{"):
                 continue
-            for n, line in enumerate((first, *lines), 1):
+            for n, line in (first, *numbered):
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:

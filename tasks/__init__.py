@@ -2,7 +2,7 @@
 
 import os
 
-# Defaults that make a new user's first run work offline on a fresh PREFECT_HOME (see README).
+# Defaults that make a new user's first run work offline on a fresh PREFECT_HOME (docs: Troubleshooting).
 for _name, _value in {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

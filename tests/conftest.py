@@ -16,9 +16,10 @@ SHARED_HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" 
 
 @pytest.fixture(scope="session")
 def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
+    import tasks  # noqa: F401  (Prefect's defaults, set in tasks/__init__.py, before Prefect is imported)
 
-    import tasks  # noqa: F401  (offline defaults)
+    # isort: split
+    from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=180):
         yield

@@ -14,7 +14,7 @@ from rlhf.stages import prepare, sft
 from rlhf.tracking import TrackingUnavailableError
 from rlhf.validate import validate
 
-from .tiny import TINY_MODEL, Recorder
+from .tiny import TINY_MODEL, Recorder, local_data
 
 
 def free_port() -> int:
@@ -62,10 +62,6 @@ def write_jsonl(path, rows, broken_line: int | None = None):
     return path
 
 
-def local(file, **kw) -> DataConfig:
-    return DataConfig(source="hub", path="json", data_files=str(file), train_split="train", test_split="train", **kw)
-
-
 PAIR = {"prompt": "What is two and two?", "chosen": "four", "rejected": "five"}
 
 
@@ -75,7 +71,7 @@ def test_message_lists_under_the_columns_format_name_the_row_and_the_format_to_u
     turn = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731  (a conversational export, read as columns)
     rows = [{"prompt": "Hi", "chosen": turn("Hello"), "rejected": turn("Go away")}] * 3
     with pytest.raises(DatasetError) as e:
-        build_splits(local(write_jsonl(tmp_path / "pairs.jsonl", rows), format="columns"))
+        build_splits(local_data(write_jsonl(tmp_path / "pairs.jsonl", rows), format="columns"))
     assert (
         "row 0" in str(e.value)
         and "column 'chosen'" in str(e.value)
@@ -87,9 +83,10 @@ def test_a_broken_json_line_is_named_by_file_and_line(tmp_path):
     from rlhf.sources import build_splits
 
     file = write_jsonl(tmp_path / "pairs.jsonl", [PAIR] * 5, broken_line=4)
+    file.write_text(file.read_text().replace("\n", "\n\n", 1))  # a blank line before it: the broken one is line 5
     with pytest.raises(DatasetError) as e:
-        build_splits(local(file, format="columns"))
-    assert f"{file} line 4" in str(e.value) and "Fix: make every line of the file one JSON object" in str(e.value)
+        build_splits(local_data(file, format="columns"))
+    assert f"{file} line 5" in str(e.value) and "Fix: make every line of the file one JSON object" in str(e.value)
 
 
 def test_pairs_whose_answers_are_all_the_same_are_blamed_on_that_not_on_the_prompt_limit(tmp_path):
@@ -97,7 +94,7 @@ def test_pairs_whose_answers_are_all_the_same_are_blamed_on_that_not_on_the_prom
 
     rows = [{"prompt": f"q{i}", "chosen": "same", "rejected": "same"} for i in range(6)]
     with pytest.raises(DatasetError) as e:
-        build_splits(local(write_jsonl(tmp_path / "pairs.jsonl", rows), format="columns"))
+        build_splits(local_data(write_jsonl(tmp_path / "pairs.jsonl", rows), format="columns"))
     msg = str(e.value)
     assert "all 6 were dropped (6 with the same answer as chosen and rejected)" in msg and "max_prompt_chars" not in msg
     assert "Fix: pairs need two different answers" in msg
@@ -138,14 +135,5 @@ def test_a_json_array_file_is_not_blamed_on_json_lines(tmp_path):
     file = tmp_path / "pairs.json"
     file.write_text(json.dumps([PAIR] * 4, indent=1))
     with pytest.raises(DatasetError) as e:
-        build_splits(
-            DataConfig(
-                source="hub",
-                path="json",
-                data_files=str(file),
-                train_split="train",
-                test_split="test",
-                format="columns",
-            )
-        )  # a split the file does not have
+        build_splits(local_data(file, test_split="test", format="columns"))  # a split the file does not have
     assert "line 1" not in str(e.value) and "could not be loaded" in str(e.value) and "test" in str(e.value)

@@ -1,6 +1,5 @@
-"""The committed benchmark results: the throughput report holds every peer's measurement and renders from its JSON
-(every
-report and the docs' results pages: tests/test_docs.py)."""
+"""The committed throughput results: every peer measured on the same fields, the report rendered from the JSON
+(every other report and the docs' results pages: tests/test_docs.py)."""
 
 import json
 from pathlib import Path

@@ -13,7 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from rlhf.chat import prepare_tokenizer, render_row
-from rlhf.config import DataConfig, ModelConfig
+from rlhf.config import ModelConfig
 from rlhf.config_model import CHATML
 from rlhf.data import DatasetError, encode_pairs, load_rows
 from rlhf.modeling import disable_dropout, load_policy, token_logprobs
@@ -22,6 +22,7 @@ from rlhf.synthetic import behaviour_answer, random_spec
 from rlhf.tiny import model_config, train_tokenizer
 
 from .conftest import micro_overrides
+from .tiny import local_data
 
 
 def ultrafeedback_rows(n: int, seed: int = 0) -> list[dict]:
@@ -77,12 +78,9 @@ def test_pairs_take_the_shared_messages_or_the_prompt_column_as_their_prompt():
 def test_malformed_rows_name_the_row_and_the_fix(tmp_path, break_row, message):
     rows = json.loads(json.dumps(ultrafeedback_rows(30)))  # no message dict shared between rows
     break_row(rows[17])
-    cfg = DataConfig(
-        source="hub",
-        path="json",
-        data_files=str(write_jsonl(tmp_path / "uf.jsonl", rows)),
+    cfg = local_data(
+        write_jsonl(tmp_path / "uf.jsonl", rows),
         format="conversational",
-        test_split="train",
         n_sft=8,
         n_pref=8,
         n_eval_prompts=2,

@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from rlhf.config import DataConfig
 from rlhf.data import DatasetError, Encoded, encode_pairs, encode_prompts
 from rlhf.sources import build_splits, split_hh
 from rlhf.tiny import train_tokenizer
 
 from .conftest import SHARED_HH
+from .tiny import local_data
 
 
 @pytest.fixture(scope="module")
@@ -61,42 +61,21 @@ def test_split_hh_takes_the_last_assistant_turn():
 def test_missing_and_empty_columns_name_the_mapping(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"question": "q", "good": "a", "bad": "b"}) + "\n")
-    cfg = DataConfig(
-        source="hub",
-        path="json",
-        data_files=str(f),
-        train_split="train",
-        test_split="train",
-        format="columns",
-        columns={"prompt": "prompt", "chosen": "good", "rejected": "bad"},
-    )
+    cfg = local_data(f, format="columns", columns={"prompt": "prompt", "chosen": "good", "rejected": "bad"})
     with pytest.raises(DatasetError, match=r"data\.columns\.<role>") as e:
         build_splits(cfg)
     assert "'prompt'" in str(e.value) and "question" in str(e.value)
     empty = tmp_path / "e.jsonl"
     empty.write_text("")
     with pytest.raises(DatasetError):
-        build_splits(
-            DataConfig(source="hub", path="json", data_files=str(empty), train_split="train", test_split="train")
-        )
+        build_splits(local_data(empty))
 
 
 @pytest.mark.skipif(
     not SHARED_HH.exists(), reason="needs ../shared/data/hh-rlhf (present in CI, absent in a user's clone)"
 )
 def test_real_hh_rlhf_slice_loads_offline_through_datasets():
-    cfg = DataConfig(
-        source="hub",
-        path="json",
-        data_files=str(SHARED_HH),
-        train_split="train",
-        test_split="train",
-        n_sft=500,
-        n_pref=500,
-        n_eval_prompts=50,
-        n_eval_pref=100,
-        n_ppo_prompts=200,
-    )
+    cfg = local_data(SHARED_HH, n_sft=500, n_pref=500, n_eval_prompts=50, n_eval_pref=100, n_ppo_prompts=200)
     s = build_splits(cfg)
     assert len(s["sft"]) == 500 and len(s["pref"]) == 500 and len(s["eval_pref"]) == 100
     assert all(r["prompt"].endswith("\n\nAssistant:") for r in s["pref"])

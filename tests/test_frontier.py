@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlhf import frontier
-from rlhf.onpolicy import OnPolicy, ensemble_score
+from rlhf.scoring import Scorer, ensemble_score
 
 
 @pytest.mark.parametrize("form, alpha, beta", [("rl", 1.2, 0.8), ("bon", 0.9, 0.3)])
@@ -35,6 +35,13 @@ def test_ensemble_scores():
     assert ensemble_score(z, "uncertainty", 0.5).tolist() == pytest.approx([2.0 - 0.5 * 1.0, 0.0])  # var(1, 3, 2) = 1
 
 
+def scorer(member_stats: torch.Tensor) -> Scorer:
+    """The scoring rule of an ensemble with these members' statistics on SFT answers (K, 2) (no model needed here)."""
+    out = Scorer([None] * len(member_stats), missing_eos_penalty=0.0)
+    out.member_stats = member_stats
+    return out
+
+
 @pytest.mark.parametrize("how", ["mean", "worst", "uncertainty"])
 def test_an_ensemble_scores_on_the_single_models_scale_whatever_its_other_members_spread(how):
     single = torch.tensor([0.5, 1.0, 2.5, 1.0])  # member 0's raw scores of 4 answers
@@ -42,8 +49,7 @@ def test_an_ensemble_scores_on_the_single_models_scale_whatever_its_other_member
         [single, 3 * single - 2, 0.5 * single + 7]
     )  # members that agree with it on a wider and a narrower scale
     stats = torch.stack([members.mean(1), members.std(1)], 1)  # (K, 2) as measured on SFT answers
-    run = SimpleNamespace(member_stats=stats, cfg=SimpleNamespace(reward_ensemble=how, uncertainty_coef=0.5))
-    assert torch.allclose(OnPolicy.ensemble(run, members), single)  # beta means what it means with member 0 alone
+    assert torch.allclose(scorer(stats).ensemble(members, how, 0.5), single)  # beta means what it means with member 0
 
 
 @pytest.mark.parametrize("how", ["mean", "worst", "uncertainty"])
@@ -55,13 +61,8 @@ def test_a_critic_started_from_member_0_starts_centred_like_an_ensembles_scores(
         + 0.3
     )  # SFT answers
     stats = torch.stack([members.mean(1), members.std(1)], 1)
-    run = SimpleNamespace(
-        member_stats=stats,
-        cfg=SimpleNamespace(
-            reward_ensemble=how, uncertainty_coef=0.5, value_init="reward", score_norm=True, normalize_reward=False
-        ),
-    )
-    ensemble = OnPolicy.ensemble(run, members)
+    run = SimpleNamespace(cfg=SimpleNamespace(value_init="reward", score_norm=True, normalize_reward=False))
+    ensemble = scorer(stats).ensemble(members, how, 0.5)
     run.score_offset, run.ensemble_gap = (
         float(ensemble.mean()),
         float((ensemble - members[0]).mean()),

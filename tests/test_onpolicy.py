@@ -122,7 +122,7 @@ def test_compiled_ppo_trains_the_same_modules_and_adamw_is_fused(upstream, monke
 def test_lora_ppo_holds_each_base_once_and_matches_separate_frozen_copies(upstream):
     from dataclasses import replace
 
-    from rlhf.onpolicy import OnPolicyModels
+    from rlhf.onpolicy_models import OnPolicyModels
 
     lora = replace(TINY_MODEL, lora_r=4, lora_alpha=8.0)
     cfg = on_policy(lr=1e-2, eval_every=100, checkpoint_every=100, forward_batch_size=3)
@@ -157,7 +157,7 @@ def test_lora_ppo_keeps_training_after_the_guard_saves_and_returns_the_kept_adap
 
     from peft import PeftModel
 
-    from rlhf.onpolicy import GUARD_DIR
+    from rlhf.guard import GUARD_DIR
 
     lora = replace(TINY_MODEL, lora_r=4, lora_alpha=8.0, lora_shared_reference=shared)
     cfg = on_policy(steps=4, lr=1e-2, eval_every=1, checkpoint_every=100, guard="conservative", guard_patience=0)
@@ -220,7 +220,7 @@ def test_critic_free_methods_start_at_zero_kl_and_ratio_one_and_move_the_policy(
 
 
 def test_a_reward_ensemble_scores_conservatively_and_the_guard_returns_its_checkpoint(upstream):
-    from rlhf.onpolicy import GUARD_DIR
+    from rlhf.guard import GUARD_DIR
 
     second = reward.run(
         RewardConfig(lr=1e-3, epochs=1, bootstrap=True, **LOOP),

@@ -37,6 +37,19 @@ def greedy_without_cache(model, ids, n):
     return seq[len(ids) :]
 
 
+def sample(model, ids, mask, max_new_tokens: int):
+    """Answers of ``model`` (EOS 1, PAD 0) from a fixed seed."""
+    return generate(
+        model,
+        ids,
+        mask,
+        SamplingConfig(max_new_tokens=max_new_tokens),
+        eos_id=1,
+        pad_id=0,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
 def test_cached_generation_matches_uncached_with_left_padding():
     model = tiny_lm()
     prompts = [[5, 6, 7, 8, 9], [3, 4], [10, 11, 12]]
@@ -49,15 +62,7 @@ def test_cached_generation_matches_uncached_with_left_padding():
 def test_masks_stop_at_the_first_eos_and_pad_after():
     model = tiny_lm(vocab=4, seed=1)  # tokens 1..3 with eos=1: answers end quickly
     ids, mask = left_pad([[2, 3], [3, 3, 2]], pad_id=0)
-    s = generate(
-        model,
-        ids,
-        mask,
-        SamplingConfig(max_new_tokens=30),
-        eos_id=1,
-        pad_id=0,
-        generator=torch.Generator().manual_seed(0),
-    )
+    s = sample(model, ids, mask, 30)
     for row in range(2):
         r, m = s.response_ids[row], s.response_mask[row]
         if s.ended[row]:
@@ -72,15 +77,7 @@ def test_masks_stop_at_the_first_eos_and_pad_after():
 def test_rollout_logprobs_align_with_the_answer_tokens_and_the_sampler():
     model = tiny_lm()
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
-    s = generate(
-        model,
-        ids,
-        mask,
-        SamplingConfig(max_new_tokens=4),
-        eos_id=1,
-        pad_id=0,
-        generator=torch.Generator().manual_seed(0),
-    )
+    s = sample(model, ids, mask, 4)
     full = s.response_slice(token_logprobs(model, s.input_ids, s.attention_mask))  # (B, R)
     answers_only = s.response_slice(token_logprobs(model, s.input_ids, s.attention_mask, first=s.first_target))
     assert torch.equal(full, answers_only)  # the LM head on the answers alone gives the same numbers
@@ -108,15 +105,7 @@ def test_top_k_and_top_p_filtering():
 def test_trimming_drops_only_the_padding_every_row_shares_and_keeps_the_log_probs():
     model = tiny_lm()
     ids, mask = left_pad([[5, 6, 7, 8, 9], [3, 4], [10, 11, 12]], pad_id=0)
-    s = generate(
-        model,
-        ids,
-        mask,
-        SamplingConfig(max_new_tokens=10),
-        eos_id=1,
-        pad_id=0,
-        generator=torch.Generator().manual_seed(0),
-    )
+    s = sample(model, ids, mask, 10)
     part = s[1:]  # the two short prompts: their common left padding is 2 columns
     t = part.trimmed()
     assert t.prompt_ids.shape[1] == 3 and t.response_ids.shape[1] == int(part.response_mask.sum(1).max())

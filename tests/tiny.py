@@ -59,3 +59,19 @@ def inputs_of(upstream: dict, **kw):
     return PolicyInputs(
         upstream["data"], upstream["sft"]["model_path"], upstream["rm"]["model_path"], gold_reward, **kw
     )
+
+
+def local_data(file, **kw):
+    """A data config reading one local JSON-lines file (one split: a tenth held out), as data=hh_rlhf_local does."""
+    from rlhf.config import DataConfig
+
+    return DataConfig(
+        **{
+            "source": "hub",
+            "path": "json",
+            "data_files": str(file),
+            "train_split": "train",
+            "test_split": "train",
+            **kw,
+        }
+    )
