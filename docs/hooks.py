@@ -50,9 +50,9 @@ def load(name: str) -> dict:
 
 
 def report(name: str) -> str:
-    """The benchmark's report from its JSON, its headings one level down (it sits inside a page)."""
+    """The benchmark's report from its JSON, its headings two levels down (it sits in a section of a page)."""
     text = _reports()[name](load(name))
-    return re.sub(r"^(#+) ", lambda m: "#" + m.group(1) + " ", text, flags=re.M)
+    return re.sub(r"^(#+) ", lambda m: "##" + m.group(1) + " ", text, flags=re.M)
 
 
 def value(name: str, *path_and_spec: str) -> str:

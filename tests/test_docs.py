@@ -178,7 +178,7 @@ def test_results_are_rendered_from_their_json_never_typed():
     h = hooks()
     for name, render in h._reports().items():  # each committed report is its JSON's rendering, as the docs render it
         assert render(h.load(name)) == (h.RESULTS / f"{name}.md").read_text(), name
-        assert h.report(name).startswith("## ")
+        assert h.report(name).startswith("### ")
     for page in sorted(DOCS.glob("*.md")):
         assert not typed_numbers(page.read_text()), (page.name, typed_numbers(page.read_text()))
         h.expand(page.read_text())  # every macro resolves
