@@ -166,8 +166,19 @@ def test_a_failed_stage_resumes_from_its_last_checkpoint(upstream, monkeypatch):
     assert steps[0] == 5 and out["steps"] == steps[-1] == 8  # continued at step 5, ended at the configured total
 
 
+def best_of_n_eval(upstream, cfg: EvalConfig, name: str, n: int) -> dict:
+    """The eval stage on best-of-n of the tiny SFT model and reward model, against SFT."""
+    from rlhf.stages.best_of_n import sample
+
+    s, rm = upstream["sft"]["model_path"], upstream["rm"]["model_path"]
+    stage = ctx(upstream["root"], name)
+    return evaluate.run(
+        cfg, TINY_MODEL.max_length, gold_reward, upstream["data"], s, s, rm, stage, 1.0, sample, {"n": n}
+    )
+
+
 def test_best_of_one_is_sft_sampling_and_the_analytic_kl(upstream):
-    from rlhf.stages.best_of_n import BestOfNConfig, analytic_kl, sample
+    from rlhf.stages.best_of_n import BestOfNConfig, analytic_kl
     from rlhf.stages.best_of_n import run as best_of_n_run
 
     assert analytic_kl(1) == 0 and analytic_kl(16) == pytest.approx(math.log(16) - 15 / 16)
@@ -180,19 +191,7 @@ def test_best_of_one_is_sft_sampling_and_the_analytic_kl(upstream):
     )
     assert record["model_path"] == s and record["sampler_args"] == {"n": 1, "seed": 0}
     cfg = EvalConfig(n_prompts=16, sampling=SamplingConfig(max_new_tokens=8))
-    one = evaluate.run(
-        cfg,
-        TINY_MODEL.max_length,
-        gold_reward,
-        upstream["data"],
-        s,
-        s,
-        rm,
-        ctx(upstream["root"], "eval-bon1"),
-        1.0,
-        sample,
-        {"n": 1},
-    )
+    one = best_of_n_eval(upstream, cfg, "eval-bon1", 1)
     m = one["metrics"]
     assert m["eval/kl"] == 0 and m["eval/kl_analytic"] == 0  # best-of-1 is SFT sampling
     # ... from a stream of its own: its answers are not the very SFT answers they are compared with (a tie of 0.5
@@ -202,19 +201,7 @@ def test_best_of_one_is_sft_sampling_and_the_analytic_kl(upstream):
     assert (
         abs(m["eval/win_rate_gold"] - 0.5) < 3 * m["eval/win_rate_gold_se"] + 0.05
     )  # and as good as SFT, within noise
-    four = evaluate.run(
-        cfg,
-        TINY_MODEL.max_length,
-        gold_reward,
-        upstream["data"],
-        s,
-        s,
-        rm,
-        ctx(upstream["root"], "eval-bon4"),
-        1.0,
-        sample,
-        {"n": 4},
-    )
+    four = best_of_n_eval(upstream, cfg, "eval-bon4", 4)
     m4 = four["metrics"]
     assert m4["eval/proxy_gain"] > 0 and m4["eval/win_rate_proxy"] > 0.5  # the reward model picks what it likes
     assert m4["eval/kl_analytic"] == pytest.approx(math.log(4) - 0.75) and 0 < m4["eval/kl"] <= math.log(4)
