@@ -807,18 +807,9 @@ def measure_critic_free(overrides: list[str], steps: int, env: dict, repeats: in
         n = steps or algo_cfg["steps"]
         out[algo] = {"steps": n, "repeats": repeats}
 
-        def run_one(impl: str, i: int) -> dict:
-            print(f"{algo}: {impl}, {n} iterations (round {i + 1} of {repeats}) ...", flush=True)
-            spec = {
-                "overrides": overrides,
-                "impl": impl,
-                "algo_cfg": algo_cfg,
-                "steps": n,
-                "policy_dir": str(policies / f"{algo}-{impl}-{i}"),
-            }
-            return {**run_child("critic_free", spec, env), "policy_dir": spec["policy_dir"]}
-
-        for impl, (result, policy_dir) in counted_runs(alternating_rounds(["ours", "trl"], repeats, run_one)).items():
+        spec = {"overrides": overrides, "algo_cfg": algo_cfg, "steps": n}
+        runs = timed_rounds(algo, {"ours": "critic_free", "trl": "critic_free"}, spec, repeats, env, policies)
+        for impl, (result, policy_dir) in runs.items():
             out[algo][impl] = result
             counted[f"{algo}-{impl}"] = policy_dir
         out[algo]["ratio"] = out[algo]["ours"]["tokens_per_s"] / out[algo]["trl"]["tokens_per_s"]
@@ -1061,17 +1052,15 @@ def main() -> None:
         default=3,
         help="rounds of the PPO, RLOO and GRPO runs, alternating the order (the fastest run counts)",
     )
-    ap.add_argument("--root", default=None, help="pipeline root (default: a fresh temporary folder)")
     ap.add_argument(
         "--phases",
         default="pipeline,stages,ppo,critic_free",
-        help="phases to measure; the others keep the last results' values (without pipeline, --root must hold a "
-        "finished one)",
+        help="phases to measure; the others keep the last results' values",
     )
     ap.add_argument(
         "--peak-tflops", type=float, default=None, help="the device's dense peak TFLOP/s for MFU (default: known GPUs)"
     )
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides of the pipeline config")
+    add_pipeline_arguments(ap, "without the pipeline phase it must hold a finished one")
     args = ap.parse_args()
     if args.child:
         result = CHILDREN[args.child[0]](json.loads(args.child[1]))
@@ -1081,25 +1070,12 @@ def main() -> None:
     import importlib.metadata as md
 
     ensure_bench_extra()
-    root = Path(args.root or tempfile.mkdtemp(prefix="rlhf-bench-")).resolve()
-    (root / "prefect-home").mkdir(parents=True, exist_ok=True)
-    overrides = [f"paths.root={root}", f"tracking.uri=sqlite:///{root}/mlflow.db", *args.overrides]
-    if args.threads:
-        overrides.append(f"runtime.threads={args.threads}")
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "PREFECT_HOME": str(root / "prefect-home"),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    env.pop("PREFECT_API_URL", None)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True
-    ).stdout.strip()
+    threads = [f"runtime.threads={args.threads}"] if args.threads else []
+    root, overrides, env = pipeline_workspace(args.root, "rlhf-bench-", [*args.overrides, *threads])
     report: dict = {
         "overrides": args.overrides,
         "date": time.strftime("%Y-%m-%d"),
-        "commit": commit,
+        "commit": git_commit(),
         "command": " ".join(["python -m benchmarks.throughput", *sys.argv[1:]]),
         "rows": args.rows,
         "repeats": args.repeats,
@@ -1117,7 +1093,7 @@ def main() -> None:
     report.update({k: last[k] for k in PHASES if k not in phases and k in last})
     if "stages" not in phases:  # the kept stage results were measured with the last run's rows and repeats
         report.update({k: last[k] for k in ("rows", "repeats") if k in last})
-    stamp = f"{report['date']} at {commit}"
+    stamp = f"{report['date']} at {report['commit']}"
     report["measured"] = {
         k: stamp if k in phases else last.get("measured", {}).get(k, f"{last.get('date')} at {last.get('commit', '?')}")
         for k in PHASES
@@ -1180,19 +1156,9 @@ def measure_ppo(ppo_cfg: dict, steps: int, overrides: list[str], env: dict, repe
     policies = Path(tempfile.mkdtemp(prefix="rlhf-bench-ppo-"))
     impls = {"ours": "ppo", "trl": "trl_ppo", "reference": "ppo", **{v: "ppo" for v in OURS[1:]}}
 
-    def run_one(impl: str, i: int) -> dict:
-        print(f"ppo: {impl}, {steps} iterations (round {i + 1} of {repeats}) ...", flush=True)
-        spec = {
-            "overrides": overrides,
-            "impl": impl,
-            "ppo": ppo_cfg,
-            "steps": steps,
-            "policy_dir": str(policies / f"{impl}-{i}"),
-        }
-        return {**summarize(run_child(impls[impl], spec, env)), "policy_dir": spec["policy_dir"]}
-
     out: dict = {"steps": steps, "repeats": repeats}
-    counted = counted_runs(alternating_rounds(list(impls), repeats, run_one))
+    spec = {"overrides": overrides, "ppo": ppo_cfg, "steps": steps}
+    counted = timed_rounds("ppo", impls, spec, repeats, env, policies, post=summarize)
     out.update({impl: r for impl, (r, _) in counted.items()})
     print("ppo: held-out gold of each ...", flush=True)
     out["gold"] = run_child(
@@ -1200,6 +1166,44 @@ def measure_ppo(ppo_cfg: dict, steps: int, overrides: list[str], env: dict, repe
     )
     shutil.rmtree(policies, ignore_errors=True)
     return out
+
+
+def add_pipeline_arguments(ap: argparse.ArgumentParser, root_note: str) -> None:
+    """A benchmark's ``--root`` and its Hydra overrides of the pipeline config."""
+    ap.add_argument("--root", default=None, help=f"pipeline root (default: a fresh temporary folder); {root_note}")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides of the pipeline config")
+
+
+def pipeline_workspace(root: str | None, prefix: str, overrides: list[str]) -> tuple[Path, list[str], dict]:
+    """A benchmark's pipeline root (``root`` or a fresh temporary folder), the overrides that put the pipeline
+    and its MLflow store there, and the children's environment: offline, with a Prefect home of its own."""
+    path = Path(root or tempfile.mkdtemp(prefix=prefix)).resolve()
+    (path / "prefect-home").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(path / "prefect-home")}
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env.pop("PREFECT_API_URL", None)
+    return path, [f"paths.root={path}", f"tracking.uri=sqlite:///{path}/mlflow.db", *overrides], env
+
+
+def git_commit() -> str:
+    """The project's commit, short, as a result records it."""
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def timed_rounds(label: str, children: dict[str, str], spec: dict, repeats: int, env: dict, policies: Path, post=None):
+    """Each implementation (``children``: implementation -> the child kind that runs it) for ``spec["steps"]``
+    iterations, ``repeats`` alternating rounds; per implementation the counted run's result (``post`` applied)
+    and the folder of the policy it trained (see ``counted_runs``)."""
+
+    def run_one(impl: str, i: int) -> dict:
+        print(f"{label}: {impl}, {spec['steps']} iterations (round {i + 1} of {repeats}) ...", flush=True)
+        policy_dir = str(policies / f"{label}-{impl}-{i}")
+        shutil.rmtree(policy_dir, ignore_errors=True)  # a re-used root's
+        result = run_child(children[impl], {**spec, "impl": impl, "policy_dir": policy_dir}, env)
+        return {**(post(result) if post else result), "policy_dir": policy_dir}
+
+    return counted_runs(alternating_rounds(list(children), repeats, run_one))
 
 
 def alternating_rounds(impls: list[str], repeats: int, run_one) -> dict[str, list[dict]]:

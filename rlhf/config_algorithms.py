@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .config_training import OnPolicyConfig, SupervisedConfig
-from .settings import ConfigError, default, setting
+from .settings import default, require_multiple, setting
 
 
 @dataclass
@@ -54,11 +54,7 @@ class GroupConfig(OnPolicyConfig):
 
     def check(self, key: str) -> None:
         super().check(key)
-        if self.rollout_batch_size % self.samples_per_prompt:
-            raise ConfigError(
-                f"{key}.rollout_batch_size={self.rollout_batch_size} is not a multiple of {key}.samples_per_prompt="
-                f"{self.samples_per_prompt} (it counts answers, samples_per_prompt a prompt). Fix: make it a multiple."
-            )
+        require_multiple(self, key, "rollout_batch_size", "samples_per_prompt", " (it counts answers, one prompt's)")
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .settings import ConfigError, setting
+from .settings import require_multiple, setting
 
 # --------------------------------------------------------------------------------------------------
 # Model
@@ -75,8 +75,5 @@ class ModelConfig:
     )
 
     def check(self, key: str) -> None:
-        if self.pretrained is None and self.n_embd % self.n_head:
-            raise ConfigError(
-                f"{key}.n_embd={self.n_embd} is not divisible by {key}.n_head={self.n_head}. "
-                f"Fix: choose n_head dividing n_embd (e.g. {key}.n_head=4)."
-            )
+        if self.pretrained is None:
+            require_multiple(self, key, "n_embd", "n_head")

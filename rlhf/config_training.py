@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .settings import ConfigError, default, setting
+from .settings import ConfigError, default, require_multiple, setting
 
 
 # --------------------------------------------------------------------------------------------------
@@ -35,11 +35,7 @@ class SupervisedConfig(OptimConfig):
     epochs: float = setting(1.0, "Passes over the training data.", gt=0.0)
 
     def check(self, key: str) -> None:
-        if self.batch_size % self.grad_accum:
-            raise ConfigError(
-                f"{key}.batch_size={self.batch_size} is not divisible by {key}.grad_accum={self.grad_accum}. "
-                f"Fix: choose grad_accum dividing batch_size."
-            )
+        require_multiple(self, key, "batch_size", "grad_accum")
 
 
 @dataclass
@@ -174,13 +170,5 @@ class OnPolicyConfig(OptimConfig):
             "did not sample the data",
             f" (lower {key}.sampling.temperature for more focused samples)",
         )
-        if self.rollout_batch_size % self.minibatch_size:
-            raise ConfigError(
-                f"{key}.rollout_batch_size={self.rollout_batch_size} is not divisible by "
-                f"{key}.minibatch_size={self.minibatch_size}. Fix: choose minibatch_size dividing rollout_batch_size."
-            )
-        if self.minibatch_size % self.grad_accum:
-            raise ConfigError(
-                f"{key}.minibatch_size={self.minibatch_size} is not divisible by {key}.grad_accum={self.grad_accum}. "
-                f"Fix: choose grad_accum dividing minibatch_size."
-            )
+        require_multiple(self, key, "rollout_batch_size", "minibatch_size")
+        require_multiple(self, key, "minibatch_size", "grad_accum")

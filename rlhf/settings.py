@@ -24,6 +24,17 @@ def setting(default: Any, help: str, **bounds: Any) -> Any:
     return field(default=default, metadata={"help": help, **bounds})
 
 
+def require_multiple(cfg: Any, key: str, name: str, of: str, why: str = "") -> None:
+    """Refuse ``cfg.<name>`` unless it is a multiple of ``cfg.<of>`` (``why``: what ``of`` counts, if it helps),
+    naming both keys and the fix."""
+    value, unit = getattr(cfg, name), getattr(cfg, of)
+    if value % unit:
+        raise ConfigError(
+            f"{key}.{name}={value} is not a multiple of {key}.{of}={unit}{why}. "
+            f"Fix: make {key}.{name} a multiple of {unit}, or choose {key}.{of} dividing {value}."
+        )
+
+
 def default(cls: type, name: str, value: Any) -> Any:
     """Field ``name`` of the dataclass ``cls`` with another default, keeping its help text and bounds
     (a stage's schema that differs from the shared one only in its defaults)."""

@@ -71,7 +71,7 @@ def logged(tmp_path_factory) -> set[str]:
     from rlhf.stages.best_of_n import BestOfNConfig, sample
     from rlhf.stages.best_of_n import run as best_of_n
 
-    from .tiny import LOOP, TINY_MODEL, ctx
+    from .tiny import LOOP, TINY_MODEL, ctx, on_policy
 
     root = tmp_path_factory.mktemp("metrics")
     torch.manual_seed(0)
@@ -89,21 +89,13 @@ def logged(tmp_path_factory) -> set[str]:
     rms = [reward.run(rm, TINY_MODEL, data, s, stage(f"rm{i}"), member=i)["model_path"] for i in (0, 1)]
     inputs = PolicyInputs(data, s, rms[0], gold_reward, 1.0, (rms[1],))
     dpo.run(dpo.DPOConfig(epochs=1, **LOOP), TINY_MODEL, inputs, stage("dpo"))
-    loop = dict(
-        steps=2,
-        rollout_batch_size=8,
-        minibatch_size=4,
-        ppo_epochs=1,
-        eval_every=1,
-        checkpoint_every=10,
-        sampling=SamplingConfig(max_new_tokens=6),
-    )
+    loop = dict(steps=2, ppo_epochs=1, eval_every=1, checkpoint_every=10, lr=1e-4, max_new_tokens=6)
     everything = dict(
         reward_ensemble="worst", guard="conservative", guard_patience=1, adaptive_kl=True, normalize_reward=True
     )
-    ppo.run(ppo.PPOConfig(**loop, **everything), TINY_MODEL, inputs, stage("ppo"))
-    rloo.run(rloo.RLOOConfig(**loop, kl_penalty="loss"), TINY_MODEL, inputs, stage("rloo"))
-    grpo.run(grpo.GRPOConfig(**loop), TINY_MODEL, inputs, stage("grpo"))
+    ppo.run(on_policy(**loop, **everything), TINY_MODEL, inputs, stage("ppo"))
+    rloo.run(on_policy(rloo.RLOOConfig, **loop, kl_penalty="loss"), TINY_MODEL, inputs, stage("rloo"))
+    grpo.run(on_policy(grpo.GRPOConfig, **loop), TINY_MODEL, inputs, stage("grpo"))
     best_of_n(BestOfNConfig(n=2), TINY_MODEL, inputs, stage("best_of_n"))
     cfg = EvalConfig(n_prompts=8, sampling=SamplingConfig(max_new_tokens=6))
     evaluate.run(cfg, TINY_MODEL.max_length, gold_reward, data, s, s, rms, stage("eval"), 1.0, sample, {"n": 2})

@@ -7,6 +7,8 @@ import torch
 
 from rlhf import losses as L
 
+from .tiny import tiny_gpt2
+
 
 def test_sft_loss_averages_answer_tokens_only():
     logp = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]])
@@ -104,16 +106,9 @@ def test_masked_positions_never_contribute():
 
 
 def test_token_entropy_matches_the_categorical_and_carries_no_gradient():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from rlhf.modeling import token_logprobs, token_logprobs_and_entropy
 
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=7, n_layer=1, n_embd=16, n_head=2, pad_token_id=0, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0
-        )
-    )
+    model = tiny_gpt2(vocab=7, n_layer=1, n_embd=16)
     ids, mask = torch.randint(1, 7, (2, 5)), torch.ones(2, 5, dtype=torch.long)
     logp, entropy = token_logprobs_and_entropy(model, ids, mask, temperature=0.7)
     logits = model(input_ids=ids).logits[:, :-1].detach() / 0.7

@@ -6,13 +6,12 @@ import pytest
 import torch
 
 from rlhf.algorithms import PolicyInputs
-from rlhf.config import DataConfig, ModelConfig, RewardConfig, SamplingConfig, SFTConfig
+from rlhf.config import DataConfig, ModelConfig, RewardConfig, SFTConfig
 from rlhf.context import StageContext
 from rlhf.stages import ppo, prepare, reward, sft
-from rlhf.stages.ppo import PPOConfig
 from rlhf.synthetic import gold_reward
 
-from .tiny import Recorder
+from .tiny import Recorder, on_policy
 
 pytestmark = pytest.mark.slow
 MODEL = ModelConfig(n_layer=2, n_embd=64, n_head=4, vocab_size=400, max_length=48)
@@ -50,17 +49,8 @@ def biased_reward_model(tmp_path_factory):
 def run_ppo(setup, beta, name):
     root, data, sft_path, rm_path = setup
     c = ctx(root, name)
-    cfg = PPOConfig(
-        beta=beta,
-        steps=24,
-        rollout_batch_size=32,
-        minibatch_size=16,
-        ppo_epochs=4,
-        lr=3e-4,
-        eval_every=4,
-        checkpoint_every=1000,
-        sampling=SamplingConfig(max_new_tokens=16),
-    )
+    batches = dict(rollout_batch_size=32, minibatch_size=16, ppo_epochs=4, max_new_tokens=16)
+    cfg = on_policy(beta=beta, steps=24, lr=3e-4, eval_every=4, checkpoint_every=1000, **batches)
     ppo.run(cfg, MODEL, PolicyInputs(data, sft_path, rm_path, gold_reward, missing_eos_penalty=1.0), c)
     return {
         k: [v for _, v in c.sink.metrics[k]]

@@ -7,24 +7,11 @@ from rlhf.data import left_pad
 from rlhf.modeling import positions, token_logprobs
 from rlhf.rollout import filter_logits, generate
 
+from .tiny import tiny_gpt2
+
 
 def tiny_lm(vocab=20, seed=0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        vocab_size=vocab,
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        n_positions=64,
-        pad_token_id=0,
-        eos_token_id=1,
-        resid_pdrop=0,
-        embd_pdrop=0,
-        attn_pdrop=0,
-    )
-    return GPT2LMHeadModel(cfg).eval()
+    return tiny_gpt2(vocab, seed=seed, n_layer=2, n_embd=32, n_positions=64, eos_token_id=1).eval()
 
 
 def greedy_without_cache(model, ids, n):

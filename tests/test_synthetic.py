@@ -11,16 +11,8 @@ PROMPT = "topic: fruit. open: mango. avoid: plum. length: short. answer:"
 
 
 def test_splits_are_deterministic_in_the_seed():
-    kw = dict(
-        n_sft=50,
-        n_pref=50,
-        n_eval_prompts=20,
-        n_eval_pref=20,
-        n_ppo_prompts=20,
-        annotator_temperature=0.3,
-        annotator_length_bias=0.1,
-        demo_quality=0.65,
-    )
+    sizes = dict(n_sft=50, n_pref=50, n_eval_prompts=20, n_eval_pref=20, n_ppo_prompts=20)
+    kw = dict(**sizes, annotator_temperature=0.3, annotator_length_bias=0.1, demo_quality=0.65)
     assert S.make_splits(seed=3, **kw) == S.make_splits(seed=3, **kw)
     assert S.make_splits(seed=3, **kw)["sft"] != S.make_splits(seed=4, **kw)["sft"]
 

@@ -32,6 +32,15 @@ class Recorder:
         return self.metrics[name][0][1]
 
 
+def tiny_gpt2(vocab: int, seed: int = 0, **config):
+    """A GPT-2 of random weights (seeded) without dropout, PAD = token 0; ``config``: GPT2Config's sizes."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    no_dropout = dict(resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_head=2, pad_token_id=0, **no_dropout, **config))
+
+
 def ctx(root: Path, name: str, **kw) -> StageContext:
     return StageContext(root / name, Recorder(), torch.device("cpu"), **kw)
 
