@@ -6,7 +6,10 @@ state; :func:`latest` only ever returns folders that have it.
 
 Layout of a stage's checkpoint folder::
 
-    ckpt/step-000200/   model/ (HF folder per trained model), trainer_state.pt, COMPLETE
+    ckpt/step-000200/   <model>/ (HF folder per trained model), trainer_state.pt, COMPLETE
+    ckpt/step-000200/   (runtime.strategy=fsdp) every process's shards of the models and the optimizer
+                        (torch.distributed.checkpoint: .metadata, __<rank>_0.distcp), rng-<rank>.pt,
+                        trainer_state.pt, COMPLETE
 """
 
 from __future__ import annotations
@@ -88,6 +91,79 @@ def save(ckpt_root: Path, step: int, models: dict, tokenizer, trainer_state: dic
     for old in complete_checkpoints(ckpt_root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def hf_model(ckpt: Path | None, name: str) -> Path | None:
+    """The HF folder of model ``name`` in checkpoint ``ckpt`` (None: no checkpoint, or a sharded one, whose weights
+    :func:`load_sharded` restores into the models)."""
+    if ckpt is None:
+        return None
+    folder = Path(ckpt) / name
+    return folder if any((folder / f).exists() for f in ("config.json", "adapter_config.json")) else None
+
+
+def save_sharded(
+    ckpt_root: Path, step: int, models: torch.nn.Module, optimizer, trainer_state: dict, rng: dict, keep: int = 2
+) -> Path:
+    """Every process writes its shards of ``models`` (a ModuleDict: its keys prefix the names) and of the optimizer,
+    and its own random state, into one temporary folder that the main process renames into place when all are
+    done (the barriers: a crash mid-save leaves the previous checkpoint the newest complete one)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    distributed = dist_ready()
+    rank = torch.distributed.get_rank() if distributed else 0
+    final = step_dir(ckpt_root, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    model_state, optim_state = get_state_dict(models, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+    torch.save(rng, tmp / f"rng-{rank}.pt")
+    barrier()
+    if rank == 0:
+        torch.save({**trainer_state, "step": step}, tmp / "trainer_state.pt")
+        (tmp / COMPLETE).write_text(str(step))
+        old = final.with_name(f".{final.name}.old")
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        for done in complete_checkpoints(ckpt_root)[:-keep]:
+            shutil.rmtree(done, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_sharded(ckpt: Path, models: torch.nn.Module, optimizer) -> dict | None:
+    """Restore ``models`` and the optimizer from a sharded checkpoint, on any number of processes (each reads the
+    parts of every tensor it holds); this process's random state where the checkpoint has one for its rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not (Path(ckpt) / ".metadata").exists():
+        raise CheckpointError(
+            f"{ckpt} is not a sharded checkpoint (runtime.strategy=fsdp writes them; this one was written under ddp). "
+            f"Fix: resume with the strategy that wrote it, or pass refresh=[<stage>] to train the stage afresh."
+        )
+    model_state, optim_state = get_state_dict(models, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(ckpt))
+    set_state_dict(models, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rank = torch.distributed.get_rank() if dist_ready() else 0
+    rng = Path(ckpt) / f"rng-{rank}.pt"
+    return torch.load(rng, weights_only=True) if rng.exists() else None
+
+
+def dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def barrier() -> None:
+    if dist_ready():
+        torch.distributed.barrier()
 
 
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:

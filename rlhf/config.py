@@ -74,6 +74,26 @@ class PathsConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """FSDP2's settings (``runtime.strategy=fsdp``)."""
+
+    reshard_after_forward: bool = setting(
+        True,
+        "Free each block's gathered parameters after its forward and gather them again for the backward (ZeRO-3); "
+        "false keeps them to the backward (ZeRO-2: less communication, more memory).",
+    )
+    cpu_offload: bool = setting(
+        False, "Keep the sharded parameters, gradients and optimizer state in CPU memory between uses (GPUs only)."
+    )
+    mixed_precision: str = setting(
+        "auto",
+        "Parameters gathered in bf16 with gradients reduced in fp32 (bf16), or fp32 throughout (no); auto: bf16 on "
+        "GPUs, no on CPU.",
+        choices=["auto", "bf16", "no"],
+    )
+
+
+@dataclass
 class RuntimeConfig:
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
     threads: int = setting(
@@ -85,6 +105,14 @@ class RuntimeConfig:
         "(DDP, one process per GPU, or gloo on CPU).",
         ge=1,
     )
+    strategy: str = setting(
+        "ddp",
+        "How the processes of a training stage share the work: ddp, each a full copy of every model (DDP); fsdp, "
+        "every model sharded across them per transformer block (FSDP2), checkpoints sharded "
+        "(torch.distributed.checkpoint) and resumable on another number of processes.",
+        choices=["ddp", "fsdp"],
+    )
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     progress: str = setting(
         "auto",
         "Training progress: a bar on a terminal, log lines otherwise (auto), always log lines (log), or nothing (off).",

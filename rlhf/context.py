@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from . import checkpoint, runtime
 from .modeling import save_pretrained_atomic
 from .progress import Progress, ProgressSettings
+from .sharding import Sharding, full_state_dict
 from .trainer import MetricSink
 
 CKPT_DIR, FINAL_DIR = "ckpt", "model"  # a stage folder's resumable checkpoints and its output model
@@ -31,6 +32,7 @@ class StageContext:
         default_factory=ProgressSettings
     )  # runtime.progress*: bar, log lines or off
     compile: bool = False  # runtime.compile: torch.compile the models an on-policy stage trains
+    sharding: Sharding = field(default_factory=Sharding)  # runtime.strategy: whole models (ddp) or sharded (fsdp)
 
     def __post_init__(self) -> None:
         self.accelerator = self.accelerator or runtime.accelerator(self.device)
@@ -57,6 +59,12 @@ class StageContext:
 
     def save_final(self, model, tokenizer, meta: dict) -> None:
         """The stage's output model, written once (by the main process) and seen by every process after."""
+        self.save_model(model, tokenizer, self.final_dir, meta)
+
+    def save_model(self, model, tokenizer, out_dir: Path, meta: dict, merge: bool = True) -> None:
+        """A whole HF folder of ``model`` (every process calls it: a sharded model is gathered to the main process,
+        which writes it); :func:`~rlhf.modeling.save_pretrained_atomic` says what ``merge`` does."""
+        state = full_state_dict(model)
         if self.accelerator.is_main_process:
-            save_pretrained_atomic(model, tokenizer, self.final_dir, meta)
+            save_pretrained_atomic(model, tokenizer, out_dir, meta, merge=merge, state_dict=state)
         self.accelerator.wait_for_everyone()

@@ -142,6 +142,7 @@ def main(spec_path: str) -> None:
     from . import checkpoint, runtime
     from .context import StageContext
     from .progress import ProgressSettings
+    from .sharding import Sharding
     from .tracking import RunLogger
 
     spec = cloudpickle.loads(Path(spec_path).read_bytes())
@@ -166,6 +167,7 @@ def main(spec_path: str) -> None:
         accelerator=accelerator,
         progress_settings=ProgressSettings(rt.progress, rt.progress_every_s),
         compile=rt.compile,
+        sharding=Sharding.of(rt),
     )
     try:
         # asked through the stop file; a signal that reaches this process directly asks the same, however often

@@ -22,6 +22,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .sharding import as_root_forward
+
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|endoftext|>"
 
@@ -268,22 +270,27 @@ class Logprobs(torch.nn.Module):
         entropy: bool = False,
     ):
         lm = unwrapped(self.model)
-        hidden = lm.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)
-        ).last_hidden_state
-        logits = fp32_projection(hidden[:, first:-1], lm.get_output_embeddings()) / temperature  # (B, T-1-first, V)
-        pad = lm.config.pad_token_id
-        if pad is not None:  # PAD is never sampled (rollout.generate): the policy is the softmax without it. A finite
-            # floor, not -inf: padded targets (masked out downstream) and the entropy's p * logit stay finite
-            logits = logits.index_fill(-1, torch.tensor([pad], device=logits.device), torch.finfo(logits.dtype).min)
-        lse = logits.logsumexp(-1)  # (B, T-1-first)
-        logp = logits.gather(-1, input_ids[:, first + 1 :].unsqueeze(-1)).squeeze(-1) - lse
-        logp = F.pad(logp, (first, 0))  # (B, T-1), zeros where nothing was asked
-        if not entropy:
-            return logp
-        with torch.no_grad():  # a metric: H = logsumexp(l) - sum_v softmax(l)_v l_v, without a graph
-            ent = F.pad(lse.detach() - (logits.detach().softmax(-1) * logits.detach()).sum(-1), (first, 0))
-        return logp, ent
+        return as_root_forward(lm, _logprobs, lm, input_ids, attention_mask, first, temperature, entropy)
+
+
+def _logprobs(lm, input_ids, attention_mask, first: int, temperature: float, entropy: bool):
+    """:class:`Logprobs`' forward."""
+    hidden = lm.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)
+    ).last_hidden_state
+    logits = fp32_projection(hidden[:, first:-1], lm.get_output_embeddings()) / temperature  # (B, T-1-first, V)
+    pad = lm.config.pad_token_id
+    if pad is not None:  # PAD is never sampled (rollout.generate): the policy is the softmax without it. A finite
+        # floor, not -inf: padded targets (masked out downstream) and the entropy's p * logit stay finite
+        logits = logits.index_fill(-1, torch.tensor([pad], device=logits.device), torch.finfo(logits.dtype).min)
+    lse = logits.logsumexp(-1)  # (B, T-1-first)
+    logp = logits.gather(-1, input_ids[:, first + 1 :].unsqueeze(-1)).squeeze(-1) - lse
+    logp = F.pad(logp, (first, 0))  # (B, T-1), zeros where nothing was asked
+    if not entropy:
+        return logp
+    with torch.no_grad():  # a metric: H = logsumexp(l) - sum_v softmax(l)_v l_v, without a graph
+        ent = F.pad(lse.detach() - (logits.detach().softmax(-1) * logits.detach()).sum(-1), (first, 0))
+    return logp, ent
 
 
 def token_logprobs(
@@ -306,6 +313,10 @@ def token_logprobs_and_entropy(
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The scalar head on every position: (B, T). Used as the critic and, at one index, as the reward."""
     model = unwrapped(model)
+    return as_root_forward(model, _token_values, model, input_ids, attention_mask)
+
+
+def _token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     hidden = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)
     ).last_hidden_state
@@ -337,19 +348,22 @@ def is_lora(model: torch.nn.Module) -> bool:
     return hasattr(model, "merge_and_unload")
 
 
-def save_pretrained_atomic(model, tokenizer, out_dir: Path, extra: dict | None = None, merge: bool = True) -> Path:
+def save_pretrained_atomic(
+    model, tokenizer, out_dir: Path, extra: dict | None = None, merge: bool = True, state_dict: dict | None = None
+) -> Path:
     """Save a HF folder atomically: write ``<out_dir>.tmp-<pid>``, then rename onto ``out_dir``.
 
     A LoRA (peft) model is saved with its adapters merged into the weights (``merge``: the next stage loads a
     plain model; merging unloads the adapters from ``model``, so only a stage's final save does it) or as
-    its adapters alone (``merge=False``: ``model`` is left as it is, e.g. mid-training).
+    its adapters alone (``merge=False``: ``model`` is left as it is, e.g. mid-training). ``state_dict``: the weights
+    to write instead of the model's own (a sharded model's, gathered whole).
     """
     from .checkpoint import atomic_dir
 
     if merge and is_lora(model):
         model = model.merge_and_unload()
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         if extra:
             import json

@@ -24,7 +24,7 @@ from .experience import Experience
 from .guard import GUARD_DIR, Guard
 from .kl_control import FixedKLController
 from .losses import kl_k1, kl_k3, kl_loss, masked_mean, policy_loss
-from .modeling import Logprobs, save_pretrained_atomic, token_logprobs, token_logprobs_and_entropy, token_values
+from .modeling import Logprobs, token_logprobs, token_logprobs_and_entropy, token_values
 from .onpolicy_models import OnPolicyModels
 from .rollout import Samples, decode_responses, generate
 from .scoring import Scorer, gold_rewards
@@ -68,6 +68,7 @@ class OnPolicy:
             self.param_groups(),
             amp=models.amp,
             accelerator=ctx.accelerator,
+            sharding=ctx.sharding,
         )
         self.rank, self.world = self.trainer.rank, self.trainer.world
         self.policy_train = self.trainer.wrap(self.compiled(Logprobs(models.policy)))  # the update's forwards (DDP)
@@ -144,7 +145,7 @@ class OnPolicy:
         """Mean score of SFT answers (Huang et al. 2024: normalise the reward so SFT scores 0); with an ensemble,
         each member's mean and std on the same answers first, and how far the ensemble's mean lies from member 0's
         (``ensemble_gap``: a worst-case ensemble scores SFT answers below its member 0)."""
-        with self.m.reference.use() as sft:
+        with self.m.reference.use() as sft, self.ctx.sharding.gathered(sft):  # sampled whole (answers end unevenly)
             answers = [self.rollout(sft, -1 - i) for i in range(SCORE_NORM_BATCHES)]
         members = torch.cat([self.scorer.members(a) for a in answers], 1)  # (K, N)
         gathered = self.ctx.accelerator.gather(members.T.contiguous()).T  # every process's answers: the same statistics
@@ -318,9 +319,8 @@ class OnPolicy:
             out["eval_gold_reward"], out["eval_gold_reward_se"] = mean_se(gold)
         return out
 
-    def guard_step(self, held_out: dict) -> None:
-        """After an evaluation (main process): the guard keeps this checkpoint (LoRA: the adapters alone; merging
-        them would unload them from the policy being trained) or counts towards stopping."""
-        if self.guard.keeps(held_out, self.iteration):
-            out_dir, meta = self.ctx.out_dir / GUARD_DIR, {"iteration": self.iteration}
-            save_pretrained_atomic(self.m.policy, self.m.tokenizer, out_dir, meta, merge=False)
+    def keep_for_guard(self) -> None:
+        """The policy as the guard's kept checkpoint (every process calls it; LoRA: the adapters alone, merging them
+        would unload them from the policy being trained)."""
+        meta = {"iteration": self.iteration}
+        self.ctx.save_model(self.m.policy, self.m.tokenizer, self.ctx.out_dir / GUARD_DIR, meta, merge=False)

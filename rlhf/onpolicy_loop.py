@@ -47,6 +47,8 @@ def run_method(
     """An on-policy stage: its models (``value_init``: where a critic starts), prompts and the loop; its record."""
     resume = ctx.resume_point()
     models = OnPolicyModels(model_cfg, inputs, resume, ctx.device, value_init=value_init)
+    for frozen in models.frozen():
+        ctx.sharding.shard(frozen)  # the trained ones: by the trainer, before its optimizer
     prompts, eval_prompts, eval_ids = prompts_of(cfg, model_cfg, inputs, models.tokenizer)
     return train(method_cls(cfg, models, prompts, ctx, inputs), eval_prompts, eval_ids, resume)
 
@@ -69,7 +71,8 @@ def train(method: OnPolicy, eval_prompts: list[str], eval_ids: list, resume: Pat
     while method.iteration < cfg.steps and not method.guard.stopped:
         times = [time.perf_counter()]
         with m.amp():
-            samples = method.rollout(m.policy, method.iteration)  # 1. rollout
+            with ctx.sharding.gathered(m.policy):  # sampled whole: each process's answers end when they end
+                samples = method.rollout(m.policy, method.iteration)  # 1. rollout
             times.append(time.perf_counter())
             exp, stats = method.experience(samples)  # 2. experience
             times.append(time.perf_counter())
@@ -130,11 +133,13 @@ def iteration_metrics(method: OnPolicy, stats: dict, samples, exp, times: list[f
 
 
 def held_out(method: OnPolicy, eval_prompts: list[str], eval_ids: list) -> dict:
-    """The policy on held-out prompts (the main process evaluates and logs), kept for the KL curve."""
-    if not method.ctx.accelerator.is_main_process:
-        return {}
-    with method.m.amp():
-        out = {f"{method.name}/{k}": v for k, v in method.evaluate(eval_prompts, eval_ids).items()}
+    """The policy on held-out prompts (the main process evaluates and logs; every process calls it, as a sharded
+    model is gathered whole), kept for the KL curve."""
+    with method.ctx.sharding.gathered(*method.m.all()):
+        if not method.ctx.accelerator.is_main_process:
+            return {}
+        with method.m.amp():
+            out = {f"{method.name}/{k}": v for k, v in method.evaluate(eval_prompts, eval_ids).items()}
     for k in (f"{method.name}/{c}" for c in (*CURVES, "eval_kl")):
         if k in out:
             method.history.setdefault(k, []).append((method.iteration, out[k]))
@@ -146,9 +151,12 @@ def evaluate(method: OnPolicy, eval_prompts: list[str], eval_ids: list) -> dict:
     every process: they stop together)."""
     out = held_out(method, eval_prompts, eval_ids)
     if method.guard.on:
-        if method.ctx.accelerator.is_main_process:
-            method.guard_step({k.split("/", 1)[1]: v for k, v in out.items()})
-        method.guard.state = broadcast_object_list([method.guard.state])[0]
+        kept = method.ctx.accelerator.is_main_process and method.guard.keeps(
+            {k.split("/", 1)[1]: v for k, v in out.items()}, method.iteration
+        )
+        method.guard.state, kept = broadcast_object_list([method.guard.state, kept])
+        if kept:
+            method.keep_for_guard()
         if method.guard.stopped:
             out[f"{method.name}/guard_stopped_at"] = method.iteration
     return out

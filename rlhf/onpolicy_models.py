@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint
 from .algorithms import PolicyInputs
 from .config import ModelConfig
 from .modeling import (
@@ -34,12 +35,14 @@ class OnPolicyModels:
     ) -> None:
         dtype, sft_path, reward_path = model_cfg.dtype, inputs.sft_path, inputs.reward_path
         self.tokenizer = tok = load_tokenizer(sft_path)
-        self.policy = load_trainable("policy", sft_path, resume and resume / "policy", tok, model_cfg).to(device)
+        self.policy = load_trainable("policy", sft_path, checkpoint.hf_model(resume, "policy"), tok, model_cfg).to(
+            device
+        )
         self.value = None
         if value_init:
             start = reward_path if value_init == "reward" else sft_path
             self.value = load_trainable(
-                "scalar", start, resume and resume / "value", tok, model_cfg, zero_head=value_init == "sft"
+                "scalar", start, checkpoint.hf_model(resume, "value"), tok, model_cfg, zero_head=value_init == "sft"
             ).to(device)
         share = model_cfg.lora_r > 0 and model_cfg.lora_shared_reference
         self.reference = (
@@ -58,6 +61,14 @@ class OnPolicyModels:
                 disable_dropout(m)
         self.amp = autocast(model_cfg, device)
         self.sampler_logprobs = sampler_logprobs_exact(model_cfg)  # old log-probs from the sampler, not a forward
+
+    def frozen(self) -> list[torch.nn.Module]:
+        """The frozen models with weights of their own (not a LoRA model's base)."""
+        return [f.model for f in (self.reference, *self.rewards) if not f.shared]
+
+    def all(self) -> list[torch.nn.Module]:
+        """Every model of the stage, once each."""
+        return [*self.trained().values(), *self.frozen()]
 
     def trained(self) -> dict[str, torch.nn.Module]:
         return {"policy": self.policy, **({"value": self.value} if self.value is not None else {})}

@@ -13,6 +13,7 @@ import torch
 
 from .config import SamplingConfig
 from .modeling import fp32_projection, positions, unwrapped
+from .sharding import as_root_forward
 
 
 @dataclass
@@ -101,6 +102,10 @@ def _next_logits(model, input_ids, attention_mask, position_ids, past=None):
     """The next token's logits (B, V), the LM head in fp32 on the last position only (as the update's
     log-probs are: the sampler and the ratio see the same numbers), and the KV cache."""
     lm = unwrapped(model)
+    return as_root_forward(lm, _backbone_step, lm, input_ids, attention_mask, position_ids, past)
+
+
+def _backbone_step(lm, input_ids, attention_mask, position_ids, past):
     out = lm.base_model(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -6,9 +6,10 @@ the first step always logged), throughput, and resumable atomic checkpoints. A s
 of a micro-batch; :func:`fit` runs the supervised epochs loop (SFT, reward, DPO) on top of it, and PPO
 drives :meth:`Trainer.optimizer_step` from its own rollout loop.
 
-Data parallelism is accelerate's: under ``accelerate launch`` each process trains a DDP copy
-(:meth:`Trainer.wrap`) on its share of every batch, gradients are averaged in the last micro-batch's
-backward, metrics are averaged over the processes, and the main process alone writes checkpoints.
+Data parallelism: under ``accelerate launch`` each process trains on its share of every batch, gradients are
+averaged in the last micro-batch's backward and metrics over the processes. Under ``runtime.strategy=ddp`` each
+process trains a DDP copy (:meth:`Trainer.wrap`) and the main process alone writes checkpoints; under ``fsdp`` the
+trainer shards its models (:mod:`rlhf.sharding`) and every process writes its shards of each checkpoint.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from accelerate import Accelerator
 from . import checkpoint, preemption
 from .config_training import OptimConfig, SupervisedConfig
 from .progress import Progress, ProgressSettings
+from .sharding import Sharding, full_tensor
 
 
 class NonFiniteLossError(RuntimeError):
@@ -90,12 +92,14 @@ class Trainer:
         amp: Callable[[], ContextManager] = contextlib.nullcontext,
         *,
         accelerator: Accelerator,
+        sharding: Sharding | None = None,
     ) -> None:
         self.models, self.tokenizer, self.cfg, self.amp = models, tokenizer, cfg, amp
-        self.accelerator = accelerator
+        self.accelerator, self.sharding = accelerator, sharding or Sharding()
         self._synced: list[torch.nn.Module] = []  # the DDP wrappers whose gradients are averaged
         self.total_steps, self.prefix, self.sink, self.ckpt_dir = total_steps, prefix, sink, Path(ckpt_dir)
-        groups = param_groups or [{"params": [p for m in models.values() for p in m.parameters() if p.requires_grad]}]
+        groups = self._sharded(param_groups or [{"params": [p for m in models.values() for p in m.parameters()]}])
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = adamw(groups, cfg)
         warmup = int(cfg.warmup_ratio * total_steps)
@@ -110,6 +114,15 @@ class Trainer:
             0  # every process's training tokens so far (kept in checkpoints): the stage's compute, in tokens
         )
 
+    def _sharded(self, groups: list[dict]) -> list[dict]:
+        """Shard the models (FSDP: each parameter is replaced by its shard, under the same name) and return
+        ``groups`` with the parameters the optimizer must hold now."""
+        names = {id(p): (n, fqn) for n, m in self.models.items() for fqn, p in m.named_parameters()}
+        for model in self.models.values():
+            self.sharding.shard(model)
+        now = {(n, fqn): p for n, m in self.models.items() for fqn, p in m.named_parameters()}
+        return [{**g, "params": [now[names[id(p)]] for p in g["params"]]} for g in groups]
+
     # ---- data parallelism ------------------------------------------------------------------------
     @property
     def rank(self) -> int:
@@ -121,7 +134,10 @@ class Trainer:
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         """The module to run training forwards through: a DDP wrapper under ``accelerate launch``, else ``module``.
-        Its parameters are the trainer's, so saving ``models`` saves what it trained."""
+        Its parameters are the trainer's, so saving ``models`` saves what it trained. Under FSDP, ``module``: the
+        sharded models' hooks reduce the gradients."""
+        if self.sharding.fsdp:
+            return module
         wrapped = self.accelerator.prepare_model(module, device_placement=False)
         self._synced.append(wrapped)
         return wrapped
@@ -140,6 +156,7 @@ class Trainer:
     def _no_sync(self) -> ContextManager:
         """Skip the gradient all-reduce (accumulate locally) in every micro-batch but the last."""
         stack = contextlib.ExitStack()
+        stack.enter_context(self.sharding.no_gradient_sync(list(self.models.values())))
         for module in self._synced:
             stack.enter_context(self.accelerator.no_sync(module))
         return stack
@@ -169,7 +186,7 @@ class Trainer:
                 totals[k] = totals.get(k, 0.0) + torch.as_tensor(v).detach().float() / n_micro
         totals = self.average({**totals, "_loss_sum": loss_sum})  # every process sees (and checks) the same numbers
         loss_sum = totals.pop("_loss_sum")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
         if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
@@ -221,7 +238,15 @@ class Trainer:
 
     def save(self, extra_state: dict | None = None) -> Path:
         """Checkpoint (the main process writes it; DDP keeps every copy identical) with every process's random state;
-        every process waits for it."""
+        every process waits for it. Under FSDP every process writes its shards and its random state."""
+        if self.sharding.fsdp:
+            self.sink.flush()
+            state = {"scheduler": self.scheduler.state_dict(), "extra": extra_state or {}}
+            state["tokens_trained"] = self.tokens_trained
+            models = torch.nn.ModuleDict(self.models)
+            return checkpoint.save_sharded(
+                self.ckpt_dir, self.step, models, self.optimizer, state, checkpoint.rng_state()
+            )
         rng = [checkpoint.rng_state()]
         if self.world > 1:
             from accelerate.utils import gather_object
@@ -260,16 +285,19 @@ class Trainer:
         raise preemption.Preempted(self.prefix, signum, at or f"step {self.step}")
 
     def load(self, ckpt: Path) -> dict:
-        """Restore optimizer, schedule, RNG and step from a checkpoint (weights are loaded by the stage)."""
+        """Restore optimizer, schedule, RNG and step from a checkpoint (weights are loaded by the stage; under FSDP
+        here, from the shards, on any number of processes)."""
         state = checkpoint.load_trainer_state(ckpt)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharding.fsdp:
+            rng = checkpoint.load_sharded(ckpt, torch.nn.ModuleDict(self.models), self.optimizer)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+            saved = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # per process (older: one)
+            rng = saved[self.rank] if self.rank < len(saved) else None
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.tokens_trained = state["step"], state.get("tokens_trained", 0)
-        rng = (
-            state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-        )  # one per process (older checkpoints: one)
-        if self.rank < len(rng):
-            checkpoint.set_rng_state(rng[self.rank])
+        if rng is not None:
+            checkpoint.set_rng_state(rng)
         else:  # resumed on more processes than saved: a fresh stream of its own, the same on every resume
             from .runtime import seed_all
 

@@ -81,6 +81,7 @@ def validate(config: Any) -> PipelineConfig:
     _check_stage_names(cfg)
     _check_synthetic(cfg)
     _check_data_parallel(cfg)
+    _check_sharding(cfg)
     return cfg
 
 
@@ -143,6 +144,16 @@ def _check_data_parallel(cfg: PipelineConfig) -> None:
             f"{per}, which do not split evenly over runtime.num_processes={n} processes. Fix: make "
             f"algo.rollout_batch_size a "
             f"multiple of {group * n} (and of algo.minibatch_size)."
+        )
+
+
+def _check_sharding(cfg: PipelineConfig) -> None:
+    """FSDP shards plain models: a LoRA model's merge and its shared reference are built for whole models."""
+    if cfg.runtime.strategy == "fsdp" and cfg.model.lora_r:
+        raise ConfigError(
+            f"runtime.strategy=fsdp with model.lora_r={cfg.model.lora_r}: LoRA models are trained whole in each "
+            "process (their adapters are small; the base weights are frozen and shared with the reference). "
+            "Fix: runtime.strategy=ddp with LoRA, or model.lora_r=0 to shard full fine-tuning."
         )
 
 

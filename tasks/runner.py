@@ -30,6 +30,7 @@ from rlhf.model_logging import log_final_model
 from rlhf.preemption import Preempted, StopSignals, stop_after
 from rlhf.progress import ProgressSettings
 from rlhf.settings import from_dict
+from rlhf.sharding import Sharding
 from rlhf.system_metrics import PeakMemory, StageSystemMetrics
 from rlhf.tracking import RunLogger, process_tags
 
@@ -238,4 +239,7 @@ def _run_body(
             shutil.rmtree(out_dir / CKPT_DIR, ignore_errors=True)
         return run_data_parallel(body, out_dir, rt, seed, env["tracking_uri"], run.run_id, signals)
     progress = ProgressSettings(rt.progress, rt.progress_every_s)
-    return body(StageContext(out_dir, run, device, fresh=fresh, compile=rt.compile, progress_settings=progress))
+    sharding = Sharding.of(rt)  # one process: whole models; fsdp: sharded checkpoints (resumable on N processes)
+    return body(
+        StageContext(out_dir, run, device, fresh, compile=rt.compile, progress_settings=progress, sharding=sharding)
+    )

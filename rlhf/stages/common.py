@@ -40,6 +40,7 @@ def supervised_trainer(
         ctx.ckpt_dir,
         amp=amp,
         accelerator=ctx.accelerator,
+        sharding=ctx.sharding,
     )
     if resume:
         trainer.load(resume)

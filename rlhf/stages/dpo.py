@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import checkpoint
 from ..algorithms import PolicyInputs
 from ..config import ModelConfig
 from ..config_algorithms import DPOConfig
@@ -52,7 +53,9 @@ def run(cfg: DPOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: Stage
     del reference
 
     resume = ctx.resume_point()
-    policy = load_trainable("policy", sft_path, resume and resume / "policy", tokenizer, model_cfg).to(ctx.device)
+    policy = load_trainable("policy", sft_path, checkpoint.hf_model(resume, "policy"), tokenizer, model_cfg).to(
+        ctx.device
+    )
     disable_dropout(policy)
     trainer = supervised_trainer("policy", policy, tokenizer, cfg, len(rows), "dpo", ctx, resume, amp)
     trained = trainer.wrap(Logprobs(policy))

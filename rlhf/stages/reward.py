@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import torch
 
-from .. import reward_report
+from .. import checkpoint, reward_report
 from ..chat import texts as chat_texts
 from ..config import ModelConfig, RewardConfig
 from ..context import StageContext
@@ -74,9 +74,9 @@ def run(
     cfg = replace(cfg, seed=cfg.seed + member)
     tokenizer = load_tokenizer(sft_path)
     resume = ctx.resume_point()
-    model = load_trainable("scalar", sft_path, resume and resume / "reward", tokenizer, model_cfg, zero_head=True).to(
-        ctx.device
-    )
+    model = load_trainable(
+        "scalar", sft_path, checkpoint.hf_model(resume, "reward"), tokenizer, model_cfg, zero_head=True
+    ).to(ctx.device)
     amp, max_length = autocast(model_cfg, ctx.device), model_cfg.max_length
     rows, held = load_rows(data_dir, "pref", tokenizer), load_rows(data_dir, "eval_pref", tokenizer)
     if cfg.bootstrap and member:
