@@ -120,7 +120,7 @@ def save_sharded(
         tmp.mkdir(parents=True)
     barrier()
     model_state, optim_state = get_state_dict(models, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp), no_dist=not distributed)
     torch.save(rng, tmp / f"rng-{rank}.pt")
     barrier()
     if rank == 0:
@@ -150,7 +150,7 @@ def load_sharded(ckpt: Path, models: torch.nn.Module, optimizer) -> dict | None:
         )
     model_state, optim_state = get_state_dict(models, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(ckpt))
+    dcp.load(state, checkpoint_id=str(ckpt), no_dist=not dist_ready())
     set_state_dict(models, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rank = torch.distributed.get_rank() if dist_ready() else 0
     rng = Path(ckpt) / f"rng-{rank}.pt"

@@ -1,0 +1,183 @@
+"""FSDP2 (``runtime.strategy=fsdp``): two gloo processes on CPU train what DDP trains, from sharded checkpoints
+that resume on another number of processes, and a stage killed mid-run resumes from its shards.
+
+The supervised stages split every batch over the processes and average the gradients, so under either strategy
+two processes take the same steps as one (up to float summation order): their losses agree step for step, and
+a checkpoint written by two processes continues in one (and the other way round) with the losses of the run that
+was never interrupted. The on-policy stages sample each process's share of the prompts with that process's own
+random stream, so there the checks are the first minibatch's (policy = rollout policy = reference).
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from rlhf.algorithms import PolicyInputs
+from rlhf.config import DataConfig, RewardConfig, RuntimeConfig, SFTConfig
+from rlhf.launch import run_data_parallel
+from rlhf.settings import ConfigError
+from rlhf.sharding import Sharding
+from rlhf.stages import dpo, grpo, prepare, reward, rloo, sft
+from rlhf.synthetic import gold_reward
+from rlhf.validate import validate
+from tests.test_resilience import env_for, pipeline_cmd, runs_of
+from tests.tiny import TINY_MODEL, ctx, on_policy
+
+pytestmark = pytest.mark.slow
+
+FSDP, DDP = (RuntimeConfig(device="cpu", threads=1, num_processes=2, strategy=s) for s in ("fsdp", "ddp"))
+STEPS = dict(log_every=1, eval_every=100, checkpoint_every=2)
+SFT = SFTConfig(lr=3e-3, epochs=1, batch_size=16, **STEPS)  # 20 steps over the 320 demonstrations
+REWARD = RewardConfig(lr=3e-3, epochs=1, batch_size=16, grad_accum=2, **STEPS)
+DPO = dpo.DPOConfig(lr=1e-3, epochs=1, batch_size=16, **STEPS)
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    """Data, and SFT and a reward model trained in this process; an MLflow store for the launched stages."""
+    root = tmp_path_factory.mktemp("fsdp")
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    exp = client.create_experiment("fsdp", artifact_location=str(root / "artifacts"))
+    sizes = DataConfig(n_sft=336, n_pref=64, n_eval_prompts=8, n_eval_pref=16, n_ppo_prompts=16)
+    data = prepare.run(sizes, ctx(root, "data"))["data_dir"]
+    sft_path = sft.run(TINY_MODEL, SFTConfig(lr=3e-3, epochs=1, batch_size=16), data, ctx(root, "sft"))["model_path"]
+    rm_path = reward.run(REWARD, TINY_MODEL, data, sft_path, ctx(root, "rm"))["model_path"]
+
+    def launch(body, name: str, rt: RuntimeConfig) -> tuple[dict, dict]:
+        """``body`` in two processes; its record and every logged metric's history [(step, value)]."""
+        run_id = client.create_run(exp, run_name=name).info.run_id
+        out = run_data_parallel(body, root / name, rt, 0, client.tracking_uri, run_id)
+        metrics = client.get_run(run_id).data.metrics
+        return out, {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in metrics}
+
+    return {"root": root, "data": data, "sft": sft_path, "rm": rm_path, "launch": launch}
+
+
+def values(history: list) -> list[float]:
+    return [v for _, v in history]
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_fsdp_takes_the_steps_ddp_takes(upstream, stage):
+    data, sft_path = upstream["data"], upstream["sft"]
+    body = {
+        "sft": lambda c: sft.run(TINY_MODEL, SFT, data, c),
+        "reward": lambda c: reward.run(REWARD, TINY_MODEL, data, sft_path, c),
+    }[stage]
+    prefix = {"sft": "sft", "reward": "rm"}[stage]
+    sharded, m_sharded = upstream["launch"](body, f"{stage}-fsdp", FSDP)
+    whole, m_whole = upstream["launch"](body, f"{stage}-ddp", DDP)
+
+    losses = values(m_sharded[f"{prefix}/loss"])
+    assert len(losses) >= 4 and losses == pytest.approx(values(m_whole[f"{prefix}/loss"]), abs=1e-4)
+    if stage == "sft":
+        assert len(losses) == 20
+    step = sorted((upstream["root"] / f"{stage}-fsdp" / "ckpt").glob("step-*"))[-1]
+    assert (step / ".metadata").exists() and {"rng-0.pt", "rng-1.pt"} <= {p.name for p in step.iterdir()}
+    a, b = (load_file(Path(r["model_path"]) / "model.safetensors") for r in (sharded, whole))
+    assert sorted(a) == sorted(b)  # one consolidated model, the tied LM head saved once as DDP's is
+    assert max((a[k] - b[k]).abs().max() for k in a) < 1e-4
+
+
+def test_fsdp_dpo_starts_at_ln2_and_the_on_policy_methods_at_ratio_one(upstream):
+    inputs = PolicyInputs(upstream["data"], upstream["sft"], upstream["rm"], gold_reward)
+    launch = upstream["launch"]
+    _, m = launch(lambda c: dpo.run(DPO, TINY_MODEL, inputs, c), "dpo-fsdp", FSDP)
+    assert m["dpo/loss"][0] == (1, pytest.approx(0.6931, abs=0.01))
+    for name, stage, schema in (("rloo", rloo, rloo.RLOOConfig), ("grpo", grpo, grpo.GRPOConfig)):
+        cfg = on_policy(schema, steps=2)
+        out, m = launch(lambda c, s=stage, cfg=cfg: s.run(cfg, TINY_MODEL, inputs, c), f"{name}-fsdp", FSDP)
+        assert abs(m[f"{name}/kl"][0][1]) < 1e-4  # sampled from the gathered policy, which is the reference
+        assert m[f"{name}/clipfrac_first_minibatch"][0][1] == 0
+        assert abs(m[f"{name}/approx_kl_first_minibatch"][0][1]) < 1e-6
+        assert [s for s, _ in m[f"{name}/eval_gold_reward"]] == [0, 1, 2]
+        assert (Path(out["model_path"]) / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("processes", [(2, 1), (1, 2)])
+def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(upstream, processes):
+    """DPO stopped after step 2 on ``before`` processes continues on ``after`` with the losses of the run that was
+    never interrupted."""
+    before, after = processes
+    inputs = PolicyInputs(upstream["data"], upstream["sft"], upstream["rm"], gold_reward)
+    root, name = upstream["root"], f"dpo-{before}to{after}"
+    body = lambda c: dpo.run(DPO, TINY_MODEL, inputs, c)  # noqa: E731
+
+    def run(folder: str, n: int) -> dict:
+        if n == 2:
+            return upstream["launch"](body, folder, FSDP)[1]
+        c = ctx(root, folder, sharding=Sharding("fsdp"))
+        body(c)
+        return {k: [(s, v) for s, v in pts] for k, pts in c.sink.metrics.items()}
+
+    straight = run(f"{name}-straight", before)
+    (root / name / "ckpt").mkdir(parents=True)
+    shutil.copytree(root / f"{name}-straight" / "ckpt" / "step-000002", root / name / "ckpt" / "step-000002")
+    resumed = run(name, after)
+    expected = [(s, v) for s, v in straight["dpo/loss"] if s > 2]
+    assert [s for s, _ in resumed["dpo/loss"]] == [s for s, _ in expected]
+    assert values(resumed["dpo/loss"]) == pytest.approx(values(expected), abs=1e-4)
+
+
+def test_lora_with_fsdp_is_refused_with_the_fix(micro):
+    with pytest.raises(ConfigError, match=r"runtime.strategy=fsdp with model.lora_r=4.*Fix: runtime.strategy=ddp"):
+        validate(micro("runtime.strategy=fsdp", "model.lora_r=4"))
+
+
+def kill_everything_under(root: Path) -> None:
+    """SIGKILL every process whose command line names ``root``: the pipeline, the launcher and its workers, as a lost
+    machine would lose them."""
+    for p in psutil.process_iter(["cmdline"]):
+        if any(str(root) in part for part in p.info["cmdline"] or []):
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_kill_9_mid_ppo_under_fsdp_resumes_from_the_shards_in_the_same_run(tmp_path):
+    root, steps = tmp_path / "root", 12
+    cmd = pipeline_cmd(
+        root,
+        "experiment=micro_ppo",
+        "runtime.num_processes=2",
+        "runtime.strategy=fsdp",
+        f"algo.steps={steps}",
+        "algo.checkpoint_every=2",
+        "algo.eval_every=100",
+    )
+    env = env_for(tmp_path / "home")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list(root.glob("stages/ppo/*/ckpt/step-*/COMPLETE")):
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before a PPO checkpoint could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)  # the pipeline and its Prefect server
+    kill_everything_under(root)  # the stage's launcher and workers, in a session of their own
+    proc.wait()
+    done = sorted(root.glob("stages/ppo/*/ckpt/step-*/COMPLETE"))
+    killed_at = int(done[-1].parent.name.split("-")[1])
+    assert (done[-1].parent / ".metadata").exists()  # a sharded checkpoint
+
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client, parents = runs_of(root, "tags.pipeline = 'rlhf' and attributes.status = 'FINISHED'")
+    ppo_run = client.get_run(parents[0].data.tags["stage.ppo.run_id"])
+    assert ppo_run.data.tags.get("resumed") == "true" and ppo_run.info.status == "FINISHED"
+    logged = [m.step for m in client.get_metric_history(ppo_run.info.run_id, "ppo/kl")]
+    assert sorted(logged) == list(range(1, steps + 1))  # every iteration once: none lost, none logged twice
+    final = sorted(root.glob("stages/ppo/*/ckpt/step-*/COMPLETE"))[-1]
+    assert int(final.parent.name.split("-")[1]) == steps * 2 * (16 // 8) > killed_at
+    (model,) = root.glob("stages/ppo/*/model/model.safetensors")
+    assert all(torch.isfinite(w).all() for w in load_file(model).values())
