@@ -35,6 +35,11 @@ def main(cfg: DictConfig) -> float:
         container["sweep_member"] = hydra_cfg.job.num
     cfg = validate(container)
     objective = cfg.objective_metric()  # a wrong objective fails here, before any training
+    if cfg.runtime.node_rank > 0:  # another machine of a multi-machine run: it joins machine 0's training stages
+        from flows.follow import follow
+
+        follow(cfg)
+        return 0.0
     from flows.cached import cached_run
 
     result = cached_run(cfg)

@@ -105,6 +105,23 @@ class RuntimeConfig:
         "(DDP, one process per GPU, or gloo on CPU).",
         ge=1,
     )
+    num_machines: int = setting(
+        1,
+        "Machines one training stage spans (torchrun's --nnodes), each running runtime.num_processes processes; "
+        "every machine starts the same command with its own runtime.node_rank (docs: Several machines).",
+        ge=1,
+    )
+    node_rank: int = setting(
+        0,
+        "This machine's place among runtime.num_machines: 0 runs the pipeline and tracks every stage; the others "
+        "join its training stages' launches (a platform sets it per node, e.g. from JOB_COMPLETION_INDEX).",
+        ge=0,
+    )
+    rdzv_endpoint: str = setting(
+        "",
+        "host:port of torchrun's c10d rendezvous on machine 0 (needed with num_machines > 1; empty on one machine: a "
+        "free local port).",
+    )
     strategy: str = setting(
         "ddp",
         "How the processes of a training stage share the work: ddp, each a full copy of every model (DDP); fsdp, "

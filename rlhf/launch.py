@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,23 +50,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(num_processes: int, spec: Path) -> list[str]:
-    """``accelerate launch`` for one machine: torch.distributed's launcher, one process per device."""
+def launch_env() -> dict:
+    """The launched processes' environment: this one, with the project importable."""
+    project = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([project, os.environ.get("PYTHONPATH", "")])}
+
+
+def launch_command(runtime: RuntimeConfig, spec: Path) -> list[str]:
+    """torchrun on this machine: ``runtime.num_processes`` processes (one per device), joined through the c10d
+    rendezvous with those of the other ``runtime.num_machines - 1`` machines; the rendezvous id is the stage
+    folder's, the same on every machine. The rendezvous numbers the processes (global rank 0, which logs and writes
+    the result, may be on any machine: every machine reaches the tracking server and the shared stage folder)."""
+    endpoint = runtime.rdzv_endpoint or f"127.0.0.1:{_free_port()}"
     return [
         sys.executable,
         "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(num_processes),
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        str(_free_port()),
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        "torch.distributed.run",
+        f"--nnodes={runtime.num_machines}",
+        f"--nproc-per-node={runtime.num_processes}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}",
+        f"--rdzv-id={spec.parent.parent.name}",
+        "--max-restarts=0",
         "-m",
         "rlhf.launch",
         str(spec),
@@ -107,16 +113,14 @@ def run_data_parallel(
         )
     )
     log = folder / "log.txt"
-    project = str(Path(__file__).resolve().parents[1])
     env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([project, os.environ.get("PYTHONPATH", "")]),
+        **launch_env(),
         # torch elastic kills its processes this long after its own stop: give them the step and the checkpoint
         "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(int(runtime.stop_grace_s)),
     }
     with log.open("w") as out:
         # a session of its own: the launcher never sees the stop signal; its processes read the stop file
-        cmd = launch_command(runtime.num_processes, spec)
+        cmd = launch_command(runtime, spec)
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         signals.on_first = lambda signum: stop_file.write_text(str(signum))
         signals.on_second = lambda _signum: kill_tree(proc.pid)
@@ -132,6 +136,28 @@ def run_data_parallel(
             f"the stage's {runtime.num_processes} processes failed (exit {rc}); the end of {log}:\n{tail}"
         )
     return outcome
+
+
+def join_launch(out_dir: Path, runtime: RuntimeConfig, wait_s: float = 3600.0) -> None:
+    """Machine ``runtime.node_rank`` (> 0)'s part of a stage that machine 0 launches: wait for the stage's spec in
+    the shared stage folder (machine 0 writes it when the stage starts), then run this machine's processes of the
+    launch; return when they end. Its log: ``<out_dir>/launch/log-node<rank>.txt``."""
+    folder = Path(out_dir) / LAUNCH_DIR
+    spec, deadline = folder / "spec.pkl", time.monotonic() + wait_s
+    while not spec.exists():
+        if time.monotonic() > deadline:
+            raise StageLaunchError(
+                f"machine {runtime.node_rank} waited {wait_s:.0f} s for {spec}, which machine 0 writes when it starts "
+                f"the stage. Fix: give every machine the same paths.root on a shared volume, and start machine 0."
+            )
+        time.sleep(0.5)
+    log = folder / f"log-node{runtime.node_rank}.txt"
+    with log.open("w") as out:
+        rc = subprocess.run(launch_command(runtime, spec), stdout=out, stderr=subprocess.STDOUT, env=launch_env())
+    rc = rc.returncode
+    if rc:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])
+        raise StageLaunchError(f"machine {runtime.node_rank}'s processes failed (exit {rc}); the end of {log}:\n{tail}")
 
 
 @record  # a failing process's traceback reaches the launcher's summary, the end of the log

@@ -115,8 +115,22 @@ def _check_synthetic(cfg: PipelineConfig) -> None:
 
 
 def _check_data_parallel(cfg: PipelineConfig) -> None:
-    """Each of ``num_processes`` ranks takes an equal share of every batch, in ``grad_accum`` micro-batches."""
-    n = cfg.runtime.num_processes
+    """Each of the ``num_processes x num_machines`` ranks takes an equal share of every batch, in ``grad_accum``
+    micro-batches; machine ranks and the rendezvous of several machines."""
+    rt = cfg.runtime
+    n = rt.num_processes * rt.num_machines
+    world = f"runtime.num_processes={rt.num_processes} x runtime.num_machines={rt.num_machines} processes"
+    if rt.node_rank >= rt.num_machines:
+        raise ConfigError(
+            f"runtime.node_rank={rt.node_rank} with runtime.num_machines={rt.num_machines}: node ranks run from 0 to "
+            f"{rt.num_machines - 1}. Fix: give each machine its own rank below num_machines."
+        )
+    if rt.num_machines > 1 and ":" not in rt.rdzv_endpoint:
+        raise ConfigError(
+            f"runtime.num_machines={rt.num_machines} needs runtime.rdzv_endpoint=<host>:<port> of machine 0 (got "
+            f"{rt.rdzv_endpoint!r}), where every machine's processes meet. "
+            f"Fix: e.g. runtime.rdzv_endpoint=node-0:29400."
+        )
     batches = [
         ("sft.batch_size", cfg.sft.batch_size, "sft.grad_accum", cfg.sft.grad_accum),
         ("reward.batch_size", cfg.reward.batch_size, "reward.grad_accum", cfg.reward.grad_accum),
@@ -130,7 +144,7 @@ def _check_data_parallel(cfg: PipelineConfig) -> None:
     for key, size, accum_key, accum in batches:
         if size % (accum * n):
             raise ConfigError(
-                f"{key}={size} does not split into runtime.num_processes={n} processes x {accum_key}={accum} equal "
+                f"{key}={size} does not split into {world} x {accum_key}={accum} equal "
                 f"micro-batches. Fix: make {key} a multiple of {n * accum}."
             )
     group = getattr(cfg.algo, "samples_per_prompt", 1)
@@ -140,9 +154,7 @@ def _check_data_parallel(cfg: PipelineConfig) -> None:
         per = f" (samples_per_prompt={group} answers per prompt)" if group > 1 else ""
         raise ConfigError(
             f"algo.rollout_batch_size={cfg.algo.rollout_batch_size} gives {cfg.algo.rollout_batch_size // group} "
-            f"prompts an iteration"
-            f"{per}, which do not split evenly over runtime.num_processes={n} processes. Fix: make "
-            f"algo.rollout_batch_size a "
+            f"prompts an iteration{per}, which do not split evenly over {world}. Fix: make algo.rollout_batch_size a "
             f"multiple of {group * n} (and of algo.minibatch_size)."
         )
 

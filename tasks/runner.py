@@ -233,8 +233,8 @@ def _run_body(
     signals: StopSignals,
 ) -> dict:
     """The stage's body here, or in ``runtime.num_processes`` processes under ``accelerate launch``."""
-    if rt.num_processes > 1 and training:
-        run.set_tags({"num_processes": rt.num_processes})
+    if (rt.num_processes > 1 or rt.num_machines > 1) and training:
+        run.set_tags({"num_processes": rt.num_processes * rt.num_machines, "strategy": rt.strategy})
         if fresh:
             shutil.rmtree(out_dir / CKPT_DIR, ignore_errors=True)
         return run_data_parallel(body, out_dir, rt, seed, env["tracking_uri"], run.run_id, signals)

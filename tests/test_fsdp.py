@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -126,6 +127,28 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(upstream, p
     expected = [(s, v) for s, v in straight["dpo/loss"] if s > 2]
     assert [s for s, _ in resumed["dpo/loss"]] == [s for s, _ in expected]
     assert values(resumed["dpo/loss"]) == pytest.approx(values(expected), abs=1e-4)
+
+
+def test_two_machines_on_loopback_train_one_stage_together(upstream):
+    """Two torchrun agents (--nnodes 2, one process each) meet through the c10d rendezvous on 127.0.0.1 and train
+    SFT together: the model two processes on one machine train."""
+    from rlhf.launch import _free_port, join_launch
+
+    data, root = upstream["data"], upstream["root"]
+    body = lambda c: sft.run(TINY_MODEL, SFT, data, c)  # noqa: E731
+    machine = dict(device="cpu", threads=1, num_processes=1, num_machines=2, strategy="fsdp")
+    endpoint = f"127.0.0.1:{_free_port()}"
+    first, second = (RuntimeConfig(**machine, node_rank=r, rdzv_endpoint=endpoint) for r in (0, 1))
+    joiner = threading.Thread(target=join_launch, args=(root / "sft-two-machines", second, 300.0))
+    joiner.start()
+    together, m_together = upstream["launch"](body, "sft-two-machines", first)
+    joiner.join()
+    one, m_one = upstream["launch"](body, "sft-one-machine", FSDP)
+
+    assert (root / "sft-two-machines" / "launch" / "log-node1.txt").exists()
+    assert values(m_together["sft/loss"]) == pytest.approx(values(m_one["sft/loss"]), abs=1e-5)
+    a, b = (load_file(Path(r["model_path"]) / "model.safetensors") for r in (together, one))
+    assert max((a[k] - b[k]).abs().max() for k in a) < 1e-5
 
 
 def test_lora_with_fsdp_is_refused_with_the_fix(micro):
