@@ -293,16 +293,17 @@ class OnPolicy:
         ids, mask = left_pad(eval_ids, tok.pad_token_id)
         generator = torch.Generator(device=device).manual_seed(self.cfg.seed + 99)
         self.m.policy.eval()
-        s = generate(
-            self.m.policy,
-            ids.to(device),
-            mask.to(device),
-            self.cfg.sampling,
-            tok.eos_token_id,
-            tok.pad_token_id,
-            generator,
-            logprobs=self.m.sampler_logprobs,
-        )
+        with self.ctx.sharding.gathered(self.m.policy):  # sampled whole; the forwards below take every process's
+            s = generate(
+                self.m.policy,
+                ids.to(device),
+                mask.to(device),
+                self.cfg.sampling,
+                tok.eos_token_id,
+                tok.pad_token_id,
+                generator,
+                logprobs=self.m.sampler_logprobs,
+            )
         members, penalty = self.scorer.members(s), self.scorer.penalty(s)
         logp = self.policy_logprobs(s)
         with self.m.reference.use() as reference:

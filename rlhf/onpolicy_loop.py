@@ -133,13 +133,13 @@ def iteration_metrics(method: OnPolicy, stats: dict, samples, exp, times: list[f
 
 
 def held_out(method: OnPolicy, eval_prompts: list[str], eval_ids: list) -> dict:
-    """The policy on held-out prompts (the main process evaluates and logs; every process calls it, as a sharded
-    model is gathered whole), kept for the KL curve."""
-    with method.ctx.sharding.gathered(*method.m.all()):
-        if not method.ctx.accelerator.is_main_process:
-            return {}
-        with method.m.amp():
-            out = {f"{method.name}/{k}": v for k, v in method.evaluate(eval_prompts, eval_ids).items()}
+    """The policy on held-out prompts, kept for the KL curve. Every process evaluates the same prompts with the same
+    random stream (sharded models take every process's forwards; no process waits longer than for the main's
+    evaluation alone); the main process's numbers are logged."""
+    with method.m.amp():
+        out = {f"{method.name}/{k}": v for k, v in method.evaluate(eval_prompts, eval_ids).items()}
+    if not method.ctx.accelerator.is_main_process:
+        return {}
     for k in (f"{method.name}/{c}" for c in (*CURVES, "eval_kl")):
         if k in out:
             method.history.setdefault(k, []).append((method.iteration, out[k]))

@@ -66,10 +66,6 @@ class OnPolicyModels:
         """The frozen models with weights of their own (not a LoRA model's base)."""
         return [f.model for f in (self.reference, *self.rewards) if not f.shared]
 
-    def all(self) -> list[torch.nn.Module]:
-        """Every model of the stage, once each."""
-        return [*self.trained().values(), *self.frozen()]
-
     def trained(self) -> dict[str, torch.nn.Module]:
         return {"policy": self.policy, **({"value": self.value} if self.value is not None else {})}
 
