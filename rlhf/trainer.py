@@ -121,7 +121,7 @@ class Trainer:
         for model in self.models.values():
             self.sharding.shard(model)
         now = {(n, fqn): p for n, m in self.models.items() for fqn, p in m.named_parameters()}
-        return [{**g, "params": [now[names[id(p)]] for p in g["params"]]} for g in groups]
+        return [{**g, "params": [now[names[id(p)]] if id(p) in names else p for p in g["params"]]} for g in groups]
 
     # ---- data parallelism ------------------------------------------------------------------------
     @property
