@@ -25,7 +25,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from .config import RuntimeConfig
-from .preemption import Preempted, StopSignals, kill_tree
+from .preemption import Preempted, StopSignals, die_with_parent, kill_tree
 
 LAUNCH_DIR, RESULT_FILE, STOP_FILE = "launch", "result.json", "STOP"
 
@@ -121,7 +121,9 @@ def run_data_parallel(
     with log.open("w") as out:
         # a session of its own: the launcher never sees the stop signal; its processes read the stop file
         cmd = launch_command(runtime, spec)
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent
+        )
         signals.on_first = lambda signum: stop_file.write_text(str(signum))
         signals.on_second = lambda _signum: kill_tree(proc.pid)
         if signals.signum is not None:  # asked before the processes started: they stop after their first step
@@ -153,7 +155,8 @@ def join_launch(out_dir: Path, runtime: RuntimeConfig, wait_s: float = 3600.0) -
         time.sleep(0.5)
     log = folder / f"log-node{runtime.node_rank}.txt"
     with log.open("w") as out:
-        rc = subprocess.run(launch_command(runtime, spec), stdout=out, stderr=subprocess.STDOUT, env=launch_env())
+        cmd = launch_command(runtime, spec)
+        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=launch_env(), preexec_fn=die_with_parent)
     rc = rc.returncode
     if rc:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])
@@ -171,6 +174,7 @@ def main(spec_path: str) -> None:
     from .sharding import Sharding
     from .tracking import RunLogger
 
+    die_with_parent()  # the launcher's death (with the pipeline's) takes this process too
     spec = cloudpickle.loads(Path(spec_path).read_bytes())
     rt: RuntimeConfig = spec["runtime"]
     wanted = runtime.setup(rt, spec["seed"], processes=rt.num_processes)

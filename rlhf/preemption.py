@@ -128,3 +128,16 @@ def kill_tree(pid: int) -> None:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when the one that started it dies (Linux; elsewhere nothing): a
+    launcher and its workers never outlive a pipeline killed with SIGKILL (a lost machine, the OOM killer), so
+    a rerun never trains beside them. A stop signal still reaches them through the stop file."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)

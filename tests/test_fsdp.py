@@ -156,15 +156,9 @@ def test_lora_with_fsdp_is_refused_with_the_fix(micro):
         validate(micro("runtime.strategy=fsdp", "model.lora_r=4"))
 
 
-def kill_everything_under(root: Path) -> None:
-    """SIGKILL every process whose command line names ``root``: the pipeline, the launcher and its workers, as a lost
-    machine would lose them."""
-    for p in psutil.process_iter(["cmdline"]):
-        if any(str(root) in part for part in p.info["cmdline"] or []):
-            try:
-                os.kill(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+def processes_under(root: Path) -> list[psutil.Process]:
+    """The processes whose command line names ``root``: a pipeline, a stage's launcher and its workers."""
+    return [p for p in psutil.process_iter(["cmdline"]) if any(str(root) in a for a in p.info["cmdline"] or [])]
 
 
 def test_kill_9_mid_ppo_under_fsdp_resumes_from_the_shards_in_the_same_run(tmp_path):
@@ -186,9 +180,15 @@ def test_kill_9_mid_ppo_under_fsdp_resumes_from_the_shards_in_the_same_run(tmp_p
             break
         time.sleep(0.1)
     assert proc.poll() is None, "the run ended before a PPO checkpoint could be interrupted"
-    os.killpg(proc.pid, signal.SIGKILL)  # the pipeline and its Prefect server
-    kill_everything_under(root)  # the stage's launcher and workers, in a session of their own
+    os.killpg(proc.pid, signal.SIGKILL)  # the pipeline and its Prefect server, as a lost machine or the OOM killer
     proc.wait()
+    deadline = time.monotonic() + 20  # the launcher (a session of its own) and its workers die with the pipeline
+    while processes_under(root) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    orphans = processes_under(root)
+    for p in orphans:
+        p.kill()
+    assert not orphans, [p.info["cmdline"] for p in orphans]
     done = sorted(root.glob("stages/ppo/*/ckpt/step-*/COMPLETE"))
     killed_at = int(done[-1].parent.name.split("-")[1])
     assert (done[-1].parent / ".metadata").exists()  # a sharded checkpoint

@@ -1,0 +1,105 @@
+"""The multi-machine launch recipes: the Kubernetes manifests render and compose the run they promise, and the Slurm
+script gives each machine the pipeline command with its own node rank and machine 0's rendezvous."""
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.compose import load_config
+from flows.multinode import main as render_main
+from rlhf.settings import ConfigError
+from rlhf.validate import validate
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def rendered(*argv: str) -> list[dict]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        render_main(list(argv))
+    return list(yaml.safe_load_all(out.getvalue()))
+
+
+def composed(args: list[str], **env: str) -> object:
+    """The config a machine composes from a pod's or task's pipeline arguments, with its environment."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return validate(load_config(args))
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_kubernetes_manifests_give_each_machine_a_pod_its_rank_and_pod_0s_rendezvous():
+    service, job = rendered(
+        "--name", "rlhf-7b", "--nodes", "3", "--gpus-per-node", "8", "--image", "rlhf:1", "--",
+        "algo=ppo", "runtime.strategy=fsdp",
+    )  # fmt: skip
+    assert (service["kind"], job["kind"]) == ("Service", "Job")
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["ports"][0]["port"] == 29400
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 3
+    assert service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    assert pod["subdomain"] == service["metadata"]["name"] == "rlhf-7b"  # pod 0 is rlhf-7b-0.rlhf-7b
+    (term,) = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"  # one pod per machine
+    (container,) = pod["containers"]
+    assert (
+        container["resources"]["requests"]["nvidia.com/gpu"] == container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    )
+    env = {e["name"]: e["value"] for e in container["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
+    assert mounts["rlhf-home"] == env["RLHF_HOME"] == "/rlhf" and claims["rlhf-home"] == "rlhf-home"
+    assert container["command"] == ["python", "-m", "flows.pipeline"]
+    for index in (0, 2):
+        cfg = composed(container["args"], JOB_COMPLETION_INDEX=str(index), RLHF_HOME=env["RLHF_HOME"])
+        assert cfg.runtime.node_rank == index and cfg.runtime.num_machines == 3 and cfg.runtime.num_processes == 8
+        assert cfg.runtime.rdzv_endpoint == "rlhf-7b-0.rlhf-7b:29400" and cfg.runtime.strategy == "fsdp"
+        assert cfg.paths.root == "/rlhf" and cfg.algo.algo == "ppo"
+
+
+def test_a_bad_override_fails_before_any_manifest_is_printed(capsys):
+    with pytest.raises(ConfigError, match="runtime.strategy"):
+        rendered("--name", "r", "--nodes", "2", "--gpus-per-node", "8", "--image", "i", "--", "runtime.strategy=zero3")
+    assert capsys.readouterr().out == ""
+
+
+def test_slurm_script_gives_each_task_its_node_rank_and_the_first_machines_rendezvous(tmp_path):
+    """``scontrol`` and ``srun`` stand in for Slurm's (``srun`` runs its command once per machine with that machine's
+    SLURM_NODEID), ``python`` for the pipeline (it prints its arguments)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fakes = {
+        "scontrol": 'printf "gpu-a\\ngpu-b\\n"',
+        "srun": 'while [[ "$1" == --* ]]; do shift; done\n'
+        'for i in 0 1; do SLURM_NODEID=$i "$@" > "$OUT/task-$i.json"; done',
+        "python": 'printf "%s\\n" "$@" | python3 -c "import json,sys; print(json.dumps(sys.stdin.read().split()))"',
+    }
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "OUT": str(tmp_path),
+        "RLHF_HOME": str(tmp_path / "home"),
+        "SLURM_JOB_NODELIST": "gpu-[a-b]",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_GPUS_ON_NODE": "8",
+    }
+    script = PROJECT / "deploy" / "slurm-multinode.sbatch"
+    subprocess.run(["bash", str(script), "algo=dpo", "runtime.strategy=fsdp"], env=env, check=True, timeout=60)
+    for rank in (0, 1):
+        args = json.loads((tmp_path / f"task-{rank}.json").read_text())
+        assert args[:2] == ["-m", "flows.pipeline"]
+        cfg = composed(args[2:], RLHF_HOME=env["RLHF_HOME"])
+        assert cfg.runtime.node_rank == rank and cfg.runtime.num_machines == 2 and cfg.runtime.num_processes == 8
+        assert cfg.runtime.rdzv_endpoint == "gpu-a:29400" and cfg.algo.algo == "dpo"
