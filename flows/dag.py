@@ -28,7 +28,7 @@ from rlhf.validate import validate
 from tasks.data import data_stage
 from tasks.dispatch import check_stage_deployment, dispatch_stage, dispatched
 from tasks.evaluate import eval_stage
-from tasks.keys import pipeline_keys, short_key
+from tasks.keys import pipeline_keys, refreshed_stages, short_key
 from tasks.runner import stage_options
 
 
@@ -44,10 +44,7 @@ class Stages:
         self.cfg, self.keys, self.env, self.parent, self.log = cfg, keys, env, parent, logger
         self.root = Path(cfg.paths.root)
         self.cached: dict[str, bool] = {}
-        # Refreshing a stage re-runs everything downstream of it too (their inputs change).
-        order = list(keys)
-        first = min((order.index(s) for s in cfg.refresh if s in order), default=len(order))
-        self.refreshed = set(order[first:])
+        self.refreshed = refreshed_stages(keys, cfg.refresh)
 
     def _placed(self, name: str, task, inputs: dict):
         """The task to call for stage ``name`` (here, or its dispatch to the work pool), its inputs, and refresh."""

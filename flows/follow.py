@@ -9,22 +9,33 @@ the last one has ended.
 
 from __future__ import annotations
 
+import signal
+
 from rlhf.algorithms import training_stages
 from rlhf.config import PipelineConfig, stage_kind
+
+
+def _stop_through_machine_0(signum, _frame) -> None:
+    print("stop asked: machine 0 stops every process after its step; again to kill this machine's", flush=True)
+    signal.signal(signum, signal.SIG_DFL)
 
 
 def follow(cfg: PipelineConfig) -> list[str]:
     """Join machine 0's launch of every unfinished training stage, in order; the stages joined."""
     from rlhf.launch import join_launch
-    from tasks.keys import pipeline_keys
+    from tasks.keys import pipeline_keys, refreshed_stages
     from tasks.records import RECORD_FILE, stage_dir
 
-    rt, joined = cfg.runtime, []
-    for stage, key in pipeline_keys(cfg).items():
+    # a stop signal reaches machine 0 too, whose stop file stops every process after the same step and checkpoints
+    # it; this machine's processes must live to write their shards (a second signal ends them)
+    signal.signal(signal.SIGTERM, _stop_through_machine_0)
+    rt, joined, keys = cfg.runtime, [], pipeline_keys(cfg)
+    refreshed = refreshed_stages(keys, cfg.refresh)  # what machine 0 trains again although finished
+    for stage, key in keys.items():
         folder = stage_dir(cfg.paths.root, stage, key)
         if stage_kind(stage) not in training_stages():
             continue
-        if (folder / RECORD_FILE).exists() and stage not in cfg.refresh:
+        if (folder / RECORD_FILE).exists() and stage not in refreshed:
             continue  # finished before this machine came
         print(f"machine {rt.node_rank} of {rt.num_machines}: {stage} ({folder})", flush=True)
         join_launch(folder, rt)

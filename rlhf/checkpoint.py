@@ -29,9 +29,14 @@ COMPLETE = "COMPLETE"
 
 def atomic_write_json(path: Path, obj) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary sibling and a rename: readers see all or nothing."""
+    atomic_write_bytes(path, json.dumps(obj, indent=1, default=str).encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` through a temporary sibling and a rename: readers see all or nothing."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 

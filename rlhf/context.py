@@ -55,7 +55,19 @@ class StageContext:
         if self.fresh:
             shutil.rmtree(self.ckpt_dir, ignore_errors=True)
             return None
-        return checkpoint.latest(self.ckpt_dir)
+        if self.accelerator.num_processes == 1:
+            return checkpoint.latest(self.ckpt_dir)
+        from accelerate.utils import broadcast_object_list
+
+        # the main process's answer for all: on a network filesystem another machine may not see the newest yet
+        return broadcast_object_list([checkpoint.latest(self.ckpt_dir)])[0]
+
+    def placed(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` on the stage's device: under FSDP sharded across the processes (each moves its shards there, never
+        the whole model), else moved whole."""
+        if self.sharding.active:
+            return self.sharding.shard(model, self.device)
+        return model.to(self.device)
 
     def save_final(self, model, tokenizer, meta: dict) -> None:
         """The stage's output model, written once (by the main process) and seen by every process after."""

@@ -24,10 +24,12 @@ import cloudpickle
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from . import checkpoint
 from .config import RuntimeConfig
 from .preemption import Preempted, StopSignals, die_with_parent, kill_tree
 
-LAUNCH_DIR, RESULT_FILE, STOP_FILE = "launch", "result.json", "STOP"
+LAUNCH_DIR, RESULT_FILE, STOP_FILE, SPEC_FILE = "launch", "result.json", "STOP", "spec.pkl"
+RDZV_WAIT_S = 1800  # seconds a machine waits in the rendezvous for the others (machine 0 may be finishing a stage)
 
 
 class StageLaunchError(RuntimeError):
@@ -53,7 +55,12 @@ def _free_port() -> int:
 def launch_env() -> dict:
     """The launched processes' environment: this one, with the project importable."""
     project = str(Path(__file__).resolve().parents[1])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([project, os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([project, os.environ.get("PYTHONPATH", "")])}
+    # glibc serves large blocks from its heap and keeps them when freed; FSDP frees and allocates whole blocks' weights
+    # every step, so on CPU a process's memory would grow to the heap's high-water mark instead of what it holds
+    # (benchmarks/scale.py: fixed, the resident memory follows the live tensors)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    return env
 
 
 def launch_command(runtime: RuntimeConfig, spec: Path) -> list[str]:
@@ -62,6 +69,9 @@ def launch_command(runtime: RuntimeConfig, spec: Path) -> list[str]:
     folder's, the same on every machine. The rendezvous numbers the processes (global rank 0, which logs and writes
     the result, may be on any machine: every machine reaches the tracking server and the shared stage folder)."""
     endpoint = runtime.rdzv_endpoint or f"127.0.0.1:{_free_port()}"
+    # machine 0 hosts the rendezvous store (no guessing from DNS); the others wait for it as long as a stop may take
+    wait = int(runtime.stop_grace_s + RDZV_WAIT_S)
+    conf = f"is_host={int(runtime.node_rank == 0)},join_timeout={wait},read_timeout={wait}"
     return [
         sys.executable,
         "-m",
@@ -70,6 +80,7 @@ def launch_command(runtime: RuntimeConfig, spec: Path) -> list[str]:
         f"--nproc-per-node={runtime.num_processes}",
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={endpoint}",
+        f"--rdzv-conf={conf}",
         f"--rdzv-id={spec.parent.parent.name}",
         "--max-restarts=0",
         "-m",
@@ -99,8 +110,9 @@ def run_data_parallel(
     result, stop_file = folder / RESULT_FILE, folder / STOP_FILE
     result.unlink(missing_ok=True)
     stop_file.unlink(missing_ok=True)
-    spec = folder / "spec.pkl"
-    spec.write_bytes(
+    spec = folder / SPEC_FILE
+    checkpoint.atomic_write_bytes(
+        spec,
         cloudpickle.dumps(
             {
                 "body": body,
@@ -110,7 +122,7 @@ def run_data_parallel(
                 "tracking_uri": tracking_uri,
                 "run_id": run_id,
             }
-        )
+        ),
     )
     log = folder / "log.txt"
     env = {
@@ -128,7 +140,10 @@ def run_data_parallel(
         signals.on_second = lambda _signum: kill_tree(proc.pid)
         if signals.signum is not None:  # asked before the processes started: they stop after their first step
             signals.on_first(signals.signum)
-        rc = proc.wait()
+        try:
+            rc = proc.wait()
+        finally:  # other machines join a launch through its spec: none joins one that has ended
+            spec.unlink(missing_ok=True)
     outcome = json.loads(result.read_text()) if result.exists() else None
     if outcome and "preempted" in outcome:  # the processes stopped on a signal, their last step checkpointed
         raise Preempted(**outcome["preempted"])
@@ -145,7 +160,7 @@ def join_launch(out_dir: Path, runtime: RuntimeConfig, wait_s: float = 3600.0) -
     the shared stage folder (machine 0 writes it when the stage starts), then run this machine's processes of the
     launch; return when they end. Its log: ``<out_dir>/launch/log-node<rank>.txt``."""
     folder = Path(out_dir) / LAUNCH_DIR
-    spec, deadline = folder / "spec.pkl", time.monotonic() + wait_s
+    spec, deadline = folder / SPEC_FILE, time.monotonic() + wait_s
     while not spec.exists():
         if time.monotonic() > deadline:
             raise StageLaunchError(
@@ -168,7 +183,7 @@ def main(spec_path: str) -> None:
     """One launched process: rank, device and gloo/NCCL group from accelerate; then the stage body."""
     from mlflow.tracking import MlflowClient
 
-    from . import checkpoint, runtime
+    from . import runtime
     from .context import StageContext
     from .progress import ProgressSettings
     from .sharding import Sharding
@@ -178,6 +193,9 @@ def main(spec_path: str) -> None:
     spec = cloudpickle.loads(Path(spec_path).read_bytes())
     rt: RuntimeConfig = spec["runtime"]
     wanted = runtime.setup(rt, spec["seed"], processes=rt.num_processes)
+    if rt.strategy == "fsdp" and rt.fsdp.cpu_offload and wanted.type == "cuda":
+        # offloaded shards and their gradients are CPU tensors: their collectives (the gradient norm) need gloo
+        torch.distributed.init_process_group("cuda:nccl,cpu:gloo")
     accelerator = runtime.accelerator(wanted)
     runtime.seed_all(
         spec["seed"] + accelerator.process_index

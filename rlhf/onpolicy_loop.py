@@ -46,9 +46,7 @@ def run_method(
 ) -> dict:
     """An on-policy stage: its models (``value_init``: where a critic starts), prompts and the loop; its record."""
     resume = ctx.resume_point()
-    models = OnPolicyModels(model_cfg, inputs, resume, ctx.device, value_init=value_init)
-    for frozen in models.frozen():
-        ctx.sharding.shard(frozen)  # the trained ones: by the trainer, before its optimizer
+    models = OnPolicyModels(model_cfg, inputs, resume, ctx.device, value_init=value_init, place=ctx.placed)
     prompts, eval_prompts, eval_ids = prompts_of(cfg, model_cfg, inputs, models.tokenizer)
     return train(method_cls(cfg, models, prompts, ctx, inputs), eval_prompts, eval_ids, resume)
 
@@ -172,7 +170,10 @@ def finish(method: OnPolicy, metrics: dict) -> dict:
         ctx.sink.log_metrics(fitted, method.iteration)
         summary.update(fitted)
     kept, guard = ctx.out_dir / GUARD_DIR, method.guard.state
-    if method.guard.on and guard["iteration"] is not None and (kept / "rlhf_meta.json").exists():
+    kept_one = [(kept / "rlhf_meta.json").exists()]
+    if ctx.accelerator.num_processes > 1:  # the main process's answer for all (the branches' collectives differ)
+        kept_one = broadcast_object_list(kept_one)
+    if method.guard.on and guard["iteration"] is not None and kept_one[0]:
         if is_lora(m.policy):  # kept as adapters: back into the policy, then saved merged
             load_adapters(m.policy, kept)
             ctx.save_final(m.policy, m.tokenizer, {"stage": name, "iterations": guard["iteration"]})

@@ -3,6 +3,7 @@ model(s) (frozen), and whether the sampler's log-probs stand for a forward's."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,40 +32,44 @@ class OnPolicyModels:
     """
 
     def __init__(
-        self, model_cfg: ModelConfig, inputs: PolicyInputs, resume: Path | None, device, value_init: str | None = None
+        self,
+        model_cfg: ModelConfig,
+        inputs: PolicyInputs,
+        resume: Path | None,
+        device,
+        value_init: str | None = None,
+        place: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     ) -> None:
+        """``place``: how each model reaches the device as it is loaded (StageContext.placed: sharded under FSDP,
+        one model at a time); default: moved whole."""
+        place = place or (lambda model: model.to(device))
         dtype, sft_path, reward_path = model_cfg.dtype, inputs.sft_path, inputs.reward_path
         self.tokenizer = tok = load_tokenizer(sft_path)
-        self.policy = load_trainable("policy", sft_path, checkpoint.hf_model(resume, "policy"), tok, model_cfg).to(
-            device
-        )
+        self.policy = place(load_trainable("policy", sft_path, checkpoint.hf_model(resume, "policy"), tok, model_cfg))
         self.value = None
         if value_init:
             start = reward_path if value_init == "reward" else sft_path
-            self.value = load_trainable(
-                "scalar", start, checkpoint.hf_model(resume, "value"), tok, model_cfg, zero_head=value_init == "sft"
-            ).to(device)
+            zero = value_init == "sft"
+            self.value = place(
+                load_trainable("scalar", start, checkpoint.hf_model(resume, "value"), tok, model_cfg, zero_head=zero)
+            )
         share = model_cfg.lora_r > 0 and model_cfg.lora_shared_reference
         self.reference = (
-            FrozenModel(adapters_of=self.policy) if share else FrozenModel(load_policy(sft_path, tok, dtype).to(device))
+            FrozenModel(adapters_of=self.policy) if share else FrozenModel(place(load_policy(sft_path, tok, dtype)))
         )
         first = (
             FrozenModel(adapters_of=self.value)
             if share and value_init == "reward"
-            else FrozenModel(load_scalar_model(reward_path, tok, dtype, zero_head=False).to(device))
+            else FrozenModel(place(load_scalar_model(reward_path, tok, dtype, zero_head=False)))
         )
         self.rewards = [first] + [
-            FrozenModel(load_scalar_model(p, tok, dtype, zero_head=False).to(device)) for p in inputs.extra_reward_paths
+            FrozenModel(place(load_scalar_model(p, tok, dtype, zero_head=False))) for p in inputs.extra_reward_paths
         ]
         for m in (self.policy, self.value, self.reference.model, *(r.model for r in self.rewards)):
             if m is not None:
                 disable_dropout(m)
         self.amp = autocast(model_cfg, device)
         self.sampler_logprobs = sampler_logprobs_exact(model_cfg)  # old log-probs from the sampler, not a forward
-
-    def frozen(self) -> list[torch.nn.Module]:
-        """The frozen models with weights of their own (not a LoRA model's base)."""
-        return [f.model for f in (self.reference, *self.rewards) if not f.shared]
 
     def trained(self) -> dict[str, torch.nn.Module]:
         return {"policy": self.policy, **({"value": self.value} if self.value is not None else {})}

@@ -134,10 +134,13 @@ def die_with_parent() -> None:
     """Have the kernel SIGKILL this process when the one that started it dies (Linux; elsewhere nothing): a
     launcher and its workers never outlive a pipeline killed with SIGKILL (a lost machine, the OOM killer), so
     a rerun never trains beside them. A stop signal still reaches them through the stop file."""
-    import ctypes
-    import sys
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
-    if not sys.platform.startswith("linux"):
-        return
-    pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+PR_SET_PDEATHSIG = 1
+# loaded here, not in die_with_parent: that runs between fork and exec (preexec_fn), where loading a library may
+# deadlock on a lock another thread of the parent held
+_LIBC = (
+    __import__("ctypes").CDLL("libc.so.6", use_errno=True) if __import__("sys").platform.startswith("linux") else None
+)

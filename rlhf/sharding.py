@@ -51,9 +51,11 @@ class Sharding:
         """Whether models are sharded: FSDP with more than one process."""
         return self.fsdp and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-    def shard(self, model: torch.nn.Module) -> torch.nn.Module:
-        """``model`` sharded in place (each block, then the root) when :attr:`active`; returned either way."""
-        if not self.active:
+    def shard(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """``model`` sharded in place (each block, then the root) with its shards on ``device`` when :attr:`active`
+        and not sharded yet; returned either way. The whole model may sit in CPU memory: each process moves only its
+        shards to the device."""
+        if not self.active or fsdp_units(model):
             return model
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import (
@@ -63,7 +65,6 @@ class Sharding:
             register_fsdp_forward_method,
         )
 
-        device = next(model.parameters()).device
         if self.cpu_offload and device.type != "cuda":
             raise ConfigError(
                 "runtime.fsdp.cpu_offload=true moves shards from GPU to CPU memory, and this stage runs on "
@@ -102,18 +103,6 @@ class Sharding:
             for unit in units:
                 unit.reshard()
                 unit.set_reshard_after_forward(self.reshard_after_forward, recurse=False)
-
-    @contextlib.contextmanager
-    def no_gradient_sync(self, models: list[torch.nn.Module]) -> Iterator[None]:
-        """Accumulate gradients without reducing them (every micro-batch of an optimizer step but the last)."""
-        roots = [m for m in models if fsdp_units(m)]
-        for m in roots:
-            m.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            for m in roots:
-                m.set_requires_gradient_sync(True)
 
 
 def _call(_model: torch.nn.Module, fn: Callable, *args: Any) -> Any:

@@ -119,7 +119,7 @@ class Trainer:
         ``groups`` with the parameters the optimizer must hold now."""
         names = {id(p): (n, fqn) for n, m in self.models.items() for fqn, p in m.named_parameters()}
         for model in self.models.values():
-            self.sharding.shard(model)
+            self.sharding.shard(model, self.accelerator.device)  # where the stage has not (StageContext.placed)
         now = {(n, fqn): p for n, m in self.models.items() for fqn, p in m.named_parameters()}
         return [{**g, "params": [now[names[id(p)]] if id(p) in names else p for p in g["params"]]} for g in groups]
 
@@ -154,9 +154,9 @@ class Trainer:
         return dict(zip(names, mean))
 
     def _no_sync(self) -> ContextManager:
-        """Skip the gradient all-reduce (accumulate locally) in every micro-batch but the last."""
+        """Skip DDP's gradient all-reduce (accumulate locally) in every micro-batch but the last. FSDP reduce-scatters
+        every micro-batch's gradients instead: its shards accumulate, and no process holds whole gradients."""
         stack = contextlib.ExitStack()
-        stack.enter_context(self.sharding.no_gradient_sync(list(self.models.values())))
         for module in self._synced:
             stack.enter_context(self.accelerator.no_sync(module))
         return stack
@@ -291,6 +291,11 @@ class Trainer:
         if self.sharding.fsdp:
             rng = checkpoint.load_sharded(ckpt, torch.nn.ModuleDict(self.models), self.optimizer)
         else:
+            if "optimizer" not in state:
+                raise checkpoint.CheckpointError(
+                    f"{ckpt} is a sharded checkpoint (runtime.strategy=fsdp wrote it) and this stage runs under ddp. "
+                    f"Fix: resume with runtime.strategy=fsdp, or pass refresh=[<stage>] to train the stage afresh."
+                )
             self.optimizer.load_state_dict(state["optimizer"])
             saved = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # per process (older: one)
             rng = saved[self.rank] if self.rank < len(saved) else None

@@ -91,6 +91,14 @@ def pipeline_keys(cfg: PipelineConfig) -> dict[str, str]:
     return keys
 
 
+def refreshed_stages(keys: dict[str, str], refresh: list) -> set[str]:
+    """The stages a run trains again although cached: the first of ``refresh`` in the pipeline's order and every stage
+    after it (their inputs change)."""
+    order = list(keys)
+    first = min((order.index(s) for s in refresh if s in order), default=len(order))
+    return set(order[first:])
+
+
 def short_key(key: str) -> str:
     """The first hex digits of a stage key (``sft-3f9a...`` -> ``3f9a1c``): enough to tell runs apart in a name."""
     return key.rsplit("-", 1)[-1][:6]

@@ -22,7 +22,7 @@ from prefect.cache_policies import CacheKeyFnPolicy
 
 from rlhf import checkpoint, runtime
 from rlhf.algorithms import training_stages
-from rlhf.config import RuntimeConfig, TrackingConfig
+from rlhf.config import RuntimeConfig, TrackingConfig, stage_kind
 from rlhf.context import CKPT_DIR, FINAL_DIR, StageContext
 from rlhf.launch import run_data_parallel
 from rlhf.lineage import log_datasets
@@ -171,7 +171,7 @@ def run_stage(
     out_dir = stage_dir(env["root"], stage, key)
     run = (None if fresh else _resumed_run(client, out_dir)) or _new_run(client, env, stage, key, out_dir)
     rt, tracking = from_dict(RuntimeConfig, env["runtime"]), from_dict(TrackingConfig, env["tracking"])
-    training = stage in training_stages()
+    training = stage_kind(stage) in training_stages()  # an ensemble's reward.2 trains as reward does
     monitor = (
         StageSystemMetrics(run.run_id, env["tracking_uri"], tracking.system_metrics_interval_s)
         if training and tracking.system_metrics

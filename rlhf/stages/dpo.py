@@ -53,9 +53,7 @@ def run(cfg: DPOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: Stage
     del reference
 
     resume = ctx.resume_point()
-    policy = load_trainable("policy", sft_path, checkpoint.hf_model(resume, "policy"), tokenizer, model_cfg).to(
-        ctx.device
-    )
+    policy = ctx.placed(load_trainable("policy", sft_path, checkpoint.hf_model(resume, "policy"), tokenizer, model_cfg))
     disable_dropout(policy)
     trainer = supervised_trainer("policy", policy, tokenizer, cfg, len(rows), "dpo", ctx, resume, amp)
     trained = trainer.wrap(Logprobs(policy))

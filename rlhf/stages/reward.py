@@ -74,9 +74,9 @@ def run(
     cfg = replace(cfg, seed=cfg.seed + member)
     tokenizer = load_tokenizer(sft_path)
     resume = ctx.resume_point()
-    model = load_trainable(
-        "scalar", sft_path, checkpoint.hf_model(resume, "reward"), tokenizer, model_cfg, zero_head=True
-    ).to(ctx.device)
+    model = ctx.placed(
+        load_trainable("scalar", sft_path, checkpoint.hf_model(resume, "reward"), tokenizer, model_cfg, zero_head=True)
+    )
     amp, max_length = autocast(model_cfg, ctx.device), model_cfg.max_length
     rows, held = load_rows(data_dir, "pref", tokenizer), load_rows(data_dir, "eval_pref", tokenizer)
     if cfg.bootstrap and member:

@@ -40,7 +40,7 @@ def run(model_cfg: ModelConfig, cfg: SFTConfig, data_dir: str, ctx: StageContext
     if is_conversational(data_dir):  # the template and its end-of-turn EOS travel with the SFT model to later stages
         prepare_tokenizer(tokenizer, model_cfg.default_chat_template)
     resume = ctx.resume_point()
-    model = load_trainable("policy", base, checkpoint.hf_model(resume, "policy"), tokenizer, model_cfg).to(ctx.device)
+    model = ctx.placed(load_trainable("policy", base, checkpoint.hf_model(resume, "policy"), tokenizer, model_cfg))
     amp = autocast(model_cfg, ctx.device)
     rows = load_rows(data_dir, "sft", tokenizer)
     n_eval = max(1, int(EVAL_SHARE * len(rows))) if len(rows) > 1 else 0
