@@ -111,19 +111,8 @@ def run_data_parallel(
     result.unlink(missing_ok=True)
     stop_file.unlink(missing_ok=True)
     spec = folder / SPEC_FILE
-    checkpoint.atomic_write_bytes(
-        spec,
-        cloudpickle.dumps(
-            {
-                "body": body,
-                "out_dir": str(out_dir),
-                "runtime": runtime,
-                "seed": seed,
-                "tracking_uri": tracking_uri,
-                "run_id": run_id,
-            }
-        ),
-    )
+    launch = {"out_dir": str(out_dir), "runtime": runtime, "seed": seed, "tracking_uri": tracking_uri, "run_id": run_id}
+    checkpoint.atomic_write_bytes(spec, cloudpickle.dumps({"body": body, **launch}))
     log = folder / "log.txt"
     env = {
         **launch_env(),
