@@ -52,14 +52,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_env() -> dict:
+def launch_env(runtime: RuntimeConfig) -> dict:
     """The launched processes' environment: this one, with the project importable."""
     project = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([project, os.environ.get("PYTHONPATH", "")])}
-    # glibc serves large blocks from its heap and keeps them when freed; FSDP frees and allocates whole blocks' weights
-    # every step, so on CPU a process's memory would grow to the heap's high-water mark instead of what it holds
-    # (benchmarks/scale.py: fixed, the resident memory follows the live tensors)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    if runtime.strategy == "fsdp":
+        # glibc serves large blocks from its heap and keeps them when freed; FSDP frees and allocates whole blocks'
+        # weights every step, so a CPU process's memory grew to the heap's high-water mark (above DDP's) instead of
+        # what it holds. Blocks from mmap go back when freed (at some speed: DDP, whose tensors live on, keeps glibc's
+        # default)
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     return env
 
 
@@ -115,7 +117,7 @@ def run_data_parallel(
     checkpoint.atomic_write_bytes(spec, cloudpickle.dumps({"body": body, **launch}))
     log = folder / "log.txt"
     env = {
-        **launch_env(),
+        **launch_env(runtime),
         # torch elastic kills its processes this long after its own stop: give them the step and the checkpoint
         "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(int(runtime.stop_grace_s)),
     }
@@ -160,7 +162,9 @@ def join_launch(out_dir: Path, runtime: RuntimeConfig, wait_s: float = 3600.0) -
     log = folder / f"log-node{runtime.node_rank}.txt"
     with log.open("w") as out:
         cmd = launch_command(runtime, spec)
-        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=launch_env(), preexec_fn=die_with_parent)
+        rc = subprocess.run(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=launch_env(runtime), preexec_fn=die_with_parent
+        )
     rc = rc.returncode
     if rc:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])
