@@ -13,13 +13,11 @@ on its own. Writes ``benchmarks/results/compile_<device>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 from benchmarks.throughput import (
     OURS_COMPILED,
-    RESULTS,
     add_pipeline_arguments,
     git_commit,
     pipeline_workspace,
@@ -27,6 +25,7 @@ from benchmarks.throughput import (
     run_child_device,
     summarize,
     timed_rounds,
+    write_results,
 )
 
 IMPLS = {"ours": "eager (as shipped)", OURS_COMPILED: "runtime.compile=true"}
@@ -95,10 +94,7 @@ def main() -> None:
         "runs": {impl: result for impl, (result, _) in runs.items()},
     }
     tag = "cuda" if "cpu" not in report["device"] else "cpu"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"compile_{tag}.json").write_text(json.dumps(report, indent=1))
-    (RESULTS / f"compile_{tag}.md").write_text(markdown(report))
-    print(markdown(report))
+    write_results(f"compile_{tag}", report, markdown)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ writes ``benchmarks/results/default_run.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -20,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parents[1]
-RESULTS = PROJECT / "benchmarks" / "results"
+from benchmarks.throughput import PROJECT, write_results
+
 SHOWN = (
     "eval/win_rate_gold",
     "eval/gold_gain",
@@ -93,10 +92,7 @@ def main() -> None:
         "cached_s": cached_s,
         "metrics": {k: v for k, v in parent.data.metrics.items() if k.startswith("eval/")},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "default_run.json").write_text(json.dumps(report, indent=1))
-    (RESULTS / "default_run.md").write_text(markdown(report))
-    print(markdown(report))
+    write_results("default_run", report, markdown)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

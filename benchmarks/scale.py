@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import resource
 import statistics
@@ -24,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.throughput import RESULTS, device_name, git_commit
+from benchmarks.throughput import device_name, git_commit, write_results
 
 GiB = 1024**3
 STRATEGIES = ("ddp", "fsdp")
@@ -250,10 +249,7 @@ def main() -> None:
         },
     }
     tag = "cuda" if torch.cuda.is_available() else "cpu"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"scale_{tag}.json").write_text(json.dumps(report, indent=1))
-    (RESULTS / f"scale_{tag}.md").write_text(markdown(report))
-    print(markdown(report))
+    write_results(f"scale_{tag}", report, markdown)
 
 
 if __name__ == "__main__":

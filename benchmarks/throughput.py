@@ -1133,9 +1133,7 @@ def main() -> None:
     report["precision"] = model_cfg.autocast if model_cfg.autocast != "none" else model_cfg.dtype
     report["peak_tflops"] = peak_tflops(report["device"], report["precision"], args.peak_tflops)
     tag = "cuda" if "cpu" not in report["device"] else "cpu"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"throughput_{tag}.json").write_text(json.dumps(report, indent=1))
-    (RESULTS / f"throughput_{tag}.md").write_text(markdown(report))
+    write_results(f"throughput_{tag}", report, markdown)
     print(markdown(report))
 
 
@@ -1183,6 +1181,15 @@ def pipeline_workspace(root: str | None, prefix: str, overrides: list[str]) -> t
     env["TOKENIZERS_PARALLELISM"] = "false"
     env.pop("PREFECT_API_URL", None)
     return path, [f"paths.root={path}", f"tracking.uri=sqlite:///{path}/mlflow.db", *overrides], env
+
+
+def write_results(name: str, report: dict, markdown) -> None:
+    """``benchmarks/results/<name>.json`` (the measurement, with command, commit and machine) and ``<name>.md``, its
+    prose rendered by ``markdown`` (the docs render the JSON with the same function); the prose printed."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1))
+    (RESULTS / f"{name}.md").write_text(markdown(report))
+    print(markdown(report))
 
 
 def git_commit() -> str:

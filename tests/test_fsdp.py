@@ -30,7 +30,7 @@ from rlhf.sharding import Sharding
 from rlhf.stages import dpo, grpo, prepare, reward, rloo, sft
 from rlhf.synthetic import gold_reward
 from rlhf.validate import validate
-from tests.test_resilience import env_for, pipeline_cmd, runs_of
+from tests.test_resilience import env_for, pipeline_cmd, running_until_a_ppo_checkpoint, runs_of
 from tests.tiny import TINY_MODEL, ctx, on_policy
 
 pytestmark = pytest.mark.slow
@@ -173,13 +173,7 @@ def test_kill_9_mid_ppo_under_fsdp_resumes_from_the_shards_in_the_same_run(tmp_p
         "algo.eval_every=100",
     )
     env = env_for(tmp_path / "home")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        if list(root.glob("stages/ppo/*/ckpt/step-*/COMPLETE")):
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, "the run ended before a PPO checkpoint could be interrupted"
+    proc = running_until_a_ppo_checkpoint(cmd, env, root)
     os.killpg(proc.pid, signal.SIGKILL)  # the pipeline and its Prefect server, as a lost machine or the OOM killer
     proc.wait()
     deadline = time.monotonic() + 20  # the launcher (a session of its own) and its workers die with the pipeline

@@ -73,22 +73,28 @@ def test_two_concurrent_runs_train_each_stage_once(tmp_path):
     assert len({p.data.tags["stage.sft.run_id"] for p in parents}) == 1
 
 
+def running_until_a_ppo_checkpoint(cmd: list[str], env: dict, root: Path, wait_s: float = 600) -> subprocess.Popen:
+    """The pipeline started in a process group of its own (a kill takes the run and its ephemeral Prefect server,
+    as a lost machine would), returned once PPO has written a checkpoint and is still running."""
+    proc = subprocess.Popen(
+        cmd, cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list(root.glob("stages/ppo/*/ckpt/step-*/COMPLETE")):
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before a PPO checkpoint could be interrupted"
+    return proc
+
+
 def test_kill_9_mid_ppo_then_rerun_resumes_to_exactly_the_configured_steps(tmp_path):
     root, steps = tmp_path / "root", 30
     cmd = pipeline_cmd(
         root, "experiment=micro_ppo", f"algo.steps={steps}", "algo.checkpoint_every=2", "algo.eval_every=100"
     )
     env = env_for(tmp_path / "home")
-    # its own process group: the kill takes the run and its ephemeral Prefect server, as a lost machine would
-    proc = subprocess.Popen(
-        cmd, cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if list(root.glob("stages/ppo/*/ckpt/step-*/COMPLETE")):
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, "the run ended before a PPO checkpoint could be interrupted"
+    proc = running_until_a_ppo_checkpoint(cmd, env, root)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = max(int(p.parent.name.split("-")[1]) for p in root.glob("stages/ppo/*/ckpt/step-*/COMPLETE"))
