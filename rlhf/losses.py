@@ -101,9 +101,10 @@ def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimator (Schulman 2020): r - 1 - log r with r = pi_ref / pi; unbiased and >= 0."""
+    """Per-token k3 estimator (Schulman 2020): r - 1 - log r with r = pi_ref / pi; unbiased and >= 0 (computed as
+    expm1(log r) - log r: exp(x) - 1 - x rounds below 0 for small x in float32)."""
     log_ratio = ref_logp - logp
-    return log_ratio.exp() - 1 - log_ratio
+    return torch.expm1(log_ratio) - log_ratio
 
 
 def aggregate(
@@ -151,7 +152,7 @@ def policy_loss(
         metrics = {
             "policy_loss": loss.detach(),
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean(ratio - 1 - log_ratio, mask),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),  # k3 of the update, >= 0
             "ratio": masked_mean(ratio, mask),
         }
     return loss, metrics
