@@ -369,6 +369,7 @@ def members_view(policies: dict[str, dict]) -> dict[str, dict]:
     ensemble's members, beside the gold reward and the answers' length in words: {policy: {gold, words, members_z}}."""
     import torch
 
+    from rlhf.answer_keys import AnswerStream
     from rlhf.config import SamplingConfig
     from rlhf.data import left_pad, load_split
     from rlhf.modeling import load_policy, load_scalar_model, load_tokenizer, sequence_scores
@@ -394,7 +395,7 @@ def members_view(policies: dict[str, dict]) -> dict[str, dict]:
                 SamplingConfig(),
                 tok.eos_token_id,
                 tok.pad_token_id,
-                torch.Generator().manual_seed(0),
+                AnswerStream(0).take(len(ids)),
             )
             scores = torch.stack(
                 [sequence_scores(m, s.input_ids, s.attention_mask, s.last_index) for m in rewards]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+from accelerate.utils import pad_across_processes
 
 from .rollout import Samples
 
@@ -36,3 +37,29 @@ class Experience:
         width = samples.response_ids.shape[1]
         cut = lambda t: t if t is None or t.dim() == 1 else t[:, :width]  # noqa: E731
         return Experience(samples, *(cut(getattr(self, f.name)) for f in fields(self)[1:]))
+
+
+def every_process(samples: Samples, per_row: dict[str, torch.Tensor], accelerator, pad_id: int):
+    """Every process's rollout rows and their per-row tensors (``per_row``: (B,) or (B, R) aligned with the answers),
+    laid end to end in process order on every process: each samples a contiguous block of the iteration's answers,
+    so this is the iteration's batch as one process would have sampled it. Prompts are left-padded and answers
+    right-padded to the widest process's first (positions come from the masks, so padding changes no forward).
+    Advantages, whitening and statistics then see the whole batch, and every process the same numbers."""
+
+    def gather(t: torch.Tensor | None, pad: float = 0, left: bool = False) -> torch.Tensor | None:
+        if t is None:
+            return None
+        if t.dim() == 2:
+            t = pad_across_processes(t, dim=1, pad_index=pad, pad_first=left)
+        return accelerator.gather(t.long() if t.dtype == torch.bool else t).to(t.dtype)
+
+    s = samples
+    everyone = Samples(
+        gather(s.prompt_ids, pad_id, left=True),
+        gather(s.prompt_mask, 0, left=True),
+        gather(s.response_ids, pad_id),
+        gather(s.response_mask),
+        gather(s.ended),
+        gather(s.logprobs),
+    )
+    return everyone, {k: gather(v) for k, v in per_row.items()}

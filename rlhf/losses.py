@@ -21,6 +21,16 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
+def token_mean(x: torch.Tensor, mask: torch.Tensor, tokens: float | None = None) -> torch.Tensor:
+    """sum_{i,t} m_it x_it / tokens, with ``tokens`` = sum_{i,t} m_it (this batch's count) unless given.
+
+    A data-parallel update passes the minibatch's count over every process and micro-batch, divided by their
+    number: each micro-batch's gradient is then averaged over micro-batches and processes, and every token of the
+    minibatch weighs the same however the minibatch was split.
+    """
+    return (x * mask).sum() / (tokens if tokens else mask.sum().clamp(min=1))
+
+
 def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Unbiased variance of ``x`` over the masked entries."""
     mean = masked_mean(x, mask)
@@ -108,7 +118,11 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 def aggregate(
-    per_token: torch.Tensor, mask: torch.Tensor, how: str = "token", max_tokens: int | None = None
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    how: str = "token",
+    max_tokens: int | None = None,
+    tokens: float | None = None,
 ) -> torch.Tensor:
     """A per-token loss (B, T) as one number.
 
@@ -116,7 +130,8 @@ def aggregate(
         sequence: mean_i [ sum_t m_it l_it / sum_t m_it ]       (every answer weighs the same: Shao et al. 2024)
         dr_grpo:  sum_{i,t} m_it l_it / (B * max_tokens)        (a constant normaliser, no length bias: Liu et al. 2025)
 
-    ``max_tokens``: the longest answer the sampler may write (``sampling.max_new_tokens``), for dr_grpo.
+    ``max_tokens``: the longest answer the sampler may write (``sampling.max_new_tokens``), for dr_grpo; ``tokens``:
+    the token level's denominator (:func:`token_mean`).
     """
     if how == "sequence":
         return masked_mean(per_token, mask, dim=1).mean()
@@ -124,7 +139,7 @@ def aggregate(
         if not max_tokens:
             raise ValueError("aggregate(how='dr_grpo') needs max_tokens, the sampler's max_new_tokens")
         return masked_sum(per_token, mask) / (per_token.shape[0] * max_tokens)
-    return masked_mean(per_token, mask)
+    return token_mean(per_token, mask, tokens)
 
 
 def policy_loss(
@@ -135,25 +150,27 @@ def policy_loss(
     clip_range: float,
     aggregation: str = "token",
     max_tokens: int | None = None,
+    tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """PPO clipped surrogate (Schulman et al. 2017), aggregated over answer tokens (:func:`aggregate`).
 
         rho_t = exp(log pi(y_t) - log pi_old(y_t))
         L = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))
 
-    logp, old_logp, advantages, mask: (B, T). ``approx_kl`` is the k3 estimate of KL(pi_old || pi).
+    logp, old_logp, advantages, mask: (B, T). ``approx_kl`` is the k3 estimate of KL(pi_old || pi). The metrics are
+    token means (:func:`token_mean` with ``tokens``).
     """
     log_ratio = logp - old_logp
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation, max_tokens)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation, max_tokens, tokens)
     with torch.no_grad():
         metrics = {
             "policy_loss": loss.detach(),
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),  # k3 of the update, >= 0
-            "ratio": masked_mean(ratio, mask),
+            "clipfrac": token_mean((clipped > unclipped).float(), mask, tokens),
+            "approx_kl": token_mean(torch.expm1(log_ratio) - log_ratio, mask, tokens),  # k3 of the update, >= 0
+            "ratio": token_mean(ratio, mask, tokens),
         }
     return loss, metrics
 
@@ -164,6 +181,7 @@ def kl_loss(
     mask: torch.Tensor,
     aggregation: str = "token",
     max_tokens: int | None = None,
+    tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """KL to the reference as a loss term (GRPO, Shao et al. 2024; RLOO's loss-side option): the k3 estimator
     of KL(pi || pi_ref) on the sampled tokens, with gradient through log pi.
@@ -173,25 +191,30 @@ def kl_loss(
     logp, ref_logp, mask: (B, T).
     """
     per_token = kl_k3(logp, ref_logp)
-    loss = aggregate(per_token, mask, aggregation, max_tokens)
+    loss = aggregate(per_token, mask, aggregation, max_tokens, tokens)
     return loss, {"kl_loss": loss.detach()}
 
 
 def value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_range: float
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+    tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Clipped value loss (as in OpenAI's baselines and Huang et al. 2024), over answer tokens.
 
         V_clip = V_old + clip(V - V_old, -eps_v, eps_v)
         L = 0.5 * mean_t max((V - R)^2, (V_clip - R)^2)
 
-    values, old_values, returns, mask: (B, T).
+    values, old_values, returns, mask: (B, T); the means are :func:`token_mean` with ``tokens``.
     """
     clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
-    loss = 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+    loss = 0.5 * token_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask, tokens)
     with torch.no_grad():
         metrics = {
             "value_loss": loss.detach(),
-            "value_clipfrac": masked_mean(((clipped - returns) ** 2 > (values - returns) ** 2).float(), mask),
+            "value_clipfrac": token_mean(((clipped - returns) ** 2 > (values - returns) ** 2).float(), mask, tokens),
         }
     return loss, metrics

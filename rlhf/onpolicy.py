@@ -4,9 +4,12 @@ A method subclasses :class:`OnPolicy` with its :meth:`~OnPolicy.experience` (adv
 :meth:`~OnPolicy.minibatch_losses`; the rollout, the experience pass (old and reference log-probs, scores under the
 scoring rule of :mod:`rlhf.scoring`, values where there is a critic), the KL bookkeeping, the clipped updates, the
 held-out evaluation and the guard (:mod:`rlhf.guard`) are these, and :mod:`rlhf.onpolicy_loop` runs them. Policy
-from SFT, frozen reference = SFT, dropout off everywhere. Under ``accelerate launch`` each process samples its
-share of the prompts (a prompt's group of answers stays in one process) and updates DDP copies on its share of
-every minibatch; the statistics and the score offset are taken over all processes.
+from SFT, frozen reference = SFT, dropout off everywhere. With several processes each samples a contiguous
+block of the iteration's prompts (a prompt's group of answers stays in one process), each answer with its own
+random numbers (:mod:`rlhf.answer_keys`), and scores its block; advantages and statistics are then computed on the
+whole batch in every process, and each process updates on every ``world``-th row of each minibatch with token
+means over the whole minibatch. So an iteration gives the same numbers on any number of processes (up to float
+summation order), and a checkpoint resumes on another number of processes as the run would have gone on.
 """
 
 from __future__ import annotations
@@ -16,14 +19,15 @@ from pathlib import Path
 import torch
 
 from .algorithms import PolicyInputs
+from .answer_keys import AnswerStream
 from .config import SamplingConfig
 from .config_training import OnPolicyConfig
 from .context import StageContext
 from .data import left_pad
-from .experience import Experience
+from .experience import Experience, every_process
 from .guard import GUARD_DIR, Guard
 from .kl_control import FixedKLController
-from .losses import kl_k1, kl_k3, kl_loss, masked_mean, policy_loss
+from .losses import kl_k1, kl_k3, kl_loss, policy_loss, token_mean
 from .modeling import Logprobs, token_logprobs, token_logprobs_and_entropy, token_values
 from .onpolicy_models import OnPolicyModels
 from .rollout import Samples, decode_responses, generate
@@ -32,6 +36,7 @@ from .stats import mean_se
 from .trainer import Trainer, epoch_order
 
 SCORE_NORM_BATCHES = 2  # rollout batches of the SFT policy used to measure the score offset
+HELD_OUT_STREAM = -99  # the held-out evaluation's answer stream (iterations' streams are their numbers, from -2)
 
 
 class OnPolicy:
@@ -106,22 +111,26 @@ class OnPolicy:
         return extra
 
     # ---- rollout --------------------------------------------------------------------------------
-    def prompt_batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def prompt_batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This process's prompts of an iteration, each repeated ``samples_per_prompt`` times (a group stays
-        together): a pure function of (seed, iteration, rank), so resuming replays the same data."""
-        n, b = len(self.prompts), self.cfg.rollout_batch_size // self.samples_per_prompt
-        position = iteration * b + torch.arange(b)  # position in the endless stream of shuffled epochs
+        together), and the answers' numbers in the iteration (B,): a pure function of (seed, iteration, rank), so
+        resuming replays the same data. Process r takes the r-th contiguous block of the iteration's prompts, so the
+        processes' batches laid end to end are the batch one process would sample."""
+        n, b, k = len(self.prompts), self.cfg.rollout_batch_size // self.samples_per_prompt, self.samples_per_prompt
+        share = b // self.world
+        position = iteration * b + torch.arange(self.rank * share, (self.rank + 1) * share)  # in the endless stream
         epochs = position // n
         orders = {int(e): epoch_order(n, self.cfg.seed, int(e)) for e in epochs.unique()}
-        idx = [int(orders[int(e)][p % n]) for e, p in zip(epochs, position)][self.rank :: self.world]
-        prompts = [self.prompts[i] for i in idx for _ in range(self.samples_per_prompt)]
+        idx = [int(orders[int(e)][p % n]) for e, p in zip(epochs, position)]
+        prompts = [self.prompts[i] for i in idx for _ in range(k)]
         ids, mask = left_pad(prompts, self.m.tokenizer.pad_token_id)
-        return ids.to(self.ctx.device), mask.to(self.ctx.device)
+        answers = torch.arange(self.rank * share * k, (self.rank + 1) * share * k)
+        return ids.to(self.ctx.device), mask.to(self.ctx.device), answers.to(self.ctx.device)
 
     def rollout(self, model, iteration: int, sampling: SamplingConfig | None = None) -> Samples:
-        seed = (self.cfg.seed * 1_000_003 + iteration) * self.world + self.rank
-        generator = torch.Generator(device=self.ctx.device).manual_seed(seed)
-        ids, mask = self.prompt_batch(iteration)
+        """Answers to this process's prompts of ``iteration``, each drawn with the key of its number in the iteration
+        (:mod:`rlhf.answer_keys`): the same answers on any number of processes."""
+        ids, mask, answers = self.prompt_batch(iteration)
         model.eval()
         tok = self.m.tokenizer
         return generate(
@@ -131,7 +140,7 @@ class OnPolicy:
             sampling or self.cfg.sampling,
             tok.eos_token_id,
             tok.pad_token_id,
-            generator,
+            AnswerStream(self.cfg.seed, iteration).keys(answers),
             logprobs=self.m.sampler_logprobs and model is self.m.policy,
         )
 
@@ -166,9 +175,11 @@ class OnPolicy:
         return s.response_slice(token_logprobs(self.m.policy, s.input_ids, s.attention_mask, t, s.first_target))
 
     @torch.no_grad()
-    def forwards(self, samples: Samples) -> dict[str, torch.Tensor]:
-        """Old and reference log-probs (B, R), values (B, R) where there is a critic, and raw scores (B,),
-        in chunks of ``forward_batch_size`` rollouts (activation memory is one chunk's)."""
+    def forwards(self, samples: Samples) -> tuple[Samples, dict[str, torch.Tensor]]:
+        """Old and reference log-probs (B, R), values (B, R) where there is a critic, and raw scores (B,) of this
+        process's rollouts, in chunks of ``forward_batch_size`` (activation memory is one chunk's); returned with the
+        rollouts for every process's rows (:func:`~rlhf.experience.every_process`), so the advantages, whitening and
+        statistics are the whole batch's and do not depend on how many processes sampled it."""
         m, t = self.m, self.cfg.sampling.temperature
         parts: dict[str, list[torch.Tensor]] = {}
         width = samples.response_ids.shape[1]
@@ -188,7 +199,10 @@ class OnPolicy:
             for k, v in out.items():
                 parts.setdefault(k, []).append(v)
         mask = samples.response_mask
-        return {k: torch.cat(v) * (mask if v[0].dim() == 2 else 1) for k, v in parts.items()}
+        f = {k: torch.cat(v) * (mask if v[0].dim() == 2 else 1) for k, v in parts.items()}
+        if self.world == 1:
+            return samples, f
+        return every_process(samples, f, self.ctx.accelerator, m.tokenizer.pad_token_id)
 
     def scores(self, raw: torch.Tensor) -> torch.Tensor:
         """The score a method optimises: raw minus the SFT offset (``score_norm``)."""
@@ -217,7 +231,8 @@ class OnPolicy:
         """Experience of a critic-free method: one advantage per answer, from the rewards of its prompt's group
         (``advantages_of``: (G, k) rewards -> (G, k) advantages), repeated on the answer's tokens. With
         ``kl_in_reward`` an answer's reward is its score minus beta times its sequence KL (k1)."""
-        mask, f = samples.response_mask, self.forwards(samples)
+        samples, f = self.forwards(samples)
+        mask = samples.response_mask
         scores = self.scores(f["raw"])
         seq_kl = ((f["old_logp"] - f["ref_logp"]) * mask).sum(1)  # (B,)
         rewards = scores - self.kl_ctl.value * seq_kl if kl_in_reward else scores
@@ -229,11 +244,12 @@ class OnPolicy:
             "group_reward_std": rewards.view(-1, self.samples_per_prompt).std(1).mean(),
         }
         exp = Experience(samples, mask, f["old_logp"], f["ref_logp"], scores, advantages[:, None] * mask)
-        return exp, self.trainer.average(stats)
+        return exp, stats
 
     # ---- update ---------------------------------------------------------------------------------
-    def minibatch_losses(self, exp: Experience, train_policy: bool):
-        """Yield (loss, metrics) per micro-batch of a minibatch."""
+    def minibatch_losses(self, exp: Experience, train_policy: bool, tokens: float):
+        """Yield (loss, metrics) per micro-batch of this process's share of a minibatch; token-level terms divide
+        their sums by ``tokens`` (:func:`~rlhf.losses.token_mean`)."""
         raise NotImplementedError
 
     def trains_policy(self) -> bool:
@@ -246,37 +262,43 @@ class OnPolicy:
             yield exp[slice(i, i + micro)].trimmed()
 
     def policy_terms(
-        self, e: Experience, aggregation: str = "token", kl_coef: float = 0.0
+        self, e: Experience, tokens: float, aggregation: str = "token", kl_coef: float = 0.0
     ) -> tuple[torch.Tensor, dict]:
-        """The clipped surrogate on a micro-batch (and, with ``kl_coef``, the k3 KL to the reference as a loss term)."""
+        """The clipped surrogate on a micro-batch (and, with ``kl_coef``, the k3 KL to the reference as a loss term);
+        ``tokens``: the token means' denominator (:func:`~rlhf.losses.token_mean`)."""
         s, t = e.samples, self.cfg.sampling.temperature
         logp, entropy = token_logprobs_and_entropy(self.policy_train, s.input_ids, s.attention_mask, t, s.first_target)
         logp, entropy = s.response_slice(logp) * e.mask, s.response_slice(entropy)  # PAD after EOS: 0, as old / ref
         max_tokens = self.cfg.sampling.max_new_tokens  # dr_grpo's constant normaliser (rlhf.losses.aggregate)
         loss, metrics = policy_loss(
-            logp, e.old_logp, e.advantages, e.mask, self.cfg.clip_range, aggregation, max_tokens
+            logp, e.old_logp, e.advantages, e.mask, self.cfg.clip_range, aggregation, max_tokens, tokens
         )
-        metrics["entropy"] = masked_mean(entropy.detach(), e.mask)
+        metrics["entropy"] = token_mean(entropy.detach(), e.mask, tokens)
         if kl_coef:
-            kl_term, kl_metrics = kl_loss(logp, e.ref_logp, e.mask, aggregation, max_tokens)
+            kl_term, kl_metrics = kl_loss(logp, e.ref_logp, e.mask, aggregation, max_tokens, tokens)
             loss = loss + kl_coef * kl_term
             metrics.update(kl_metrics)
         return loss, metrics
 
     def update(self, exp: Experience) -> dict:
-        """``ppo_epochs`` passes over shuffled minibatches; the mean of each metric over them, and the first's
-        clipfrac and approx_kl (the policy is still the rollout policy there: both 0)."""
+        """``ppo_epochs`` passes over shuffled minibatches of the whole batch (``exp``: every process's rows); each
+        process takes every ``world``-th row of a minibatch, and a token weighs the same in the loss whichever process
+        and micro-batch it lands in, so the update does not depend on the number of processes. Returns the mean of
+        each metric over the minibatches, and the first's clipfrac and approx_kl (the policy is still the rollout
+        policy there: both 0)."""
         cfg, train_policy = self.cfg, self.trains_policy()
         for model in self.m.trained().values():
             model.train()
         sums: dict[str, float] = {}
         count, first = 0, {}
         g = torch.Generator().manual_seed(cfg.seed * 7919 + self.iteration)
-        minibatch = cfg.minibatch_size // self.world  # this process's share of a minibatch
+        micro_batches = cfg.grad_accum * self.world  # a minibatch's, over every process
         for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(len(exp.mask), generator=g)
-            for j in range(0, len(order), minibatch):
-                losses = self.minibatch_losses(exp[order[j : j + minibatch]], train_policy)
+            order = torch.randperm(len(exp.mask), generator=g).to(exp.mask.device)  # the same in every process
+            for j in range(0, len(order), cfg.minibatch_size):
+                rows = order[j : j + cfg.minibatch_size]
+                tokens = float(exp.mask[rows].sum()) / micro_batches  # what a micro-batch's token sums are divided by
+                losses = self.minibatch_losses(exp[rows[self.rank :: self.world]], train_policy, tokens)
                 metrics = {k: float(v) for k, v in self.trainer.optimizer_step(losses).items()}
                 first = first or {f"{k}_first_minibatch": metrics[k] for k in ("clipfrac", "approx_kl") if k in metrics}
                 for k, v in metrics.items():
@@ -291,7 +313,6 @@ class OnPolicy:
         one, KL to the reference, and the guard's score (the ensemble's ``guard_score`` aggregation: never gold)."""
         tok, t, device = self.m.tokenizer, self.cfg.sampling.temperature, self.ctx.device
         ids, mask = left_pad(eval_ids, tok.pad_token_id)
-        generator = torch.Generator(device=device).manual_seed(self.cfg.seed + 99)
         self.m.policy.eval()
         with self.ctx.sharding.gathered(self.m.policy):  # sampled whole; the forwards below take every process's
             s = generate(
@@ -301,7 +322,7 @@ class OnPolicy:
                 self.cfg.sampling,
                 tok.eos_token_id,
                 tok.pad_token_id,
-                generator,
+                AnswerStream(self.cfg.seed, HELD_OUT_STREAM).take(len(ids), device),
                 logprobs=self.m.sampler_logprobs,
             )
         members, penalty = self.scorer.members(s), self.scorer.penalty(s)

@@ -18,7 +18,6 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 from accelerate.utils import broadcast_object_list
 
 from . import checkpoint
@@ -78,7 +77,7 @@ def train(method: OnPolicy, eval_prompts: list[str], eval_ids: list, resume: Pat
         trained = method.update(exp)  # 3. update
         times.append(time.perf_counter())
         method.kl_ctl.update(float(stats["kl"]), cfg.rollout_batch_size)
-        metrics, tokens = iteration_metrics(method, {**stats, **trained}, samples, exp, times)
+        metrics, tokens = iteration_metrics(method, {**stats, **trained}, exp, times)
         if method.iteration == cfg.steps or (
             method.trains_policy() and (method.iteration % cfg.eval_every == 0 or method.iteration == 1)
         ):
@@ -109,11 +108,11 @@ def start(method: OnPolicy, resume: Path | None, eval_prompts: list[str], eval_i
     method.ctx.sink.log_metrics(before, 0)
 
 
-def iteration_metrics(method: OnPolicy, stats: dict, samples, exp, times: list[float]) -> tuple[dict, int]:
-    """The iteration's metrics, named ``<algo>/...``, with its throughput and time split; and its tokens."""
-    name, cfg, accelerator = method.name, method.cfg, method.ctx.accelerator
-    counts = torch.stack([exp.mask.sum(), samples.attention_mask.sum() * cfg.ppo_epochs]).float()
-    gen_tokens, train_tokens = accelerator.reduce(counts, "sum").tolist()  # every process's
+def iteration_metrics(method: OnPolicy, stats: dict, exp, times: list[float]) -> tuple[dict, int]:
+    """The iteration's metrics, named ``<algo>/...``, with its throughput and time split; and its tokens (``exp``
+    holds every process's rows)."""
+    name, cfg = method.name, method.cfg
+    gen_tokens, train_tokens = float(exp.mask.sum()), float(exp.samples.attention_mask.sum()) * cfg.ppo_epochs
     method.trainer.tokens_trained += int(train_tokens)
     generation, scoring, update = (b - a for a, b in zip(times, times[1:]))
     metrics = {f"{name}/{k}": float(v) for k, v in stats.items()}

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import answer_keys
+from .answer_keys import AnswerStream
 from .config import SamplingConfig
 from .modeling import fp32_projection, positions, unwrapped
 from .sharding import as_root_forward
@@ -124,24 +126,28 @@ def generate(
     cfg: SamplingConfig,
     eos_id: int,
     pad_id: int,
-    generator: torch.Generator | None = None,
+    keys: torch.Tensor | None = None,
     logprobs: bool = False,
 ) -> Samples:
-    """Sample answers for a batch of left-padded prompts, reusing the KV cache between steps; with ``logprobs``
+    """Sample answers for a batch of left-padded prompts, reusing the KV cache between steps. ``keys`` (B,): each
+    answer's random numbers (:mod:`rlhf.answer_keys`; default: a fresh stream from torch's global generator), so an
+    answer depends on its prompt and key, not on its batch or process. With ``logprobs``
     also the log-prob of each sampled token under the tempered softmax before top-k / top-p (the policy's
     distribution, which the PPO ratio and the KL use), from the logits the sampler has anyway."""
     batch = prompt_ids.shape[0]
+    if keys is None:
+        keys = AnswerStream(int(torch.randint(2**31, ()))).take(batch, prompt_ids.device)
     mask = prompt_mask
     pos = positions(mask)
     logits, past = _next_logits(model, prompt_ids, mask, pos)
     next_pos = pos[:, -1:] + 1  # (B, 1)
     done = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
     tokens, token_logprobs = [], []
-    for _ in range(cfg.max_new_tokens):
+    for step in range(cfg.max_new_tokens):
         logits = logits / cfg.temperature
         logits[:, pad_id] = float("-inf")  # PAD is never an answer token (Logprobs excludes it too)
         probs = filter_logits(logits, cfg.top_k, cfg.top_p).softmax(-1)
-        tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+        tok = answer_keys.sample(probs, keys, step)  # (B,)
         if logprobs:
             lp = (logits.gather(1, tok[:, None]) - logits.logsumexp(-1, keepdim=True)).squeeze(1)  # (B,)
             token_logprobs.append(lp.masked_fill(done, 0.0))

@@ -4,8 +4,8 @@ that resume on another number of processes, and a stage killed mid-run resumes f
 The supervised stages split every batch over the processes and average the gradients, so under either strategy
 two processes take the same steps as one (up to float summation order): their losses agree step for step, and
 a checkpoint written by two processes continues in one (and the other way round) with the losses of the run that
-was never interrupted. The on-policy stages sample each process's share of the prompts with that process's own
-random stream, so there the checks are the first minibatch's (policy = rollout policy = reference).
+was never interrupted. The on-policy stages draw each answer with its own key and normalise the update over the
+whole minibatch, so a PPO checkpoint of two processes continues on one with the two-process run's metrics.
 """
 
 import os
@@ -27,7 +27,7 @@ from rlhf.config import DataConfig, RewardConfig, RuntimeConfig, SFTConfig
 from rlhf.launch import run_data_parallel
 from rlhf.settings import ConfigError
 from rlhf.sharding import Sharding
-from rlhf.stages import dpo, grpo, prepare, reward, rloo, sft
+from rlhf.stages import dpo, grpo, ppo, prepare, reward, rloo, sft
 from rlhf.synthetic import gold_reward
 from rlhf.validate import validate
 from tests.test_resilience import env_for, pipeline_cmd, running_until_a_ppo_checkpoint, runs_of
@@ -127,6 +127,27 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(upstream, p
     expected = [(s, v) for s, v in straight["dpo/loss"] if s > 2]
     assert [s for s, _ in resumed["dpo/loss"]] == [s for s, _ in expected]
     assert values(resumed["dpo/loss"]) == pytest.approx(values(expected), abs=1e-4)
+
+
+def test_ppo_resumed_on_one_process_continues_as_the_two_would_have(upstream):
+    """PPO stopped after iteration 2 of 3 on two processes, continued on one: iteration 3's every metric (rollout
+    statistics, the update's losses and clip fractions, the held-out evaluation) as the two-process run's. Each
+    answer is drawn with its own key and the update normalises over the whole minibatch, so the number of processes
+    changes only the order of float sums."""
+    inputs = PolicyInputs(upstream["data"], upstream["sft"], upstream["rm"], gold_reward)
+    root, cfg = upstream["root"], on_policy(steps=3, checkpoint_every=2, eval_every=3)
+    body = lambda c: ppo.run(cfg, TINY_MODEL, inputs, c)  # noqa: E731
+    _, straight = upstream["launch"](body, "ppo-straight", FSDP)
+    first = sorted((root / "ppo-straight" / "ckpt").glob("step-*"))[0]
+    shutil.copytree(first, root / "ppo-2to1" / "ckpt" / first.name)
+    c = ctx(root, "ppo-2to1", sharding=Sharding("fsdp"))
+    body(c)
+    timing = ("time_", "_per_s")
+    expected = {k: v for k, h in straight.items() for s, v in h if s == 3 and not any(t in k for t in timing)}
+    resumed = {k: v for k, h in c.sink.metrics.items() for s, v in h if s == 3 and k in expected}
+    assert {"ppo/policy_loss", "ppo/clipfrac", "ppo/value_loss", "ppo/kl", "ppo/eval_gold_reward"} <= set(expected)
+    assert sorted(resumed) == sorted(expected) and all(s >= 3 for h in c.sink.metrics.values() for s, _ in h)
+    assert resumed == pytest.approx(expected, abs=1e-4)
 
 
 def test_two_machines_on_loopback_train_one_stage_together(upstream):

@@ -163,3 +163,19 @@ def test_kl_loss_is_k3_with_gradient_through_the_policy():
     assert float(loss) == pytest.approx(expected) and float(metrics["kl_loss"]) == pytest.approx(expected)
     loss.backward()
     assert logp.grad[0, 0] == 0 and logp.grad[0, 1] < 0  # d/dlogp (e^(ref-logp) - 1 - (ref-logp)) = 1 - e^(ref-logp)
+
+
+def test_token_means_over_split_minibatches_weigh_every_token_the_same():
+    """A minibatch split over 2 processes x 2 micro-batches of unequal lengths: with the denominator the update passes
+    (the minibatch's tokens / 4), the micro-batch losses averaged as the trainer and DDP / FSDP average them are the
+    minibatch's token mean; each micro-batch's own mean, averaged, is not."""
+    from rlhf.losses import token_mean
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 6, generator=g)
+    mask = (torch.arange(6) < torch.tensor([1, 6, 2, 6, 3, 1, 6, 4])[:, None]).float()
+    tokens = float(mask.sum()) / 4
+    parts = [slice(i, i + 2) for i in range(0, 8, 2)]
+    split = sum(token_mean(x[p], mask[p], tokens) for p in parts) / 4
+    assert split == pytest.approx(float(token_mean(x, mask)), abs=1e-6)
+    assert sum(token_mean(x[p], mask[p]) for p in parts) / 4 != pytest.approx(float(token_mean(x, mask)), abs=1e-3)

@@ -2,6 +2,7 @@
 
 import torch
 
+from rlhf.answer_keys import AnswerStream
 from rlhf.config import SamplingConfig
 from rlhf.data import left_pad
 from rlhf.modeling import positions, token_logprobs
@@ -33,7 +34,7 @@ def sample(model, ids, mask, max_new_tokens: int):
         SamplingConfig(max_new_tokens=max_new_tokens),
         eos_id=1,
         pad_id=0,
-        generator=torch.Generator().manual_seed(0),
+        keys=AnswerStream(0).take(len(ids)),
     )
 
 
@@ -112,7 +113,7 @@ def test_the_samplers_log_probs_are_the_forwards_under_filtering_and_zero_after_
     model = tiny_lm(vocab=6, seed=2)  # few tokens with eos=1: some answers end early, some run to the limit
     ids, mask = left_pad([[5, 2, 3], [4], [3, 3, 2, 5], [2, 4]], pad_id=0)
     cfg = SamplingConfig(max_new_tokens=8, temperature=0.7, top_k=3, top_p=0.9)
-    s = generate(model, ids, mask, cfg, eos_id=1, pad_id=0, generator=torch.Generator().manual_seed(0), logprobs=True)
+    s = generate(model, ids, mask, cfg, eos_id=1, pad_id=0, keys=AnswerStream(0).take(len(ids)), logprobs=True)
     assert s.ended.any() and (~s.ended).any() and s.logprobs.shape == s.response_ids.shape
     forward = s.response_slice(token_logprobs(model, s.input_ids, s.attention_mask, cfg.temperature, s.first_target))
     m = s.response_mask.bool()
@@ -120,3 +121,34 @@ def test_the_samplers_log_probs_are_the_forwards_under_filtering_and_zero_after_
     assert (s.logprobs[~m] == 0).all() and (s.logprobs[m] < 0).all()
     assert torch.equal(s[1:].trimmed().logprobs, s.logprobs[1:, : s[1:].trimmed().response_ids.shape[1]])
     assert generate(model, ids, mask, cfg, eos_id=1, pad_id=0).logprobs is None  # not asked: nothing computed
+
+
+def test_the_keyed_race_samples_each_token_with_its_probability():
+    """The exponential race over hashed uniforms draws from p: 200k rows of one distribution land within 4 binomial
+    standard errors of p in every entry, and never on an entry of probability 0."""
+    from rlhf.answer_keys import sample
+
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    n = 200_000
+    counts = torch.bincount(sample(p.repeat(n, 1), AnswerStream(7).take(n), step=3), minlength=5).double()
+    se = (p.double() * (1 - p.double()) / n).sqrt()
+    assert ((counts / n - p).abs() <= 4 * se + 1e-12).all() and counts[4] == 0
+    again = sample(p.repeat(n, 1), AnswerStream(7).take(n), step=4)  # another step: other draws, same law
+    assert (again != sample(p.repeat(n, 1), AnswerStream(7).take(n), step=3)).float().mean() > 0.4
+
+
+def test_an_answer_depends_on_its_prompt_and_key_not_on_its_batch():
+    """The same prompts sampled in one batch, and in two batches in another order with other padding, with the same
+    answers' keys: the same answers (what makes rollouts the same on any number of processes)."""
+    model = tiny_lm(seed=3)
+    prompts = [[5, 2, 3], [4], [3, 3, 2, 5, 7, 8], [2, 4], [9, 9]]
+    keys = AnswerStream(11, 2).keys(torch.arange(5))
+    cfg = SamplingConfig(max_new_tokens=10)
+    whole = generate(model, *left_pad(prompts, pad_id=0), cfg, eos_id=1, pad_id=0, keys=keys)
+    texts = [r[m.bool()].tolist() for r, m in zip(whole.response_ids, whole.response_mask)]
+    assert len({tuple(t) for t in texts}) > 2  # sampled, not one greedy answer
+    for part in ([3, 1], [4, 0, 2]):
+        s = generate(model, *left_pad([prompts[i] for i in part], 0), cfg, eos_id=1, pad_id=0, keys=keys[part])
+        assert [r[m.bool()].tolist() for r, m in zip(s.response_ids, s.response_mask)] == [texts[i] for i in part]
+    other = generate(model, *left_pad(prompts, 0), cfg, eos_id=1, pad_id=0, keys=AnswerStream(12, 2).take(5))
+    assert not torch.equal(other.response_ids, whole.response_ids)

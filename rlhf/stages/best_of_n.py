@@ -52,7 +52,7 @@ def sample(env, prompt_ids: list[list[int]], args: dict) -> tuple[list[Samples],
     """The eval stage's sampler (:data:`rlhf.stages.evaluate.Sampler`): best-of-n answers to ``prompt_ids``,
     the sampled KL estimate per answer, and ``eval/kl_analytic``."""
     n = args["n"]
-    env.generator.manual_seed(candidate_seed(env.cfg.seed, args.get("seed", 0)))
+    env.stream.manual_seed(candidate_seed(env.cfg.seed, args.get("seed", 0)))
     group = max(1, env.cfg.sampling.batch_size // n)  # prompts per generation batch, n candidates each
     answers, kls = [], []
     for i in range(0, len(prompt_ids), group):

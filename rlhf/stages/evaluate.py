@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..answer_keys import AnswerStream
 from ..config import EvalConfig
 from ..context import StageContext
 from ..data import encode_prompts, left_pad, load_rows
@@ -31,7 +32,7 @@ from .reward import pair_accuracy
 
 @dataclass
 class EvalEnv:
-    """What a sampler may use: the SFT model, the reward model's score, the settings, one generator."""
+    """What a sampler may use: the SFT model, the reward model's score, the settings, one stream of answer keys."""
 
     sft: torch.nn.Module
     score: Callable[
@@ -40,7 +41,7 @@ class EvalEnv:
     cfg: EvalConfig
     tokenizer: object
     device: torch.device
-    generator: torch.Generator
+    stream: AnswerStream  # answer i's random numbers (rlhf.answer_keys): the same answers in any batch size
 
     def sample(self, model, prompt_ids: list[list[int]]) -> list[Samples]:
         """Answers of ``model`` to ``prompt_ids``, in batches of ``eval.sampling.batch_size``."""
@@ -58,7 +59,7 @@ class EvalEnv:
             self.cfg.sampling,
             tok.eos_token_id,
             tok.pad_token_id,
-            self.generator,
+            self.stream.take(len(prompt_ids), self.device),
         )
 
 
@@ -132,9 +133,9 @@ def run(
     rewards = [load_scalar_model(p, tokenizer, zero_head=False).to(ctx.device) for p in paths]
     scorer = Scorer([FrozenModel(r) for r in rewards], missing_eos_penalty)
     score = (lambda s: scorer.proxy(scorer.members(s), s)) if rewards else None
-    env = EvalEnv(sft, score, cfg, tokenizer, ctx.device, torch.Generator(device=ctx.device).manual_seed(cfg.seed))
+    env = EvalEnv(sft, score, cfg, tokenizer, ctx.device, AnswerStream(cfg.seed))
     batches, kl, extra = sample_policy(env, policy_path, prompt_ids, sampler, sampler_args)
-    env.generator.manual_seed(cfg.seed)  # SFT's answers from the same seed as the policy's (the default sampler's)
+    env.stream.manual_seed(cfg.seed)  # SFT's answers with the keys of the policy's (the default sampler's)
     answers = {
         "policy": _answers(batches, tokenizer, score),
         "sft": _answers(env.sample(sft, prompt_ids), tokenizer, score),

@@ -38,9 +38,9 @@ class GRPO(OnPolicy):
             samples, partial(group_normalized, scale=self.cfg.scale_rewards), kl_in_reward=False
         )
 
-    def minibatch_losses(self, exp: Experience, train_policy: bool):
+    def minibatch_losses(self, exp: Experience, train_policy: bool, tokens: float):
         for e in self.micro_batches(exp):
-            yield self.policy_terms(e, self.cfg.loss_aggregation, self.cfg.beta)
+            yield self.policy_terms(e, tokens, self.cfg.loss_aggregation, self.cfg.beta)
 
 
 def run(cfg: GRPOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: StageContext) -> dict:

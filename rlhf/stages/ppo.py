@@ -10,8 +10,8 @@ The value model starts from the reward model (or from SFT with a zeroed head). S
 SFT answers score mean 0 (and, with ``normalize_reward``, divided by a running std); a value model
 that starts from the reward model predicts raw scores, so its outputs get the same shift and scale.
 
-Under ``accelerate launch`` the advantages are whitened per process (as TRL does); the reward moments
-and the adaptive KL controller's input are taken over all processes.
+With several processes, each samples and scores its share of the rollouts; the advantages are computed and
+whitened over the whole batch (every process's rows), so they do not depend on how many processes there are.
 """
 
 from __future__ import annotations
@@ -75,12 +75,12 @@ class PPO(OnPolicy):
 
     @torch.no_grad()
     def experience(self, samples: Samples) -> tuple[Experience, dict]:
+        samples, f = self.forwards(samples)  # every process's rows
         cfg, mask = self.cfg, samples.response_mask
-        f = self.forwards(samples)
         old_logp, ref_logp, raw = f["old_logp"], f["ref_logp"], f["raw"]
         scores = self.scores(raw)
         if cfg.normalize_reward:
-            self.score_moments.update(self.ctx.accelerator.gather(scores))  # the same moments in every process
+            self.score_moments.update(scores)
             scores = scores / self.score_moments.std
         shift, scale = self.value_scale()
         values = (f["values"] - shift) / scale * mask  # (B, R)
@@ -99,19 +99,19 @@ class PPO(OnPolicy):
             "explained_variance": 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8),
         }
         exp = Experience(samples, mask, old_logp, ref_logp, scores, advantages, old_values=values, returns=returns)
-        return exp, self.trainer.average(stats)
+        return exp, stats
 
-    def minibatch_losses(self, exp: Experience, train_policy: bool):
+    def minibatch_losses(self, exp: Experience, train_policy: bool, tokens: float):
         """Yield (loss, metrics) per micro-batch of a minibatch: clipped policy loss + vf_coef * clipped value loss."""
         cfg = self.cfg
         shift, scale = self.value_scale()
         for e in self.micro_batches(exp):
             s = e.samples
             values = (s.response_slice(self.value_train(s.input_ids, s.attention_mask)[:, :-1]) - shift) / scale
-            vf_loss, metrics = value_loss(values, e.old_values, e.returns, e.mask, cfg.value_clip_range)
+            vf_loss, metrics = value_loss(values, e.old_values, e.returns, e.mask, cfg.value_clip_range, tokens)
             loss = cfg.vf_coef * vf_loss
             if train_policy:
-                pg_loss, pg_metrics = self.policy_terms(e)
+                pg_loss, pg_metrics = self.policy_terms(e, tokens)
                 loss = loss + pg_loss
                 metrics = {**metrics, **pg_metrics}
             yield loss, metrics

@@ -30,10 +30,10 @@ class RLOO(OnPolicy):
             exp.advantages = whiten(exp.advantages, exp.mask)
         return exp, stats
 
-    def minibatch_losses(self, exp: Experience, train_policy: bool):
+    def minibatch_losses(self, exp: Experience, train_policy: bool, tokens: float):
         kl_coef = self.cfg.beta if self.cfg.kl_penalty == "loss" else 0.0
         for e in self.micro_batches(exp):
-            yield self.policy_terms(e, "token", kl_coef)
+            yield self.policy_terms(e, tokens, "token", kl_coef)
 
 
 def run(cfg: RLOOConfig, model_cfg: ModelConfig, inputs: PolicyInputs, ctx: StageContext) -> dict:
