@@ -226,7 +226,7 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=2, help="processes per stage")
     ap.add_argument("--rounds", type=int, default=2, help="rounds per strategy, alternating which goes first")
     ap.add_argument("--n-layer", type=int, default=8, help="llama blocks")
-    ap.add_argument("--n-embd", type=int, default=640, help="llama width (heads of 64)")
+    ap.add_argument("--n-embd", type=int, default=896, help="llama width (heads of 64)")
     ap.add_argument("--steps", type=int, default=4, help="SFT steps and PPO iterations per run")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     args = ap.parse_args()
