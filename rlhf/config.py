@@ -120,7 +120,8 @@ class RuntimeConfig:
     rdzv_endpoint: str = setting(
         "",
         "host:port of torchrun's c10d rendezvous on machine 0 (needed with num_machines > 1; empty on one machine: a "
-        "free local port).",
+        "free local port); auto: machine 0's address as its host name resolves (a pod's IP) and a free port, which "
+        "the other machines read from the stage folder.",
     )
     strategy: str = setting(
         "ddp",

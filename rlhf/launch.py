@@ -46,9 +46,9 @@ class _NoSink:
         pass
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -65,12 +65,26 @@ def launch_env(runtime: RuntimeConfig) -> dict:
     return env
 
 
-def launch_command(runtime: RuntimeConfig, spec: Path) -> list[str]:
+def rendezvous_endpoint(runtime: RuntimeConfig) -> str:
+    """Where machine 0 hosts the rendezvous: ``runtime.rdzv_endpoint``; ``auto``: this machine's address (as its
+    host name resolves: a pod's IP) and a free port; empty on one machine: a free local port."""
+    if runtime.rdzv_endpoint != "auto":
+        return runtime.rdzv_endpoint or f"127.0.0.1:{_free_port()}"
+    host = socket.gethostbyname(socket.gethostname())
+    if runtime.num_machines > 1 and host.startswith("127."):
+        raise StageLaunchError(
+            f"runtime.rdzv_endpoint=auto: this machine's name ({socket.gethostname()}) resolves to {host}, which the "
+            f"other machines cannot reach. Fix: pass runtime.rdzv_endpoint=<address of machine 0>:<port>."
+        )
+    return f"{host}:{_free_port('0.0.0.0')}"
+
+
+def launch_command(runtime: RuntimeConfig, spec: Path, endpoint: str) -> list[str]:
     """torchrun on this machine: ``runtime.num_processes`` processes (one per device), joined through the c10d
-    rendezvous with those of the other ``runtime.num_machines - 1`` machines; the rendezvous id is the stage
-    folder's, the same on every machine. The rendezvous numbers the processes (global rank 0, which logs and writes
-    the result, may be on any machine: every machine reaches the tracking server and the shared stage folder)."""
-    endpoint = runtime.rdzv_endpoint or f"127.0.0.1:{_free_port()}"
+    rendezvous at ``endpoint`` with those of the other ``runtime.num_machines - 1`` machines; the rendezvous id is
+    the stage folder's, the same on every machine. The rendezvous numbers the processes (global rank 0, which logs
+    and writes the result, may be on any machine: every machine reaches the tracking server and the shared stage
+    folder)."""
     # machine 0 hosts the rendezvous store (no guessing from DNS); the others wait for it as long as a stop may take
     wait = int(runtime.stop_grace_s + RDZV_WAIT_S)
     conf = f"is_host={int(runtime.node_rank == 0)},join_timeout={wait},read_timeout={wait}"
@@ -114,6 +128,7 @@ def run_data_parallel(
     stop_file.unlink(missing_ok=True)
     spec = folder / SPEC_FILE
     launch = {"out_dir": str(out_dir), "runtime": runtime, "seed": seed, "tracking_uri": tracking_uri, "run_id": run_id}
+    launch["rdzv_endpoint"] = rendezvous_endpoint(runtime)  # the other machines read it from the spec
     checkpoint.atomic_write_bytes(spec, cloudpickle.dumps({"body": body, **launch}))
     log = folder / "log.txt"
     env = {
@@ -123,7 +138,7 @@ def run_data_parallel(
     }
     with log.open("w") as out:
         # a session of its own: the launcher never sees the stop signal; its processes read the stop file
-        cmd = launch_command(runtime, spec)
+        cmd = launch_command(runtime, spec, launch["rdzv_endpoint"])
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent
         )
@@ -148,8 +163,8 @@ def run_data_parallel(
 
 def join_launch(out_dir: Path, runtime: RuntimeConfig, wait_s: float = 3600.0) -> None:
     """Machine ``runtime.node_rank`` (> 0)'s part of a stage that machine 0 launches: wait for the stage's spec in
-    the shared stage folder (machine 0 writes it when the stage starts), then run this machine's processes of the
-    launch; return when they end. Its log: ``<out_dir>/launch/log-node<rank>.txt``."""
+    the shared stage folder (machine 0 writes it when the stage starts, with the rendezvous it hosts), then run this
+    machine's processes of the launch; return when they end. Its log: ``<out_dir>/launch/log-node<rank>.txt``."""
     folder = Path(out_dir) / LAUNCH_DIR
     spec, deadline = folder / SPEC_FILE, time.monotonic() + wait_s
     while not spec.exists():
@@ -161,7 +176,7 @@ def join_launch(out_dir: Path, runtime: RuntimeConfig, wait_s: float = 3600.0) -
         time.sleep(0.5)
     log = folder / f"log-node{runtime.node_rank}.txt"
     with log.open("w") as out:
-        cmd = launch_command(runtime, spec)
+        cmd = launch_command(runtime, spec, cloudpickle.loads(spec.read_bytes())["rdzv_endpoint"])
         rc = subprocess.run(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=launch_env(runtime), preexec_fn=die_with_parent
         )

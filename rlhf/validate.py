@@ -80,6 +80,7 @@ def validate(config: Any) -> PipelineConfig:
     _check_bounds(cfg, "")
     _check_stage_names(cfg)
     _check_synthetic(cfg)
+    _check_machines(cfg)
     _check_data_parallel(cfg)
     _check_sharding(cfg)
     return cfg
@@ -114,23 +115,42 @@ def _check_synthetic(cfg: PipelineConfig) -> None:
         )
 
 
-def _check_data_parallel(cfg: PipelineConfig) -> None:
-    """Each of the ``num_processes x num_machines`` ranks takes an equal share of every batch, in ``grad_accum``
-    micro-batches; machine ranks and the rendezvous of several machines."""
+def _check_machines(cfg: PipelineConfig) -> None:
+    """Machine ranks, the rendezvous of several machines, and stages on several machines from a work pool."""
     rt = cfg.runtime
-    n = rt.num_processes * rt.num_machines
-    world = f"runtime.num_processes={rt.num_processes} x runtime.num_machines={rt.num_machines} processes"
     if rt.node_rank >= rt.num_machines:
         raise ConfigError(
             f"runtime.node_rank={rt.node_rank} with runtime.num_machines={rt.num_machines}: node ranks run from 0 to "
             f"{rt.num_machines - 1}. Fix: give each machine its own rank below num_machines."
         )
-    if rt.num_machines > 1 and ":" not in rt.rdzv_endpoint:
+    if rt.num_machines > 1 and ":" not in rt.rdzv_endpoint and rt.rdzv_endpoint != "auto":
         raise ConfigError(
             f"runtime.num_machines={rt.num_machines} needs runtime.rdzv_endpoint=<host>:<port> of machine 0 (got "
             f"{rt.rdzv_endpoint!r}), where every machine's processes meet. "
-            f"Fix: e.g. runtime.rdzv_endpoint=node-0:29400."
+            f"Fix: e.g. runtime.rdzv_endpoint=node-0:29400 (or auto, where machine 0's host name resolves to an "
+            f"address the others reach: a pod's)."
         )
+    if rt.num_machines > 1 and cfg.dispatch.mode == "deployments" and rt.rdzv_endpoint != "auto":
+        raise ConfigError(
+            f"runtime.num_machines={rt.num_machines} with dispatch=pools: each training stage gets a Job of "
+            f"{rt.num_machines} pods whose names are not known before it starts (got runtime.rdzv_endpoint="
+            f"{rt.rdzv_endpoint!r}). Fix: runtime.rdzv_endpoint=auto (pod 0 hosts the rendezvous at its own address)."
+        )
+    local = {"sft", "reward", cfg.algo.algo} & set(training_stages()) - set(cfg.dispatch.stages or training_stages())
+    if rt.num_machines > 1 and cfg.dispatch.mode == "deployments" and local:
+        raise ConfigError(
+            f"runtime.num_machines={rt.num_machines} with dispatch.stages={cfg.dispatch.stages}: {sorted(local)} would "
+            f"train here, where no other machine joins it. Fix: dispatch every training stage (leave dispatch.stages "
+            f"unset) or run on one machine."
+        )
+
+
+def _check_data_parallel(cfg: PipelineConfig) -> None:
+    """Each of the ``num_processes x num_machines`` ranks takes an equal share of every batch, in ``grad_accum``
+    micro-batches."""
+    rt = cfg.runtime
+    n = rt.num_processes * rt.num_machines
+    world = f"runtime.num_processes={rt.num_processes} x runtime.num_machines={rt.num_machines} processes"
     batches = [
         ("sft.batch_size", cfg.sft.batch_size, "sft.grad_accum", cfg.sft.grad_accum),
         ("reward.batch_size", cfg.reward.batch_size, "reward.grad_accum", cfg.reward.grad_accum),

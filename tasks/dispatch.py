@@ -50,7 +50,10 @@ def check_stage_deployment(dispatch: DispatchConfig) -> None:
 def dispatch_stage(
     stage: str, key: str, env: dict, inputs: dict, dispatch: dict, flow_run_name: str, fresh: bool = False
 ) -> dict:
-    """Run ``stage`` as a flow run ``flow_run_name`` of ``dispatch['deployment']``, wait for it, return its record."""
+    """Run ``stage`` as a flow run ``flow_run_name`` of ``dispatch['deployment']``, wait for it, return its record.
+    A stage on several machines asks the pool's job template for that many pods (its ``machines`` variable)."""
+    machines = env["runtime"]["num_machines"]
+    job_variables = {**(dispatch["job_variables"] or {}), **({"machines": machines} if machines > 1 else {})}
     flow_run = run_deployment(
         dispatch["deployment"],
         flow_run_name=flow_run_name,
@@ -62,7 +65,7 @@ def dispatch_stage(
             "fresh": fresh,
             "concurrency_tag": dispatch["concurrency_tag"],
         },
-        job_variables=dispatch["job_variables"] or None,
+        job_variables=job_variables or None,
         timeout=dispatch["timeout_s"],
         poll_interval=dispatch["poll_s"],
         tags=[f"stage:{stage}"],

@@ -172,6 +172,38 @@ def test_two_machines_on_loopback_train_one_stage_together(upstream):
     assert max((a[k] - b[k]).abs().max() for k in a) < 1e-5
 
 
+def test_pod_1_of_a_stage_job_joins_the_stage_its_flow_run_trains(upstream, prefect_server, monkeypatch):
+    """A stage's Indexed Job from the GPU pool (flows.stage_pod): pod 1 reads the stage, key and root from the flow
+    run's parameters in the Prefect API, and the rendezvous from the spec machine 0 writes (its own settings say
+    ``auto``), and trains its share of the stage that pod 0 launches."""
+    from prefect.client.orchestration import get_client
+
+    from flows import stage_pod
+    from flows.stage import rlhf_stage
+    from rlhf.launch import _free_port
+    from rlhf.settings import to_dict
+    from tasks.records import stage_dir
+
+    data, root = upstream["data"], upstream["root"]
+    machine = dict(device="cpu", threads=1, num_processes=1, num_machines=2, strategy="fsdp")
+    pool_runtime = RuntimeConfig(**machine, rdzv_endpoint="auto")  # what the pipeline sends with the stage
+    env = {"root": str(root / "pool"), "runtime": to_dict(pool_runtime)}
+    with get_client(sync_client=True) as client:
+        flow_run = client.create_flow_run(
+            rlhf_stage, parameters={"stage": "sft", "key": "k1", "env": env, "inputs": {}}
+        )
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", str(flow_run.id))
+    pod_1 = threading.Thread(target=stage_pod.main, args=([],))
+    pod_1.start()
+    folder = stage_dir(root / "pool", "sft", "k1")
+    pod_0 = RuntimeConfig(**machine, rdzv_endpoint=f"127.0.0.1:{_free_port()}")  # here: auto would be loopback
+    out, m = upstream["launch"](lambda c: sft.run(TINY_MODEL, SFT, data, c), str(folder.relative_to(root)), pod_0)
+    pod_1.join(timeout=60)
+    assert not pod_1.is_alive() and (folder / "launch" / "log-node1.txt").exists()
+    assert len(m["sft/loss"]) == 20 and (Path(out["model_path"]) / "model.safetensors").exists()
+
+
 def test_lora_with_fsdp_is_refused_with_the_fix(micro):
     with pytest.raises(ConfigError, match=r"runtime.strategy=fsdp with model.lora_r=4.*Fix: runtime.strategy=ddp"):
         validate(micro("runtime.strategy=fsdp", "model.lora_r=4"))

@@ -103,3 +103,53 @@ def test_slurm_script_gives_each_task_its_node_rank_and_the_first_machines_rende
         cfg = composed(args[2:], RLHF_HOME=env["RLHF_HOME"])
         assert cfg.runtime.node_rank == rank and cfg.runtime.num_machines == 2 and cfg.runtime.num_processes == 8
         assert cfg.runtime.rdzv_endpoint == "gpu-a:29400" and cfg.algo.algo == "dpo"
+
+
+def test_the_gpu_pool_gives_a_stage_an_indexed_job_of_its_machines(monkeypatch):
+    """The work pool's job template makes a stage's Job one pod per machine (the ``machines`` variable, 1 unless
+    set), each pod entering through flows.stage_pod with the worker's command; the dispatcher sets ``machines`` from
+    runtime.num_machines, and only on several machines (a process pool knows no such variable)."""
+    import types
+
+    import tasks.dispatch as dispatch
+
+    template = json.loads((PROJECT / "deploy" / "kubernetes-gpu-job-template.json").read_text())
+    job = template["job_configuration"]["job_manifest"]["spec"]
+    assert job["completionMode"] == "Indexed" and job["completions"] == job["parallelism"] == "{{ machines }}"
+    container = job["template"]["spec"]["containers"][0]
+    assert container["command"] == ["python", "-m", "flows.stage_pod"] and container["args"] == "{{ command }}"
+    assert template["variables"]["properties"]["machines"]["default"] == 1
+
+    asked = []
+    done = types.SimpleNamespace(state=types.SimpleNamespace(is_completed=lambda: True), name="r", id="1")
+    monkeypatch.setattr(dispatch, "run_deployment", lambda *a, **kw: asked.append(kw["job_variables"]) or done)
+    monkeypatch.setattr(dispatch, "read_record", lambda *a: {})
+    pool = {"deployment": "rlhf-stage/gpu", "concurrency_tag": "gpu", "timeout_s": 1, "poll_s": 1}
+    for machines, job_variables in ((1, {}), (1, {"gpus": 8}), (4, {"gpus": 8})):
+        env = {"root": "/rlhf", "runtime": {"num_machines": machines}}
+        dispatch.dispatch_stage.fn("sft", "k", env, {}, {**pool, "job_variables": job_variables}, "sft-k")
+    assert asked == [None, {"gpus": 8}, {"gpus": 8, "machines": 4}]
+
+
+def test_a_stage_on_several_machines_from_a_pool_is_checked_before_it_starts():
+    pools = ["dispatch=pools", "runtime.num_machines=2"]
+    with pytest.raises(ConfigError, match="runtime.rdzv_endpoint=auto"):
+        validate(load_config([*pools, "runtime.rdzv_endpoint=node-0:29400"]))
+    with pytest.raises(ConfigError, match=r"\['reward'\] would train here"):
+        validate(load_config([*pools, "algo=ppo", "runtime.rdzv_endpoint=auto", "dispatch.stages=[sft,ppo]"]))
+    validate(load_config([*pools, "runtime.rdzv_endpoint=auto"]))
+
+
+def test_auto_rendezvous_is_machine_0s_address_and_never_loopback(monkeypatch):
+    import socket
+
+    from rlhf.config import RuntimeConfig
+    from rlhf.launch import StageLaunchError, rendezvous_endpoint
+
+    rt = RuntimeConfig(num_machines=2, rdzv_endpoint="auto")
+    monkeypatch.setattr(socket, "gethostbyname", lambda name: "10.4.0.7")
+    host, port = rendezvous_endpoint(rt).split(":")
+    assert host == "10.4.0.7" and int(port) > 0
+    monkeypatch.setattr(socket, "gethostbyname", lambda name: "127.0.1.1")
+    with pytest.raises(StageLaunchError, match="runtime.rdzv_endpoint=<address of machine 0>"):
+        rendezvous_endpoint(rt)
