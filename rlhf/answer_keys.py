@@ -3,16 +3,17 @@
 A ``torch.Generator`` shared by a batch hands its numbers out by row, so an answer's tokens depend on the batch
 it was sampled in, on its row and on which process sampled it: two processes (or a batch size of 32 instead of
 64) give other answers than one. Here answer ``i`` of the stream seeded ``(s1, s2, ...)`` has the key
-``hash(s1, s2, ..., i)``, and its token at step ``t`` is drawn with the uniform numbers
+``hash(s1, s2, ..., i)``, and its token at step ``t`` is drawn by inverting the cumulative distribution at
 
-    u[v] = hash(key, t, v)   for every vocabulary entry v
+    u = hash(key, t) in (0, 1)
 
-through the exponential race (the Gumbel-max trick): ``argmax_v p[v] / -log u[v]`` is distributed as ``p``. So
-the same prompts with the same keys give the same answers on any number of processes, in any batch, and a
-resumed run (on another number of processes too) samples what the uninterrupted one would have.
+(the first token whose cumulative probability exceeds u; a token of probability 0 is never drawn). So the same
+prompts with the same keys give the same answers on any number of processes and in any batch, and a resumed run
+(on another number of processes too) samples what the uninterrupted one would have.
 
 The hash is Wellons's ``lowbias32`` on 32-bit integers kept in int64 tensors (multiplications split so no
-intermediate overflows), element-wise on the device: no Python loop over rows or tokens.
+intermediate overflows): one number per answer and step, element-wise on the device, no Python loop over rows or
+tokens. A step costs a cumulative sum over the vocabulary, as ``torch.multinomial`` does.
 """
 
 from __future__ import annotations
@@ -40,24 +41,28 @@ def mix32(x: torch.Tensor | int) -> torch.Tensor | int:
 
 
 def combine(key: torch.Tensor | int, value: torch.Tensor | int) -> torch.Tensor | int:
-    """The key of ``value`` (an int or a tensor of them, any sign and size) under ``key``."""
+    """The key of ``value`` under ``key``: a tensor of 32-bit values, or an int of 64 bits, either sign (its two
+    32-bit halves are hashed in turn, so -1 and 0, or 2**32 and the parts (0, 1), give different keys)."""
     if isinstance(value, int):
-        value = (value & _MASK) ^ ((value >> 32) & _MASK)
+        return _combine32(_combine32(key, value & _MASK), (value >> 32) & _MASK)
+    return _combine32(key, value)
+
+
+def _combine32(key: torch.Tensor | int, value: torch.Tensor | int) -> torch.Tensor | int:
     return mix32(key ^ mix32(value + _GOLDEN))
 
 
-def uniform(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """Uniform numbers in (0, 1), float32 (B, V): entry v of row b from (keys[b], step, v) alone."""
-    per_step = combine(keys, step)[:, None]  # (B, 1)
-    entries = mix32(torch.arange(vocab, device=keys.device, dtype=torch.int64) + _GOLDEN)  # (V,)
-    bits = mix32(per_step ^ entries)  # (B, V)
-    return ((bits >> 9).float() + 0.5) * 2.0**-23  # the top 23 bits, centred: exact in float32, never 0 or 1
+def uniform(keys: torch.Tensor, step: int) -> torch.Tensor:
+    """One uniform number in (0, 1) per row, float64 (B,): row b's from (keys[b], step) alone."""
+    return (combine(keys, torch.full_like(keys, step)).double() + 0.5) * 2.0**-32
 
 
 def sample(probs: torch.Tensor, keys: torch.Tensor, step: int) -> torch.Tensor:
-    """One token per row (B,) from ``probs`` (B, V): the exponential race with the rows' numbers at ``step``."""
-    race = -torch.log(uniform(keys, step, probs.shape[-1]))  # (B, V) Exp(1)
-    return (probs / race).argmax(-1)
+    """One token per row (B,) from ``probs`` (B, V), by inverting each row's cumulative distribution (float64) at
+    its number for ``step``."""
+    cdf = probs.double().cumsum(-1)  # (B, V)
+    target = uniform(keys, step)[:, None] * cdf[:, -1:]  # (B, 1), below the row's total
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
 class AnswerStream:

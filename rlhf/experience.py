@@ -49,9 +49,11 @@ def every_process(samples: Samples, per_row: dict[str, torch.Tensor], accelerato
     def gather(t: torch.Tensor | None, pad: float = 0, left: bool = False) -> torch.Tensor | None:
         if t is None:
             return None
+        dtype = t.dtype
+        t = t.long() if dtype == torch.bool else t  # gloo gathers no bool
         if t.dim() == 2:
             t = pad_across_processes(t, dim=1, pad_index=pad, pad_first=left)
-        return accelerator.gather(t.long() if t.dtype == torch.bool else t).to(t.dtype)
+        return accelerator.gather(t).to(dtype)
 
     s = samples
     everyone = Samples(

@@ -30,6 +30,8 @@ from .preemption import Preempted, StopSignals, die_with_parent, kill_tree
 
 LAUNCH_DIR, RESULT_FILE, STOP_FILE, SPEC_FILE = "launch", "result.json", "STOP", "spec.pkl"
 RDZV_WAIT_S = 1800  # seconds a machine waits in the rendezvous for the others (machine 0 may be finishing a stage)
+RUNNING_POLL_S = 10.0  # how often a joining machine asks whether machine 0's run is still on, while it waits
+LAUNCH_ID_ENV = "RLHF_LAUNCH_ID"  # set on machine 0 (a stage pod: its flow run's id), written into the spec
 
 
 class StageLaunchError(RuntimeError):
@@ -129,6 +131,7 @@ def run_data_parallel(
     spec = folder / SPEC_FILE
     launch = {"out_dir": str(out_dir), "runtime": runtime, "seed": seed, "tracking_uri": tracking_uri, "run_id": run_id}
     launch["rdzv_endpoint"] = rendezvous_endpoint(runtime)  # the other machines read it from the spec
+    launch["launch_id"] = os.environ.get(LAUNCH_ID_ENV, "")  # and join only this launch's
     checkpoint.atomic_write_bytes(spec, cloudpickle.dumps({"body": body, **launch}))
     log = folder / "log.txt"
     env = {
@@ -161,22 +164,26 @@ def run_data_parallel(
     return outcome
 
 
-def join_launch(out_dir: Path, runtime: RuntimeConfig, wait_s: float = 3600.0) -> None:
+def join_launch(
+    out_dir: Path,
+    runtime: RuntimeConfig,
+    wait_s: float = 3600.0,
+    launch_id: str | None = None,
+    running: Callable[[], bool] | None = None,
+) -> None:
     """Machine ``runtime.node_rank`` (> 0)'s part of a stage that machine 0 launches: wait for the stage's spec in
     the shared stage folder (machine 0 writes it when the stage starts, with the rendezvous it hosts), then run this
-    machine's processes of the launch; return when they end. Its log: ``<out_dir>/launch/log-node<rank>.txt``."""
+    machine's processes of the launch; return when they end. Its log: ``<out_dir>/launch/log-node<rank>.txt``.
+
+    ``launch_id``: join only the spec of that launch (machine 0's ``RLHF_LAUNCH_ID``), not one a killed machine 0
+    left behind; ``running``: asked every few seconds while waiting, False when machine 0's run has ended without
+    launching (this machine then gives up instead of waiting ``wait_s``)."""
     folder = Path(out_dir) / LAUNCH_DIR
-    spec, deadline = folder / SPEC_FILE, time.monotonic() + wait_s
-    while not spec.exists():
-        if time.monotonic() > deadline:
-            raise StageLaunchError(
-                f"machine {runtime.node_rank} waited {wait_s:.0f} s for {spec}, which machine 0 writes when it starts "
-                f"the stage. Fix: give every machine the same paths.root on a shared volume, and start machine 0."
-            )
-        time.sleep(0.5)
+    spec = folder / SPEC_FILE
+    launch = _wait_for_spec(spec, runtime.node_rank, wait_s, launch_id, running)
     log = folder / f"log-node{runtime.node_rank}.txt"
     with log.open("w") as out:
-        cmd = launch_command(runtime, spec, cloudpickle.loads(spec.read_bytes())["rdzv_endpoint"])
+        cmd = launch_command(runtime, spec, launch["rdzv_endpoint"])
         rc = subprocess.run(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=launch_env(runtime), preexec_fn=die_with_parent
         )
@@ -184,6 +191,32 @@ def join_launch(out_dir: Path, runtime: RuntimeConfig, wait_s: float = 3600.0) -
     if rc:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])
         raise StageLaunchError(f"machine {runtime.node_rank}'s processes failed (exit {rc}); the end of {log}:\n{tail}")
+
+
+def _wait_for_spec(
+    spec: Path, node_rank: int, wait_s: float, launch_id: str | None, running: Callable[[], bool] | None
+) -> dict:
+    """The launch machine 0 wrote to ``spec`` (of ``launch_id`` where given), once it is there."""
+    deadline, seen, asked = time.monotonic() + wait_s, None, time.monotonic()
+    while True:
+        stamp = spec.stat().st_mtime_ns if spec.exists() else None
+        if stamp is not None and stamp != seen:
+            seen, launch = stamp, cloudpickle.loads(spec.read_bytes())
+            if launch_id is None or launch.get("launch_id") == launch_id:
+                return launch
+        if running is not None and time.monotonic() - asked > RUNNING_POLL_S:
+            asked = time.monotonic()
+            if not running():
+                raise StageLaunchError(
+                    f"machine {node_rank}: machine 0's run of the stage ended before it launched {spec}. Fix: read "
+                    f"machine 0's log (the stage's flow run); re-running the pipeline starts the stage again."
+                )
+        if time.monotonic() > deadline:
+            raise StageLaunchError(
+                f"machine {node_rank} waited {wait_s:.0f} s for {spec}, which machine 0 writes when it starts "
+                f"the stage. Fix: give every machine the same paths.root on a shared volume, and start machine 0."
+            )
+        time.sleep(0.5)
 
 
 @record  # a failing process's traceback reaches the launcher's summary, the end of the log

@@ -136,7 +136,8 @@ def _check_machines(cfg: PipelineConfig) -> None:
             f"{rt.num_machines} pods whose names are not known before it starts (got runtime.rdzv_endpoint="
             f"{rt.rdzv_endpoint!r}). Fix: runtime.rdzv_endpoint=auto (pod 0 hosts the rendezvous at its own address)."
         )
-    local = {"sft", "reward", cfg.algo.algo} & set(training_stages()) - set(cfg.dispatch.stages or training_stages())
+    dispatched = training_stages() if cfg.dispatch.stages is None else cfg.dispatch.stages
+    local = {"sft", "reward", cfg.algo.algo} & set(training_stages()) - set(dispatched)
     if rt.num_machines > 1 and cfg.dispatch.mode == "deployments" and local:
         raise ConfigError(
             f"runtime.num_machines={rt.num_machines} with dispatch.stages={cfg.dispatch.stages}: {sorted(local)} would "

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import cloudpickle
 import psutil
 import pytest
 import torch
@@ -194,9 +195,13 @@ def test_pod_1_of_a_stage_job_joins_the_stage_its_flow_run_trains(upstream, pref
         )
     monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", str(flow_run.id))
+    monkeypatch.setenv("RLHF_LAUNCH_ID", str(flow_run.id))  # what flows.stage_pod sets on pod 0 before the flow run
+    folder = stage_dir(root / "pool", "sft", "k1")
+    stale = folder / "launch" / "spec.pkl"  # a killed earlier pod 0's: pod 1 must not join its dead rendezvous
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(cloudpickle.dumps({"rdzv_endpoint": "127.0.0.1:1", "launch_id": "an earlier flow run"}))
     pod_1 = threading.Thread(target=stage_pod.main, args=([],))
     pod_1.start()
-    folder = stage_dir(root / "pool", "sft", "k1")
     pod_0 = RuntimeConfig(**machine, rdzv_endpoint=f"127.0.0.1:{_free_port()}")  # here: auto would be loopback
     out, m = upstream["launch"](lambda c: sft.run(TINY_MODEL, SFT, data, c), str(folder.relative_to(root)), pod_0)
     pod_1.join(timeout=60)

@@ -137,6 +137,8 @@ def test_a_stage_on_several_machines_from_a_pool_is_checked_before_it_starts():
         validate(load_config([*pools, "runtime.rdzv_endpoint=node-0:29400"]))
     with pytest.raises(ConfigError, match=r"\['reward'\] would train here"):
         validate(load_config([*pools, "algo=ppo", "runtime.rdzv_endpoint=auto", "dispatch.stages=[sft,ppo]"]))
+    with pytest.raises(ConfigError, match=r"\['dpo', 'reward', 'sft'\] would train here"):
+        validate(load_config([*pools, "runtime.rdzv_endpoint=auto", "dispatch.stages=[]"]))
     validate(load_config([*pools, "runtime.rdzv_endpoint=auto"]))
 
 
@@ -153,3 +155,28 @@ def test_auto_rendezvous_is_machine_0s_address_and_never_loopback(monkeypatch):
     monkeypatch.setattr(socket, "gethostbyname", lambda name: "127.0.1.1")
     with pytest.raises(StageLaunchError, match="runtime.rdzv_endpoint=<address of machine 0>"):
         rendezvous_endpoint(rt)
+
+
+def test_a_joining_machine_takes_only_its_launch_and_gives_up_when_machine_0_ended(tmp_path, monkeypatch):
+    """A spec left by a killed machine 0 is not joined (another launch id); a newer one of the expected launch is;
+    and a machine 0 whose run ended without launching stops the wait at the next question, not after an hour."""
+    import threading
+    import time
+
+    import cloudpickle
+
+    import rlhf.launch as launch
+    from rlhf.config import RuntimeConfig
+
+    spec = tmp_path / "spec.pkl"
+    spec.write_bytes(cloudpickle.dumps({"rdzv_endpoint": "10.0.0.1:1", "launch_id": "old"}))
+    writer = threading.Timer(
+        1.0, lambda: spec.write_bytes(cloudpickle.dumps({"rdzv_endpoint": "h:2", "launch_id": "new"}))
+    )
+    writer.start()
+    assert launch._wait_for_spec(spec, 1, 30.0, "new", None)["rdzv_endpoint"] == "h:2"
+    monkeypatch.setattr(launch, "RUNNING_POLL_S", 0.2)
+    started = time.monotonic()
+    with pytest.raises(launch.StageLaunchError, match="ended before it launched"):
+        launch.join_launch(tmp_path / "stage", RuntimeConfig(num_machines=2, node_rank=1), 60.0, "x", lambda: False)
+    assert time.monotonic() - started < 10

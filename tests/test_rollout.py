@@ -123,16 +123,16 @@ def test_the_samplers_log_probs_are_the_forwards_under_filtering_and_zero_after_
     assert generate(model, ids, mask, cfg, eos_id=1, pad_id=0).logprobs is None  # not asked: nothing computed
 
 
-def test_the_keyed_race_samples_each_token_with_its_probability():
-    """The exponential race over hashed uniforms draws from p: 200k rows of one distribution land within 4 binomial
+def test_keyed_sampling_draws_each_token_with_its_probability():
+    """The inverse distribution at hashed uniforms draws from p: 200k rows of one distribution land within 4 binomial
     standard errors of p in every entry, and never on an entry of probability 0."""
     from rlhf.answer_keys import sample
 
-    p = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    p = torch.tensor([0.5, 0.3, 0.0, 0.15, 0.05, 0.0])
     n = 200_000
-    counts = torch.bincount(sample(p.repeat(n, 1), AnswerStream(7).take(n), step=3), minlength=5).double()
+    counts = torch.bincount(sample(p.repeat(n, 1), AnswerStream(7).take(n), step=3), minlength=6).double()
     se = (p.double() * (1 - p.double()) / n).sqrt()
-    assert ((counts / n - p).abs() <= 4 * se + 1e-12).all() and counts[4] == 0
+    assert ((counts / n - p).abs() <= 4 * se + 1e-12).all() and counts[2] == counts[5] == 0
     again = sample(p.repeat(n, 1), AnswerStream(7).take(n), step=4)  # another step: other draws, same law
     assert (again != sample(p.repeat(n, 1), AnswerStream(7).take(n), step=3)).float().mean() > 0.4
 
@@ -152,3 +152,14 @@ def test_an_answer_depends_on_its_prompt_and_key_not_on_its_batch():
         assert [r[m.bool()].tolist() for r, m in zip(s.response_ids, s.response_mask)] == [texts[i] for i in part]
     other = generate(model, *left_pad(prompts, 0), cfg, eos_id=1, pad_id=0, keys=AnswerStream(12, 2).take(5))
     assert not torch.equal(other.response_ids, whole.response_ids)
+
+
+def test_streams_of_negative_and_wide_numbers_are_their_own():
+    """The score offset's rollouts (iterations -1, -2), the held-out stream (-99) and seeds past 32 bits get keys of
+    their own, not those of iterations 0, 1, 98 or of seed 1."""
+    roots = [AnswerStream(0, i).root for i in (-1, 0, -2, 1, -99, 98)] + [
+        AnswerStream(2**32).root,  # not the parts (0, 1)
+        AnswerStream(1).root,
+        AnswerStream(1, 0).root,
+    ]
+    assert len(set(roots)) == len(roots)
