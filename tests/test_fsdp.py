@@ -179,6 +179,7 @@ def test_pod_1_of_a_stage_job_joins_the_stage_its_flow_run_trains(upstream, pref
     ``auto``), and trains its share of the stage that pod 0 launches."""
     from prefect.client.orchestration import get_client
 
+    import rlhf.launch
     from flows import stage_pod
     from flows.stage import rlhf_stage
     from rlhf.launch import _free_port
@@ -186,7 +187,8 @@ def test_pod_1_of_a_stage_job_joins_the_stage_its_flow_run_trains(upstream, pref
     from tasks.records import stage_dir
 
     data, root = upstream["data"], upstream["root"]
-    machine = dict(device="cpu", threads=1, num_processes=1, num_machines=2, strategy="fsdp")
+    monkeypatch.setattr(rlhf.launch, "RDZV_WAIT_S", 60)  # a pod 1 that never comes fails the test in 90 s, not 40 min
+    machine = dict(device="cpu", threads=1, num_processes=1, num_machines=2, strategy="fsdp", stop_grace_s=30)
     pool_runtime = RuntimeConfig(**machine, rdzv_endpoint="auto")  # what the pipeline sends with the stage
     env = {"root": str(root / "pool"), "runtime": to_dict(pool_runtime)}
     with get_client(sync_client=True) as client:
