@@ -1,13 +1,14 @@
 """DDP against FSDP2: each process's peak memory and the tokens/s of SFT and of PPO (its four models), side by side.
 
-    python -m benchmarks.scale [--processes 2] [--rounds 2] [--n-layer 8] [--n-embd 640] [--steps 4]
+    python -m benchmarks.scale [--processes 2] [--rounds 2] [--n-layer 8] [--n-embd 896] [--steps 4]
 
-A llama built from config (``--n-layer`` blocks of width ``--n-embd``: 53M parameters by default) trains SFT for
+A llama built from config (``--n-layer`` blocks of width ``--n-embd``: 103M parameters by default) trains SFT for
 ``--steps`` optimizer steps and PPO for ``--steps`` iterations, each under ``runtime.strategy=ddp`` and ``fsdp``
 in ``--processes`` processes (gloo on CPU, NCCL on GPUs), ``--rounds`` rounds in alternating order. Per process:
 its peak resident memory (``ru_maxrss``) and its memory at the start of the stage's body (Python, torch and
 transformers loaded, no model yet), whose difference is what the stage itself holds; per run: the stage's
-tokens/s as it logs them. Writes ``benchmarks/results/scale_<device>.json`` and ``.md``, with a computed table
+tokens/s as it logs them, and PPO's generation tokens/s (under FSDP from the policy gathered whole). Writes
+``benchmarks/results/scale_<device>.json`` and ``.md``, with a computed table
 of what fits on one GPU for 0.5B, 7B and 70B models.
 """
 
@@ -17,6 +18,7 @@ import argparse
 import dataclasses
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -27,6 +29,7 @@ from benchmarks.throughput import device_name, git_commit, write_results
 
 GiB = 1024**3
 STRATEGIES = ("ddp", "fsdp")
+RATES = ("tokens_per_s", "gen_tokens_per_s")  # a stage's training tokens/s; PPO's generation tokens/s
 
 
 def rss_mb() -> float:
@@ -96,12 +99,19 @@ def bodies(model, data: str, base: str, steps: int):
 
 
 def measure(args) -> dict:
+    root = Path(tempfile.mkdtemp(prefix="rlhf-bench-scale-"))  # ~9 GB of models and checkpoints at the default size
+    try:
+        return measure_in(root, args)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def measure_in(root: Path, args) -> dict:
     from mlflow.tracking import MlflowClient
 
     from rlhf.config import RuntimeConfig
     from rlhf.launch import run_data_parallel
 
-    root = Path(tempfile.mkdtemp(prefix="rlhf-bench-scale-"))
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     exp = client.create_experiment("scale", artifact_location=str(root / "artifacts"))
     model, data, base = workspace(root, args.n_layer, args.n_embd)
@@ -116,10 +126,15 @@ def measure(args) -> dict:
                 out = run_data_parallel(
                     measured(body), root / f"{stage}-{strategy}-{i}", rt, 0, client.tracking_uri, run_id
                 )
-                rates = [m.value for m in client.get_metric_history(run_id, rate)][1:]  # the first step warms up
+                median = (
+                    lambda name: statistics.median(  # noqa: E731  (the first step warms up)
+                        [m.value for m in client.get_metric_history(run_id, name)][1:]
+                    )
+                )
                 runs[stage][strategy].append(
                     {
-                        "tokens_per_s": statistics.median(rates),
+                        "tokens_per_s": median(rate),
+                        **({"gen_tokens_per_s": median("ppo/gen_tokens_per_s")} if stage == "ppo" else {}),
                         "ranks": out["ranks"],
                         "wall_s": time.perf_counter() - started,
                     }
@@ -144,9 +159,9 @@ def summary(runs: dict) -> dict:
             row[strategy] = {
                 "peak_mb": statistics.median(max(r["peak_mb"] for r in x["ranks"]) for x in rounds),
                 "stage_mb": statistics.median(max(stage_mb(r) for r in x["ranks"]) for x in rounds),
-                "tokens_per_s": statistics.median(x["tokens_per_s"] for x in rounds),
+                **{k: statistics.median(x[k] for x in rounds) for k in RATES if k in rounds[0]},
             }
-        row["ratio"] = {k: row["fsdp"][k] / row["ddp"][k] for k in ("peak_mb", "stage_mb", "tokens_per_s")}
+        row["ratio"] = {k: row["fsdp"][k] / row["ddp"][k] for k in row["ddp"]}
         out[stage] = row
     return out
 
@@ -188,19 +203,22 @@ def markdown(report: dict) -> str:
         f"`{report['command']}`. A llama of {report['parameters'] / 1e6:.1f}M parameters ({a['n_layer']} blocks of "
         f"width {a['n_embd']}) in {a['processes']} processes; {a['steps']} SFT steps and {a['steps']} PPO iterations "
         f"per run, {a['rounds']} rounds in alternating order, medians over rounds of the largest process's peak.\n",
-        "| stage | strategy | peak resident MB | held by the stage MB | tokens/s (SFT: a step's; PPO: the update's) |",
-        "|---|---|---|---|---|",
+        "| stage | strategy | peak resident MB | held by the stage MB | tokens/s (SFT: a step's; PPO: the update's) "
+        "| generation tokens/s (sampled from whole weights) |",
+        "|---|---|---|---|---|---|",
     ]
+    rate = lambda r, k, f: f.format(r[k]) if k in r else "-"  # noqa: E731  (SFT samples nothing)
     for stage, row in s.items():
         for strategy in STRATEGIES:
             r = row[strategy]
             lines.append(
-                f"| {stage} | {strategy} | {r['peak_mb']:,.0f} | {r['stage_mb']:,.0f} | {r['tokens_per_s']:,.0f} |"
+                f"| {stage} | {strategy} | {r['peak_mb']:,.0f} | {r['stage_mb']:,.0f} | {r['tokens_per_s']:,.0f} | "
+                f"{rate(r, 'gen_tokens_per_s', '{:,.0f}')} |"
             )
         q = row["ratio"]
         lines.append(
             f"| {stage} | **fsdp / ddp** | **{q['peak_mb']:.2f}x** | **{q['stage_mb']:.2f}x** | "
-            f"**{q['tokens_per_s']:.2f}x** |"
+            f"**{q['tokens_per_s']:.2f}x** | {rate(q, 'gen_tokens_per_s', '**{:.2f}x**')} |"
         )
     lines += [
         "",
