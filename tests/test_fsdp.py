@@ -132,7 +132,8 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(upstream, p
 
 def test_ppo_resumed_on_one_process_continues_as_the_two_would_have(upstream):
     """PPO stopped after iteration 2 of 3 on two processes, continued on one: iteration 3's every metric (rollout
-    statistics, the update's losses and clip fractions, the held-out evaluation) as the two-process run's. Each
+    statistics, the update's losses, the held-out evaluation; clip fractions up to one token) as the two-process
+    run's. Each
     answer is drawn with its own key and the update normalises over the whole minibatch, so the number of processes
     changes only the order of float sums."""
     inputs = PolicyInputs(upstream["data"], upstream["sft"], upstream["rm"], gold_reward)
@@ -148,7 +149,14 @@ def test_ppo_resumed_on_one_process_continues_as_the_two_would_have(upstream):
     resumed = {k: v for k, h in c.sink.metrics.items() for s, v in h if s == 3 and k in expected}
     assert {"ppo/policy_loss", "ppo/clipfrac", "ppo/value_loss", "ppo/kl", "ppo/eval_gold_reward"} <= set(expected)
     assert sorted(resumed) == sorted(expected) and all(s >= 3 for h in c.sink.metrics.values() for s, _ in h)
-    assert resumed == pytest.approx(expected, abs=1e-4)
+    # a clip fraction counts tokens past a clip boundary: float-order noise may move one token across it (seen: value
+    # clipfrac 1/128 against 0). One token moves the iteration's mean by at most 1 / (tokens of a minibatch x
+    # minibatches), a minibatch holding at least minibatch_size tokens; every other metric agrees within 1e-4
+    one_token = 1 / (cfg.minibatch_size * cfg.ppo_epochs * cfg.rollout_batch_size // cfg.minibatch_size)
+    fractions = {k for k in expected if k.endswith("clipfrac")}
+    assert {k: resumed[k] for k in fractions} == pytest.approx({k: expected[k] for k in fractions}, abs=one_token)
+    continuous = {k: v for k, v in expected.items() if k not in fractions}
+    assert {k: resumed[k] for k in continuous} == pytest.approx(continuous, abs=1e-4)
 
 
 def test_two_machines_on_loopback_train_one_stage_together(upstream):
