@@ -133,9 +133,8 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(upstream, p
 def test_ppo_resumed_on_one_process_continues_as_the_two_would_have(upstream):
     """PPO stopped after iteration 2 of 3 on two processes, continued on one: iteration 3's every metric (rollout
     statistics, the update's losses, the held-out evaluation; clip fractions up to one token) as the two-process
-    run's. Each
-    answer is drawn with its own key and the update normalises over the whole minibatch, so the number of processes
-    changes only the order of float sums."""
+    run's. Each answer is drawn with its own key and the update normalises over the whole minibatch, so the number
+    of processes changes only the order of float sums."""
     inputs = PolicyInputs(upstream["data"], upstream["sft"], upstream["rm"], gold_reward)
     root, cfg = upstream["root"], on_policy(steps=3, checkpoint_every=2, eval_every=3)
     body = lambda c: ppo.run(cfg, TINY_MODEL, inputs, c)  # noqa: E731
