@@ -143,7 +143,9 @@ def test_ppo_resumed_on_one_process_continues_as_the_two_would_have(upstream):
     shutil.copytree(first, root / "ppo-2to1" / "ckpt" / first.name)
     c = ctx(root, "ppo-2to1", sharding=Sharding("fsdp"))
     body(c)
-    timing = ("time_", "_per_s")
+    # not compared: timings, and the frontier fit over the KL curve logged at the end (three points fit into an
+    # ill-conditioned d*: 2.35e7 in one run, moved 1e-3 relatively by float-order noise); the curve's points are
+    timing = ("time_", "_per_s", "/frontier_")
     expected = {k: v for k, h in straight.items() for s, v in h if s == 3 and not any(t in k for t in timing)}
     resumed = {k: v for k, h in c.sink.metrics.items() for s, v in h if s == 3 and k in expected}
     assert {"ppo/policy_loss", "ppo/clipfrac", "ppo/value_loss", "ppo/kl", "ppo/eval_gold_reward"} <= set(expected)
