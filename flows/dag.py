@@ -166,7 +166,8 @@ def run_stages(stage: Stages, cfg: PipelineConfig) -> dict[str, dict]:
     reward_inputs = dict(model=model, reward_cfg=to_dict(cfg.reward), data=data, sft=sft)
     rewards = stage.all([(m, training_task("reward"), {**reward_inputs, "member": i}) for i, m in enumerate(members)])
     scoring = {"has_gold": has_gold, "missing_eos_penalty": cfg.reward.missing_eos_penalty}
-    policy_inputs = {"rewards": rewards, **scoring} if registry()[algo].needs_reward else {}
+    rollout = {"rollout": to_dict(cfg.rollout)}  # how the stages that sample do it (rollout.engine)
+    policy_inputs = {"rewards": rewards, **scoring, **rollout} if registry()[algo].needs_reward else {}
     policy = stage(algo, training_task(algo), model=model, algo=to_dict(cfg.algo), data=data, sft=sft, **policy_inputs)
     evaluation = stage(
         "eval",
@@ -178,5 +179,6 @@ def run_stages(stage: Stages, cfg: PipelineConfig) -> dict[str, dict]:
         rewards=rewards,
         policy=policy,
         **scoring,
+        **rollout,
     )
     return {"data": data, "sft": sft, **dict(zip(members, rewards)), algo: policy, "eval": evaluation}

@@ -14,8 +14,12 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from typing import TYPE_CHECKING
 
 from .config_algorithms import BestOfNConfig, DPOConfig, GRPOConfig, PPOConfig, RLOOConfig
+
+if TYPE_CHECKING:
+    from .config import RolloutConfig
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class PolicyInputs:
     gold: Callable | None = None  # the task's true reward (prompt, answer, ended) -> float, where it has one
     missing_eos_penalty: float = 0.0  # the reward model's scoring rule (reward.missing_eos_penalty)
     extra_reward_paths: tuple[str, ...] = ()  # reward-model ensemble members 1.. (reward.ensemble_size > 1)
+    rollout: RolloutConfig | None = None  # how on-policy stages sample (rollout.engine); None: the default
 
     @property
     def reward_paths(self) -> tuple[str, ...]:

@@ -43,6 +43,36 @@ class EvalConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """How the stages that sample (on-policy, the eval stage, best-of-n) generate answers (docs: Rollout engines)."""
+
+    NOT_IN_KEY = ("gpu_memory_utilization", "sleep")  # where the engine's memory goes, not which answers it gives
+
+    engine: str = setting(
+        "auto",
+        "hf: batched forwards of the trained model with a KV cache; vllm: a vLLM engine in each process, the trainer's "
+        "weights pushed to it before every rollout (pip install -e '.[vllm]'); auto: vllm where it is installed and "
+        "the stage runs on a GPU, else hf.",
+        choices=["auto", "hf", "vllm"],
+    )
+    gpu_memory_utilization: float = setting(
+        0.3, "vLLM: the share of the GPU's memory its engine may hold (weights and KV cache).", gt=0.0, le=1.0
+    )
+    sync_check_tol: float = setting(
+        0.5,
+        "vLLM: after each weight push, the engine's and the trainer's log-probs of a fixed sequence are compared "
+        "(logged as rollout/sync_logprob_abs_diff_max); a gap above this many nats stops the stage (the weights did "
+        "not arrive). fp32 engines agree within 1e-5; bf16 ones within a few hundredths.",
+        gt=0.0,
+    )
+    sleep: bool = setting(
+        True,
+        "vLLM on a GPU: release the engine's memory (sleep mode, level 2) while the experience pass and the update "
+        "run; the next rollout wakes it and pushes the weights. Ignored on CPU, where vLLM has no sleep mode.",
+    )
+
+
+@dataclass
 class TrackingConfig:
     uri: Optional[str] = setting(None, "MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite under paths.root.")
     experiment: str = setting("rlhf", "MLflow experiment name (created, or adopted, as a model-training experiment).")
@@ -213,6 +243,7 @@ class PipelineConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     algo: Any = MISSING  # the schema of the algorithm the algo group picks (rlhf.algorithms)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

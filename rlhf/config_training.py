@@ -143,6 +143,14 @@ class OnPolicyConfig(OptimConfig):
         "before training stops; 0: train to the end and keep the guard's checkpoint.",
         ge=0,
     )
+    rollout_correction: str = setting(
+        "none",
+        "Correct the update for the rollout engine's log-probs differing from the trainer's (rollout.engine=vllm): "
+        "tis multiplies each token's policy loss by min(pi_trainer / pi_engine, rollout_correction_cap), truncated "
+        "importance sampling (Yao et al. 2025); none: the gap is only logged (rollout/logprob_abs_diff_*).",
+        choices=["none", "tis"],
+    )
+    rollout_correction_cap: float = setting(2.0, "The cap C of rollout_correction=tis.", gt=0.0)
     forward_batch_size: int = setting(
         64,
         "Rollouts per forward in the experience pass (old / reference log-probs, values, scores): "

@@ -26,6 +26,7 @@ class Experience:
     advantages: torch.Tensor  # (B, R) per token (a sequence's advantage repeated on its tokens for critic-free methods)
     old_values: torch.Tensor | None = None  # (B, R) V(x, y_<t)
     returns: torch.Tensor | None = None  # (B, R) value targets
+    engine_logp: torch.Tensor | None = None  # (B, R) log mu(y_t) of the rollout engine where it is not the trainer
 
     def __getitem__(self, idx) -> Experience:
         tensors = (None if (t := getattr(self, f.name)) is None else t[idx] for f in fields(self)[1:])
@@ -63,5 +64,6 @@ def every_process(samples: Samples, per_row: dict[str, torch.Tensor], accelerato
         gather(s.response_mask),
         gather(s.ended),
         gather(s.logprobs),
+        gather(s.engine_logprobs),
     )
     return everyone, {k: gather(v) for k, v in per_row.items()}

@@ -151,20 +151,25 @@ def policy_loss(
     aggregation: str = "token",
     max_tokens: int | None = None,
     tokens: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """PPO clipped surrogate (Schulman et al. 2017), aggregated over answer tokens (:func:`aggregate`).
 
         rho_t = exp(log pi(y_t) - log pi_old(y_t))
-        L = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))
+        L = mean_t w_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))
 
-    logp, old_logp, advantages, mask: (B, T). ``approx_kl`` is the k3 estimate of KL(pi_old || pi). The metrics are
+    logp, old_logp, advantages, mask: (B, T); ``weights`` w_t (B, T), no gradient: the rollout correction
+    (:func:`truncated_is_weights`), else 1. ``approx_kl`` is the k3 estimate of KL(pi_old || pi). The metrics are
     token means (:func:`token_mean` with ``tokens``).
     """
     log_ratio = logp - old_logp
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation, max_tokens, tokens)
+    per_token = torch.maximum(unclipped, clipped)  # (B, T)
+    if weights is not None:
+        per_token = per_token * weights.detach()
+    loss = aggregate(per_token, mask, aggregation, max_tokens, tokens)
     with torch.no_grad():
         metrics = {
             "policy_loss": loss.detach(),
@@ -173,6 +178,29 @@ def policy_loss(
             "ratio": token_mean(ratio, mask, tokens),
         }
     return loss, metrics
+
+
+def truncated_is_weights(old_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling of the rollout engine (Yao et al. 2025): the answers were drawn from the
+    engine's distribution mu, the surrogate assumes the trainer's pi_old; each token's loss is reweighted by
+
+        w_t = min(pi_old(y_t) / mu(y_t), C)
+
+    old_logp, engine_logp: (B, T) -> (B, T), no gradient (0 / 0 on padding gives exp(0) = 1: masked downstream)."""
+    return (old_logp - engine_logp).exp().clamp(max=cap).detach()
+
+
+def engine_mismatch(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How far the engine's log-probs of the sampled tokens lie from the trainer's: the mean and largest absolute
+    difference, and KL(mu || pi_old) by the k3 estimator on the engine's samples (r_t = pi_old / mu: r - 1 - log r,
+    >= 0). old_logp, engine_logp, mask: (B, T)."""
+    diff = (old_logp - engine_logp) * mask  # (B, T) log r_t
+    n = mask.sum().clamp(min=1)
+    return {
+        "logprob_abs_diff_mean": diff.abs().sum() / n,
+        "logprob_abs_diff_max": diff.abs().max(),
+        "engine_kl": ((torch.expm1(diff) - diff) * mask).sum() / n,
+    }
 
 
 def kl_loss(

@@ -24,13 +24,14 @@ from .config import SamplingConfig
 from .config_training import OnPolicyConfig
 from .context import StageContext
 from .data import left_pad
+from .engines import open_engine
 from .experience import Experience, every_process
 from .guard import GUARD_DIR, Guard
 from .kl_control import FixedKLController
-from .losses import kl_k1, kl_k3, kl_loss, policy_loss, token_mean
+from .losses import engine_mismatch, kl_k1, kl_k3, kl_loss, policy_loss, token_mean, truncated_is_weights
 from .modeling import Logprobs, token_logprobs, token_logprobs_and_entropy, token_values
 from .onpolicy_models import OnPolicyModels
-from .rollout import Samples, decode_responses, generate
+from .rollout import Samples, decode_responses
 from .scoring import Scorer, gold_rewards
 from .stats import mean_se
 from .trainer import Trainer, epoch_order
@@ -76,6 +77,16 @@ class OnPolicy:
             sharding=ctx.sharding,
         )
         self.rank, self.world = self.trainer.rank, self.trainer.world
+        self.engine = open_engine(  # HF forwards, or a vLLM engine the policy's weights are pushed to (rlhf.engines)
+            inputs.rollout,
+            inputs.sft_path,
+            models.max_length,
+            ctx.device,
+            cfg.seed,
+            max(cfg.rollout_batch_size, cfg.sampling.batch_size),
+            models.dtype,
+            self.world,
+        )
         self.policy_train = self.trainer.wrap(self.compiled(Logprobs(models.policy)))  # the update's forwards (DDP)
 
     def param_groups(self) -> list[dict]:
@@ -127,14 +138,20 @@ class OnPolicy:
         answers = torch.arange(self.rank * share * k, (self.rank + 1) * share * k)
         return ids.to(self.ctx.device), mask.to(self.ctx.device), answers.to(self.ctx.device)
 
-    def rollout(self, model, iteration: int, sampling: SamplingConfig | None = None) -> Samples:
+    def policy_weights(self) -> tuple:
+        """The label of the policy's current weights: the engine pushes them when it holds another."""
+        return ("policy", self.trainer.step)
+
+    def rollout(self, model, iteration: int, sampling: SamplingConfig | None = None, weights=None) -> Samples:
         """Answers to this process's prompts of ``iteration``, each drawn with the key of its number in the iteration
-        (:mod:`rlhf.answer_keys`): the same answers on any number of processes."""
+        (:mod:`rlhf.answer_keys`): the same answers on any number of processes. ``weights``: the label of ``model``'s
+        weights (default: the policy's now)."""
         ids, mask, answers = self.prompt_batch(iteration)
         model.eval()
         tok = self.m.tokenizer
-        return generate(
+        return self.engine.sample(
             model,
+            weights or self.policy_weights(),
             ids,
             mask,
             sampling or self.cfg.sampling,
@@ -155,7 +172,7 @@ class OnPolicy:
         each member's mean and std on the same answers first, and how far the ensemble's mean lies from member 0's
         (``ensemble_gap``: a worst-case ensemble scores SFT answers below its member 0)."""
         with self.m.reference.use() as sft, self.ctx.sharding.gathered(sft):  # sampled whole (answers end unevenly)
-            answers = [self.rollout(sft, -1 - i) for i in range(SCORE_NORM_BATCHES)]
+            answers = [self.rollout(sft, -1 - i, weights=("reference",)) for i in range(SCORE_NORM_BATCHES)]
         members = torch.cat([self.scorer.members(a) for a in answers], 1)  # (K, N)
         gathered = self.ctx.accelerator.gather(members.T.contiguous()).T  # every process's answers: the same statistics
         self.scorer.member_stats = torch.stack([gathered.mean(1), gathered.std(1).clamp(min=1e-6)], 1).cpu()
@@ -188,6 +205,8 @@ class OnPolicy:
             s = samples[i : i + self.cfg.forward_batch_size].trimmed()
             ids, attn, first = s.input_ids, s.attention_mask, s.first_target
             out = {"old_logp": pad(self.policy_logprobs(s))}
+            if s.engine_logprobs is not None:  # the engine's own numbers, beside the trainer's (rollout/...)
+                out["engine_logp"] = pad(s.engine_logprobs)
             with m.reference.use() as reference:
                 out["ref_logp"] = pad(s.response_slice(token_logprobs(reference, ids, attn, t, first)))
             if m.value is not None:
@@ -212,6 +231,10 @@ class OnPolicy:
         """What every method logs of a rollout batch: KL to the reference (k1, k3), scores, lengths, the ensemble."""
         mask = samples.response_mask
         ensemble = {"ensemble_std": f["disagreement"].mean()} if "disagreement" in f else {}
+        if "engine_logp" in f:
+            mismatch = engine_mismatch(f["old_logp"], f["engine_logp"], mask)
+            ensemble.update({f"rollout/{k}": v for k, v in mismatch.items()})
+            ensemble["rollout/sync_logprob_abs_diff_max"] = torch.tensor(self.engine.sync_gap)
         return {
             "kl": (kl_k1(f["old_logp"], f["ref_logp"]) * mask).sum(1).mean(),
             "kl_k3": (kl_k3(f["old_logp"], f["ref_logp"]) * mask).sum(1).mean(),
@@ -243,7 +266,15 @@ class OnPolicy:
             "advantages_std": advantages.std(),
             "group_reward_std": rewards.view(-1, self.samples_per_prompt).std(1).mean(),
         }
-        exp = Experience(samples, mask, f["old_logp"], f["ref_logp"], scores, advantages[:, None] * mask)
+        exp = Experience(
+            samples,
+            mask,
+            f["old_logp"],
+            f["ref_logp"],
+            scores,
+            advantages[:, None] * mask,
+            engine_logp=f.get("engine_logp"),
+        )
         return exp, stats
 
     # ---- update ---------------------------------------------------------------------------------
@@ -270,9 +301,14 @@ class OnPolicy:
         logp, entropy = token_logprobs_and_entropy(self.policy_train, s.input_ids, s.attention_mask, t, s.first_target)
         logp, entropy = s.response_slice(logp) * e.mask, s.response_slice(entropy)  # PAD after EOS: 0, as old / ref
         max_tokens = self.cfg.sampling.max_new_tokens  # dr_grpo's constant normaliser (rlhf.losses.aggregate)
+        weights = None
+        if self.cfg.rollout_correction == "tis" and e.engine_logp is not None:
+            weights = truncated_is_weights(e.old_logp, e.engine_logp, self.cfg.rollout_correction_cap)
         loss, metrics = policy_loss(
-            logp, e.old_logp, e.advantages, e.mask, self.cfg.clip_range, aggregation, max_tokens, tokens
+            logp, e.old_logp, e.advantages, e.mask, self.cfg.clip_range, aggregation, max_tokens, tokens, weights
         )
+        if weights is not None:
+            metrics["tis_weight"] = token_mean(weights, e.mask, tokens)
         metrics["entropy"] = token_mean(entropy.detach(), e.mask, tokens)
         if kl_coef:
             kl_term, kl_metrics = kl_loss(logp, e.ref_logp, e.mask, aggregation, max_tokens, tokens)
@@ -315,8 +351,9 @@ class OnPolicy:
         ids, mask = left_pad(eval_ids, tok.pad_token_id)
         self.m.policy.eval()
         with self.ctx.sharding.gathered(self.m.policy):  # sampled whole; the forwards below take every process's
-            s = generate(
+            s = self.engine.sample(
                 self.m.policy,
+                self.policy_weights(),
                 ids.to(device),
                 mask.to(device),
                 self.cfg.sampling,

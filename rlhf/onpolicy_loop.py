@@ -70,6 +70,7 @@ def train(method: OnPolicy, eval_prompts: list[str], eval_ids: list, resume: Pat
         with m.amp():
             with ctx.sharding.gathered(m.policy):  # sampled whole: each process's answers end when they end
                 samples = method.rollout(m.policy, method.iteration)  # 1. rollout
+            method.engine.release()  # vLLM on a GPU: its memory back to the update until the next rollout
             times.append(time.perf_counter())
             exp, stats = method.experience(samples)  # 2. experience
             times.append(time.perf_counter())
@@ -115,7 +116,7 @@ def iteration_metrics(method: OnPolicy, stats: dict, exp, times: list[float]) ->
     gen_tokens, train_tokens = float(exp.mask.sum()), float(exp.samples.attention_mask.sum()) * cfg.ppo_epochs
     method.trainer.tokens_trained += int(train_tokens)
     generation, scoring, update = (b - a for a, b in zip(times, times[1:]))
-    metrics = {f"{name}/{k}": float(v) for k, v in stats.items()}
+    metrics = {k if "/" in k else f"{name}/{k}": float(v) for k, v in stats.items()}  # rollout/...: engine-wide
     metrics.update(
         {
             f"{name}/tokens_trained": method.trainer.tokens_trained,

@@ -69,6 +69,8 @@ class OnPolicyModels:
             if m is not None:
                 disable_dropout(m)
         self.amp = autocast(model_cfg, device)
+        self.max_length = model_cfg.max_length
+        self.dtype = next(self.policy.parameters()).dtype
         self.sampler_logprobs = sampler_logprobs_exact(model_cfg)  # old log-probs from the sampler, not a forward
 
     def trained(self) -> dict[str, torch.nn.Module]:

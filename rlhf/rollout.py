@@ -7,7 +7,7 @@ token; the loop stops as soon as every answer has ended.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -27,6 +27,8 @@ class Samples:
     ended:                       (B,)   True where the answer emitted EOS within max_new_tokens
     logprobs:                    (B, R) log pi(y_t) of the sampler's tempered softmax without PAD (what
                                         :class:`~rlhf.modeling.Logprobs` computes), 0 after EOS; None unless asked for
+    engine_logprobs:             (B, R) the same from a rollout engine that is not the trained model (vLLM: its own
+                                        numerics; kept beside the trainer's to measure and correct the gap), else None
     """
 
     prompt_ids: torch.Tensor
@@ -35,6 +37,7 @@ class Samples:
     response_mask: torch.Tensor
     ended: torch.Tensor
     logprobs: torch.Tensor | None = None
+    engine_logprobs: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:  # (B, P + R)
@@ -66,24 +69,17 @@ class Samples:
         share and the right padding past the longest answer (a minibatch of short answers costs what they do)."""
         left = self.prompt_ids.shape[1] - int(self.prompt_mask.sum(1).max())  # columns that are padding in every prompt
         width = max(1, int(self.response_mask.sum(1).max()))
+        cut = lambda t: None if t is None else t[:, :width]  # noqa: E731
         return Samples(
             self.prompt_ids[:, left:],
             self.prompt_mask[:, left:],
-            self.response_ids[:, :width],
-            self.response_mask[:, :width],
+            *(cut(t) for t in (self.response_ids, self.response_mask)),
             self.ended,
-            None if self.logprobs is None else self.logprobs[:, :width],
+            *(cut(t) for t in (self.logprobs, self.engine_logprobs)),
         )
 
     def __getitem__(self, idx) -> Samples:
-        return Samples(
-            self.prompt_ids[idx],
-            self.prompt_mask[idx],
-            self.response_ids[idx],
-            self.response_mask[idx],
-            self.ended[idx],
-            None if self.logprobs is None else self.logprobs[idx],
-        )
+        return Samples(*(None if t is None else t[idx] for t in (getattr(self, f.name) for f in fields(self))))
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -10,6 +10,7 @@ the fix, raised before any stage starts.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -83,6 +84,7 @@ def validate(config: Any) -> PipelineConfig:
     _check_machines(cfg)
     _check_data_parallel(cfg)
     _check_sharding(cfg)
+    _check_rollout(cfg)
     return cfg
 
 
@@ -188,6 +190,41 @@ def _check_sharding(cfg: PipelineConfig) -> None:
             "process (their adapters are small; the base weights are frozen and shared with the reference). "
             "Fix: runtime.strategy=ddp with LoRA, or model.lora_r=0 to shard full fine-tuning."
         )
+
+
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM 0.32's CPU attention kernels
+
+
+def _check_rollout(cfg: PipelineConfig) -> None:
+    """``rollout.engine=vllm``: vLLM is installed, the stage runs one process, and on CPU the tiny model's attention
+    heads have a size vLLM's CPU kernels take."""
+    if cfg.rollout.engine != "vllm":
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "rollout.engine=vllm: vLLM is not installed in this environment. Fix: pip install -e '.[vllm]' (its CPU "
+            "build; '.[vllm-cuda]' on a CUDA machine), or pass rollout.engine=hf."
+        )
+    processes = cfg.runtime.num_processes * cfg.runtime.num_machines
+    if processes > 1:
+        raise ConfigError(
+            f"rollout.engine=vllm runs one engine in one training process; runtime.num_processes x num_machines is "
+            f"{processes}. Fix: pass rollout.engine=hf for data-parallel stages, or runtime.num_processes=1."
+        )
+    head = cfg.model.n_embd // cfg.model.n_head
+    on_cpu = cfg.runtime.device == "cpu" or (cfg.runtime.device == "auto" and not _has_cuda())
+    if cfg.model.pretrained is None and on_cpu and head not in VLLM_CPU_HEAD_SIZES:
+        raise ConfigError(
+            f"rollout.engine=vllm on CPU: the tiny model's attention heads are model.n_embd / model.n_head = "
+            f"{cfg.model.n_embd} / {cfg.model.n_head} = {head} wide; vLLM's CPU kernels take {VLLM_CPU_HEAD_SIZES}. "
+            f"Fix: pass model.n_head={max(1, cfg.model.n_embd // 32)} (heads of 32), or rollout.engine=hf."
+        )
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 class _errors_named:

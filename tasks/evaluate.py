@@ -1,7 +1,7 @@
 from prefect import task
 
 from rlhf.algorithms import registry
-from rlhf.config import EvalConfig, ModelConfig
+from rlhf.config import EvalConfig, ModelConfig, RolloutConfig
 from rlhf.lineage import EVALUATION
 from rlhf.settings import from_dict
 from rlhf.stages import evaluate
@@ -23,6 +23,7 @@ def eval_stage(
     env: dict,
     missing_eos_penalty: float = 0.0,
     fresh: bool = False,
+    rollout: dict | None = None,
 ) -> dict:
     """Generate on held-out prompts with the tuned and the SFT policy; score, compare, log a sample table."""
     m, c = from_dict(ModelConfig, model), from_dict(EvalConfig, eval_cfg)
@@ -41,6 +42,7 @@ def eval_stage(
             missing_eos_penalty,
             sampler,
             policy.get("sampler_args"),
+            from_dict(RolloutConfig, rollout or {}),
         )
         ctx.sink.log_table(out.pop("table"), "eval/samples.json")
         return out

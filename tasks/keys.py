@@ -13,7 +13,7 @@ import json
 
 from rlhf.algorithms import registry
 from rlhf.code_version import code_version
-from rlhf.config import PipelineConfig, RewardConfig, reward_member, stage_kind
+from rlhf.config import PipelineConfig, RewardConfig, RolloutConfig, reward_member, stage_kind
 from rlhf.data import source_fingerprint
 from rlhf.settings import to_dict
 
@@ -45,6 +45,8 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, dict]:
     """The part of the config each stage's result depends on."""
     m = cfg.model
     scoring = {"missing_eos_penalty": cfg.reward.missing_eos_penalty}  # how answers are scored, beside what was trained
+    # the engine the answers come from (the stages that sample); not how much memory it may hold
+    rollout = {"rollout": {k: v for k, v in to_dict(cfg.rollout).items() if k not in RolloutConfig.NOT_IN_KEY}}
     precision = {
         "max_length": m.max_length,
         "dtype": m.dtype,
@@ -69,9 +71,9 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, dict]:
         cfg.algo.algo: {
             "algo": to_dict(cfg.algo),
             **precision,
-            **(scoring if registry()[cfg.algo.algo].needs_reward else {}),
+            **({**scoring, **rollout} if registry()[cfg.algo.algo].needs_reward else {}),
         },
-        "eval": {"eval": to_dict(cfg.eval), "max_length": cfg.model.max_length, **scoring},
+        "eval": {"eval": to_dict(cfg.eval), "max_length": cfg.model.max_length, **scoring, **rollout},
     }
 
 

@@ -1,7 +1,7 @@
 from prefect import task
 
 from rlhf.algorithms import PolicyInputs, registry
-from rlhf.config import ModelConfig, reward_member
+from rlhf.config import ModelConfig, RolloutConfig, reward_member
 from rlhf.lineage import EVALUATION, TRAINING
 from rlhf.model_logging import GENERATION
 from rlhf.settings import from_dict
@@ -22,6 +22,7 @@ def policy_stage(
     has_gold: bool = False,
     missing_eos_penalty: float = 0.0,
     fresh: bool = False,
+    rollout: dict | None = None,
 ) -> dict:
     """Tune the SFT policy with the algorithm ``algo['algo']`` names (DPO, PPO, ...: rlhf.algorithms)."""
     algorithm = registry()[algo["algo"]]
@@ -34,6 +35,7 @@ def policy_stage(
         gold_reward if has_gold else None,  # the task's true reward, handed to the loop's held-out evaluations
         missing_eos_penalty,
         tuple(paths[1:]),
+        from_dict(RolloutConfig, rollout or {}),
     )
     # On-policy methods sample on prompts and are checked on held-out prompts; DPO learns from the pairs.
     contexts = (

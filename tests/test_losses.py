@@ -179,3 +179,29 @@ def test_token_means_over_split_minibatches_weigh_every_token_the_same():
     split = sum(token_mean(x[p], mask[p], tokens) for p in parts) / 4
     assert split == pytest.approx(float(token_mean(x, mask)), abs=1e-6)
     assert sum(token_mean(x[p], mask[p]) for p in parts) / 4 != pytest.approx(float(token_mean(x, mask)), abs=1e-3)
+
+
+def test_truncated_importance_sampling_weights_each_token_by_the_capped_ratio():
+    """TIS (Yao et al. 2025): w_t = min(pi_old / mu, C), no gradient; the policy loss is each token's surrogate times
+    its weight."""
+    old = torch.tensor([[math.log(0.5), math.log(0.9), math.log(0.2)]], requires_grad=True)
+    engine = torch.tensor([[math.log(0.25), math.log(0.3), math.log(0.4)]])
+    w = L.truncated_is_weights(old, engine, cap=2.0)
+    assert w.tolist()[0] == pytest.approx([2.0, 2.0, 0.5]) and not w.requires_grad  # 2, 3 capped to 2, 0.5
+    logp = old.detach().clone().requires_grad_()
+    adv, mask = torch.tensor([[1.0, -2.0, 3.0]]), torch.ones(1, 3)
+    loss, _ = L.policy_loss(logp, old.detach(), adv, mask, 0.2, weights=w)
+    assert loss.item() == pytest.approx(-(2.0 * 1.0 + 2.0 * -2.0 + 0.5 * 3.0) / 3)  # ratio 1: -A_t w_t, token mean
+    loss.backward()
+    assert logp.grad.tolist()[0] == pytest.approx([-2.0 / 3, 4.0 / 3, -0.5])  # d/dlogp of -A w rho / 3
+
+
+def test_engine_mismatch_is_the_gap_and_the_k3_kl_on_the_engine_s_tokens():
+    old = torch.tensor([[math.log(0.5), math.log(0.9), 0.0]])
+    engine = torch.tensor([[math.log(0.25), math.log(0.9), 0.0]])
+    m = L.engine_mismatch(old, engine, torch.tensor([[1.0, 1.0, 0.0]]))
+    assert m["logprob_abs_diff_mean"].item() == pytest.approx(math.log(2) / 2)
+    assert m["logprob_abs_diff_max"].item() == pytest.approx(math.log(2))
+    assert m["engine_kl"].item() == pytest.approx(
+        (2 - 1 - math.log(2)) / 2
+    )  # r = 2 on the first token, 1 on the second

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from ..answer_keys import AnswerStream
-from ..config import EvalConfig
+from ..config import EvalConfig, RolloutConfig
 from ..context import StageContext
 from ..data import encode_prompts, left_pad, load_rows
+from ..engines import HFEngine, open_engine
 from ..modeling import FrozenModel, load_policy, load_scalar_model, load_tokenizer, token_logprobs
-from ..rollout import Samples, decode_responses, generate
+from ..rollout import Samples, decode_responses
 from ..scoring import GoldReward, Scorer, gold_rewards
 from ..stats import mean_se, per_prompt, wins
 from .reward import pair_accuracy
@@ -42,6 +43,7 @@ class EvalEnv:
     tokenizer: object
     device: torch.device
     stream: AnswerStream  # answer i's random numbers (rlhf.answer_keys): the same answers in any batch size
+    engine: object = None  # what samples (rlhf.engines: HF forwards or vLLM); None: HF
 
     def sample(self, model, prompt_ids: list[list[int]]) -> list[Samples]:
         """Answers of ``model`` to ``prompt_ids``, in batches of ``eval.sampling.batch_size``."""
@@ -52,8 +54,9 @@ class EvalEnv:
         """Answers of ``model`` to ``prompt_ids`` in one batch."""
         tok = self.tokenizer
         ids, mask = left_pad(prompt_ids, tok.pad_token_id)
-        return generate(
+        return (self.engine or HFEngine()).sample(
             model,
+            ("frozen", id(model)),  # the eval stage's models never change: each is pushed to vLLM once per switch
             ids.to(self.device),
             mask.to(self.device),
             self.cfg.sampling,
@@ -119,6 +122,7 @@ def run(
     missing_eos_penalty: float = 0.0,
     sampler: Sampler | None = None,
     sampler_args: dict | None = None,
+    rollout: RolloutConfig | None = None,
 ) -> dict:
     """Evaluate the policy at ``policy_path`` (or ``sampler``'s) against SFT; ``reward_paths``: the reward
     model, or an ensemble's members (the proxy is their mean score; ``eval/ensemble_std`` their disagreement);
@@ -133,7 +137,8 @@ def run(
     rewards = [load_scalar_model(p, tokenizer, zero_head=False).to(ctx.device) for p in paths]
     scorer = Scorer([FrozenModel(r) for r in rewards], missing_eos_penalty)
     score = (lambda s: scorer.proxy(scorer.members(s), s)) if rewards else None
-    env = EvalEnv(sft, score, cfg, tokenizer, ctx.device, AnswerStream(cfg.seed))
+    engine = open_engine(rollout, sft_path, max_length, ctx.device, cfg.seed, cfg.sampling.batch_size)
+    env = EvalEnv(sft, score, cfg, tokenizer, ctx.device, AnswerStream(cfg.seed), engine)
     batches, kl, extra = sample_policy(env, policy_path, prompt_ids, sampler, sampler_args)
     env.stream.manual_seed(cfg.seed)  # SFT's answers with the keys of the policy's (the default sampler's)
     answers = {

@@ -98,7 +98,9 @@ class PPO(OnPolicy):
             "advantages_std": masked_var(raw_adv, mask).sqrt(),
             "explained_variance": 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8),
         }
-        exp = Experience(samples, mask, old_logp, ref_logp, scores, advantages, old_values=values, returns=returns)
+        exp = Experience(
+            samples, mask, old_logp, ref_logp, scores, advantages, values, returns, engine_logp=f.get("engine_logp")
+        )
         return exp, stats
 
     def minibatch_losses(self, exp: Experience, train_policy: bool, tokens: float):

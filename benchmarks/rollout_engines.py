@@ -1,0 +1,202 @@
+"""The rollout engines side by side: HF forwards with a KV cache (rollout.engine=hf) against vLLM (rollout.engine=vllm).
+
+    python -m benchmarks.rollout_engines [--rounds 3] [--ppo-seeds 2] [--skip-ppo]
+
+1. Generation tokens/s on the same work: 64 prompts of the default task, answers of up to 24 tokens, sampled at
+   temperature 1 from random weights (answers rarely end early, so both engines generate every token), at the
+   default model's size and at a llama of ~100M parameters. Each engine in ``--rounds`` alternating rounds after one
+   warm-up batch; the median round counts. Tokens/s = answer tokens / seconds of the batch.
+2. PPO on the default task with each engine (``algo=ppo`` with ``rollout.engine=hf`` and ``=vllm``, the same
+   data, SFT and reward model, cached across the runs), ``--ppo-seeds`` seeds each: the eval stage's held-out gold
+   reward with its standard error over prompts, and whether the engines agree within two standard errors of their
+   difference.
+
+Writes ``benchmarks/results/rollout_engines_<device>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.throughput import PROJECT, device_name, git_commit, write_results
+
+PROMPTS, ANSWER_TOKENS = 64, 24
+SIZES = {  # name -> the model config's overrides (heads of 32 and 64: what vLLM's CPU kernels take)
+    "default (gpt2, 0.8M)": {"arch": "gpt2"},
+    "llama 103M": {"arch": "llama", "n_layer": 8, "n_embd": 896, "n_head": 14, "vocab_size": 32000},
+}
+
+
+def build(root: Path, overrides: dict) -> tuple[str, list[list[int]]]:
+    """A saved model of the given sizes (random weights, the locally trained tokenizer) and 64 prompts' ids."""
+    import torch
+
+    from rlhf.config import DataConfig, ModelConfig
+    from rlhf.context import StageContext
+    from rlhf.data import encode_prompts, load_rows
+    from rlhf.modeling import load_tokenizer
+    from rlhf.stages import prepare, sft
+
+    cfg = ModelConfig(**overrides)
+    quiet = type("Quiet", (), {"log_metrics": lambda *a: None, "flush": lambda *a: None})()
+    ctx = lambda name: StageContext(root / name, quiet, torch.device("cpu"))  # noqa: E731
+    data = prepare.run(DataConfig(n_sft=256, n_pref=64, n_eval_prompts=PROMPTS, n_ppo_prompts=64), ctx("data"))
+    path = str(sft.base_model(cfg, Path(data["data_dir"]), ctx("base")))
+    tok = load_tokenizer(path)
+    prompts = [r["prompt"] for r in load_rows(data["data_dir"], "eval_prompts", tok)][:PROMPTS]
+    return path, encode_prompts(tok, prompts, cfg.max_length - ANSWER_TOKENS)
+
+
+def generation(size: str, rounds: int) -> dict:
+    """Answer tokens per second of each engine on one model, alternating rounds after a warm-up each."""
+    import torch
+
+    from rlhf.answer_keys import AnswerStream
+    from rlhf.config import RolloutConfig, SamplingConfig
+    from rlhf.data import left_pad
+    from rlhf.engines import HFEngine, open_engine
+    from rlhf.modeling import load_policy, load_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path, prompt_ids = build(Path(tmp), SIZES[size])
+        tok = load_tokenizer(path)
+        model = load_policy(path, tok).eval()
+        ids, mask = left_pad(prompt_ids, tok.pad_token_id)
+        started = time.perf_counter()
+        engines = {"hf": HFEngine(), "vllm": open_engine(RolloutConfig(engine="vllm"), path, 64, "cpu", 0, PROMPTS)}
+        startup = time.perf_counter() - started
+        sampling = SamplingConfig(max_new_tokens=ANSWER_TOKENS)
+        eos, pad = tok.eos_token_id, tok.pad_token_id
+        per_round: dict[str, list[float]] = {name: [] for name in engines}
+        for r in range(rounds + 1):  # round 0: the warm-up
+            for name in engines if r % 2 else list(engines)[::-1]:
+                keys = AnswerStream(r).take(PROMPTS)
+                t = time.perf_counter()
+                s = engines[name].sample(model, "random", ids, mask, sampling, eos, pad, keys)
+                seconds = time.perf_counter() - t
+                if r:
+                    per_round[name].append(float(s.response_mask.sum()) / seconds)
+        params = sum(p.numel() for p in model.parameters())
+    del engines
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    medians = {name: statistics.median(v) for name, v in per_round.items()}
+    return {
+        "params_m": params / 1e6,
+        "tokens_per_s": medians,
+        "rounds": per_round,
+        "vllm_over_hf": medians["vllm"] / medians["hf"],
+        "vllm_startup_s": startup,
+    }
+
+
+def ppo_gold(seeds: int) -> dict:
+    """The default task's PPO with each engine and seed, in one root (data, SFT and reward trained once)."""
+    from benchmarks.throughput import pipeline_workspace
+
+    root, base, env = pipeline_workspace(None, "rlhf-bench-engines-", [])
+    runs = []
+    for seed in range(seeds):
+        for engine in ("hf", "vllm"):
+            overrides = [*base, "algo=ppo", f"rollout.engine={engine}", f"algo.seed={seed}", f"eval.seed={1234 + seed}"]
+            t = time.perf_counter()
+            out = subprocess.run(
+                [sys.executable, "-m", "benchmarks.rollout_engines", "--child-pipeline", *overrides],
+                cwd=PROJECT,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            if out.returncode:
+                raise RuntimeError(f"PPO with rollout.engine={engine} failed:\n{out.stderr[-3000:]}")
+            metrics = eval(out.stdout.strip().splitlines()[-1])  # the child's last line: its eval metrics, a dict
+            runs.append({"engine": engine, "seed": seed, "wall_s": time.perf_counter() - t, **metrics})
+            print(runs[-1], flush=True)
+    return {"runs": runs, **_agreement(runs)}
+
+
+def _agreement(runs: list[dict]) -> dict:
+    """Mean gold per engine over seeds, and the gap in units of its standard error (from the runs' own SEs)."""
+    out = {}
+    for engine in ("hf", "vllm"):
+        mine = [r for r in runs if r["engine"] == engine]
+        out[engine] = {
+            "gold": statistics.mean(r["eval/gold_reward"] for r in mine),
+            "gold_se": (sum(r["eval/gold_reward_se"] ** 2 for r in mine) ** 0.5) / len(mine),
+            "gold_gain": statistics.mean(r["eval/gold_gain"] for r in mine),
+            "seconds": statistics.mean(r["wall_s"] for r in mine),
+        }
+    gap = out["vllm"]["gold"] - out["hf"]["gold"]
+    se = (out["vllm"]["gold_se"] ** 2 + out["hf"]["gold_se"] ** 2) ** 0.5
+    return {"engines": out, "gold_gap": gap, "gold_gap_se": se, "within_2_se": abs(gap) <= 2 * se}
+
+
+def child_pipeline(overrides: list[str]) -> None:
+    from flows.compose import load_config
+    from flows.dag import rlhf_pipeline
+
+    result = rlhf_pipeline(load_config(overrides))
+    print({k: v for k, v in result["metrics"].items() if k.startswith("eval/gold")})
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# Rollout engines: HF against vLLM",
+        "",
+        f"`{report['command']}` at commit {report['commit']} on {report['machine']}.",
+        "",
+        f"Generation: {PROMPTS} prompts of the default task, answers of up to {ANSWER_TOKENS} tokens at temperature "
+        f"1 from random weights, median of {report['rounds']} alternating rounds after a warm-up.",
+        "",
+        "| model | parameters | HF tokens/s | vLLM tokens/s | vLLM / HF | vLLM start-up s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for size, g in report["generation"].items():
+        t = g["tokens_per_s"]
+        lines.append(
+            f"| {size} | {g['params_m']:.1f}M | {t['hf']:,.0f} | {t['vllm']:,.0f} | {g['vllm_over_hf']:.2f}x | "
+            f"{g['vllm_startup_s']:.1f} |"
+        )
+    if "ppo" in report:
+        p = report["ppo"]
+        lines += ["", f"PPO on the default task, {len(p['runs']) // 2} seed(s) per engine (eval stage, 256 prompts):"]
+        lines += ["", "| engine | held-out gold | gold gain over SFT | wall s per run |", "|---|---|---|---|"]
+        for engine, e in p["engines"].items():
+            lines.append(
+                f"| {engine} | {e['gold']:.4f} ± {e['gold_se']:.4f} | {e['gold_gain']:.4f} | {e['seconds']:.0f} |"
+            )
+        verdict = "within" if p["within_2_se"] else "not within"
+        lines += ["", f"vLLM minus HF: {p['gold_gap']:+.4f} ± {p['gold_gap_se']:.4f}, {verdict} two standard errors."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--child-pipeline"]:
+        return child_pipeline(sys.argv[2:])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ppo-seeds", type=int, default=2)
+    ap.add_argument("--skip-ppo", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    report = {
+        "command": "python -m benchmarks.rollout_engines " + " ".join(sys.argv[1:]),
+        "commit": git_commit(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {device_name()}",
+        "rounds": args.rounds,
+        "generation": {size: generation(size, args.rounds) for size in SIZES},
+    }
+    if not args.skip_ppo:
+        report["ppo"] = ppo_gold(args.ppo_seeds)
+    write_results(f"rollout_engines_{device_name().split()[0].lower()}", report, markdown)
+
+
+if __name__ == "__main__":
+    main()
