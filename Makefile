@@ -13,6 +13,11 @@ ARGS ?=
 	bash scripts/install_browser.sh
 	touch $@
 
+# vLLM's CPU build for the rollout-engine tests (they skip, saying why, where it cannot be installed).
+.venv/.vllm: scripts/install_vllm.sh pyproject.toml | .venv/.installed
+	bash scripts/install_vllm.sh
+	touch $@
+
 install: .venv/.installed
 
 run: .venv/.installed
@@ -31,7 +36,7 @@ ui: .venv/.installed
 
 # Formatting and lint first (ruff: pyproject.toml), then the suite, which also builds the docs with --strict.
 # pytest exits 5 when it collected no tests: that is a failure here, not a pass.
-test: .venv/.installed .venv/.browser
+test: .venv/.installed .venv/.browser .venv/.vllm
 	.venv/bin/ruff format --check .
 	.venv/bin/ruff check .
 	@$(PY) -m pytest $(ARGS); rc=$$?; \
