@@ -32,7 +32,7 @@ def _reports() -> dict:
     if str(PROJECT) not in sys.path:  # `mkdocs build` from anywhere: the renderers live in benchmarks/, beside rlhf/
         sys.path.insert(0, str(PROJECT))
     from benchmarks import compile as compile_bench
-    from benchmarks import default_run, methods, reward_hacking, scale, throughput
+    from benchmarks import default_run, methods, reward_hacking, rollout_engines, scale, throughput
 
     return {
         "default_run": default_run.markdown,
@@ -40,6 +40,7 @@ def _reports() -> dict:
         "throughput_cpu": throughput.markdown,
         "compile_cpu": compile_bench.markdown,
         "scale_cpu": scale.markdown,
+        "rollout_engines_cpu": rollout_engines.markdown,
         "overoptimisation": reward_hacking.overoptimisation_markdown,
         "ensembles": reward_hacking.ensembles_markdown,
         "beta_sweep": reward_hacking.beta_sweep_markdown,

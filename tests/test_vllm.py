@@ -141,6 +141,11 @@ def test_ppo_syncs_the_engine_after_every_update_and_a_skipped_sync_shows(vllm_u
     weights = dict(stale.metrics["ppo/tis_weight"])  # truncated importance sampling corrects for the stale engine
     assert weights[1] == pytest.approx(1.0, abs=1e-4) and all(abs(weights[i] - 1) > 1e-4 for i in (2, 3)), weights
     assert all(w <= 1.5 for w in weights.values())
+    from tests.test_docs import SWEEP_GROUP, TRACKING_GROUP, VLLM_GROUP, reference, unmatched
+
+    names = {*m.metrics, *stale.metrics}
+    undocumented = unmatched(names, [g for g in reference() if g not in (TRACKING_GROUP, SWEEP_GROUP)])[0]
+    assert not undocumented and not unmatched(names, [VLLM_GROUP])[1]  # docs/metrics.yaml has what vLLM runs log
 
 
 @pytest.mark.slow
