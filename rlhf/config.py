@@ -50,9 +50,9 @@ class RolloutConfig:
 
     engine: str = setting(
         "auto",
-        "hf: batched forwards of the trained model with a KV cache; vllm: a vLLM engine in each process, the trainer's "
-        "weights pushed to it before every rollout (bash scripts/install_vllm.sh); auto: vllm where it is installed and "
-        "the stage runs on a GPU, else hf.",
+        "hf: batched forwards of the trained model with a KV cache; vllm: a vLLM engine in the training process, the "
+        "trainer's weights pushed to it before every rollout (bash scripts/install_vllm.sh); auto: vllm where it is "
+        "installed and the stage runs on one GPU, else hf.",
         choices=["auto", "hf", "vllm"],
     )
     gpu_memory_utilization: float = setting(

