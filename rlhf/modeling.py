@@ -82,7 +82,7 @@ def load_tokenizer(path: str, key: str = "model.pretrained") -> PreTrainedTokeni
     return tok
 
 
-def _torch_dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -93,7 +93,7 @@ def autocast(model_cfg, device: torch.device):
     """
     if model_cfg.autocast == "none":
         return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=_torch_dtype(model_cfg.autocast))
+    return lambda: torch.autocast(device.type, dtype=torch_dtype(model_cfg.autocast))
 
 
 def prepare_trainable(model: torch.nn.Module, model_cfg) -> torch.nn.Module:
@@ -167,7 +167,7 @@ def load_policy(path: str, tokenizer, dtype: str = "float32", key: str = "model.
     """A causal LM from a folder or hub id, its embeddings resized to the tokenizer if needed."""
     check_model_source(path, key)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=fast_config(path), dtype=_torch_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, config=fast_config(path), dtype=torch_dtype(dtype))
     except OSError as e:
         raise ModelPathError(
             f"{key}={path!r} could not be loaded ({e}). Fix: check the path or hub id; offline, use a local folder."
@@ -182,7 +182,7 @@ def load_scalar_model(path: str, tokenizer, dtype: str = "float32", zero_head: b
     Loading a causal LM folder adds a fresh head; we zero it so every answer starts at score 0.
     """
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, config=fast_config(path, num_labels=1), dtype=_torch_dtype(dtype)
+        path, config=fast_config(path, num_labels=1), dtype=torch_dtype(dtype)
     )
     _align_vocab(model, tokenizer)
     if zero_head:

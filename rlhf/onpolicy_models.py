@@ -19,6 +19,7 @@ from .modeling import (
     load_scalar_model,
     load_tokenizer,
     load_trainable,
+    torch_dtype,
 )
 
 
@@ -70,7 +71,8 @@ class OnPolicyModels:
                 disable_dropout(m)
         self.amp = autocast(model_cfg, device)
         self.max_length = model_cfg.max_length
-        self.dtype = next(self.policy.parameters()).dtype
+        weights = next(self.policy.parameters()).dtype  # what a rollout engine holds: the forwards' precision
+        self.dtype = weights if model_cfg.autocast == "none" else torch_dtype(model_cfg.autocast)
         self.sampler_logprobs = sampler_logprobs_exact(model_cfg)  # old log-probs from the sampler, not a forward
 
     def trained(self) -> dict[str, torch.nn.Module]:

@@ -137,3 +137,34 @@ def test_a_json_array_file_is_not_blamed_on_json_lines(tmp_path):
     with pytest.raises(DatasetError) as e:
         build_splits(local_data(file, test_split="test", format="columns"))  # a split the file does not have
     assert "line 1" not in str(e.value) and "could not be loaded" in str(e.value) and "test" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["rollout.engine=vllm", "runtime.num_processes=2"], r"rollout\.engine=vllm .* Fix: pass rollout\.engine=hf"),
+        (["rollout.engine=vllm"], r"model\.n_embd / model\.n_head = 32 / 2 = 16 .* Fix: pass model\.n_head=1"),
+        (["rollout.engine=vllm", "model.n_head=1", "algo.rollout_correction=is"], r"algo\.rollout_correction='is'"),
+    ],
+    ids=["processes", "head-size", "correction"],
+)
+def test_a_vllm_rollout_it_cannot_run_is_refused_before_training(micro, monkeypatch, overrides, match):
+    import importlib.util
+
+    from rlhf.settings import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
+    with pytest.raises(ConfigError, match=match):
+        validate(micro("algo=ppo", "runtime.device=cpu", *overrides))
+
+
+def test_a_vllm_rollout_without_vllm_names_the_install_script(micro, monkeypatch):
+    import importlib.util
+
+    from rlhf.settings import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"vLLM is not installed .* Fix: bash scripts/install_vllm\.sh"):
+        validate(micro("algo=ppo", "rollout.engine=vllm", "model.n_head=1"))
