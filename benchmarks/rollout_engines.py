@@ -31,7 +31,7 @@ from benchmarks.throughput import PROJECT, device_name, git_commit, write_result
 PROMPTS, ANSWER_TOKENS = 64, 24
 SIZES = {  # name -> the model config's overrides (heads of 32 and 64: what vLLM's CPU kernels take)
     "default (gpt2, 0.8M)": {"arch": "gpt2"},
-    "llama 103M": {"arch": "llama", "n_layer": 8, "n_embd": 896, "n_head": 14, "vocab_size": 32000},
+    "llama 103M": {"arch": "llama", "n_layer": 8, "n_embd": 896, "n_head": 14},
 }
 
 
@@ -189,7 +189,7 @@ def main() -> None:
     report = {
         "command": "python -m benchmarks.rollout_engines " + " ".join(sys.argv[1:]),
         "commit": git_commit(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {device_name()}",
+        "machine": f"{platform.machine()}, {device_name()}",
         "rounds": args.rounds,
         "generation": {size: generation(size, args.rounds) for size in SIZES},
     }
