@@ -46,7 +46,8 @@ class EvalConfig:
 class RolloutConfig:
     """How the stages that sample (on-policy, the eval stage, best-of-n) generate answers (docs: Rollout engines)."""
 
-    NOT_IN_KEY = ("gpu_memory_utilization", "sleep")  # where the engine's memory goes, not which answers it gives
+    # where the engine's memory goes and how strictly a push is checked, not which answers it gives
+    NOT_IN_KEY = ("gpu_memory_utilization", "sleep", "sync_check_tol")
 
     engine: str = setting(
         "auto",

@@ -3,14 +3,17 @@ trainer's current weights.
 
 Weight sync: before each rollout the engine compares the weights it holds with those asked for (a label such as
 ``("policy", optimizer steps)``) and, where they differ, streams the trainer's tensors into vLLM's in-place reload
-(``collective_rpc("reload_weights")``) one parameter at a time: LoRA adapters merged into their base weights
-on the fly, FSDP shards gathered per parameter, never a second full copy. A push that fails raises
-:class:`WeightSyncError` and leaves the engine marked as holding nothing, so it cannot sample stale weights.
+(``collective_rpc("reload_weights")``) one parameter at a time: LoRA adapters merged into their base weights on the
+fly, an FSDP2 parameter gathered whole as it is sent; then drops vLLM's prefix cache (computed with the old
+weights) and checks the push: the engine's log-probs of a fixed sequence against the trainer's forward. A push
+that raises, or fails the check (``rollout.sync_check_tol``), raises :class:`WeightSyncError` and leaves the engine
+marked as holding nothing, so nothing is sampled from it until a push succeeds.
 
 Sampling follows :func:`rlhf.rollout.generate`: the same temperature, top-k, top-p and answer length, PAD never
-drawn (``allowed_token_ids``), EOS ends an answer and is kept, each answer seeded by its key (the same answer in
-any batch). The engine's log-probs are of the temperature-scaled softmax (``logprobs_mode=processed_logprobs``),
-what the trainer's :class:`~rlhf.modeling.Logprobs` computes, and are returned beside the answers.
+drawn (its logit lowered by vLLM's largest bias, 100), the tokenizer's EOS ends an answer and is kept, each answer
+seeded by its key (the same answer in any batch). The engine's log-probs are of the temperature-scaled softmax
+(``logprobs_mode=processed_logprobs``), what the trainer's :class:`~rlhf.modeling.Logprobs` computes, and are
+returned beside the answers.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from collections.abc import Hashable, Iterator
 import torch
 
 from .config import RolloutConfig, SamplingConfig
-from .modeling import is_lora, unwrapped
+from .modeling import unwrapped
 from .rollout import Samples
 
+PROBE_TOKENS = 16  # the fixed sequence a push is checked on: ids spread over the vocabulary (PAD left out)
 KV_CACHE_MARGIN = 2  # CPU: the KV cache holds this many largest batches of max_length-token sequences
 
 
@@ -36,7 +40,6 @@ def trainer_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
     base weights with its active adapters merged in (none where they are switched off: the reference), a sharded
     (FSDP2) model's parameters gathered one by one."""
     lm = unwrapped(model)
-    merge = is_lora(model) and not getattr(model, "disable_adapters", False)
     lora_layers = {name: m for name, m in lm.named_modules() if hasattr(m, "get_delta_weight")}
     for name, tensor in lm.state_dict().items():
         if ".lora_" in name:
@@ -46,7 +49,7 @@ def trainer_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
         if owner != module and owner in lora_layers:
             name = f"{owner}.{leaf}"
             layer = lora_layers[owner]
-            if merge and leaf == "weight" and not layer.merged and not layer.disable_adapters:
+            if leaf == "weight" and not layer.merged and not layer.disable_adapters:  # off: the reference's weights
                 tensor = tensor + sum(layer.get_delta_weight(a) for a in layer.active_adapters)
         if hasattr(tensor, "full_tensor"):  # a DTensor shard (FSDP2): this parameter whole, on every process
             tensor = tensor.full_tensor()
@@ -75,7 +78,6 @@ class VLLMEngine:
         from vllm import LLM
 
         config = AutoConfig.from_pretrained(model_dir)
-        self.vocab = [i for i in range(config.vocab_size) if i != config.pad_token_id]  # PAD is never an answer token
         self.sleeps = cfg.sleep and device.type == "cuda"
         memory = {"gpu_memory_utilization": cfg.gpu_memory_utilization}
         if device.type == "cpu":  # there the setting is a share of the machine's memory: ask for what rollouts need
@@ -98,13 +100,15 @@ class VLLMEngine:
             torch.set_num_threads(threads)
         self.cfg = cfg
         self.holds: Hashable | None = None  # the label of the weights in the engine (None: not the trainer's)
-        self.probe: list[int] = []  # the fixed sequence each sync is checked on: the first prompt sampled
+        self.probe = [i for i in range(PROBE_TOKENS + 1) if i != config.pad_token_id][
+            :PROBE_TOKENS
+        ]  # each push's check
         self.sync_gap = 0.0  # the last sync's check (rlhf.vllm_engine.VLLMEngine.load)
 
     # ---- weights ----------------------------------------------------------------------------------
     def load(self, model: torch.nn.Module, weights: Hashable) -> None:
         """Push ``model``'s weights unless the engine holds ``weights`` already, then check them: the engine's
-        log-probs of a fixed sequence (the first prompt it sampled) against ``model``'s forward, the largest gap
+        log-probs of a fixed sequence (``probe``) against ``model``'s forward, the largest gap
         kept in ``sync_gap`` and refused above ``rollout.sync_check_tol``."""
         if self.holds == weights:
             return
@@ -130,8 +134,10 @@ class VLLMEngine:
         self.holds = weights
 
     def _push(self, model: torch.nn.Module) -> None:
-        """Stream ``model``'s weights into vLLM's in-place reload, one tensor at a time."""
+        """Stream ``model``'s weights into vLLM's in-place reload, one tensor at a time, and drop the prefix cache:
+        its prompts' keys and values were computed with the old weights."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": trainer_weights(model)})
+        self.llm.reset_prefix_cache()
 
     @torch.no_grad()
     def _probe_gap(self, model: torch.nn.Module) -> float:
@@ -183,13 +189,13 @@ class VLLMEngine:
                 max_tokens=sampling.max_new_tokens,
                 seed=int(key) & (2**63 - 1),
                 logprobs=0,
-                allowed_token_ids=self.vocab,
+                logit_bias={pad_id: -100.0},  # PAD never drawn (vLLM's floor; a list of allowed ids costs per request)
+                ignore_eos=True,  # stop at the tokenizer's EOS alone, as generate() does, not the generation config's
                 stop_token_ids=[eos_id],
                 detokenize=False,
             )
             for key in keys.tolist()
         ]
-        self.probe = self.probe or prompts[0]["prompt_token_ids"]
         self.load(model, weights)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         answers = [o.outputs[0] for o in outputs]

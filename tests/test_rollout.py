@@ -163,3 +163,30 @@ def test_streams_of_negative_and_wide_numbers_are_their_own():
         AnswerStream(1, 0).root,
     ]
     assert len(set(roots)) == len(roots)
+
+
+def test_the_weights_pushed_to_an_engine_are_a_lora_policy_merged_and_its_reference_the_base():
+    """rlhf.vllm_engine.trainer_weights (no vLLM needed): a LoRA policy's tensors under the plain model's names with the
+    adapters merged in, as peft's merge_and_unload gives them; with the adapters switched off (the shared reference),
+    the base weights."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf.modeling import FrozenModel
+    from rlhf.vllm_engine import trainer_weights
+
+    base = tiny_gpt2(64, n_embd=32, n_layer=2)
+    plain = {k: v.clone() for k, v in base.state_dict().items()}
+    policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)  # adapters that move the weights (lora_B starts at 0)
+    merged = copy.deepcopy(policy).merge_and_unload().state_dict()
+    pushed = dict(trainer_weights(policy))
+    assert pushed.keys() == merged.keys()
+    assert all(torch.allclose(pushed[k], merged[k], atol=1e-6) for k in merged)
+    assert not torch.allclose(pushed["transformer.h.0.attn.c_attn.weight"], plain["transformer.h.0.attn.c_attn.weight"])
+    with FrozenModel(adapters_of=policy).use() as reference:
+        assert all(torch.equal(t, plain[k]) for k, t in trainer_weights(reference))

@@ -71,10 +71,32 @@ def test_greedy_answers_are_hf_s_token_for_token_and_sampled_log_probs_agree(hel
         trainer = s.response_slice(token_logprobs(policy, s.input_ids, s.attention_mask, temperature, s.first_target))
         gap = ((trainer - s.engine_logprobs) * s.response_mask).abs().max()
         assert gap < 1e-4, (temperature, gap)
-        assert not (s.response_ids == tok.pad_token_id).logical_and(s.response_mask.bool()).any()  # PAD never drawn
     eos, pad = tok.eos_token_id, tok.pad_token_id
     again = engine.sample(policy, "sft", ids[:7].flip(0), mask[:7].flip(0), sampling, eos, pad, keys[:7].flip(0))
     assert answers(again)[::-1] == answers(s)[:7]  # an answer depends on its prompt and key, not on its batch
+
+
+def test_pad_is_never_drawn_even_where_the_model_prefers_it(vllm_upstream, held_out):
+    policy, tok, ids, mask, engine = held_out
+    pad_loving = load_policy(vllm_upstream["sft"]["model_path"], tok).eval()
+    with torch.no_grad():  # PAD's (tied) embedding along the final hidden states: its logit rises above the rest
+        hidden = pad_loving.transformer(ids, attention_mask=mask).last_hidden_state[mask.bool()].mean(0)
+        pad_loving.lm_head.weight[tok.pad_token_id] = 20 * hidden / hidden.norm() ** 2
+    greedy_hf = generate(pad_loving, ids, mask, SamplingConfig(max_new_tokens=4, top_k=1), tok.eos_token_id, -1)
+    assert (greedy_hf.response_ids == tok.pad_token_id).float().mean() > 0.5  # unmasked, the model picks PAD
+    s = engine.sample(
+        pad_loving,
+        "pad",
+        ids,
+        mask,
+        SamplingConfig(max_new_tokens=8),
+        tok.eos_token_id,
+        tok.pad_token_id,
+        AnswerStream(3).take(len(ids)),
+    )
+    assert not (s.response_ids == tok.pad_token_id).logical_and(s.response_mask.bool()).any()
+    trainer = s.response_slice(token_logprobs(pad_loving, s.input_ids, s.attention_mask, 1.0, s.first_target))
+    assert ((trainer - s.engine_logprobs) * s.response_mask).abs().max() < 1e-4  # the rest of the softmax as HF's
 
 
 def answers(s) -> list[list[int]]:
@@ -115,14 +137,20 @@ def test_ppo_syncs_the_engine_after_every_update_and_a_skipped_sync_shows(vllm_u
     from rlhf.vllm_engine import VLLMEngine
 
     pushed = []
-    push = VLLMEngine._push
-    monkeypatch.setattr(VLLMEngine, "_push", lambda self, model: (pushed.append(1), push(self, model)))
+    load, push = VLLMEngine.load, VLLMEngine._push
+    monkeypatch.setattr(
+        VLLMEngine,
+        "load",
+        lambda self, model, weights: (self.holds != weights and pushed.append(weights), load(self, model, weights)),
+    )
     m = _ppo_with_vllm(vllm_upstream, "ppo-vllm")
     assert [s for s, _ in m.metrics["rollout/logprob_abs_diff_max"]] == [1, 2, 3]
     assert all(v < 1e-4 for _, v in m.metrics["rollout/sync_logprob_abs_diff_max"])
     assert all(v < 1e-4 for _, v in m.metrics["rollout/logprob_abs_diff_max"])
     assert all(0 <= v < 1e-8 for _, v in m.metrics["rollout/engine_kl"])
-    assert len(pushed) >= 3 + 1  # the reference (score offset), then the policy before each of the 3 rollouts
+    # the reference (the SFT answers' score offset), the policy before training (held-out evaluation), then after each
+    # iteration's 4 optimizer steps (its evaluation; the next rollout samples the same weights)
+    assert pushed == [("reference",), ("policy", 0), ("policy", 4), ("policy", 8), ("policy", 12)]
     assert abs(m.first("ppo/kl")) < 1e-4 and m.first("ppo/clipfrac_first_minibatch") == 0
     assert abs(m.first("ppo/approx_kl_first_minibatch")) < 1e-6
 
