@@ -26,12 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.throughput import PROJECT, device_name, git_commit, write_results
+from benchmarks.throughput import PROJECT, device_name, git_commit, sync, write_results
 
 PROMPTS, ANSWER_TOKENS = 64, 24
 SIZES = {  # name -> the model config's overrides (heads of 32 and 64: what vLLM's CPU kernels take)
     "default (gpt2, 0.8M)": {"arch": "gpt2"},
     "llama 103M": {"arch": "llama", "n_layer": 8, "n_embd": 896, "n_head": 14},
+}
+CUDA_SIZES = {  # on a GPU, beside those: Qwen2-0.5B's shape (24 blocks, width 896), the local tokenizer's vocabulary
+    "qwen2 0.5B-shape": {"arch": "qwen2", "n_layer": 24, "n_embd": 896, "n_head": 14},
 }
 
 
@@ -66,21 +69,24 @@ def generation(size: str, rounds: int) -> dict:
     from rlhf.modeling import load_policy, load_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        path, prompt_ids = build(Path(tmp), SIZES[size])
+        path, prompt_ids = build(Path(tmp), sizes()[size])
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         tok = load_tokenizer(path)
-        model = load_policy(path, tok).eval()
-        ids, mask = left_pad(prompt_ids, tok.pad_token_id)
+        model = load_policy(path, tok).to(device).eval()
+        ids, mask = (t.to(device) for t in left_pad(prompt_ids, tok.pad_token_id))
         started = time.perf_counter()
-        engines = {"hf": HFEngine(), "vllm": open_engine(RolloutConfig(engine="vllm"), path, 64, "cpu", 0, PROMPTS)}
+        engines = {"hf": HFEngine(), "vllm": open_engine(RolloutConfig(engine="vllm"), path, 64, device, 0, PROMPTS)}
         startup = time.perf_counter() - started
         sampling = SamplingConfig(max_new_tokens=ANSWER_TOKENS)
         eos, pad = tok.eos_token_id, tok.pad_token_id
         per_round: dict[str, list[float]] = {name: [] for name in engines}
         for r in range(rounds + 1):  # round 0: the warm-up
             for name in engines if r % 2 else list(engines)[::-1]:
-                keys = AnswerStream(r).take(PROMPTS)
+                keys = AnswerStream(r).take(PROMPTS, device)
+                sync()
                 t = time.perf_counter()
                 s = engines[name].sample(model, "random", ids, mask, sampling, eos, pad, keys)
+                sync()
                 seconds = time.perf_counter() - t
                 if r:
                     per_round[name].append(float(s.response_mask.sum()) / seconds)
@@ -138,6 +144,12 @@ def _agreement(runs: list[dict]) -> dict:
     return {"engines": out, "gold_gap": gap, "gold_gap_se": se, "within_2_se": abs(gap) <= 2 * se}
 
 
+def sizes() -> dict:
+    import torch
+
+    return {**SIZES, **(CUDA_SIZES if torch.cuda.is_available() else {})}
+
+
 def child_pipeline(overrides: list[str]) -> None:
     from flows.compose import load_config
     from flows.dag import rlhf_pipeline
@@ -191,11 +203,11 @@ def main() -> None:
         "commit": git_commit(),
         "machine": f"{platform.machine()}, {device_name()}",
         "rounds": args.rounds,
-        "generation": {size: generation(size, args.rounds) for size in SIZES},
+        "generation": {size: generation(size, args.rounds) for size in sizes()},
     }
     if not args.skip_ppo:
         report["ppo"] = ppo_gold(args.ppo_seeds)
-    write_results(f"rollout_engines_{device_name().split()[0].lower()}", report, markdown)
+    write_results(f"rollout_engines_{'cuda' if 'cpu' not in device_name() else 'cpu'}", report, markdown)
 
 
 if __name__ == "__main__":
