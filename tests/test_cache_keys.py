@@ -135,3 +135,18 @@ def test_editing_stats_in_a_copy_reruns_eval_and_only_the_stages_that_import_it(
     stats.write_text(stats.read_text().replace("def mean_se", "def mean_se  ", 1))  # a real edit of the code
     after = keys()
     assert {s for s in before if before[s] != after[s]} == {"reward", "ppo", "eval"}  # data and SFT stay cached
+
+
+def test_the_rollout_engine_keys_the_stages_that_sample_and_its_memory_settings_key_nothing():
+    from flows.compose import load_config
+    from rlhf.validate import validate
+    from tasks.keys import pipeline_keys
+
+    keys = lambda *o: pipeline_keys(validate(load_config(["algo=ppo", "model.n_head=4", *o])))  # noqa: E731
+    base, vllm = keys(), keys("rollout.engine=hf")
+    assert {s for s in base if base[s] != vllm[s]} == {"ppo", "eval"}  # auto -> hf: another engine's answers
+    assert keys("rollout.gpu_memory_utilization=0.9", "rollout.sleep=false", "rollout.sync_check_tol=0.1") == base
+    dpo = pipeline_keys(validate(load_config(["rollout.engine=hf"])))
+    assert {s for s, k in pipeline_keys(validate(load_config([]))).items() if dpo[s] != k} == {
+        "eval"
+    }  # dpo samples not

@@ -177,7 +177,8 @@ def test_ppo_syncs_the_engine_after_every_update_and_a_skipped_sync_shows(vllm_u
 
 
 @pytest.mark.slow
-def test_grpo_micro_pipeline_with_vllm_passes_the_first_step_checks(tmp_path, prefect_server, monkeypatch):
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_micro_pipelines_with_vllm_pass_the_first_step_checks(tmp_path, prefect_server, monkeypatch, algo):
     from mlflow import MlflowClient
 
     from flows.compose import load_config
@@ -194,14 +195,14 @@ def test_grpo_micro_pipeline_with_vllm_passes_the_first_step_checks(tmp_path, pr
         ],
     )
     cfg = load_config(
-        micro_overrides(tmp_path, "experiment=micro_onpolicy", "algo=grpo", "rollout.engine=vllm", "model.n_head=1")
+        micro_overrides(tmp_path, "experiment=micro_onpolicy", f"algo={algo}", "rollout.engine=vllm", "model.n_head=1")
     )
     result = rlhf_pipeline(cfg)
     client = MlflowClient(result["tracking_uri"])
-    run = client.get_run(client.get_run(result["run_id"]).data.tags["stage.grpo.run_id"])
+    run = client.get_run(client.get_run(result["run_id"]).data.tags[f"stage.{algo}.run_id"])
     history = lambda k: [p.value for p in client.get_metric_history(run.info.run_id, k)]  # noqa: E731
-    assert abs(history("grpo/kl")[0]) < 1e-4 and history("grpo/clipfrac_first_minibatch")[0] == 0
-    assert abs(history("grpo/approx_kl_first_minibatch")[0]) < 1e-6  # ratio 1 at the first minibatch
-    assert history("grpo/ratio")[0] == pytest.approx(1.0, abs=0.05)  # the iteration's mean, as the HF tests
+    assert abs(history(f"{algo}/kl")[0]) < 1e-4 and history(f"{algo}/clipfrac_first_minibatch")[0] == 0
+    assert abs(history(f"{algo}/approx_kl_first_minibatch")[0]) < 1e-6  # ratio 1 at the first minibatch
+    assert history(f"{algo}/ratio")[0] == pytest.approx(1.0, abs=0.05)  # the iteration's mean, as the HF tests
     assert max(history("rollout/logprob_abs_diff_max")) < 1e-4
     assert "eval/gold_reward" in result["metrics"] and {"onpolicy.py", "evaluate.py"} <= set(callers)  # both sampled
