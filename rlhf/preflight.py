@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .config import PipelineConfig
 from .data import DatasetError, data_files_list
-from .modeling import check_model_source
+from .model_paths import check_model_source
 from .settings import ConfigError
 from .tracking import check_reachable, resolve_uri
 

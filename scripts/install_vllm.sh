@@ -4,9 +4,10 @@
 #
 # vLLM 0.32 asks for FastAPI < 0.137 (for its OpenAI-compatible server, which this project does not start); Prefect 3.8
 # asks for >= 0.139, so pip cannot resolve both (docs/rollout.md says what Prefect 3.7, which would, did). So vLLM goes
-# in without its dependencies, and then its dependencies except FastAPI and the torchvision / torchaudio / torchcodec
-# wheels, which are built against CUDA torch and break `import transformers` beside the CPU one ("operator
-# torchvision::nms does not exist"); nothing here uses them. The rest resolves with the project's own pins.
+# in without its dependencies, and then its dependencies with FastAPI's version left to the project's pin (its
+# `standard` extra kept: uvloop and the rest vLLM imports), less the torchvision / torchaudio / torchcodec wheels,
+# which are built against CUDA torch and break `import transformers` beside the CPU one ("operator torchvision::nms
+# does not exist"); nothing here uses them. The rest resolves with the project's own pins.
 # Where the install fails the vLLM tests skip, saying why (.venv/.vllm-unavailable).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,11 +21,14 @@ import sys
 
 from packaging.requirements import Requirement
 
-LEFT_OUT = {"fastapi", "torch", "torchvision", "torchaudio", "torchcodec"}  # see the header; torch is installed first
+LEFT_OUT = {"torch", "torchvision", "torchaudio", "torchcodec"}  # see the header; torch is installed first
+UNPINNED = {"fastapi"}  # its version: the project's pin (Prefect's)
 for line in metadata.requires(sys.argv[1]) or []:
     req = Requirement(line)
     if req.name.lower() not in LEFT_OUT and (req.marker is None or req.marker.evaluate({"extra": ""})):
         req.marker = None
+        if req.name.lower() in UNPINNED:
+            req.specifier = type(req.specifier)()
         print(req)
 PY
     .venv/bin/python -m pip install -q -r "$log.reqs" -e '.[dev]'

@@ -8,7 +8,7 @@ import torch
 from rlhf.config import DataConfig, SFTConfig
 from rlhf.context import StageContext
 from rlhf.data import DatasetError
-from rlhf.modeling import ModelPathError
+from rlhf.model_paths import ModelPathError
 from rlhf.preflight import preflight
 from rlhf.stages import prepare, sft
 from rlhf.tracking import TrackingUnavailableError
