@@ -39,8 +39,6 @@ def resolve(cfg: RolloutConfig, device: torch.device | str, num_processes: int =
 class HFEngine:
     """Samples with the model it is handed (``weights`` is ignored: the model is what it samples)."""
 
-    name = "hf"
-
     def sample(
         self,
         model,

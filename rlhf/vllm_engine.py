@@ -27,7 +27,7 @@ from .config import RolloutConfig, SamplingConfig
 from .modeling import unwrapped
 from .rollout import Samples
 
-PROBE_TOKENS = 16  # the fixed sequence a push is checked on: ids spread over the vocabulary (PAD left out)
+PROBE_TOKENS = 16  # the fixed sequence a push is checked on: the vocabulary's first ids (PAD left out)
 KV_CACHE_MARGIN = 2  # CPU: the KV cache holds this many largest batches of max_length-token sequences
 
 
@@ -58,8 +58,6 @@ def trainer_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
 
 class VLLMEngine:
     """A vLLM engine in this process (:mod:`module docstring <rlhf.vllm_engine>`)."""
-
-    name = "vllm"
 
     def __init__(
         self,
