@@ -28,11 +28,13 @@ deploy: .venv/.installed
 	$(PY) -m flows.deploy $(ARGS)
 
 # The MLflow UI over the local store (paths.root: $$RLHF_HOME or .rlhf), on the runs table (every run prints its link too).
+# One worker and no job runner (GenAI jobs): a page for one person, up in about 12 s here instead of 26.
 RLHF_HOME ?= .rlhf
 UI_PORT ?= 5000
 ui: .venv/.installed
 	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)/#/experiments/1?workflowType=machine_learning"
-	.venv/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(RLHF_HOME))/mlflow.db --port $(UI_PORT)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(RLHF_HOME))/mlflow.db \
+		--port $(UI_PORT) --workers 1
 
 # Formatting and lint first (ruff: pyproject.toml), then the suite, which also builds the docs with --strict.
 # pytest exits 5 when it collected no tests: that is a failure here, not a pass.

@@ -1,4 +1,5 @@
-"""Shared fixtures: a micro config in a temporary root, and one Prefect test server per session."""
+"""Shared fixtures: a micro config in a temporary root, one Prefect test server per session (pytest-xdist: per
+worker), and the environment a pipeline started as a subprocess runs with."""
 
 from __future__ import annotations
 
@@ -19,10 +20,23 @@ def prefect_server():
     import tasks  # noqa: F401  (Prefect's defaults, set in tasks/__init__.py, before Prefect is imported)
 
     # isort: split
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=180):
-        yield
+        yield PREFECT_API_URL.value()
+
+
+def pipeline_env(home: Path, api_url: str | None = None, **extra: str) -> dict:
+    """The environment of a pipeline run as a subprocess: its own PREFECT_HOME, offline, no tracking URI of ours.
+    With ``api_url`` (the session's server: ``prefect_server``) its flow runs report there; without, the pipeline
+    starts an ephemeral server of its own, as on a new user's machine (about 20 s here: only where that is tested)."""
+    env = {**os.environ, "PREFECT_HOME": str(home), "HF_HUB_OFFLINE": "1", **extra}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PREFECT_API_URL", None)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
 
 
 def micro_overrides(root: Path, *extra: str) -> list[str]:

@@ -180,13 +180,14 @@ def conversations(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("uf") / "ultrafeedback.jsonl", ultrafeedback_rows(160))
 
 
-def chat_overrides(root: Path, file: Path, arch: str, *extra: str) -> list[str]:
+def chat_overrides(root: Path, file: Path, arch: str, *extra: str, rows: int = 96) -> list[str]:
+    """micro on conversational data: ``rows`` demonstrations and as many preference pairs."""
     return micro_overrides(
         root,
         "data=conversational_local",
         f"data.data_files={file}",
-        "data.n_sft=96",
-        "data.n_pref=96",
+        f"data.n_sft={rows}",
+        f"data.n_pref={rows}",
         "data.n_eval_prompts=16",
         "data.n_eval_pref=16",
         "data.n_ppo_prompts=64",
@@ -230,11 +231,12 @@ def test_changed_rows_rerun_data_and_everything_after_unchanged_rows_stay_cached
     from flows.dag import rlhf_pipeline
 
     file = write_jsonl(tmp_path / "uf.jsonl", ultrafeedback_rows(160))
-    first = rlhf_pipeline(load_config(chat_overrides(tmp_path, file, "gpt2")))
-    again = rlhf_pipeline(load_config(chat_overrides(tmp_path, file, "gpt2")))
+    overrides = chat_overrides(tmp_path, file, "gpt2", rows=32)
+    first = rlhf_pipeline(load_config(overrides))
+    again = rlhf_pipeline(load_config(overrides))
     assert all(again["cached"].values())
     write_jsonl(file, ultrafeedback_rows(160, seed=1))  # same path, same config, new rows
-    changed = rlhf_pipeline(load_config(chat_overrides(tmp_path, file, "gpt2")))
+    changed = rlhf_pipeline(load_config(overrides))
     assert not any(changed["cached"].values()) and changed["keys"]["data"] != first["keys"]["data"]
     origin = json.loads(
         MlflowClient(changed["tracking_uri"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from .conftest import SHARED_HH
+from .conftest import SHARED_HH, pipeline_env
 from .test_flow import EVAL_METRICS, STAGES
 
 
@@ -102,7 +102,7 @@ def test_cli_rejects_a_bad_value_before_any_training(tmp_path):
 @pytest.mark.skipif(
     not SHARED_HH.exists(), reason="needs ../shared/data/hh-rlhf (present in CI, absent in a user's clone)"
 )
-def test_real_data_path_on_the_hh_rlhf_slice_exits_0_with_a_proxy_objective(tmp_path):
+def test_real_data_path_on_the_hh_rlhf_slice_exits_0_with_a_proxy_objective(tmp_path, prefect_server):
     """The hub-dataset path from the command line, offline: HH-RLHF rows through `datasets`, the tiny model,
     DPO, proxy-only eval; the objective follows the data (no gold reward) and the run ends with status 0."""
     small = [
@@ -121,8 +121,7 @@ def test_real_data_path_on_the_hh_rlhf_slice_exits_0_with_a_proxy_objective(tmp_
         f"paths.root={tmp_path}",
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
     ]
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "HF_HUB_OFFLINE": "1"}
-    env.pop("PREFECT_API_URL", None)
+    env = pipeline_env(tmp_path / "prefect", prefect_server)
     out = subprocess.run(
         [sys.executable, "-m", "flows.pipeline", *small],
         env=env,

@@ -148,16 +148,9 @@ def test_triggered_pipeline_trains_on_the_gpu_pool_and_logs_to_the_tracking_serv
     )  # checkpoints stay local
 
 
-def test_a_second_trigger_is_fully_cached_and_dispatches_nothing(cluster, first):
+def test_a_scheduled_run_starts_without_a_trigger_and_is_fully_cached_dispatching_nothing(cluster, first):
+    """The scheduler starts a run of the first run's config: every stage Cached, no stage flow run dispatched."""
     before = set(cluster.stage_runs())
-    run = cluster.completed(cluster.prefect.trigger(PIPELINE, {"overrides": MICRO}))
-    states = {t["name"].rsplit("-", 1)[0]: t["state_name"] for t in cluster.prefect.task_runs([run["id"]])}
-    assert states == {s: "Cached" for s in ("data", "sft", "reward", "dpo", "eval")}
-    assert set(cluster.stage_runs()) == before
-    assert _tags(cluster.parent_run(run["id"]))["stage.dpo.cached"] == "true"
-
-
-def test_a_schedule_runs_the_pipeline_without_a_trigger(cluster, first):
     dep = cluster.prefect.deployment(PIPELINE)
     assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 2 * * *"]  # the nightly run
     soon = datetime.now(UTC) + timedelta(seconds=5)
@@ -176,6 +169,10 @@ def test_a_schedule_runs_the_pipeline_without_a_trigger(cluster, first):
     assert due, f"the scheduler created no run for {soon}\n{cluster.logs()}"
     run = cluster.completed(due[0]["id"])
     assert run["parameters"]["overrides"] == MICRO and run["parameters"]["base_overrides"] == ["dispatch=pools"]
+    states = {t["name"].rsplit("-", 1)[0]: t["state_name"] for t in cluster.prefect.task_runs([run["id"]])}
+    assert states == {s: "Cached" for s in ("data", "sft", "reward", "dpo", "eval")}
+    assert set(cluster.stage_runs()) == before
+    assert _tags(cluster.parent_run(run["id"]))["stage.dpo.cached"] == "true"
 
 
 def test_two_runs_never_train_at_once_on_one_gpu_slot(cluster, first):

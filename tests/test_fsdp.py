@@ -14,6 +14,7 @@ import signal
 import subprocess
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cloudpickle
@@ -31,7 +32,8 @@ from rlhf.sharding import Sharding
 from rlhf.stages import dpo, grpo, ppo, prepare, reward, rloo, sft
 from rlhf.synthetic import gold_reward
 from rlhf.validate import validate
-from tests.test_resilience import env_for, pipeline_cmd, running_until_a_ppo_checkpoint, runs_of
+from tests.conftest import micro_overrides, pipeline_env
+from tests.test_resilience import PROJECT, pipeline_cmd, runs_of
 from tests.tiny import TINY_MODEL, ctx, on_policy
 
 pytestmark = pytest.mark.slow
@@ -68,24 +70,32 @@ def values(history: list) -> list[float]:
     return [v for _, v in history]
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward"])
-def test_fsdp_takes_the_steps_ddp_takes(upstream, stage):
-    data, sft_path = upstream["data"], upstream["sft"]
-    body = {
-        "sft": lambda c: sft.run(TINY_MODEL, SFT, data, c),
-        "reward": lambda c: reward.run(REWARD, TINY_MODEL, data, sft_path, c),
-    }[stage]
-    prefix = {"sft": "sft", "reward": "rm"}[stage]
-    sharded, m_sharded = upstream["launch"](body, f"{stage}-fsdp", FSDP)
-    whole, m_whole = upstream["launch"](body, f"{stage}-ddp", DDP)
+def stages_in_one_launch(**bodies):
+    """One launch's body that runs each stage in a folder of its own (a launch costs seconds of start-up here)."""
+    return lambda c: {name: body(replace(c, out_dir=c.out_dir / name)) for name, body in bodies.items()}
 
+
+@pytest.fixture(scope="module")
+def supervised(upstream):
+    """SFT and the reward model trained in one FSDP launch and in one DDP launch."""
+    data, sft_path = upstream["data"], upstream["sft"]
+    body = stages_in_one_launch(
+        sft=lambda c: sft.run(TINY_MODEL, SFT, data, c),
+        reward=lambda c: reward.run(REWARD, TINY_MODEL, data, sft_path, c),
+    )
+    return {name: upstream["launch"](body, f"supervised-{name}", rt) for name, rt in (("fsdp", FSDP), ("ddp", DDP))}
+
+
+@pytest.mark.parametrize("stage, prefix", [("sft", "sft"), ("reward", "rm")])
+def test_fsdp_takes_the_steps_ddp_takes(upstream, supervised, stage, prefix):
+    (sharded, m_sharded), (whole, m_whole) = supervised["fsdp"], supervised["ddp"]
     losses = values(m_sharded[f"{prefix}/loss"])
     assert len(losses) >= 4 and losses == pytest.approx(values(m_whole[f"{prefix}/loss"]), abs=1e-4)
     if stage == "sft":
         assert len(losses) == 20
-    step = sorted((upstream["root"] / f"{stage}-fsdp" / "ckpt").glob("step-*"))[-1]
+    step = sorted((upstream["root"] / "supervised-fsdp" / stage / "ckpt").glob("step-*"))[-1]
     assert (step / ".metadata").exists() and {"rng-0.pt", "rng-1.pt"} <= {p.name for p in step.iterdir()}
-    a, b = (load_file(Path(r["model_path"]) / "model.safetensors") for r in (sharded, whole))
+    a, b = (load_file(Path(r[stage]["model_path"]) / "model.safetensors") for r in (sharded, whole))
     assert sorted(a) == sorted(b)  # one consolidated model, the tied LM head saved once as DDP's is
     assert max((a[k] - b[k]).abs().max() for k in a) < 1e-4
 
@@ -93,15 +103,18 @@ def test_fsdp_takes_the_steps_ddp_takes(upstream, stage):
 def test_fsdp_rloo_and_grpo_start_at_ratio_one(upstream):
     """(DPO's first loss under FSDP: the resume test's uninterrupted two-process run.)"""
     inputs = PolicyInputs(upstream["data"], upstream["sft"], upstream["rm"], gold_reward)
-    launch = upstream["launch"]
-    for name, stage, schema in (("rloo", rloo, rloo.RLOOConfig), ("grpo", grpo, grpo.GRPOConfig)):
-        cfg = on_policy(schema, steps=2)
-        out, m = launch(lambda c, s=stage, cfg=cfg: s.run(cfg, TINY_MODEL, inputs, c), f"{name}-fsdp", FSDP)
+    cfgs = {"rloo": on_policy(rloo.RLOOConfig, steps=2), "grpo": on_policy(grpo.GRPOConfig, steps=2)}
+    body = stages_in_one_launch(
+        rloo=lambda c: rloo.run(cfgs["rloo"], TINY_MODEL, inputs, c),
+        grpo=lambda c: grpo.run(cfgs["grpo"], TINY_MODEL, inputs, c),
+    )
+    out, m = upstream["launch"](body, "on-policy-fsdp", FSDP)
+    for name in cfgs:
         assert abs(m[f"{name}/kl"][0][1]) < 1e-4  # sampled from the gathered policy, which is the reference
         assert m[f"{name}/clipfrac_first_minibatch"][0][1] == 0
         assert abs(m[f"{name}/approx_kl_first_minibatch"][0][1]) < 1e-6
         assert [s for s, _ in m[f"{name}/eval_gold_reward"]] == [0, 1, 2]
-        assert (Path(out["model_path"]) / "model.safetensors").exists()
+        assert (Path(out[name]["model_path"]) / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("processes", [(2, 1), (1, 2)])
@@ -160,9 +173,9 @@ def test_ppo_resumed_on_one_process_continues_as_the_two_would_have(upstream):
     assert {k: resumed[k] for k in continuous} == pytest.approx(continuous, abs=1e-4)
 
 
-def test_two_machines_on_loopback_train_one_stage_together(upstream):
+def test_two_machines_on_loopback_train_one_stage_together(upstream, supervised):
     """Two torchrun agents (--nnodes 2, one process each) meet through the c10d rendezvous on 127.0.0.1 and train
-    SFT together: the model two processes on one machine train."""
+    SFT together: the model two processes on one machine train (``supervised``'s FSDP launch)."""
     from rlhf.launch import _free_port, join_launch
 
     data, root = upstream["data"], upstream["root"]
@@ -174,11 +187,11 @@ def test_two_machines_on_loopback_train_one_stage_together(upstream):
     joiner.start()
     together, m_together = upstream["launch"](body, "sft-two-machines", first)
     joiner.join()
-    one, m_one = upstream["launch"](body, "sft-one-machine", FSDP)
+    one, m_one = supervised["fsdp"]
 
     assert (root / "sft-two-machines" / "launch" / "log-node1.txt").exists()
     assert values(m_together["sft/loss"]) == pytest.approx(values(m_one["sft/loss"]), abs=1e-5)
-    a, b = (load_file(Path(r["model_path"]) / "model.safetensors") for r in (together, one))
+    a, b = (load_file(Path(r["model_path"]) / "model.safetensors") for r in (together, one["sft"]))
     assert max((a[k] - b[k]).abs().max() for k in a) < 1e-5
 
 
@@ -230,20 +243,38 @@ def processes_under(root: Path) -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["cmdline"]) if any(str(root) in a for a in p.info["cmdline"] or [])]
 
 
-def test_kill_9_mid_ppo_under_fsdp_resumes_from_the_shards_in_the_same_run(tmp_path):
-    root, steps = tmp_path / "root", 8
-    cmd = pipeline_cmd(
-        root,
-        "experiment=micro_ppo",
-        "runtime.num_processes=2",
-        "runtime.strategy=fsdp",
-        f"algo.steps={steps}",
-        "algo.checkpoint_every=2",
-        "algo.eval_every=100",
+def running_until_a_ppo_checkpoint(cmd: list[str], env: dict, root: Path, wait_s: float = 600) -> subprocess.Popen:
+    """The pipeline started in a process group of its own (a kill takes the run, its stage's launcher and workers, as
+    a lost machine would), returned once PPO has written a checkpoint and is still running."""
+    proc = subprocess.Popen(
+        cmd, cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    env = env_for(tmp_path / "home")
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list(root.glob("stages/ppo/*/ckpt/step-*/COMPLETE")):
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before a PPO checkpoint could be interrupted"
+    return proc
+
+
+def test_kill_9_mid_ppo_under_fsdp_resumes_from_the_shards_in_the_same_run(tmp_path, prefect_server):
+    """kill -9 to a pipeline mid-PPO (two FSDP processes): nothing it started outlives it; run again, the killed
+    parent run is marked KILLED and names its successor, the cached stages stay cached, and PPO continues in its own
+    MLflow run from its last sharded checkpoint to exactly the configured steps, each iteration logged once.
+
+    Data, SFT and the reward model are trained first in this process (their keys do not depend on the runtime): the
+    killed pipeline launches PPO alone."""
+    from flows.compose import load_config
+    from flows.dag import rlhf_pipeline
+
+    root, steps = tmp_path / "root", 4
+    rlhf_pipeline(load_config(micro_overrides(root)))  # DPO on micro: the upstream micro_ppo shares
+    ppo = ["experiment=micro_ppo", f"algo.steps={steps}", "algo.checkpoint_every=2", "algo.eval_every=100"]
+    cmd = pipeline_cmd(root, *ppo, "runtime.num_processes=2", "runtime.strategy=fsdp")
+    env = pipeline_env(tmp_path / "home", prefect_server)
     proc = running_until_a_ppo_checkpoint(cmd, env, root)
-    os.killpg(proc.pid, signal.SIGKILL)  # the pipeline and its Prefect server, as a lost machine or the OOM killer
+    os.killpg(proc.pid, signal.SIGKILL)  # the pipeline, its launcher and workers, as a lost machine or the OOM killer
     proc.wait()
     deadline = time.monotonic() + 20  # the launcher (a session of its own) and its workers die with the pipeline
     while processes_under(root) and time.monotonic() < deadline:
@@ -256,14 +287,19 @@ def test_kill_9_mid_ppo_under_fsdp_resumes_from_the_shards_in_the_same_run(tmp_p
     killed_at = int(done[-1].parent.name.split("-")[1])
     assert (done[-1].parent / ".metadata").exists()  # a sharded checkpoint
 
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    client, parents = runs_of(root, "tags.pipeline = 'rlhf' and attributes.status = 'FINISHED'")
-    ppo_run = client.get_run(parents[0].data.tags["stage.ppo.run_id"])
+    client, parents = runs_of(root, "tags.pipeline = 'rlhf'")  # the DPO run's, the killed and the rerun's
+    (killed,) = [p for p in parents if p.info.status != "FINISHED"]
+    (rerun,) = [p for p in parents if p.info.status == "FINISHED" and "stage.ppo.run_id" in p.data.tags]
+    assert killed.info.status == "KILLED" and killed.data.tags["rlhf.taken_over_by"] == rerun.info.run_id
+    assert not runs_of(root, "attributes.status = 'RUNNING'")[1]  # no phantom RUNNING run beside the new ones
+    assert all(rerun.data.tags[f"stage.{s}.cached"] == "true" for s in ("data", "sft", "reward"))
+    ppo_run = client.get_run(rerun.data.tags["stage.ppo.run_id"])
     assert ppo_run.data.tags.get("resumed") == "true" and ppo_run.info.status == "FINISHED"
     logged = [m.step for m in client.get_metric_history(ppo_run.info.run_id, "ppo/kl")]
     assert sorted(logged) == list(range(1, steps + 1))  # every iteration once: none lost, none logged twice
     final = sorted(root.glob("stages/ppo/*/ckpt/step-*/COMPLETE"))[-1]
-    assert int(final.parent.name.split("-")[1]) == steps * 2 * (16 // 8) > killed_at
+    assert int(final.parent.name.split("-")[1]) == steps * 2 * (16 // 8) > killed_at  # epochs x minibatches
     (model,) = root.glob("stages/ppo/*/model/model.safetensors")
     assert all(torch.isfinite(w).all() for w in load_file(model).values())

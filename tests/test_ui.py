@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.conftest import pipeline_env
 from tests.servers import Processes, start_mlflow_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -27,11 +28,10 @@ MEMBERS = {("0.02", "0.1"), ("0.02", "0.2"), ("0.1", "0.1"), ("0.1", "0.2")}
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(tmp_path_factory, prefect_server):
     tmp = tmp_path_factory.mktemp("ui")
     procs = Processes(tmp / "logs")
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "HF_HUB_OFFLINE": "1"}
-    env.pop("PREFECT_API_URL", None)
+    env = pipeline_env(tmp / "prefect", prefect_server)
     uri = start_mlflow_server(procs, tmp / "mlflow", env)
     try:
         procs.wait_healthy("mlflow-server", f"{uri}/health")
