@@ -17,7 +17,7 @@ from rlhf.settings import ConfigError
 from rlhf.stages import ppo, prepare, reward, sft
 from rlhf.synthetic import gold_reward
 from rlhf.validate import validate
-from tests.tiny import TINY_MODEL, ctx, on_policy, params_of
+from tests.tiny import TINY_MODEL, ctx, on_policy, params_of, stages_in_one_launch
 
 TWO = RuntimeConfig(device="cpu", threads=1, num_processes=2)
 REWARD = RewardConfig(lr=3e-3, epochs=1, batch_size=16, grad_accum=2, log_every=1, eval_every=100, checkpoint_every=2)
@@ -52,47 +52,54 @@ def upstream(tmp_path_factory):
     }
 
 
-def test_two_processes_reach_the_weights_of_one_and_log_each_step_once(upstream):
-    root, client, data, sft_path, single = (
-        upstream["root"],
-        upstream["client"],
-        upstream["data"],
-        upstream["sft"],
-        upstream["rm"],
+@pytest.fixture(scope="module")
+def two(upstream):
+    """The reward model, then two PPO iterations, in one launch of two processes (their metric names differ)."""
+    root, client, data, sft_path = upstream["root"], upstream["client"], upstream["data"], upstream["sft"]
+    inputs = PolicyInputs(data, sft_path, upstream["rm"]["model_path"], gold_reward)
+    body = stages_in_one_launch(
+        reward=lambda c: reward.run(REWARD, TINY_MODEL, data, sft_path, c),
+        ppo=lambda c: ppo.run(PPO, TINY_MODEL, inputs, c),
     )
-    run_id = upstream["new_run"]("rm-two")
-    body = lambda c: reward.run(REWARD, TINY_MODEL, data, sft_path, c)  # noqa: E731
-    double = run_data_parallel(body, root / "rm-two", TWO, REWARD.seed, client.tracking_uri, run_id)
+    run_id = upstream["new_run"]("two")
+    out = run_data_parallel(body, root / "two", TWO, REWARD.seed, client.tracking_uri, run_id)
+    return out, lambda name: [(m.step, m.value) for m in client.get_metric_history(run_id, name)]
 
+
+PPO = on_policy(steps=2)
+
+
+def test_two_processes_reach_the_weights_of_one_and_log_each_step_once(upstream, two):
+    root, sft_path, single = upstream["root"], upstream["sft"], upstream["rm"]
+    out, metric = two
+    double = out["reward"]
     assert double["steps"] == single["steps"] == 4
     w1, w2, start = scalar_weights(single["model_path"]), scalar_weights(double["model_path"]), scalar_weights(sft_path)
     assert (w2 - w1).abs().max() < 1e-4 < 1e-2 < (w1 - start).abs().max()  # same training up to float summation order
-    history = client.get_metric_history(run_id, "rm/loss")
-    assert [m.step for m in history] == [1, 2, 3, 4]  # once per step: only the main process logs
-    assert [m.value for m in history] == pytest.approx([v for _, v in upstream["rm_sink"].metrics["rm/loss"]], abs=1e-5)
-    assert sorted(p.name for p in (root / "rm-two" / "ckpt").iterdir()) == ["step-000002", "step-000004"]
+    history = metric("rm/loss")
+    assert [s for s, _ in history] == [1, 2, 3, 4]  # once per step: only the main process logs
+    assert values_of(history) == pytest.approx(values_of(upstream["rm_sink"].metrics["rm/loss"]), abs=1e-5)
+    assert sorted(p.name for p in (root / "two" / "reward" / "ckpt").iterdir()) == ["step-000002", "step-000004"]
     assert double["metrics"]["rm/eval_accuracy"] == pytest.approx(single["metrics"]["rm/eval_accuracy"])
 
 
-def test_ppo_in_two_processes_starts_at_zero_kl_and_logs_each_iteration_once(upstream):
-    root, client = upstream["root"], upstream["client"]
-    cfg = on_policy(steps=2)
-    run_id = upstream["new_run"]("ppo-two")
-    body = lambda c: ppo.run(
-        cfg, TINY_MODEL, PolicyInputs(upstream["data"], upstream["sft"], upstream["rm"]["model_path"], gold_reward), c
-    )  # noqa: E731
-    out = run_data_parallel(body, root / "ppo-two", TWO, cfg.seed, client.tracking_uri, run_id)
+def values_of(history: list) -> list[float]:
+    return [v for _, v in history]
 
-    metric = lambda name: [(m.step, m.value) for m in client.get_metric_history(run_id, name)]  # noqa: E731
+
+def test_ppo_in_two_processes_starts_at_zero_kl_and_logs_each_iteration_once(upstream, two):
+    root = upstream["root"]
+    out, metric = two
     assert [s for s, _ in metric("ppo/kl")] == [1, 2]
     assert abs(metric("ppo/kl")[0][1]) < 1e-4  # policy = reference at the first rollout, in both processes
     assert (
         metric("ppo/clipfrac_first_minibatch")[0][1] == 0 and abs(metric("ppo/approx_kl_first_minibatch")[0][1]) < 1e-6
     )
     assert [s for s, _ in metric("ppo/eval_gold_reward")] == [0, 1, 2]  # 0: the policy before training (SFT)
-    assert not torch.allclose(params_of(upstream["sft"]), params_of(out["model_path"]))
-    assert (root / "ppo-two" / "ckpt" / "step-000008" / "COMPLETE").exists()  # 2 iterations x 2 epochs x 2 minibatches
-    assert (root / "ppo-two" / "figures" / "kl_curve.png").exists()
+    assert not torch.allclose(params_of(upstream["sft"]), params_of(out["ppo"]["model_path"]))
+    ckpt = root / "two" / "ppo" / "ckpt" / "step-000008" / "COMPLETE"
+    assert ckpt.exists()  # 2 iterations x 2 epochs x 2 minibatches
+    assert (root / "two" / "ppo" / "figures" / "kl_curve.png").exists()
 
 
 def test_a_failing_process_fails_the_stage_with_its_output(upstream, tmp_path):
@@ -137,51 +144,35 @@ def test_prompts_that_do_not_split_over_the_processes_are_refused_with_the_fix(m
 
 
 def test_each_process_saves_its_own_random_state_and_gets_it_back_on_resume(upstream, tmp_path):
-    """Two processes seed their own streams (seed + rank), the checkpoint holds both states, and a resumed run
-    hands each process its own: the draws after the resume are the ones the first run saw after its save."""
+    """Two processes seed their own streams (seed + rank), the checkpoint holds both states, and a trainer that resumes
+    from it hands each process its own: the draws after the resume are the ones each process drew after the save.
+    (One launch: the saving trainer, a few draws, then a new trainer resuming in the same processes.)"""
     import json
 
-    def body(c, resume: bool):
+    def body(c):
         from pathlib import Path
 
         from rlhf.config_training import OptimConfig
         from rlhf.trainer import Trainer
 
-        trainer = Trainer(
-            {},
-            None,
-            OptimConfig(),
-            4,
-            "t",
-            c.sink,
-            c.ckpt_dir,
-            [{"params": [torch.nn.Parameter(torch.zeros(1))]}],
-            accelerator=c.accelerator,
-        )  # no model to write: the checkpoint is the trainer state
-        if resume:
-            trainer.load(c.resume_point())
-        else:
-            trainer.save({})
-        draws = torch.rand(4).tolist()
-        Path(c.out_dir, f"draws-{resume}-{c.accelerator.process_index}.json").write_text(json.dumps(draws))
+        def trainer():  # no model to write: the checkpoint is the trainer state
+            groups = [{"params": [torch.nn.Parameter(torch.zeros(1))]}]
+            return Trainer({}, None, OptimConfig(), 4, "t", c.sink, c.ckpt_dir, groups, accelerator=c.accelerator)
+
+        trainer().save({})
+        after_save = torch.rand(4).tolist()
+        trainer().load(c.resume_point())
+        after_resume = torch.rand(4).tolist()
+        Path(c.out_dir, f"draws-{c.accelerator.process_index}.json").write_text(json.dumps([after_save, after_resume]))
         return {}
 
     client, out = upstream["client"], tmp_path / "rng"
-    for resume in (False, True):
-        run_data_parallel(
-            lambda c, r=resume: body(c, r), out, TWO, 7, client.tracking_uri, upstream["new_run"](f"rng-{resume}")
-        )
+    run_data_parallel(body, out, TWO, 7, client.tracking_uri, upstream["new_run"]("rng"))
     saved = torch.load(out / "ckpt" / "step-000000" / "trainer_state.pt", weights_only=True)["rng"]
-    assert len(saved) == 2 and not torch.equal(
-        saved[0]["torch"], saved[1]["torch"]
-    )  # one state per process, each its own
-    draws = {
-        (r, rank): json.loads((out / f"draws-{r}-{rank}.json").read_text()) for r in (False, True) for rank in (0, 1)
-    }
-    assert (
-        draws[(True, 0)] == draws[(False, 0)] and draws[(True, 1)] == draws[(False, 1)]
-    )  # each process restored its own
-    assert draws[(False, 0)] != draws[(False, 1)]
+    assert len(saved) == 2 and not torch.equal(saved[0]["torch"], saved[1]["torch"])  # one state per process
+    draws = [json.loads((out / f"draws-{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(after_save == after_resume for after_save, after_resume in draws)  # each process restored its own
+    assert draws[0][0] != draws[1][0]
 
 
 def test_a_stop_signal_stops_every_process_after_the_same_step_and_the_rerun_finishes(upstream, tmp_path):

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import cloudpickle
@@ -34,7 +33,7 @@ from rlhf.synthetic import gold_reward
 from rlhf.validate import validate
 from tests.conftest import micro_overrides, pipeline_env
 from tests.test_resilience import PROJECT, pipeline_cmd, runs_of
-from tests.tiny import TINY_MODEL, ctx, on_policy
+from tests.tiny import TINY_MODEL, ctx, on_policy, stages_in_one_launch
 
 pytestmark = pytest.mark.slow
 
@@ -70,92 +69,98 @@ def values(history: list) -> list[float]:
     return [v for _, v in history]
 
 
-def stages_in_one_launch(**bodies):
-    """One launch's body that runs each stage in a folder of its own (a launch costs seconds of start-up here)."""
-    return lambda c: {name: body(replace(c, out_dir=c.out_dir / name)) for name, body in bodies.items()}
+PPO = on_policy(steps=3, checkpoint_every=2, eval_every=3)
+ON_POLICY = {"rloo": on_policy(rloo.RLOOConfig, steps=2), "grpo": on_policy(grpo.GRPOConfig, steps=2)}
 
 
 @pytest.fixture(scope="module")
-def supervised(upstream):
-    """SFT and the reward model trained in one FSDP launch and in one DDP launch."""
+def launched(upstream):
+    """Every stage in one FSDP launch (SFT, reward, DPO, RLOO, GRPO, PPO), and SFT and reward in one DDP launch:
+    each stage's record and metric histories, under its name."""
     data, sft_path = upstream["data"], upstream["sft"]
-    body = stages_in_one_launch(
-        sft=lambda c: sft.run(TINY_MODEL, SFT, data, c),
-        reward=lambda c: reward.run(REWARD, TINY_MODEL, data, sft_path, c),
-    )
-    return {name: upstream["launch"](body, f"supervised-{name}", rt) for name, rt in (("fsdp", FSDP), ("ddp", DDP))}
+    inputs = PolicyInputs(upstream["data"], upstream["sft"], upstream["rm"], gold_reward)
+    supervised = {
+        "sft": lambda c: sft.run(TINY_MODEL, SFT, data, c),
+        "reward": lambda c: reward.run(REWARD, TINY_MODEL, data, sft_path, c),
+    }
+    policies = {
+        "dpo": lambda c: dpo.run(DPO, TINY_MODEL, inputs, c),
+        "rloo": lambda c: rloo.run(ON_POLICY["rloo"], TINY_MODEL, inputs, c),
+        "grpo": lambda c: grpo.run(ON_POLICY["grpo"], TINY_MODEL, inputs, c),
+        "ppo": lambda c: ppo.run(PPO, TINY_MODEL, inputs, c),
+    }
+    out = {}
+    for strategy, rt, bodies in (("fsdp", FSDP, {**supervised, **policies}), ("ddp", DDP, supervised)):
+        records, metrics = upstream["launch"](stages_in_one_launch(**bodies), f"launch-{strategy}", rt)
+        out[strategy] = {name: (records[name], metrics) for name in bodies}  # the stages' metric names differ
+    return out
 
 
 @pytest.mark.parametrize("stage, prefix", [("sft", "sft"), ("reward", "rm")])
-def test_fsdp_takes_the_steps_ddp_takes(upstream, supervised, stage, prefix):
-    (sharded, m_sharded), (whole, m_whole) = supervised["fsdp"], supervised["ddp"]
+def test_fsdp_takes_the_steps_ddp_takes(upstream, launched, stage, prefix):
+    (sharded, m_sharded), (whole, m_whole) = launched["fsdp"][stage], launched["ddp"][stage]
     losses = values(m_sharded[f"{prefix}/loss"])
     assert len(losses) >= 4 and losses == pytest.approx(values(m_whole[f"{prefix}/loss"]), abs=1e-4)
     if stage == "sft":
         assert len(losses) == 20
-    step = sorted((upstream["root"] / "supervised-fsdp" / stage / "ckpt").glob("step-*"))[-1]
+    step = sorted((upstream["root"] / "launch-fsdp" / stage / "ckpt").glob("step-*"))[-1]
     assert (step / ".metadata").exists() and {"rng-0.pt", "rng-1.pt"} <= {p.name for p in step.iterdir()}
-    a, b = (load_file(Path(r[stage]["model_path"]) / "model.safetensors") for r in (sharded, whole))
+    a, b = (load_file(Path(r["model_path"]) / "model.safetensors") for r in (sharded, whole))
     assert sorted(a) == sorted(b)  # one consolidated model, the tied LM head saved once as DDP's is
     assert max((a[k] - b[k]).abs().max() for k in a) < 1e-4
 
 
-def test_fsdp_rloo_and_grpo_start_at_ratio_one(upstream):
+def test_fsdp_rloo_and_grpo_start_at_ratio_one(launched):
     """(DPO's first loss under FSDP: the resume test's uninterrupted two-process run.)"""
-    inputs = PolicyInputs(upstream["data"], upstream["sft"], upstream["rm"], gold_reward)
-    cfgs = {"rloo": on_policy(rloo.RLOOConfig, steps=2), "grpo": on_policy(grpo.GRPOConfig, steps=2)}
-    body = stages_in_one_launch(
-        rloo=lambda c: rloo.run(cfgs["rloo"], TINY_MODEL, inputs, c),
-        grpo=lambda c: grpo.run(cfgs["grpo"], TINY_MODEL, inputs, c),
-    )
-    out, m = upstream["launch"](body, "on-policy-fsdp", FSDP)
-    for name in cfgs:
+    for name in ON_POLICY:
+        out, m = launched["fsdp"][name]
         assert abs(m[f"{name}/kl"][0][1]) < 1e-4  # sampled from the gathered policy, which is the reference
         assert m[f"{name}/clipfrac_first_minibatch"][0][1] == 0
         assert abs(m[f"{name}/approx_kl_first_minibatch"][0][1]) < 1e-6
         assert [s for s, _ in m[f"{name}/eval_gold_reward"]] == [0, 1, 2]
-        assert (Path(out[name]["model_path"]) / "model.safetensors").exists()
+        assert (Path(out["model_path"]) / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("processes", [(2, 1), (1, 2)])
-def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(upstream, processes):
+def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(upstream, launched, processes):
     """DPO stopped after step 2 on ``before`` processes continues on ``after`` with the losses of the run that was
-    never interrupted."""
+    never interrupted (on two processes: ``launched``'s)."""
     before, after = processes
     inputs = PolicyInputs(upstream["data"], upstream["sft"], upstream["rm"], gold_reward)
     root, name = upstream["root"], f"dpo-{before}to{after}"
     body = lambda c: dpo.run(DPO, TINY_MODEL, inputs, c)  # noqa: E731
 
-    def run(folder: str, n: int) -> dict:
-        if n == 2:
-            return upstream["launch"](body, folder, FSDP)[1]
+    def in_this_process(folder: str) -> dict:
         c = ctx(root, folder, sharding=Sharding("fsdp"))
         body(c)
         return {k: [(s, v) for s, v in pts] for k, pts in c.sink.metrics.items()}
 
-    straight = run(f"{name}-straight", before)
+    if before == 2:
+        straight, straight_dir = launched["fsdp"]["dpo"][1], root / "launch-fsdp" / "dpo"
+    else:
+        straight, straight_dir = in_this_process(f"{name}-straight"), root / f"{name}-straight"
     assert straight["dpo/loss"][0] == (1, pytest.approx(0.6931, abs=0.01))  # policy = reference: ln 2
     (root / name / "ckpt").mkdir(parents=True)
-    shutil.copytree(root / f"{name}-straight" / "ckpt" / "step-000002", root / name / "ckpt" / "step-000002")
-    resumed = run(name, after)
+    shutil.copytree(straight_dir / "ckpt" / "step-000002", root / name / "ckpt" / "step-000002")
+    resumed = upstream["launch"](body, name, FSDP)[1] if after == 2 else in_this_process(name)
     expected = [(s, v) for s, v in straight["dpo/loss"] if s > 2]
     assert [s for s, _ in resumed["dpo/loss"]] == [s for s, _ in expected]
     assert values(resumed["dpo/loss"]) == pytest.approx(values(expected), abs=1e-4)
 
 
-def test_ppo_resumed_on_one_process_continues_as_the_two_would_have(upstream):
+def test_ppo_resumed_on_one_process_continues_as_the_two_would_have(upstream, launched):
     """PPO stopped after iteration 2 of 3 on two processes, continued on one: iteration 3's every metric (rollout
     statistics, the update's losses, the held-out evaluation; clip fractions up to one token) as the two-process
     run's. Each answer is drawn with its own key and the update normalises over the whole minibatch, so the number
     of processes changes only the order of float sums."""
     inputs = PolicyInputs(upstream["data"], upstream["sft"], upstream["rm"], gold_reward)
-    root, cfg = upstream["root"], on_policy(steps=3, checkpoint_every=2, eval_every=3)
-    body = lambda c: ppo.run(cfg, TINY_MODEL, inputs, c)  # noqa: E731
-    _, straight = upstream["launch"](body, "ppo-straight", FSDP)
-    first = sorted((root / "ppo-straight" / "ckpt").glob("step-*"))[0]
+    root, cfg = upstream["root"], PPO
+    straight = {k: h for k, h in launched["fsdp"]["ppo"][1].items() if k.startswith("ppo/")}
+    first = sorted((root / "launch-fsdp" / "ppo" / "ckpt").glob("step-*"))[0]
     shutil.copytree(first, root / "ppo-2to1" / "ckpt" / first.name)
     c = ctx(root, "ppo-2to1", sharding=Sharding("fsdp"))
-    body(c)
+    ppo.run(cfg, TINY_MODEL, inputs, c)
+    assert all(k.startswith("ppo/") for k in c.sink.metrics)  # what the launch logged for PPO is all of PPO's
     # not compared: timings, and the frontier fit over the KL curve logged at the end (three points fit into an
     # ill-conditioned d*: 2.35e7 in one run, moved 1e-3 relatively by float-order noise); the curve's points are
     timing = ("time_", "_per_s", "/frontier_")
@@ -173,9 +178,9 @@ def test_ppo_resumed_on_one_process_continues_as_the_two_would_have(upstream):
     assert {k: resumed[k] for k in continuous} == pytest.approx(continuous, abs=1e-4)
 
 
-def test_two_machines_on_loopback_train_one_stage_together(upstream, supervised):
+def test_two_machines_on_loopback_train_one_stage_together(upstream, launched):
     """Two torchrun agents (--nnodes 2, one process each) meet through the c10d rendezvous on 127.0.0.1 and train
-    SFT together: the model two processes on one machine train (``supervised``'s FSDP launch)."""
+    SFT together: the model two processes on one machine train (``launched``'s FSDP SFT)."""
     from rlhf.launch import _free_port, join_launch
 
     data, root = upstream["data"], upstream["root"]
@@ -187,11 +192,11 @@ def test_two_machines_on_loopback_train_one_stage_together(upstream, supervised)
     joiner.start()
     together, m_together = upstream["launch"](body, "sft-two-machines", first)
     joiner.join()
-    one, m_one = supervised["fsdp"]
+    one, m_one = launched["fsdp"]["sft"]
 
     assert (root / "sft-two-machines" / "launch" / "log-node1.txt").exists()
     assert values(m_together["sft/loss"]) == pytest.approx(values(m_one["sft/loss"]), abs=1e-5)
-    a, b = (load_file(Path(r["model_path"]) / "model.safetensors") for r in (together, one["sft"]))
+    a, b = (load_file(Path(r["model_path"]) / "model.safetensors") for r in (together, one))
     assert max((a[k] - b[k]).abs().max() for k in a) < 1e-5
 
 

@@ -176,9 +176,15 @@ def test_ppo_syncs_the_engine_after_every_update_and_a_skipped_sync_shows(vllm_u
     assert not undocumented and not unmatched(names, [VLLM_GROUP])[1]  # docs/metrics.yaml has what vLLM runs log
 
 
+@pytest.fixture(scope="module")
+def pipeline_root(tmp_path_factory):
+    """One root for the micro pipelines: the second finds data, SFT and the reward model cached."""
+    return tmp_path_factory.mktemp("vllm-pipelines")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
-def test_micro_pipelines_with_vllm_pass_the_first_step_checks(tmp_path, prefect_server, monkeypatch, algo):
+def test_micro_pipelines_with_vllm_pass_the_first_step_checks(pipeline_root, prefect_server, monkeypatch, algo):
     from mlflow import MlflowClient
 
     from flows.compose import load_config
@@ -195,7 +201,9 @@ def test_micro_pipelines_with_vllm_pass_the_first_step_checks(tmp_path, prefect_
         ],
     )
     cfg = load_config(
-        micro_overrides(tmp_path, "experiment=micro_onpolicy", f"algo={algo}", "rollout.engine=vllm", "model.n_head=1")
+        micro_overrides(
+            pipeline_root, "experiment=micro_onpolicy", f"algo={algo}", "rollout.engine=vllm", "model.n_head=1"
+        )
     )
     result = rlhf_pipeline(cfg)
     client = MlflowClient(result["tracking_uri"])

@@ -1,5 +1,6 @@
 """What the stage tests share: the tiny model's config, a metric sink that keeps every point, a stage context."""
 
+import dataclasses
 from collections import defaultdict
 from pathlib import Path
 
@@ -84,3 +85,8 @@ def local_data(file, **kw):
             **kw,
         }
     )
+
+
+def stages_in_one_launch(**bodies):
+    """One launch's body that runs each stage in a folder of its own (a launch costs seconds of start-up here)."""
+    return lambda c: {name: body(dataclasses.replace(c, out_dir=c.out_dir / name)) for name, body in bodies.items()}
