@@ -38,6 +38,16 @@ class StageLaunchError(RuntimeError):
     """A data-parallel stage's processes failed; the message carries the tail of their log."""
 
 
+def _main_sink(spec: dict):
+    """The main process's metric sink: the stage's MLflow run (MLflow is imported here, by it alone: seconds saved
+    at every other process's start)."""
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import RunLogger
+
+    return RunLogger(MlflowClient(spec["tracking_uri"]), spec["run_id"])
+
+
 class _NoSink:
     """The metric sink of every process but the main one: the main process logs the processes' means."""
 
@@ -222,13 +232,10 @@ def _wait_for_spec(
 @record  # a failing process's traceback reaches the launcher's summary, the end of the log
 def main(spec_path: str) -> None:
     """One launched process: rank, device and gloo/NCCL group from accelerate; then the stage body."""
-    from mlflow.tracking import MlflowClient
-
     from . import runtime
     from .context import StageContext
     from .progress import ProgressSettings
     from .sharding import Sharding
-    from .tracking import RunLogger
 
     die_with_parent()  # the launcher's death (with the pipeline's) takes this process too
     spec = cloudpickle.loads(Path(spec_path).read_bytes())
@@ -245,7 +252,7 @@ def main(spec_path: str) -> None:
     if wanted.type == "cuda":
         torch.cuda.set_device(device)
     main_process = accelerator.is_main_process
-    sink = RunLogger(MlflowClient(spec["tracking_uri"]), spec["run_id"]) if main_process else _NoSink()
+    sink = _main_sink(spec) if main_process else _NoSink()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )  # progress lines into the launch log
