@@ -27,15 +27,12 @@ def prefect_server():
         yield PREFECT_API_URL.value()
 
 
-def pipeline_env(home: Path, api_url: str | None = None, **extra: str) -> dict:
-    """The environment of a pipeline run as a subprocess: its own PREFECT_HOME, offline, no tracking URI of ours.
-    With ``api_url`` (the session's server: ``prefect_server``) its flow runs report there; without, the pipeline
-    starts an ephemeral server of its own, as on a new user's machine (about 20 s here: only where that is tested)."""
-    env = {**os.environ, "PREFECT_HOME": str(home), "HF_HUB_OFFLINE": "1", **extra}
+def pipeline_env(home: Path, api_url: str) -> dict:
+    """The environment of a pipeline run as a subprocess: its own PREFECT_HOME, offline, no tracking URI of ours, its
+    flow runs reported to ``api_url`` (the worker's server: ``prefect_server``) rather than to an ephemeral server of
+    its own (about 20 s to start here; the CLI first-run test starts one, as on a new user's machine)."""
+    env = {**os.environ, "PREFECT_HOME": str(home), "HF_HUB_OFFLINE": "1", "PREFECT_API_URL": api_url}
     env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("PREFECT_API_URL", None)
-    if api_url:
-        env["PREFECT_API_URL"] = api_url
     return env
 
 
@@ -52,7 +49,7 @@ def micro(tmp_path):
 
 @pytest.fixture(scope="session")
 def upstream(tmp_path_factory):
-    """Data, SFT and a reward model on tiny sizes, trained once for every stage test."""
+    """Data, SFT and a reward model on tiny sizes, trained once per worker for every stage test."""
     from rlhf.config import DataConfig, RewardConfig, SFTConfig
     from rlhf.stages import prepare, reward, sft
 

@@ -188,7 +188,7 @@ def test_two_runs_never_train_at_once_on_one_gpu_slot(cluster, first):
     for run_id in ids:
         cluster.completed(run_id)
     new = [r for k, r in cluster.stage_runs().items() if k not in before]
-    assert sorted(r["parameters"]["stage"] for r in new) == ["dpo", "dpo"]  # data, sft, reward were Cached
+    assert sorted(r["parameters"]["stage"] for r in new) == ["dpo", "dpo"]
     trains = sorted(
         (t for t in cluster.prefect.task_runs([r["id"] for r in new]) if "gpu" in t["tags"]),
         key=lambda t: t["start_time"],

@@ -249,8 +249,8 @@ def processes_under(root: Path) -> list[psutil.Process]:
 
 
 def running_until_a_ppo_checkpoint(cmd: list[str], env: dict, root: Path, wait_s: float = 600) -> subprocess.Popen:
-    """The pipeline started in a process group of its own (a kill takes the run, its stage's launcher and workers, as
-    a lost machine would), returned once PPO has written a checkpoint and is still running."""
+    """The pipeline started in a process group of its own (the stage's launcher is in a session of its own and must die
+    with the pipeline, as on a lost machine), returned once PPO has written a checkpoint and is still running."""
     proc = subprocess.Popen(
         cmd, cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -268,8 +268,10 @@ def test_kill_9_mid_ppo_under_fsdp_resumes_from_the_shards_in_the_same_run(tmp_p
     parent run is marked KILLED and names its successor, the cached stages stay cached, and PPO continues in its own
     MLflow run from its last sharded checkpoint to exactly the configured steps, each iteration logged once.
 
-    Data, SFT and the reward model are trained first in this process (their keys do not depend on the runtime): the
-    killed pipeline launches PPO alone."""
+    Data, SFT and the reward model are trained first in this process by a DPO pipeline (their keys depend neither on
+    the algorithm nor on the runtime): the killed pipeline finds them Cached and launches PPO alone. The pipelines
+    report to the worker's Prefect server, which outlives the kill (a kill that takes an ephemeral server with it is
+    not tested: two more server starts)."""
     from flows.compose import load_config
     from flows.dag import rlhf_pipeline
 
@@ -279,7 +281,7 @@ def test_kill_9_mid_ppo_under_fsdp_resumes_from_the_shards_in_the_same_run(tmp_p
     cmd = pipeline_cmd(root, *ppo, "runtime.num_processes=2", "runtime.strategy=fsdp")
     env = pipeline_env(tmp_path / "home", prefect_server)
     proc = running_until_a_ppo_checkpoint(cmd, env, root)
-    os.killpg(proc.pid, signal.SIGKILL)  # the pipeline, its launcher and workers, as a lost machine or the OOM killer
+    os.killpg(proc.pid, signal.SIGKILL)  # the pipeline's process group, as a lost machine or the OOM killer
     proc.wait()
     deadline = time.monotonic() + 20  # the launcher (a session of its own) and its workers die with the pipeline
     while processes_under(root) and time.monotonic() < deadline:
@@ -299,7 +301,7 @@ def test_kill_9_mid_ppo_under_fsdp_resumes_from_the_shards_in_the_same_run(tmp_p
     (rerun,) = [p for p in parents if p.info.status == "FINISHED" and "stage.ppo.run_id" in p.data.tags]
     assert killed.info.status == "KILLED" and killed.data.tags["rlhf.taken_over_by"] == rerun.info.run_id
     assert not runs_of(root, "attributes.status = 'RUNNING'")[1]  # no phantom RUNNING run beside the new ones
-    assert all(rerun.data.tags[f"stage.{s}.cached"] == "true" for s in ("data", "sft", "reward"))
+    assert all(p.data.tags[f"stage.{s}.cached"] == "true" for p in (killed, rerun) for s in ("data", "sft", "reward"))
     ppo_run = client.get_run(rerun.data.tags["stage.ppo.run_id"])
     assert ppo_run.data.tags.get("resumed") == "true" and ppo_run.info.status == "FINISHED"
     logged = [m.step for m in client.get_metric_history(ppo_run.info.run_id, "ppo/kl")]

@@ -166,13 +166,13 @@ def test_a_joining_machine_takes_only_its_launch_and_gives_up_when_machine_0_end
     import cloudpickle
 
     import rlhf.launch as launch
+    from rlhf.checkpoint import atomic_write_bytes
     from rlhf.config import RuntimeConfig
 
     spec = tmp_path / "spec.pkl"
     spec.write_bytes(cloudpickle.dumps({"rdzv_endpoint": "10.0.0.1:1", "launch_id": "old"}))
-    writer = threading.Timer(
-        1.0, lambda: spec.write_bytes(cloudpickle.dumps({"rdzv_endpoint": "h:2", "launch_id": "new"}))
-    )
+    newer = cloudpickle.dumps({"rdzv_endpoint": "h:2", "launch_id": "new"})
+    writer = threading.Timer(1.0, lambda: atomic_write_bytes(spec, newer))  # as machine 0 writes it: never torn
     writer.start()
     assert launch._wait_for_spec(spec, 1, 30.0, "new", None)["rdzv_endpoint"] == "h:2"
     monkeypatch.setattr(launch, "RUNNING_POLL_S", 0.2)
