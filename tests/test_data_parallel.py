@@ -17,7 +17,7 @@ from rlhf.settings import ConfigError
 from rlhf.stages import ppo, prepare, reward, sft
 from rlhf.synthetic import gold_reward
 from rlhf.validate import validate
-from tests.tiny import TINY_MODEL, ctx, on_policy, params_of, stages_in_one_launch
+from tests.tiny import TINY_MODEL, ctx, on_policy, params_of, stages_in_one_launch, values
 
 TWO = RuntimeConfig(device="cpu", threads=1, num_processes=2)
 REWARD = RewardConfig(lr=3e-3, epochs=1, batch_size=16, grad_accum=2, log_every=1, eval_every=100, checkpoint_every=2)
@@ -78,13 +78,9 @@ def test_two_processes_reach_the_weights_of_one_and_log_each_step_once(upstream,
     assert (w2 - w1).abs().max() < 1e-4 < 1e-2 < (w1 - start).abs().max()  # same training up to float summation order
     history = metric("rm/loss")
     assert [s for s, _ in history] == [1, 2, 3, 4]  # once per step: only the main process logs
-    assert values_of(history) == pytest.approx(values_of(upstream["rm_sink"].metrics["rm/loss"]), abs=1e-5)
+    assert values(history) == pytest.approx(values(upstream["rm_sink"].metrics["rm/loss"]), abs=1e-5)
     assert sorted(p.name for p in (root / "two" / "reward" / "ckpt").iterdir()) == ["step-000002", "step-000004"]
     assert double["metrics"]["rm/eval_accuracy"] == pytest.approx(single["metrics"]["rm/eval_accuracy"])
-
-
-def values_of(history: list) -> list[float]:
-    return [v for _, v in history]
 
 
 def test_ppo_in_two_processes_starts_at_zero_kl_and_logs_each_iteration_once(upstream, two):

@@ -33,7 +33,7 @@ from rlhf.synthetic import gold_reward
 from rlhf.validate import validate
 from tests.conftest import micro_overrides, pipeline_env
 from tests.test_resilience import PROJECT, pipeline_cmd, runs_of
-from tests.tiny import TINY_MODEL, ctx, on_policy, stages_in_one_launch
+from tests.tiny import TINY_MODEL, ctx, on_policy, stages_in_one_launch, values
 
 pytestmark = pytest.mark.slow
 
@@ -63,10 +63,6 @@ def upstream(tmp_path_factory):
         return out, {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in metrics}
 
     return {"root": root, "data": data, "sft": sft_path, "rm": rm_path, "launch": launch}
-
-
-def values(history: list) -> list[float]:
-    return [v for _, v in history]
 
 
 PPO = on_policy(steps=3, checkpoint_every=2, eval_every=3)

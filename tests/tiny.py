@@ -91,3 +91,8 @@ def stages_in_one_launch(**bodies):
     """One launch's body that runs each stage in a folder of its own (a launch costs seconds of start-up here). The
     stages share the launch's MLflow run, random state and process group: their metric names must differ."""
     return lambda c: {name: body(dataclasses.replace(c, out_dir=c.out_dir / name)) for name, body in bodies.items()}
+
+
+def values(history: list) -> list[float]:
+    """The values of a metric history [(step, value), ...]."""
+    return [v for _, v in history]
