@@ -120,7 +120,50 @@ def deploy(cfg: dict) -> dict[str, str]:
         description='The RLHF pipeline; its parameter `overrides` takes Hydra overrides: ["algo=ppo", ...].',
         **common,
     )
-    return {cfg["dispatch"]["deployment"]: str(stage_id), f"{rlhf_pipeline.name}/{pipe['name']}": str(pipeline_id)}
+    campaign_id = deploy_campaign(cfg, source, common)
+    return {
+        cfg["dispatch"]["deployment"]: str(stage_id),
+        f"{rlhf_pipeline.name}/{pipe['name']}": str(pipeline_id),
+        f"rlhf-campaign/{cfg['campaign']['name']}": str(campaign_id),
+    }
+
+
+def deploy_campaign(cfg: dict, source: str, common: dict):
+    """The campaign deployment: one round per flow run (the round after the last one done), on its cron schedule
+    and whenever labels arrive for its campaign (the event :mod:`flows.labels` emits); one flow run at a time, the
+    next one queued (a deployment concurrency limit of 1)."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.events import DeploymentEventTrigger
+    from prefect.schedules import Cron
+
+    from flows.campaign import rlhf_campaign
+    from flows.compose import load_config
+    from flows.labels import EVENT, resource_id
+
+    camp, sched = cfg["campaign"], cfg["campaign"]["schedule"]
+    name = load_config(camp["base_overrides"])["campaign"]["name"]  # the campaign the base overrides name
+    parameters = {"base_overrides": camp["base_overrides"], "next_round": True}
+    triggers = [
+        DeploymentEventTrigger(
+            name=f"labels arrived for campaign {name}",
+            expect={EVENT},
+            match={"prefect.resource.id": resource_id(name)},
+            parameters=parameters,
+        )
+    ]
+    cron = [Cron(sched["cron"], timezone=sched["timezone"], active=sched["active"])] if sched["cron"] else []
+    return rlhf_campaign.from_source(source, "flows/campaign.py:rlhf_campaign").deploy(
+        name=camp["name"],
+        work_pool_name=camp["pool"],
+        job_variables=camp["job_variables"],
+        tags=camp["tags"],
+        parameters=parameters,
+        schedules=cron,
+        triggers=triggers if camp["on_labels"] else [],
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+        description=f"One round of the campaign {name!r} per run; never two at once (the next one waits).",
+        **common,
+    )
 
 
 def main(argv: list[str]) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
+from .config_campaign import CampaignConfig
 from .config_data import DataConfig
 from .config_model import ModelConfig
 from .config_training import RewardConfig, SamplingConfig, SFTConfig
@@ -249,6 +250,7 @@ class PipelineConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    campaign: CampaignConfig = field(default_factory=CampaignConfig)
     refresh: list = setting([], "Stages to re-run even when cached, e.g. [dpo] (and every stage after them).")
     sweep_id: Optional[str] = setting(None, "Set by multirun: groups the parent runs of one sweep under one sweep run.")
     sweep_member: Optional[int] = setting(None, "Set by multirun: this run's number in its sweep (run names).")

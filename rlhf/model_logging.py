@@ -6,6 +6,16 @@ transformers flavour, tokenizer included, so ``mlflow.transformers.load_model("m
 gives back a pipeline in one call. The logged model belongs to the stage's run (the runs table's Models
 column); a registered version carries tags that say where it came from: the pipeline run, the stage and
 its cache key, and the models it was trained from.
+
+Each model also serves (``mlflow models serve``, or ``mlflow.pyfunc.load_model``) as the stages use it:
+- a policy on plain text takes prompts and answers with the answer alone (``return_full_text=False``);
+  its signature's params schema (:func:`serving_params`) lets a request set ``max_new_tokens``,
+  ``do_sample``, ``temperature``, ``top_p``, ``top_k``, each defaulting to how the stages sample;
+- a policy whose tokenizer has a chat template (conversational data) is logged as MLflow's
+  ``llm/v1/chat`` task: OpenAI-style ``messages`` in, the template applied as in training, a
+  ``chat.completion`` out (``max_tokens``, ``temperature``, ``top_p``, ``top_k`` are fields of the request);
+- the reward model takes texts and gives one raw score per text (``label``, ``score``).
+Generation stops at the tokenizer's EOS, as in the stages (the end of turn for chat models).
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 GENERATION, SCORING = "text-generation", "text-classification"
+CHAT = "llm/v1/chat"  # MLflow's OpenAI-compatible chat task over a text-generation pipeline
 log = logging.getLogger(__name__)
 
 
@@ -44,7 +55,40 @@ def _load(path: Path, task: str):
     model = cls.from_pretrained(path)
     if task == SCORING:
         model.config.problem_type = "regression"  # one raw score per text, not a sigmoid "probability"
-    return model, AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if task == GENERATION:  # served generation stops where the stages' sampling stops
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def serving_params() -> dict:
+    """What a request to a served policy may set, and the defaults: how the stages sample (SamplingConfig's)."""
+    from .config_training import SamplingConfig
+
+    s = SamplingConfig()
+    return {
+        "max_new_tokens": s.max_new_tokens,
+        "do_sample": True,  # the policy's own distribution, as RLHF trained it; false: greedy
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "top_k": s.top_k,  # 0: off, as in the stages (a pretrained generation_config.json may set one)
+    }
+
+
+def flavour_options(task: str, tokenizer) -> dict:
+    """``save_model``'s task, signature and model_config (the pyfunc's fixed pipeline arguments) for a model
+    of ``task``: see the module's docstring for what each serves."""
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types import ColSpec, Schema
+
+    if task == SCORING:
+        scores = Schema([ColSpec("string", "label"), ColSpec("double", "score")])
+        return {"task": task, "signature": ModelSignature(Schema([ColSpec("string")]), scores)}
+    if tokenizer.chat_template:  # MLflow sets the chat signature itself; these are the defaults under it
+        return {"task": CHAT, "model_config": serving_params()}
+    signature = infer_signature(["prompt"], ["answer"], params=serving_params())
+    return {"task": task, "signature": signature, "model_config": {"return_full_text": False}}
 
 
 def log_final_model(
@@ -86,9 +130,9 @@ def log_final_model(
         mlflow.transformers.save_model(
             {"model": model, "tokenizer": tokenizer},
             str(local),
-            task=task,
             mlflow_model=meta,
             pip_requirements=_requirements(),
+            **flavour_options(task, tokenizer),
         )
         client.log_model_artifacts(logged.model_id, str(local))
     client.finalize_logged_model(logged.model_id, "READY")

@@ -24,8 +24,10 @@ def eval_stage(
     missing_eos_penalty: float = 0.0,
     fresh: bool = False,
     rollout: dict | None = None,
+    baseline: dict | None = None,
 ) -> dict:
-    """Generate on held-out prompts with the tuned and the SFT policy; score, compare, log a sample table."""
+    """Generate on held-out prompts with the tuned and the SFT policy (or ``baseline``'s: a campaign's champion);
+    score, compare, log a sample table."""
     m, c = from_dict(ModelConfig, model), from_dict(EvalConfig, eval_cfg)
     sampler = registry()[policy["stage"]].sampler
 
@@ -43,6 +45,7 @@ def eval_stage(
             sampler,
             policy.get("sampler_args"),
             from_dict(RolloutConfig, rollout or {}),
+            ("champion", baseline["model_path"]) if baseline else None,
         )
         ctx.sink.log_table(out.pop("table"), "eval/samples.json")
         return out
@@ -50,6 +53,6 @@ def eval_stage(
     lineage = Lineage(
         data["datasets"],
         {"eval_prompts": EVALUATION, "eval_pref": EVALUATION},
-        {"policy": policy, "sft": sft, "reward": rewards[0]},
+        {"policy": policy, "sft": sft, "reward": rewards[0], **({"champion": baseline} if baseline else {})},
     )
     return run_stage("eval", key, env, fresh, body, seed=c.seed, lineage=lineage)

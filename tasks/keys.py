@@ -23,6 +23,12 @@ STAGE_MODULES = {
     "sft": "rlhf.stages.sft",
     "reward": "rlhf.stages.reward",
     "eval": "rlhf.stages.evaluate",
+    # a campaign round's own stages (flows.campaign)
+    "champion": "rlhf.champion",
+    "pairs": "rlhf.stages.pairs",
+    "labels": "rlhf.labellers",
+    "preferences": "rlhf.stages.preferences",
+    "gate": "rlhf.champion",
 }
 
 

@@ -9,6 +9,7 @@ start, 20 s here, and every training stage goes through the same dispatch).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -28,6 +29,8 @@ PROJECT = Path(__file__).resolve().parents[1]
 PIPELINE, STAGE = "rlhf-pipeline/nightly", "rlhf-stage/gpu"
 MICRO = ["experiment=micro", "dispatch.poll_s=1", "dispatch.stages=[dpo]"]
 RUN_TIMEOUT = 420
+CAMPAIGN_DEPLOYMENT = "rlhf-campaign/rounds"
+CAMPAIGN = ["experiment=micro_campaign", "campaign.name=arrivals", "campaign.labeller=folder"]
 
 
 class Cluster:
@@ -51,7 +54,7 @@ class Cluster:
         self.procs.wait_healthy("prefect-server", f"{self.api_url}/health")
         self.procs.wait_healthy("mlflow-server", f"{self.mlflow_url}/health")
         out = subprocess.run(
-            [sys.executable, "-m", "flows.deploy"],
+            [sys.executable, "-m", "flows.deploy", "campaign.base_overrides=[" + ",".join(f"'{o}'" for o in CAMPAIGN) + "]"],
             cwd=PROJECT,
             env=self.env,
             capture_output=True,
@@ -202,3 +205,47 @@ def test_two_runs_never_train_at_once_on_one_gpu_slot(cluster, first):
     assert last_up < first_end, (
         f"second stage flow run started {last_up}, after the first trained ({first_end}): nothing to serialise"
     )
+
+
+def labels_file(path: Path, n: int, seed: int) -> Path:
+    """``n`` labelled comparisons of the synthetic task, as a person would drop them."""
+    import json
+    import random
+
+    from rlhf.synthetic import preference_pair, random_spec
+
+    rng = random.Random(seed)
+    rows = [preference_pair(rng, random_spec(rng, held_out=False), 0.3, 0.0) for _ in range(n)]
+    path.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for r in rows))
+    return path
+
+
+def test_labels_arriving_start_rounds_of_the_campaign_deployment_one_at_a_time(cluster):
+    """`flows.labels` puts a file in the campaign's inbox and emits the labels-arrived event; the deployment's trigger
+    starts a round; a second file while that round runs starts another, which waits for the first to end."""
+    dep = cluster.prefect.deployment(CAMPAIGN_DEPLOYMENT)
+    assert dep["global_concurrency_limit"]["limit"] == 1 and dep["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * 1"]
+    files = [labels_file(cluster.tmp / f"batch-{i}.jsonl", 6, i) for i in (1, 2)]
+    for f in files:
+        out = subprocess.run(
+            [sys.executable, "-m", "flows.labels", str(f), *CAMPAIGN],
+            cwd=PROJECT,
+            env=cluster.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0 and "event rlhf.labels.arrived sent" in out.stdout, out.stdout + out.stderr
+    deadline, runs = time.monotonic() + 60, []
+    while time.monotonic() < deadline and len(runs) < 2:
+        runs = [r for r in cluster.prefect.flow_runs(deployment_id={"any_": [dep["id"]]}) if not r["auto_scheduled"]]
+        time.sleep(1)  # (the cron schedule's own runs, weeks ahead, are auto-scheduled)
+    assert len(runs) == 2, f"{len(runs)} flow runs of {CAMPAIGN_DEPLOYMENT} after two events\n{cluster.logs()}"
+    done = sorted((cluster.completed(r["id"]) for r in runs), key=lambda r: r["start_time"])
+    t = datetime.fromisoformat
+    assert t(done[1]["start_time"]) >= t(done[0]["end_time"]), "two rounds of one campaign ran at once"
+    rounds = [json.loads(p.read_text()) for p in sorted((cluster.root / "campaigns" / "arrivals").glob("round-*.json"))]
+    assert [r["round"] for r in rounds] == [1, 2]
+    taken = [name for r in rounds for name in r["label_files"]]
+    assert sorted(taken) == ["batch-1.jsonl", "batch-2.jsonl"]  # each file taken once, by the round that ran after it

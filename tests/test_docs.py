@@ -19,6 +19,8 @@ ON_POLICY = ("ppo", "rloo", "grpo")
 TRACKING_GROUP = "Every stage run (tracking)"  # logged by tasks/runner.py around a stage: checked in tests/test_flow.py
 SWEEP_GROUP = "A sweep's row"  # logged by flows/sweep.py: checked in tests/test_ui.py
 VLLM_GROUP = "Rollout engine (rollout.engine=vllm; each iteration)"  # checked on vLLM runs in tests/test_vllm.py
+ROUND_GROUP = "A campaign round (flows.campaign; its stages' runs)"  # checked in tests/test_campaign.py
+CAMPAIGN_GROUP = "A campaign's row (step = round)"  # checked in tests/test_campaign.py
 
 
 def hooks():

@@ -98,14 +98,16 @@ def _with_se(metrics: dict, name: str, values: torch.Tensor, n_samples: int) -> 
     metrics[name], metrics[f"{name}_se"] = mean_se(per_prompt(values.float(), n_samples))
 
 
-def comparison_metrics(kind: str, policy: torch.Tensor, sft: torch.Tensor, n_samples: int) -> dict:
-    """Policy and SFT values of a reward (gold or proxy) per answer: means, the paired gain and the win rate, with
-    SEs."""
+def comparison_metrics(
+    kind: str, policy: torch.Tensor, base: torch.Tensor, n_samples: int, base_name: str = "sft"
+) -> dict:
+    """Policy and baseline (SFT, or a campaign's champion) values of a reward (gold or proxy) per answer: means, the
+    paired gain and the win rate, with SEs."""
     out: dict = {}
     _with_se(out, f"eval/{kind}_reward", policy, n_samples)
-    _with_se(out, f"eval/sft_{kind}_reward", sft, n_samples)
-    _with_se(out, f"eval/{kind}_gain", policy - sft, n_samples)  # paired: the same prompt, the same sample index
-    _with_se(out, f"eval/win_rate_{kind}", wins(policy, sft), n_samples)
+    _with_se(out, f"eval/{base_name}_{kind}_reward", base, n_samples)
+    _with_se(out, f"eval/{kind}_gain", policy - base, n_samples)  # paired: the same prompt, the same sample index
+    _with_se(out, f"eval/win_rate_{kind}", wins(policy, base), n_samples)
     return out
 
 
@@ -123,10 +125,12 @@ def run(
     sampler: Sampler | None = None,
     sampler_args: dict | None = None,
     rollout: RolloutConfig | None = None,
+    baseline: tuple[str, str] | None = None,
 ) -> dict:
     """Evaluate the policy at ``policy_path`` (or ``sampler``'s) against SFT; ``reward_paths``: the reward
     model, or an ensemble's members (the proxy is their mean score; ``eval/ensemble_std`` their disagreement);
-    ``gold``: the task's true reward, where it has one."""
+    ``gold``: the task's true reward, where it has one; ``baseline``: (name, path) of another model to compare
+    against (a campaign's champion: ``eval/champion_*``, gains over it); KL is to SFT either way."""
     tokenizer = load_tokenizer(sft_path)
     raw_prompts = [r["prompt"] for r in load_rows(data_dir, "eval_prompts", tokenizer)][: cfg.n_prompts]
     S = cfg.n_samples
@@ -140,10 +144,11 @@ def run(
     engine = open_engine(rollout, sft_path, max_length, ctx.device, cfg.seed, cfg.sampling.batch_size)
     env = EvalEnv(sft, score, cfg, tokenizer, ctx.device, AnswerStream(cfg.seed), engine)
     batches, kl, extra = sample_policy(env, policy_path, prompt_ids, sampler, sampler_args)
-    env.stream.manual_seed(cfg.seed)  # SFT's answers with the keys of the policy's (the default sampler's)
+    env.stream.manual_seed(cfg.seed)  # the baseline's answers with the keys of the policy's (the default sampler's)
+    base_name, base = ("sft", sft) if baseline is None else (baseline[0], load_policy(baseline[1], tokenizer))
     answers = {
         "policy": _answers(batches, tokenizer, score),
-        "sft": _answers(env.sample(sft, prompt_ids), tokenizer, score),
+        base_name: _answers(env.sample(base.to(ctx.device).eval(), prompt_ids), tokenizer, score),
     }
     pol = answers["policy"]
     metrics = {
@@ -153,17 +158,14 @@ def run(
         "eval/distinct_2": distinct_n(pol["texts"]),
         **extra,
     }
-    for name, values in (
-        ("kl", kl),
-        ("response_length", pol["length"]),
-        ("sft_response_length", answers["sft"]["length"]),
-    ):
+    lengths = {"response_length": pol["length"], f"{base_name}_response_length": answers[base_name]["length"]}
+    for name, values in {"kl": kl, **lengths}.items():
         _with_se(metrics, f"eval/{name}", values, S)
     golds = {who: gold_rewards(gold, prompts, a["texts"], a["ended"]) for who, a in answers.items()} if gold else {}
     if golds:
-        metrics.update(comparison_metrics("gold", golds["policy"], golds["sft"], S))
+        metrics.update(comparison_metrics("gold", golds["policy"], golds[base_name], S, base_name))
     if rewards:
-        metrics.update(comparison_metrics("proxy", pol["proxy"], answers["sft"]["proxy"], S))
+        metrics.update(comparison_metrics("proxy", pol["proxy"], answers[base_name]["proxy"], S, base_name))
         if len(rewards) > 1:  # the members' disagreement on the policy's answers (raw units)
             _with_se(metrics, "eval/ensemble_std", torch.cat([scorer.members(b).std(0).cpu() for b in batches]), S)
         metrics.update(rm_accuracy(rewards[0], data_dir, tokenizer, max_length, ctx.device))
@@ -193,13 +195,10 @@ def rm_accuracy(reward, data_dir: str, tokenizer, max_length: int, device) -> di
 
 
 def sample_table(n_rows: int, prompts: list[str], answers: dict, golds: dict) -> dict:
-    """The logged sample table: prompt, SFT and policy answers, their gold and proxy rewards."""
+    """The logged sample table: prompt, the baseline's (SFT's) and the policy's answers, their gold and proxy
+    rewards."""
     n = min(n_rows, len(prompts))
-    table = {
-        "prompt": prompts[:n],
-        "sft_answer": answers["sft"]["texts"][:n],
-        "policy_answer": answers["policy"]["texts"][:n],
-    }
+    table = {"prompt": prompts[:n], **{f"{who}_answer": a["texts"][:n] for who, a in reversed(answers.items())}}
     proxies = {w: a["proxy"] for w, a in answers.items() if a["proxy"] is not None}
     for kind, values in (("gold", golds), ("proxy", proxies)):
         for who in values:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -66,16 +68,27 @@ def pair_accuracy(model, rows: list[dict], tokenizer, max_length: int, device) -
     return out
 
 
+def has_score_head(path: str) -> bool:
+    """Is the model at ``path`` a trained reward model (a sequence-classification head), not a causal LM?"""
+    config = Path(path) / "config.json"
+    archs = json.loads(config.read_text()).get("architectures") or [] if config.is_file() else []
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
 def run(
     cfg: RewardConfig, model_cfg: ModelConfig, data_dir: str, sft_path: str, ctx: StageContext, member: int = 0
 ) -> dict:
     """Train reward model ``member`` of the ensemble (0: the single reward model): its own seed (data order)
-    and, with ``cfg.bootstrap`` and member > 0, its own bootstrap resample of the pairs."""
+    and, with ``cfg.bootstrap`` and member > 0, its own bootstrap resample of the pairs. ``sft_path``: the SFT
+    model (a new head on its backbone) or a reward model to continue from (a campaign's warm start)."""
     cfg = replace(cfg, seed=cfg.seed + member)
     tokenizer = load_tokenizer(sft_path)
     resume = ctx.resume_point()
+    fresh_head = not has_score_head(sft_path)  # from SFT: a new head, zeroed; from a reward model (warm): its own
     model = ctx.placed(
-        load_trainable("scalar", sft_path, checkpoint.hf_model(resume, "reward"), tokenizer, model_cfg, zero_head=True)
+        load_trainable(
+            "scalar", sft_path, checkpoint.hf_model(resume, "reward"), tokenizer, model_cfg, zero_head=fresh_head
+        )
     )
     amp, max_length = autocast(model_cfg, ctx.device), model_cfg.max_length
     rows, held = load_rows(data_dir, "pref", tokenizer), load_rows(data_dir, "eval_pref", tokenizer)

@@ -1,0 +1,106 @@
+"""Who labels a campaign round's pairs: one interface, three kinds (``campaign.labeller``).
+
+A labeller takes the round's requests (rows ``{id, prompt, answer_a, answer_b, ended_a, ended_b}``, from
+:mod:`rlhf.stages.pairs`) and returns preference rows in the data's ``pref`` schema (``prompt``, ``chosen``,
+``rejected``: text, or message lists for conversational data) with its metrics.
+
+- :class:`SyntheticLabeller`: the synthetic task's simulated annotators (Bradley-Terry on the gold reward with
+  the configured noise and length bias), so what the loop gains is measured against gold.
+- :class:`FolderLabeller`: people. The round writes its requests to ``<inbox>/requests/round-<r>.jsonl``;
+  labelled comparisons dropped into ``<inbox>`` as ``*.jsonl`` files are taken by the next round that runs,
+  each file once (the rounds before it record the files they took, by content digest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+from .chat import is_conversation
+from .data import DatasetError
+from .sources import conversation_pair
+from .synthetic import annotator_prob, gold_reward
+
+
+def _text(answer) -> str:
+    return answer[0]["content"] if is_conversation(answer) else answer
+
+
+class SyntheticLabeller:
+    """P(a preferred) = sigmoid((gold_a - gold_b + length_bias * (len_a - len_b)) / temperature)."""
+
+    def __init__(self, temperature: float, length_bias: float, seed: int, round_no: int) -> None:
+        self.temperature, self.length_bias = temperature, length_bias
+        self.rng = random.Random(f"{seed}/labels/{round_no}")
+
+    def label(self, requests: list[dict]) -> tuple[list[dict], dict]:
+        rows = []
+        for r in requests:
+            a, b = _text(r["answer_a"]), _text(r["answer_b"])
+            ga, gb = gold_reward(r["prompt"], a, r["ended_a"]), gold_reward(r["prompt"], b, r["ended_b"])
+            p = annotator_prob(ga, gb, len(a.split()), len(b.split()), self.temperature, self.length_bias)
+            first = self.rng.random() < p
+            chosen, rejected = (r["answer_a"], r["answer_b"]) if first else (r["answer_b"], r["answer_a"])
+            gc, gr = (ga, gb) if first else (gb, ga)
+            rows.append(
+                {"prompt": r["prompt"], "chosen": chosen, "rejected": rejected, "gold_chosen": gc, "gold_rejected": gr}
+            )
+        agree = sum(r["gold_chosen"] > r["gold_rejected"] for r in rows) / max(1, len(rows))
+        return rows, {"labels/n": len(rows), "labels/gold_agreement": agree}
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def read_labelled(path: Path, conversational: bool) -> list[dict]:
+    """The preference rows of one dropped file; a malformed line fails naming the file, the line and the fix."""
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{where} is not JSON ({err.msg}). Fix: one JSON object per line.") from None
+        if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
+            raise DatasetError(
+                f'{where} lacks chosen or rejected. Fix: each line is {{"prompt": ..., "chosen": ..., '
+                f'"rejected": ...}} (a request of <inbox>/requests/ with its answer_a, answer_b put in order).'
+            )
+        if conversational:
+            pair = conversation_pair(row.get("prompt"), row["chosen"], row["rejected"], where)
+        elif all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
+            pair = {k: row[k] for k in ("prompt", "chosen", "rejected")} if row["chosen"] != row["rejected"] else None
+        else:
+            raise DatasetError(
+                f"{where}: this campaign's data is text, so prompt, chosen and rejected must be strings. "
+                f"Fix: write them as the requests show them."
+            )
+        if pair:
+            rows.append(pair)
+    return rows
+
+
+class FolderLabeller:
+    """Labels that people drop into ``inbox`` (``*.jsonl``); ``taken``: digests of files earlier rounds took."""
+
+    def __init__(self, inbox: Path, round_no: int, taken: set[str], conversational: bool) -> None:
+        self.inbox, self.round_no, self.taken, self.conversational = Path(inbox), round_no, taken, conversational
+
+    def new_files(self) -> list[Path]:
+        return [p for p in sorted(self.inbox.glob("*.jsonl")) if file_digest(p) not in self.taken]
+
+    def label(self, requests: list[dict]) -> tuple[list[dict], dict]:
+        asked = self.inbox / "requests" / f"round-{self.round_no}.jsonl"
+        asked.parent.mkdir(parents=True, exist_ok=True)
+        asked.write_text(
+            "".join(json.dumps({k: r[k] for k in ("id", "prompt", "answer_a", "answer_b")}) + "\n" for r in requests)
+        )
+        files = self.new_files()
+        rows = [row for path in files for row in read_labelled(path, self.conversational)]
+        metrics = {"labels/n": len(rows), "labels/n_files": len(files), "labels/n_requested": len(requests)}
+        return rows, {**metrics, "files": {p.name: file_digest(p) for p in files}}

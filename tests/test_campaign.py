@@ -1,0 +1,156 @@
+"""Continuous alignment: a 3-round micro campaign (labels, reward model, challenger, paired comparison and the
+gate's decision per round), its re-run Cached, a worse challenger rejected with the reason, a rollback, and
+labels dropped in the inbox picked up by the next round."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from .conftest import micro_overrides
+
+pytestmark = pytest.mark.slow
+CAMPAIGN = ["experiment=micro_campaign", "campaign.gate_z=0"]
+
+
+def run_campaign(root, *extra):
+    from flows.campaign import rlhf_campaign
+    from flows.compose import load_config
+
+    return rlhf_campaign(load_config(micro_overrides(root, *CAMPAIGN, *extra)))
+
+
+def round_runs(client: MlflowClient, campaign_run_id: str) -> list:
+    runs = client.search_runs(
+        [client.get_run(campaign_run_id).info.experiment_id], f"tags.`mlflow.parentRunId` = '{campaign_run_id}'"
+    )
+    return sorted(runs, key=lambda r: int(r.data.tags["campaign.round"]))
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory, prefect_server):
+    root = tmp_path_factory.mktemp("campaign")
+    return root, run_campaign(root)
+
+
+def test_three_rounds_each_label_retrain_compare_and_decide(campaign):
+    root, result = campaign
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    rounds = result["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    reward_keys, store_digests = set(), set()
+    for r in rounds:
+        assert r["n_labels"] > 0  # the champion's answers, labelled by the simulated annotators
+        m = r["metrics"]
+        for name in ("eval/gold_gain", "eval/gold_gain_se", "eval/win_rate_gold", "eval/kl"):
+            assert name in m
+        assert m["eval/gold_gain_se"] > 0
+        version = client.get_model_version("rlhf-policy", r["challenger_version"])
+        assert version.tags["gate.decision"] == ("promoted" if r["promoted"] else "rejected")
+        assert version.tags["campaign.round"] == str(r["round"])
+        clears = m["eval/gold_gain"] > 0 and m["eval/kl"] <= 5.0  # gate_z=0, the default KL budget
+        assert r["promoted"] == clears
+        if not r["promoted"]:
+            assert version.tags["rejected"] == r["reason"]
+        reward_keys.add(r["reward"]["cache_key"])
+        store_digests.add(r["store"]["datasets"]["pref"]["digest"])
+    assert len(reward_keys) == 3 and len(store_digests) == 3  # a new preference version and reward model per round
+    promoted = [r["challenger_version"] for r in rounds if r["promoted"]]
+    alias = client.get_registered_model("rlhf-policy").aliases.get("champion")
+    alias = None if alias is None else str(alias)
+    assert alias == (promoted[-1] if promoted else None)
+    # round 2 starts from round 1's outcome
+    assert rounds[1]["champion_before"] == rounds[0]["champion_after"]
+    # one campaign row, its three rounds as children, the figure on it
+    children = round_runs(client, result["campaign_run_id"])
+    assert [c.data.tags["campaign.round"] for c in children] == ["1", "2", "3"]
+    history = client.get_metric_history(result["campaign_run_id"], "campaign/promoted")
+    assert sorted(p.step for p in history) == [1, 2, 3]
+    artifacts = [a.path for a in client.list_artifacts(result["campaign_run_id"])]
+    assert "campaign.png" in artifacts
+
+
+def test_every_metric_of_the_campaign_is_in_the_metric_reference(campaign):
+    from tests.test_docs import CAMPAIGN_GROUP, check_reference, reference, unmatched
+
+    root, result = campaign
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    exp = client.get_run(result["campaign_run_id"]).info.experiment_id
+    names = {m for r in client.search_runs([exp], max_results=1000) for m in r.data.metrics}
+    assert not unmatched({m for m in names if not m.startswith("system/")}, list(reference()))[0]
+    check_reference(set(client.get_run(result["campaign_run_id"]).data.metrics), [CAMPAIGN_GROUP])
+
+
+def test_the_same_command_again_is_cached(campaign):
+    root, first = campaign
+    again = run_campaign(root)
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    children = round_runs(client, again["campaign_run_id"])
+    assert again["campaign_run_id"] == first["campaign_run_id"] and len(children) == 3
+    for child in children:
+        cached = {k: v for k, v in child.data.tags.items() if k.startswith("stage.") and k.endswith(".cached")}
+        assert len(cached) >= 8 and set(cached.values()) == {"true"}, cached
+    assert [r["challenger_version"] for r in again["rounds"]] == [r["challenger_version"] for r in first["rounds"]]
+
+
+def people_label(inbox) -> int:
+    """A person orders each pair the rounds asked about (here: by the gold reward) and drops the file."""
+    from rlhf.synthetic import gold_reward
+
+    lines = []
+    for path in sorted((inbox / "requests").glob("round-*.jsonl")):
+        for q in map(json.loads, path.read_text().splitlines()):
+            a, b = q["answer_a"], q["answer_b"]
+            good, bad = (a, b) if gold_reward(q["prompt"], a) >= gold_reward(q["prompt"], b) else (b, a)
+            lines.append(json.dumps({"prompt": q["prompt"], "chosen": good, "rejected": bad}))
+    (inbox / "batch-1.jsonl").write_text("\n".join(lines) + "\n")
+    return len(lines)
+
+
+def test_labels_from_the_inbox_then_a_worse_challenger_rejected_and_a_rollback(campaign):
+    """Round 4 asks people (labeller=folder) and finds nothing: the store and the reward model stay round 3's. A file
+    dropped in the inbox is taken by round 5: a new store version in MLflow, a new reward model. Round 5's challenger
+    is wrecked (a learning rate a hundred times too high, from SFT): rejected, the reason in its tags. A rollback."""
+    root, first = campaign
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    folder = ["campaign.labeller=folder", "campaign.rounds=4"]
+    waiting = run_campaign(root, *folder)["rounds"]
+    third, fourth = waiting[2], waiting[3]
+    assert third == first["rounds"][2]  # done under another config: kept as it was
+    inbox = root / "campaigns" / "default" / "inbox"
+    assert fourth["n_labels"] == 0 and (inbox / "requests" / "round-4.jsonl").is_file()
+    assert fourth["reward"]["cache_key"] == third["reward"]["cache_key"]
+    n = people_label(inbox)
+    wreck = ["campaign.challenger_init=sft", "algo.lr=0.3"]
+    fifth = run_campaign(root, *folder[:1], "campaign.rounds=5", *wreck)["rounds"][4]
+    assert fifth["n_labels"] == n and list(fifth["label_files"]) == ["batch-1.jsonl"]
+    assert fifth["reward"]["cache_key"] != fourth["reward"]["cache_key"]
+    digest = fifth["store"]["datasets"]["pref"]["digest"]
+    assert digest != fourth["store"]["datasets"]["pref"]["digest"]
+    store_run = client.get_run(fifth["store"]["run_id"])  # the preferences stage: the store's new version
+    assert digest in [d.dataset.digest for d in store_run.inputs.dataset_inputs]
+
+    assert not fifth["promoted"]
+    m = fifth["metrics"]
+    tags = client.get_model_version("rlhf-policy", fifth["challenger_version"]).tags
+    assert tags["gate.decision"] == "rejected" and tags["rejected"] == fifth["reason"]
+    if m["eval/gold_gain"] <= 0:  # the gate names the first rule the challenger failed
+        assert "does not clear" in tags["rejected"]
+    else:
+        assert m["eval/kl"] > 5.0 and "exceeds the budget" in tags["rejected"]
+    assert float(tags["gate.kl_to_sft"]) == pytest.approx(m["eval/kl"], rel=1e-4)
+
+    from flows.rollback import main as rollback
+
+    before = client.get_registered_model("rlhf-policy").aliases.get("champion")
+    before = None if before is None else str(before)
+    target = first["rounds"][0]["challenger_version"]
+    rollback([target, "--reason", "regression seen in production", "--by", "on-call", *micro_overrides(root)])
+    assert str(client.get_registered_model("rlhf-policy").aliases["champion"]) == target
+    tags = client.get_model_version("rlhf-policy", target).tags
+    assert tags["rollback.by"] == "on-call" and tags["rollback.reason"] == "regression seen in production"
+    assert tags["rollback.from"] == (before or "none")
+    if before and before != target:
+        assert "regression" in client.get_model_version("rlhf-policy", before).tags["rolled_back"]
