@@ -1,6 +1,7 @@
 """Iterated against one-shot RLHF on the default task, and the promotion gate at work.
 
     python -m benchmarks.campaign            # writes benchmarks/results/campaign.{json,md}
+    python -m benchmarks.campaign --report   # the report again from the JSON
 
 Both arms spend the same labels and the same policy iterations (RLOO), from the same SFT model and the same
 initial preference pairs, and both are gated as a team would serve them (the final champion):
@@ -11,9 +12,10 @@ initial preference pairs, and both are gated as a team would serve them (the fin
   iterations.
 
 Each arm runs with every seed in SEEDS (the reward model's and RLOO's; the round's prompts and answer keys follow
-``eval.seed``). The number compared is the held-out gold reward of the final champion (the last round's challenger
-if promoted, else the champion it faced, both measured in that round on the same prompts), with its SE over
-prompts, and the mean over seeds. Then, on the iterated campaign of the first seed, one more round whose
+``eval.seed``). The number compared is the held-out gold reward of the final champion (SFT where nothing was
+promoted), measured after the campaign on the held-out prompts with answer keys no round used (the gate chose on
+its rounds' own answers), with its SE over prompts and its paired gain over SFT, and the mean over seeds.
+Then, on the iterated campaign of the first seed, one more round whose
 challenger over-optimises (a small beta, a long run): the gate must reject it and say why.
 """
 
@@ -33,6 +35,8 @@ RESULTS = PROJECT / "benchmarks" / "results"
 STORE = RESULTS / "campaign_store"
 ROUNDS, PROMPTS_PER_ROUND, STEPS = 3, 128, 30
 SEEDS = (0, 1)
+FINAL_EVAL = {"n_prompts": 256, "n_samples": 2, "seed": 98765}  # fresh answer keys for the final champion
+MAX_LENGTH = 64  # the default model's context (model.max_length)
 BASE = ["algo=rloo", "data.n_pref=256", f"algo.steps={STEPS}", "algo.eval_every=1000", "eval.n_prompts=256"]
 OVEROPTIMISING = ["algo.beta=0.001", f"algo.steps={4 * STEPS}", "algo.lr=3e-5"]
 
@@ -42,18 +46,41 @@ def campaign(name: str, seed: int, *overrides: str) -> dict:
     from flows.compose import load_config
 
     seeds = [f"algo.seed={seed}", f"reward.seed={seed}", f"eval.seed={1234 + seed}"]
-    return rlhf_campaign(
-        load_config([f"paths.root={STORE}", *BASE, *seeds, f"campaign.name={name}-s{seed}", *overrides])
-    )
+    own = [f"campaign.name={name}-s{seed}", f"tracking.policy_model_name=policy-{name}-s{seed}"]
+    own.append(f"tracking.reward_model_name=reward-{name}-s{seed}")
+    return rlhf_campaign(load_config([f"paths.root={STORE}", *BASE, *seeds, *own, *overrides]))
+
+
+class _Metrics:
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        pass
 
 
 def final_champion(rounds: list[dict]) -> dict:
-    """The held-out gold of what the campaign would serve, with its SE (measured in its last round)."""
-    last, m = rounds[-1], rounds[-1]["metrics"]
-    who = "gold_reward" if last["promoted"] else f"{last['baseline']}_gold_reward"
+    """The held-out gold of what the campaign would serve, against SFT, on answers drawn with fresh keys
+    (``FINAL_EVAL``): the gate chose on its rounds' own answers, which would flatter what it chose."""
+    import tempfile
+
+    import torch
+
+    from rlhf.config import EvalConfig
+    from rlhf.context import StageContext
+    from rlhf.stages import evaluate
+    from rlhf.synthetic import gold_reward
+    from tasks.records import read_record
+
+    last = rounds[-1]
+    sft = read_record(STORE, "sft", last["keys"]["sft"])["model_path"]
+    data_dir, policy = last["store"]["data_dir"], last["champion_path"]
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = StageContext(Path(tmp), _Metrics(), torch.device("cpu"))
+        m = evaluate.run(EvalConfig(**FINAL_EVAL), MAX_LENGTH, gold_reward, data_dir, policy, sft, None, ctx)
+    m = m["metrics"]
     return {
-        "gold": m[f"eval/{who}"],
-        "gold_se": m[f"eval/{who}_se"],
+        "gold": m["eval/gold_reward"],
+        "gold_se": m["eval/gold_reward_se"],
+        "gain_over_sft": m["eval/gold_gain"],
+        "gain_over_sft_se": m["eval/gold_gain_se"],
         "version": last["champion_after"],
         "promoted_rounds": [r["round"] for r in rounds if r["promoted"]],
     }
@@ -103,23 +130,30 @@ def markdown(out: dict) -> str:
     it, one, gate = out["iterated"], out["one_shot"], out["gate"]
     m = out["meta"]
     lines = [
+        "# Iterated against one-shot RLHF, and the gate",
+        "",
         f"Iterated ({m['rounds']} rounds of {m['prompts_per_round']} labels, {m['steps']} RLOO iterations each) "
         f"against one-shot (one round of {m['rounds'] * m['prompts_per_round']} labels, "
         f"{m['rounds'] * m['steps']} iterations), the same SFT and initial pairs; held-out gold of the final champion "
         f"(SE over prompts), seeds {', '.join(map(str, m['seeds']))}.",
         "",
-        "| seed | iterated gold | promoted rounds | one-shot gold | promoted |",
-        "|---|---|---|---|---|",
+        "| seed | iterated: gold | gain over SFT | labels | promoted rounds | one-shot: gold | gain over SFT | labels "
+        "| promoted |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in it["seeds"]:
-        a, b = it["seeds"][s], one["seeds"][s]
-        lines.append(
-            f"| {s} | {a['gold']:+.3f} ± {a['gold_se']:.3f} | {a['promoted_rounds'] or 'none'} | "
-            f"{b['gold']:+.3f} ± {b['gold_se']:.3f} | {'yes' if b['promoted_rounds'] else 'no'} |"
-        )
+        cells = []
+        for arm_out in (it, one):
+            a = arm_out["seeds"][s]
+            labels = sum(r["n_labels"] for r in a["rounds"])
+            cells.append(
+                f"{a['gold']:+.3f} ± {a['gold_se']:.3f} | {a['gain_over_sft']:+.3f} ± {a['gain_over_sft_se']:.3f} | "
+                f"{labels} | {', '.join(map(str, a['promoted_rounds'])) or 'none'}"
+            )
+        lines.append(f"| {s} | {cells[0]} | {cells[1]} |")
     diff = it["gold_mean"] - one["gold_mean"]
     lines += [
-        f"| mean | {it['gold_mean']:+.3f} | | {one['gold_mean']:+.3f} | |",
+        f"| mean | {it['gold_mean']:+.3f} | | | | {one['gold_mean']:+.3f} | | | |",
         "",
         f"Iterated minus one-shot, mean over seeds: {diff:+.3f} (seed-to-seed SD: iterated {it['gold_seed_sd']:.3f}, "
         f"one-shot {one['gold_seed_sd']:.3f}).",
@@ -133,6 +167,10 @@ def markdown(out: dict) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--report"]:  # the report again from the committed JSON
+        out = json.loads((RESULTS / "campaign.json").read_text())
+        (RESULTS / "campaign.md").write_text(markdown(out))
+        return
     started = time.time()
     out = {
         "iterated": arm("iterated", [f"campaign.rounds={ROUNDS}", f"campaign.prompts_per_round={PROMPTS_PER_ROUND}"]),

@@ -31,8 +31,8 @@ def _reports() -> dict:
     """Each results JSON's report renderer: the function its benchmark writes the ``.md`` with."""
     if str(PROJECT) not in sys.path:  # `mkdocs build` from anywhere: the renderers live in benchmarks/, beside rlhf/
         sys.path.insert(0, str(PROJECT))
+    from benchmarks import campaign, default_run, methods, reward_hacking, rollout_engines, scale, throughput
     from benchmarks import compile as compile_bench
-    from benchmarks import default_run, methods, reward_hacking, rollout_engines, scale, throughput
 
     return {
         "default_run": default_run.markdown,
@@ -44,6 +44,7 @@ def _reports() -> dict:
         "overoptimisation": reward_hacking.overoptimisation_markdown,
         "ensembles": reward_hacking.ensembles_markdown,
         "beta_sweep": reward_hacking.beta_sweep_markdown,
+        "campaign": campaign.markdown,
     }
 
 

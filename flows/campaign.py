@@ -8,8 +8,8 @@ prompts twice; the labeller orders each pair; the preference store gains them (a
 reward model retrains on every label so far; a challenger trains (``algo``) from the champion or SFT; it is
 compared with the champion on held-out prompts (paired, with standard errors); the gate promotes it or rejects
 it with the reason (:mod:`rlhf.gate`, :mod:`rlhf.champion`). Keys after the labels are the labels' content: the
-same labels give the same reward model and challenger, new ones new. A round re-run is Cached throughout; a failed
-one re-runs from its failed stage.
+same labels give the same reward model and challenger, new ones new; a round without new labels trains nothing.
+A round done is never run again (its promotions are made); a failed one re-runs from its failed stage.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from omegaconf import DictConfig
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as prefect_run
 
-from flows.campaign_run import CampaignRun, config_digest, round_records, write_round_record
+from flows.campaign_run import CampaignRun, round_records, write_round_record
 from flows.compose import CONF_DIR, to_container
 from flows.dag import Stages
 from flows.stage import training_task
 from rlhf.algorithms import registry
-from rlhf.chat import is_conversation
+from rlhf.champion import champion_version
 from rlhf.config import PipelineConfig
-from rlhf.data import load_split
+from rlhf.data import dataset_label, is_conversational
 from rlhf.gate import gain_kind
 from rlhf.preflight import preflight
 from rlhf.settings import ConfigError, to_dict
@@ -40,7 +40,7 @@ from rlhf.validate import validate
 from tasks.campaign import champion_stage, gate_stage, labels_stage, pairs_stage, preferences_stage
 from tasks.data import data_stage
 from tasks.evaluate import eval_stage
-from tasks.keys import pipeline_keys, stage_configs, stage_key
+from tasks.keys import pipeline_keys, round_stage_configs, stage_configs, stage_key
 
 
 def check_campaign(cfg: PipelineConfig) -> None:
@@ -50,6 +50,11 @@ def check_campaign(cfg: PipelineConfig) -> None:
         raise ConfigError(
             "a campaign promotes registered policy versions: tracking.policy_model_name is null or "
             "tracking.log_models=false. Fix: leave both at their defaults (rlhf-policy, true)."
+        )
+    if registry()[cfg.algo.algo].sampler is not None:
+        raise ConfigError(
+            f"algo={cfg.algo.algo} is a way of sampling SFT, not a trained policy: there is no version to promote. "
+            f"Fix: a training algorithm (dpo, ppo, rloo, grpo)."
         )
     if c.labeller == "synthetic" and cfg.data.source != "synthetic":
         raise ConfigError(
@@ -63,11 +68,13 @@ class Round:
 
     def __init__(self, cfg: PipelineConfig, stage: Stages, round_no: int, previous: dict | None) -> None:
         self.cfg, self.stage, self.round_no, self.previous = cfg, stage, round_no, previous
-        self.sections = stage_configs(cfg)
+        self.sections = {**stage_configs(cfg), **round_stage_configs(cfg, round_no)}
         self.kind = gain_kind(cfg.objective_metric())
 
-    def call(self, name: str, config: dict, upstream: list[str], task, **inputs) -> dict:
-        self.stage.keys[name] = stage_key(name, config, upstream)
+    def call(self, name: str, upstream: list[str], task, **inputs) -> dict:
+        """Stage ``name`` under its key: its part of the config (:func:`tasks.keys.round_stage_configs`) and the
+        keys (or contents) upstream."""
+        self.stage.keys[name] = stage_key(name, self.sections[name], upstream)
         return self.stage(name, task, **inputs)
 
     def run(self) -> dict:
@@ -77,21 +84,15 @@ class Round:
         data = self.stage("data", data_stage, data=to_dict(cfg.data))
         sft = self.stage("sft", training_task("sft"), model=to_dict(cfg.model), sft_cfg=to_dict(cfg.sft), data=data)
         name = cfg.tracking.policy_model_name
-        champion = self.call(
-            "champion",
-            {"campaign": c.name, "round": r, "model": name},
-            [sft["cache_key"]],
-            champion_stage,
-            sft=sft,
-            model_name=name,
-        )
+        champion = self.call("champion", [sft["cache_key"]], champion_stage, sft=sft, model_name=name, campaign=c.name)
         labels = self.labelled(data, champion)
+        if not labels["metrics"]["labels/n"]:  # nothing new to learn from: no challenger, nothing to gate
+            return self.record(champion, labels, self.previous or {"store": data, "reward": None}, None)
         store = self.store(data, labels)
         reward, challenger = self.train(sft, champion, store)
         comparison = self.compare(sft, store, reward, challenger, champion)
         gate = self.call(
             "gate",
-            {"campaign": c.name, "round": r, "z": c.gate_z, "kl_budget": c.kl_budget, "kind": self.kind, "model": name},
             [comparison["cache_key"]],
             gate_stage,
             comparison=comparison,
@@ -102,21 +103,12 @@ class Round:
             model_name=name,
             round_no=r,
         )
-        return self.record(champion, labels, store, reward, challenger, comparison, gate)
+        return self.record(champion, labels, {"store": store, "reward": reward}, (challenger, comparison, gate))
 
     def labelled(self, data: dict, champion: dict) -> dict:
         cfg, c, r = self.cfg, self.cfg.campaign, self.round_no
-        rollout = {k: v for k, v in to_dict(cfg.rollout).items() if k not in type(cfg.rollout).NOT_IN_KEY}
-        pairs_cfg = {
-            "round": r,
-            "n": c.prompts_per_round,
-            "eval": to_dict(cfg.eval),
-            "max_length": cfg.model.max_length,
-            "rollout": rollout,
-        }
         pairs = self.call(
             "pairs",
-            pairs_cfg,
             [data["cache_key"], champion["model_key"]],
             pairs_stage,
             data=data,
@@ -127,22 +119,15 @@ class Round:
             max_length=cfg.model.max_length,
             rollout=to_dict(cfg.rollout),
         )
-        labeller = {"labeller": c.labeller, "round": r}
-        if c.labeller == "synthetic":
-            labeller |= {k: v for k, v in to_dict(cfg.data).items() if k.startswith("annotator_") or k == "seed"}
-        taken = sorted({d for rec in round_records(cfg)[: r - 1] for d in rec["label_files"].values()})
-        conversational = is_conversation(load_split(data["data_dir"], "eval_prompts")[0]["prompt"])
         return self.call(
             "labels",
-            labeller,
             [pairs["cache_key"]],
             labels_stage,
             pairs=pairs,
             round_no=r,
             campaign=to_dict(c),
             data_cfg=to_dict(cfg.data),
-            taken=taken,
-            conversational=conversational,
+            conversational=is_conversational(data["data_dir"]),
         )
 
     def store(self, data: dict, labels: dict) -> dict:
@@ -150,12 +135,9 @@ class Round:
         previous = self.previous["store"] if self.previous else data
         if not labels["metrics"]["labels/n"]:
             return previous
-        from rlhf.data import dataset_label
-
         return self.call(
             "preferences",
-            {"labels": labels["digest"]},
-            [previous["cache_key"]],
+            [previous["cache_key"], labels["digest"]],
             preferences_stage,
             previous=previous,
             labels=labels,
@@ -164,11 +146,10 @@ class Round:
 
     def train(self, sft: dict, champion: dict, store: dict) -> tuple[dict, dict]:
         cfg, c, algo = self.cfg, self.cfg.campaign, self.cfg.algo.algo
-        warm = c.reward_init == "warm" and self.previous
+        warm = c.reward_init == "warm" and self.previous and self.previous["reward"]
         init = self.previous["reward"] if warm else sft
         reward = self.call(
             "reward",
-            self.sections["reward"],
             [store["cache_key"], init["cache_key"]],
             training_task("reward"),
             model=to_dict(cfg.model),
@@ -183,7 +164,6 @@ class Round:
         upstream = [start["cache_key"], store["cache_key"], *([reward["cache_key"]] if uses_reward else [])]
         challenger = self.call(
             algo,
-            self.sections[algo],
             upstream,
             training_task(algo),
             model=to_dict(cfg.model),
@@ -207,7 +187,6 @@ class Round:
         ]
         return self.call(
             "eval",
-            self.sections["eval"],
             upstream,
             eval_stage,
             model=to_dict(cfg.model),
@@ -222,23 +201,26 @@ class Round:
             baseline=baseline,
         )
 
-    def record(self, champion, labels, store, reward, challenger, comparison, gate) -> dict:
-        """The round's record: what later rounds, the campaign's row and its figure read."""
+    def record(self, champion: dict, labels: dict, learnt: dict, outcome: tuple | None) -> dict:
+        """The round's record: what later rounds, the campaign's row and its figure read. ``learnt``: the store and
+        reward model it leaves; ``outcome``: its challenger, comparison and gate (None: no new labels)."""
+        store, reward = learnt["store"], learnt["reward"]
+        challenger, comparison, gate = outcome or ({"version": None}, {"metrics": {}}, None)
         return {
             "round": self.round_no,
             "champion_before": champion["version"],
-            "champion_after": gate["champion"]["version"],
+            "champion_after": gate["champion"]["version"] if gate else champion["version"],
+            "champion_path": gate["champion"]["model_path"] if gate else champion["model_path"],
             "challenger_version": challenger["version"],
-            "promoted": gate["promoted"],
-            "reason": gate["reason"],
+            "promoted": bool(gate and gate["promoted"]),
+            "reason": gate["reason"] if gate else "no new labels: no challenger this round",
             "baseline": "sft" if champion["version"] is None else "champion",
             "n_labels": labels["metrics"]["labels/n"],
             "label_files": labels["files"],
             "store": {k: store[k] for k in ("cache_key", "run_id", "data_dir", "datasets")},
-            "reward": {k: reward[k] for k in ("cache_key", "model_path")},
+            "reward": reward and {k: reward[k] for k in ("cache_key", "model_path")},
             "metrics": comparison["metrics"],
             "keys": dict(self.stage.keys),
-            "config_digest": config_digest(self.cfg),
         }
 
 
@@ -252,7 +234,6 @@ def rlhf_round(config: dict, round_no: int) -> dict:
     run = campaign.round_run(round_no, prefect_run.id)
     previous = round_records(cfg)[round_no - 2] if round_no > 1 else None
     stage = Stages(cfg, {}, campaign.env(run), run, logger)
-    stage.refreshed = set()
     try:
         record = Round(cfg, stage, round_no, previous).run()
     except BaseException:
@@ -276,8 +257,8 @@ def rlhf_campaign(
     base_overrides: list[str] | None = None,
     next_round: bool = False,
 ) -> dict:
-    """Rounds 1 .. ``campaign.rounds`` (those done come back Cached), or, with ``next_round``, the round after the
-    last one done (the deployments' runs)."""
+    """Rounds 1 .. ``campaign.rounds``, or, with ``next_round``, the round after the last one done (the deployments'
+    runs). A round done is history: its record is returned, nothing of it runs again."""
     if config is None:
         from flows.compose import load_config
 
@@ -288,19 +269,17 @@ def rlhf_campaign(
     done = round_records(cfg)
     last = len(done) + 1 if next_round else cfg.campaign.rounds
     campaign = CampaignRun.open(cfg, uri)
-    digest, records = config_digest(cfg), []
+    for record in done[:last]:  # history: a round done is never run again (its registry moves are made)
+        get_run_logger().info("round %d: done (%s)", record["round"], record["reason"])
     try:
-        for r in range(1, last + 1):
-            if r <= len(done) and done[r - 1]["config_digest"] != digest:  # history: not re-run under another config
-                get_run_logger().info("round %d: done with another config; kept as it was", r)
-                records.append(done[r - 1])
-            else:
-                records.append(rlhf_round(config, r))
+        records = done[:last] + [rlhf_round(config, r) for r in range(len(done) + 1, last + 1)]
     except BaseException:
         campaign.run.finish("FAILED")  # the rounds done keep their records; the same command continues
         raise
-    campaign.summarise(records, gain_kind(cfg.objective_metric()))
-    return {"rounds": records, "champion": records[-1]["champion_after"], "campaign_run_id": campaign.run.run_id}
+    version = champion_version(campaign.client, cfg.tracking.policy_model_name)  # the alias (a rollback counts)
+    champion = str(version.version) if version else None
+    campaign.summarise(records, gain_kind(cfg.objective_metric()), champion, set(range(len(done) + 1, last + 1)))
+    return {"rounds": records, "champion": champion, "campaign_run_id": campaign.run.run_id}
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -309,9 +288,8 @@ def main(cfg: DictConfig) -> None:
     result = rlhf_campaign(to_container(cfg))
     for r in result["rounds"]:
         word = "promoted" if r["promoted"] else "rejected"
-        print(
-            f"round {r['round']}: {r['n_labels']} labels, challenger v{r['challenger_version']} {word}: {r['reason']}"
-        )
+        said = f"challenger v{r['challenger_version']} {word}: " if r["challenger_version"] else ""
+        print(f"round {r['round']}: {r['n_labels']} labels, {said}{r['reason']}")
     print(f"champion: {result['champion'] or 'SFT (nothing promoted)'}")
 
 

@@ -4,7 +4,6 @@ figure read), and the campaign's figure across rounds."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,17 +22,6 @@ def campaign_dir(cfg: PipelineConfig) -> Path:
     return Path(cfg.paths.root) / "campaigns" / cfg.campaign.name
 
 
-def round_config(cfg: PipelineConfig) -> dict:
-    """What a round ran with: the whole config but the campaign's length."""
-    config = to_dict(cfg)
-    config["campaign"] = {k: v for k, v in config["campaign"].items() if k != "rounds"}
-    return config
-
-
-def config_digest(cfg: PipelineConfig) -> str:
-    return hashlib.sha256(json.dumps(round_config(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def round_records(cfg: PipelineConfig) -> list[dict]:
     """The records of the rounds done, in order (round 1, 2, ... up to the first one missing)."""
     records = []
@@ -47,11 +35,15 @@ def write_round_record(cfg: PipelineConfig, record: dict) -> None:
     checkpoint.atomic_write_json(campaign_dir(cfg) / f"round-{record['round']}.json", record)
 
 
-def _find_or_create(client: MlflowClient, exp_id: str, query: str, name: str, tags: dict, parent: str | None):
-    """The run ``query`` finds (reopened and owned by this process), else a new one."""
+def _find_or_create(
+    client: MlflowClient, exp_id: str, query: str, name: str, tags: dict, parent: str | None, params: dict | None = None
+):
+    """The run ``query`` finds (reopened and owned by this process), else a new one with ``params``."""
     found = client.search_runs([exp_id], query, max_results=1, order_by=["attributes.start_time ASC"])
     if not found:
-        return RunLogger.create(client, exp_id, name, tags, parent)
+        run = RunLogger.create(client, exp_id, name, tags, parent)
+        run.log_params(params or {})
+        return run
     run = RunLogger(client, found[0].info.run_id)
     client.update_run(run.run_id, status="RUNNING")
     run.set_tags(process_tags())
@@ -85,8 +77,10 @@ class CampaignRun:
             f"tags.`{KIND_TAG}` = 'round' and tags.`{CAMPAIGN_TAG}` = '{name}' and tags.`{ROUND_TAG}` = '{round_no}'"
         )
         tags = {KIND_TAG: "round", CAMPAIGN_TAG: name, ROUND_TAG: str(round_no), "algo": self.cfg.algo.algo}
-        run = _find_or_create(self.client, self.exp_id, query, f"{name}-round-{round_no}", tags, self.run.run_id)
-        run.log_params(flatten(round_config(self.cfg)))  # a round runs again only with its own config
+        params = flatten(to_dict(self.cfg))  # the first attempt's (a failed round may run again with fixes)
+        run = _find_or_create(
+            self.client, self.exp_id, query, f"{name}-round-{round_no}", tags, self.run.run_id, params
+        )
         if flow_run_id:
             run.set_tags({"prefect.flow_run_id": flow_run_id})
         return run
@@ -103,17 +97,20 @@ class CampaignRun:
             "tracking": to_dict(self.cfg.tracking),
         }
 
-    def summarise(self, records: list[dict], kind: str) -> None:
-        """Every round's numbers on the campaign row (step = round) and the campaign figure."""
+    def summarise(self, records: list[dict], kind: str, champion: str | None, new: set[int]) -> None:
+        """The numbers of the rounds this command ran (``new``) on the campaign row (step = round; a round without a
+        challenger has none), the champion as the alias names it, and the figure over every round."""
         from rlhf.campaign_report import campaign_figure, round_metrics
 
-        for record in records:
-            self.run.log_metrics(round_metrics(record, kind), step=record["round"])
-        champion = next((r["champion_after"] for r in reversed(records)), None)
+        compared = [r for r in records if r["metrics"]]
+        for record in compared:
+            if record["round"] in new:
+                self.run.log_metrics(round_metrics(record, kind), step=record["round"])
         self.run.set_tags({"campaign.rounds": str(len(records)), "campaign.champion_version": str(champion)})
-        fig = campaign_figure(records, kind)
-        self.run.log_figure(fig, "campaign.png")
-        import matplotlib.pyplot as plt
+        if compared:
+            fig = campaign_figure(compared, kind)
+            self.run.log_figure(fig, "campaign.png")
+            import matplotlib.pyplot as plt
 
-        plt.close(fig)
+            plt.close(fig)
         self.run.finish()

@@ -21,29 +21,31 @@ def resource_id(campaign: str) -> str:
     return f"rlhf.campaign.{campaign}"
 
 
-def import_labels(path: Path, cfg) -> Path:
-    """Copy the checked file into the inbox (never over another file's name); returns where it landed."""
+def import_labels(path: Path, cfg) -> tuple[Path, int]:
+    """Copy the checked file into the inbox as ``<name>.jsonl`` (never over another file); where it landed and how
+    many comparisons it holds."""
     from rlhf.labellers import read_labelled
     from rlhf.settings import ConfigError
     from tasks.campaign import inbox_dir
 
     if not path.is_file():
         raise ConfigError(f"{path} is not a file. Fix: pass the JSONL file of labelled comparisons.")
-    rows = read_labelled(path, conversational=cfg.data.source != "synthetic" and cfg.data.format == "conversational")
+    rows = read_labelled(path, conversational=cfg.data.format == "conversational")
     if not rows:
         raise ConfigError(f"{path} holds no labelled comparison. Fix: one JSON object per line.")
     inbox = inbox_dir(cfg.campaign, cfg.paths.root)
     inbox.mkdir(parents=True, exist_ok=True)
-    target, n = inbox / path.name, 1
+    target, n = inbox / f"{path.stem}.jsonl", 1
     while target.exists():
-        target, n = inbox / f"{path.stem}-{n}{path.suffix}", n + 1
+        target, n = inbox / f"{path.stem}-{n}.jsonl", n + 1
     shutil.copyfile(path, target.with_suffix(".partial"))
     target.with_suffix(".partial").rename(target)  # whole, or not there: a round never reads half a file
-    return target
+    return target, len(rows)
 
 
 def emit_arrived(campaign: str, target: Path, n_rows: int) -> bool:
-    """The labels-arrived event, when a Prefect server is configured (else nothing: the next round finds them)."""
+    """The labels-arrived event, when a Prefect server is configured (else nothing: the next round finds them);
+    an event that could not be sent fails (the labels stay in the inbox for the next round)."""
     import tasks  # noqa: F401  (Prefect's defaults, before Prefect is imported)
 
     # isort: split
@@ -53,10 +55,15 @@ def emit_arrived(campaign: str, target: Path, n_rows: int) -> bool:
 
     if not PREFECT_API_URL.value():
         return False
-    emit_event(
+    event = emit_event(
         EVENT, resource={"prefect.resource.id": resource_id(campaign)}, payload={"file": target.name, "rows": n_rows}
     )
-    EventsWorker.drain_all()  # sent before this process exits
+    _, unsent = EventsWorker.drain_all(timeout=30)  # sent before this process exits
+    if event is None or unsent:
+        raise ConnectionError(
+            f"the labels are in {target.parent}, but the event {EVENT} did not reach {PREFECT_API_URL.value()}. "
+            f"Fix: check the Prefect server; the campaign's next round takes the file either way."
+        )
     return True
 
 
@@ -68,8 +75,7 @@ def main(argv: list[str]) -> None:
     from rlhf.validate import validate
 
     cfg = validate(load_config(argv[1:]))
-    target = import_labels(Path(argv[0]), cfg)
-    n_rows = sum(1 for line in target.read_text().splitlines() if line.strip())
+    target, n_rows = import_labels(Path(argv[0]), cfg)
     told = emit_arrived(cfg.campaign.name, target, n_rows)
     print(f"{n_rows} labelled comparisons in {target}" + (f"; event {EVENT} sent" if told else ""))
 

@@ -21,30 +21,56 @@ ALIAS = "champion"
 
 
 def champion_version(client: MlflowClient, name: str):
-    """The version the alias names, or None (no campaign has promoted one yet)."""
+    """The version the alias names, or None (no campaign has promoted one yet); a tracking server's error raises
+    (it must not read as "no champion")."""
     try:
         return client.get_model_version_by_alias(name, ALIAS)
-    except MlflowException:
-        return None
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def campaign_champion(client: MlflowClient, name: str, campaign: str):
+    """The champion a round of ``campaign`` starts from: the alias's version, which this campaign promoted (or a
+    person rolled back to); None before any. Another campaign's champion is refused: each campaign needs a
+    registered policy of its own."""
+    version = champion_version(client, name)
+    if version is None or version.tags.get("campaign") == campaign or "rollback.by" in version.tags:
+        return version
+    raise ConfigError(
+        f"{name}@{ALIAS} is version {version.version}, promoted by campaign {version.tags.get('campaign')!r} or by "
+        f"hand, not by campaign {campaign!r}. Fix: give each campaign its own registered policy "
+        f"(tracking.policy_model_name=rlhf-policy-{campaign}), or roll back to a version this campaign made."
+    )
 
 
 def _tags(values: dict) -> dict[str, str]:
     return {k: v if isinstance(v, str) else f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in values.items()}
 
 
-def record_decision(client: MlflowClient, name: str, version: str, decision: Decision, context: dict) -> None:
-    """Tag ``version`` with the gate's evidence; move the alias to it when the decision promotes it."""
+def record_decision(
+    client: MlflowClient, name: str, version: str, decision: Decision, context: dict, faced: str | None
+) -> Decision:
+    """Tag ``version`` with the gate's evidence; move the alias to it when the decision promotes it and the alias
+    still names ``faced``, the champion the challenger was compared with (a rollback during the round stands).
+    Returns the decision as recorded."""
+    current = champion_version(client, name)
+    now = str(current.version) if current else None
+    if decision.promote and now != faced:
+        why = f"the alias moved to {now or 'none'} during the round (it faced {faced or 'SFT'}): a rollback stands"
+        decision = Decision(False, why, decision.evidence)
     tags = {**decision.evidence, **context, "gate.reason": decision.reason}
     tags["gate.decision"] = "promoted" if decision.promote else "rejected"
     if decision.promote:
-        previous = champion_version(client, name)
-        tags["gate.previous_champion"] = str(previous.version) if previous else "none"
+        tags["gate.previous_champion"] = now or "none"
     else:
         tags["rejected"] = decision.reason
     for key, value in _tags(tags).items():
         client.set_model_version_tag(name, version, key, value)
     if decision.promote:
         client.set_registered_model_alias(name, ALIAS, version)
+    return decision
 
 
 def rollback(client: MlflowClient, name: str, to_version: str, reason: str, by: str | None = None) -> dict:

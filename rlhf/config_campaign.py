@@ -12,7 +12,7 @@ from typing import Optional
 
 from .settings import ConfigError, setting
 
-LABELLERS = ("synthetic", "folder", "judge")
+LABELLERS = ("synthetic", "folder")
 
 
 @dataclass
@@ -28,9 +28,8 @@ class CampaignConfig:
     )
     labeller: str = setting(
         "synthetic",
-        "Who labels the round's pairs: synthetic (the task's simulated annotators: data.annotator_*), folder "
-        "(people: JSONL files dropped in campaign.inbox), or judge (a reward model trained on a disjoint half of "
-        "the data's pairs).",
+        "Who labels the round's pairs: synthetic (the task's simulated annotators: data.annotator_*) or folder "
+        "(people: JSONL files dropped in campaign.inbox).",
         choices=list(LABELLERS),
     )
     inbox: Optional[str] = setting(

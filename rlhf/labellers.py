@@ -8,7 +8,7 @@ A labeller takes the round's requests (rows ``{id, prompt, answer_a, answer_b, e
   the configured noise and length bias), so what the loop gains is measured against gold.
 - :class:`FolderLabeller`: people. The round writes its requests to ``<inbox>/requests/round-<r>.jsonl``;
   labelled comparisons dropped into ``<inbox>`` as ``*.jsonl`` files are taken by the next round that runs,
-  each file once (the rounds before it record the files they took, by content digest).
+  each file once (moved to ``<inbox>/taken/round-<r>/``).
 """
 
 from __future__ import annotations
@@ -51,14 +51,15 @@ class SyntheticLabeller:
         return rows, {"labels/n": len(rows), "labels/gold_agreement": agree}
 
 
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
-def read_labelled(path: Path, conversational: bool) -> list[dict]:
-    """The preference rows of one dropped file; a malformed line fails naming the file, the line and the fix."""
+def read_labelled(path: Path, conversational: bool, text: str | None = None) -> list[dict]:
+    """The preference rows of one dropped file (``text``: its contents, already read); a malformed line fails naming
+    the file, the line and the fix."""
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate((path.read_text() if text is None else text).splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path} line {n}"
@@ -86,21 +87,32 @@ def read_labelled(path: Path, conversational: bool) -> list[dict]:
 
 
 class FolderLabeller:
-    """Labels that people drop into ``inbox`` (``*.jsonl``); ``taken``: digests of files earlier rounds took."""
+    """Labels that people drop into ``inbox`` (``*.jsonl``). A round takes a file by moving it to
+    ``<inbox>/taken/round-<r>/`` (one rename: taken once, by one round, whole); a round that failed and runs again
+    reads what it had moved."""
 
-    def __init__(self, inbox: Path, round_no: int, taken: set[str], conversational: bool) -> None:
-        self.inbox, self.round_no, self.taken, self.conversational = Path(inbox), round_no, taken, conversational
+    def __init__(self, inbox: Path, round_no: int, conversational: bool) -> None:
+        self.inbox, self.round_no, self.conversational = Path(inbox), round_no, conversational
 
-    def new_files(self) -> list[Path]:
-        return [p for p in sorted(self.inbox.glob("*.jsonl")) if file_digest(p) not in self.taken]
+    def take(self) -> list[Path]:
+        mine = self.inbox / "taken" / f"round-{self.round_no}"
+        mine.mkdir(parents=True, exist_ok=True)
+        for path in sorted(self.inbox.glob("*.jsonl")):
+            target, n = mine / path.name, 1
+            while target.exists():
+                target, n = mine / f"{path.stem}-{n}{path.suffix}", n + 1
+            path.rename(target)
+        return sorted(mine.glob("*.jsonl"))
 
     def label(self, requests: list[dict]) -> tuple[list[dict], dict]:
         asked = self.inbox / "requests" / f"round-{self.round_no}.jsonl"
         asked.parent.mkdir(parents=True, exist_ok=True)
-        asked.write_text(
-            "".join(json.dumps({k: r[k] for k in ("id", "prompt", "answer_a", "answer_b")}) + "\n" for r in requests)
-        )
-        files = self.new_files()
-        rows = [row for path in files for row in read_labelled(path, self.conversational)]
+        fields = ("id", "prompt", "answer_a", "answer_b")
+        asked.write_text("".join(json.dumps({k: r[k] for k in fields}) + "\n" for r in requests))
+        rows, files = [], {}
+        for path in self.take():
+            data = path.read_bytes()  # read once: the rows and the digest are of the same bytes
+            files[path.name] = digest(data)
+            rows += read_labelled(path, self.conversational, data.decode())
         metrics = {"labels/n": len(rows), "labels/n_files": len(files), "labels/n_requested": len(requests)}
-        return rows, {**metrics, "files": {p.name: file_digest(p) for p in files}}
+        return rows, {**metrics, "files": files}

@@ -14,7 +14,7 @@ from rlhf.config import EvalConfig, RolloutConfig
 from rlhf.config_campaign import CampaignConfig
 from rlhf.data import load_split, save_splits
 from rlhf.gate import decide
-from rlhf.labellers import FolderLabeller, SyntheticLabeller, file_digest
+from rlhf.labellers import FolderLabeller, SyntheticLabeller, digest
 from rlhf.lineage import EVALUATION, TRAINING
 from rlhf.settings import from_dict
 from rlhf.stages import pairs, preferences
@@ -24,12 +24,12 @@ from .runner import Lineage, run_stage
 
 
 @task(name="champion")
-def champion_stage(key: str, env: dict, sft: dict, model_name: str, fresh: bool = False) -> dict:
+def champion_stage(key: str, env: dict, sft: dict, model_name: str, campaign: str, fresh: bool = False) -> dict:
     """The policy this round starts from: the version the registry alias names, else SFT. Cached per round, so a
     round re-run starts from the champion it started from, whatever the alias says now."""
 
     def body(ctx):
-        version = registry_alias.champion_version(MlflowClient(env["tracking_uri"]), model_name)
+        version = registry_alias.campaign_champion(MlflowClient(env["tracking_uri"]), model_name, campaign)
         if version is None:
             return {**_model_fields(sft), "version": None, "model_key": sft["cache_key"], "metrics": {}}
         made = read_record(env["root"], version.tags["stage"], version.tags["cache_key"])
@@ -72,12 +72,12 @@ def pairs_stage(
     return run_stage("pairs", key, env, fresh, body, seed=e.seed, lineage=lineage)
 
 
-def labeller_for(c: CampaignConfig, data_cfg: dict, round_no: int, taken: set[str], conversational: bool, root: str):
+def labeller_for(c: CampaignConfig, data_cfg: dict, round_no: int, conversational: bool, root: str):
     if c.labeller == "synthetic":
         return SyntheticLabeller(
             data_cfg["annotator_temperature"], data_cfg["annotator_length_bias"], data_cfg["seed"], round_no
         )
-    return FolderLabeller(inbox_dir(c, root), round_no, taken, conversational)
+    return FolderLabeller(inbox_dir(c, root), round_no, conversational)
 
 
 def inbox_dir(c: CampaignConfig, root: str) -> Path:
@@ -93,21 +93,20 @@ def labels_stage(
     round_no: int,
     campaign: dict,
     data_cfg: dict,
-    taken: list[str],
     conversational: bool,
     fresh: bool = False,
 ) -> dict:
-    """The round's pairs labelled by ``campaign.labeller``; ``taken``: inbox files earlier rounds took."""
+    """The round's pairs labelled by ``campaign.labeller``."""
     c = from_dict(CampaignConfig, campaign)
 
     def body(ctx):
-        labeller = labeller_for(c, data_cfg, round_no, set(taken), conversational, env["root"])
+        labeller = labeller_for(c, data_cfg, round_no, conversational, env["root"])
         rows, metrics = labeller.label(load_split(Path(pairs["requests"]).parent, "requests"))
         files = metrics.pop("files", {})
         save_splits({"labels": rows}, ctx.out_dir)
         ctx.sink.log_metrics(metrics, 0)
         path = ctx.out_dir / "labels.jsonl"
-        return {"labels": str(path), "digest": file_digest(path), "files": files, "metrics": metrics}
+        return {"labels": str(path), "digest": digest(path.read_bytes()), "files": files, "metrics": metrics}
 
     return run_stage("labels", key, env, fresh, body)
 
@@ -143,8 +142,8 @@ def gate_stage(
             "campaign.round": round_no,
             "gate.champion_version": champion["version"] or "sft",
         }
-        registry_alias.record_decision(
-            MlflowClient(env["tracking_uri"]), model_name, challenger["version"], decision, context
+        decision = registry_alias.record_decision(
+            MlflowClient(env["tracking_uri"]), model_name, challenger["version"], decision, context, champion["version"]
         )
         ctx.sink.log_metrics({"gate/promoted": float(decision.promote)}, 0)
         ctx.sink.set_tags(

@@ -83,6 +83,40 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, dict]:
     }
 
 
+def round_stage_configs(cfg: PipelineConfig, round_no: int) -> dict[str, dict]:
+    """The part of the config each of a campaign round's own stages depends on (:mod:`flows.campaign`; its training
+    and eval stages use :func:`stage_configs`). The champion is resolved once per campaign and round; the labels of a
+    folder are the campaign's inbox's."""
+    c = cfg.campaign
+    labeller = {"labeller": c.labeller, "round": round_no}
+    if c.labeller == "synthetic":
+        labeller |= {k: v for k, v in to_dict(cfg.data).items() if k.startswith("annotator_") or k == "seed"}
+    else:
+        labeller |= {"campaign": c.name, "inbox": c.inbox, "root": str(cfg.paths.root)}
+    rollout = {k: v for k, v in to_dict(cfg.rollout).items() if k not in RolloutConfig.NOT_IN_KEY}
+    return {
+        "champion": {"campaign": c.name, "round": round_no, "model": cfg.tracking.policy_model_name},
+        "pairs": {
+            "round": round_no,
+            "n": c.prompts_per_round,
+            "seed": cfg.eval.seed,
+            "sampling": to_dict(cfg.eval.sampling),
+            "max_length": cfg.model.max_length,
+            "rollout": rollout,
+        },
+        "labels": labeller,
+        "preferences": {},  # its content: the last version's key and the labels' digest
+        "gate": {
+            "campaign": c.name,
+            "round": round_no,
+            "z": c.gate_z,
+            "kl_budget": c.kl_budget,
+            "objective": cfg.objective_metric(),
+            "model": cfg.tracking.policy_model_name,
+        },
+    }
+
+
 def pipeline_keys(cfg: PipelineConfig) -> dict[str, str]:
     """Every stage's key, computed up front from the config alone."""
     sections = stage_configs(cfg)

@@ -54,7 +54,12 @@ class Cluster:
         self.procs.wait_healthy("prefect-server", f"{self.api_url}/health")
         self.procs.wait_healthy("mlflow-server", f"{self.mlflow_url}/health")
         out = subprocess.run(
-            [sys.executable, "-m", "flows.deploy", "campaign.base_overrides=[" + ",".join(f"'{o}'" for o in CAMPAIGN) + "]"],
+            [
+                sys.executable,
+                "-m",
+                "flows.deploy",
+                "campaign.base_overrides=[" + ",".join(f"'{o}'" for o in CAMPAIGN) + "]",
+            ],
             cwd=PROJECT,
             env=self.env,
             capture_output=True,
@@ -224,7 +229,9 @@ def test_labels_arriving_start_rounds_of_the_campaign_deployment_one_at_a_time(c
     """`flows.labels` puts a file in the campaign's inbox and emits the labels-arrived event; the deployment's trigger
     starts a round; a second file while that round runs starts another, which waits for the first to end."""
     dep = cluster.prefect.deployment(CAMPAIGN_DEPLOYMENT)
-    assert dep["global_concurrency_limit"]["limit"] == 1 and dep["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    assert (
+        dep["global_concurrency_limit"]["limit"] == 1 and dep["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    )
     assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * 1"]
     files = [labels_file(cluster.tmp / f"batch-{i}.jsonl", 6, i) for i in (1, 2)]
     for f in files:
