@@ -81,4 +81,10 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from rlhf.data import DatasetError
+    from rlhf.settings import ConfigError
+
+    try:
+        main(sys.argv[1:])
+    except (DatasetError, ConfigError) as err:  # a bad file or setting: its message names the line and the fix
+        sys.exit(f"flows.labels: {err}")

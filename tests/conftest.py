@@ -27,6 +27,13 @@ def prefect_server():
         yield PREFECT_API_URL.value()
 
 
+def pytest_collection_modifyitems(items):
+    """Files with a slow test first (a stable sort): the two workers take whole files in this order, so the last files
+    to start are the quick ones and neither worker idles while the other runs a long file to the end."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
 def pipeline_env(home: Path, api_url: str) -> dict:
     """The environment of a pipeline run as a subprocess: its own PREFECT_HOME, offline, no tracking URI of ours, its
     flow runs reported to ``api_url`` (the worker's server: ``prefect_server``) rather than to an ephemeral server of

@@ -75,6 +75,9 @@ def start_prefect_server(procs: Processes, home: Path, env: dict) -> str:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_ENABLED": "false",
             "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",  # the schedule test waits seconds, not a minute
+            # a run or task waiting for a concurrency slot asks again after seconds, not 30 (deployments) or 10 (tags)
+            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
+            "PREFECT_SERVER_TASKS_TAG_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
             "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         }
     )

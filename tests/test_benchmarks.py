@@ -39,3 +39,27 @@ def test_the_markdown_report_renders_the_committed_json_with_its_ratios(throughp
     ratio = ppo["ours"]["tokens_per_s"] / ppo["trl"]["tokens_per_s"]
     assert f"**{ratio:.2f}x**" in md and "ours with the old log-probs recomputed by a forward" in md
     assert md == (RESULTS / "throughput_cpu.md").read_text()  # the committed report is this JSON's
+
+
+def test_the_campaign_benchmark_compares_both_arms_over_two_seeds_with_standard_errors():
+    """Iterated against one-shot on the same labels and iterations, per seed, with SEs; the over-optimising challenger
+    rejected with its reason (the report itself: tests/test_docs.py renders every report from its JSON)."""
+    from benchmarks.campaign import README, headline
+    from benchmarks.campaign import markdown as campaign_markdown
+
+    out = json.loads((RESULTS / "campaign.json").read_text())
+    for arm in ("iterated", "one_shot"):
+        seeds = out[arm]["seeds"]
+        assert len(seeds) >= 2
+        for s in seeds.values():
+            assert s["gold_se"] > 0 and s["gain_over_sft_se"] > 0
+    labels = {
+        arm: [sum(r["n_labels"] for r in s["rounds"]) for s in out[arm]["seeds"].values()]
+        for arm in out
+        if arm in ("iterated", "one_shot")
+    }
+    assert all(abs(a - b) <= 0.05 * b for a, b in zip(labels["iterated"], labels["one_shot"]))  # the same label budget
+    gate = out["gate"]
+    assert not gate["promoted"] and gate["reason"]
+    assert campaign_markdown(out) == (RESULTS / "campaign.md").read_text()
+    assert f"-->\n{headline(out)}\n<!--" in README.read_text()  # the README's sentence is this JSON's too

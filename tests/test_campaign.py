@@ -10,6 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from .conftest import micro_overrides
+from .test_docs import CAMPAIGN_GROUP, ROUND_GROUP, check_reference, reference, unmatched
 
 pytestmark = pytest.mark.slow
 CAMPAIGN = ["experiment=micro_campaign", "campaign.gate_z=0"]
@@ -73,8 +74,6 @@ def test_three_rounds_each_label_retrain_compare_and_decide(campaign):
 
 
 def test_every_metric_of_the_campaign_is_in_the_metric_reference(campaign):
-    from tests.test_docs import CAMPAIGN_GROUP, check_reference, reference, unmatched
-
     root, result = campaign
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     exp = client.get_run(result["campaign_run_id"]).info.experiment_id
@@ -160,3 +159,31 @@ def test_labels_from_the_inbox_then_a_worse_challenger_rejected_and_a_rollback(c
     assert tags["rollback.from"] == (before or "none")
     if before and before != target:
         assert "regression" in client.get_model_version("rlhf-policy", before).tags["rolled_back"]
+    # every entry of the round's metric reference is logged by some round (the folder labeller's by rounds 4 and 5)
+    exp = client.get_run(first["campaign_run_id"]).info.experiment_id
+    names = {m for r in client.search_runs([exp], max_results=1000) for m in r.data.metrics}
+    assert not unmatched(names, [ROUND_GROUP])[1]
+
+
+def test_a_malformed_labels_file_names_its_line_and_a_file_is_taken_once(tmp_path):
+    from rlhf.data import DatasetError
+    from rlhf.gate import decide
+    from rlhf.labellers import FolderLabeller, read_labelled
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": 3}\n')
+    with pytest.raises(DatasetError, match=r"bad.jsonl line 2 lacks chosen or rejected"):
+        read_labelled(bad, conversational=False)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "one.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    request = {"id": "r1-0", "prompt": "p", "answer_a": "a", "answer_b": "b", "ended_a": True, "ended_b": True}
+    rows, first = FolderLabeller(inbox, 1, False).label([request])
+    assert len(rows) == 1 and first["labels/n_files"] == 1
+    (inbox / "taken" / "round-1" / "one.jsonl").write_text("appended later\n")  # a taken file is not read again
+    assert FolderLabeller(inbox, 2, False).label([request])[0] == []
+    # the gate never promotes what is not a number, nor a comparison on one prompt
+    good = {"eval/gold_gain": 0.5, "eval/gold_gain_se": 0.1, "eval/kl": 1.0, "eval/n_prompts": 16}
+    assert decide(good, "gold", 2.0, 5.0).promote
+    for broken in ({"eval/gold_gain_se": float("nan")}, {"eval/kl": float("nan")}, {"eval/n_prompts": 1}):
+        assert not decide({**good, **broken}, "gold", 2.0, 5.0).promote

@@ -44,6 +44,7 @@ def run_on_a_terminal(cmd: list[str], env: dict, cwd: Path, timeout: float = 600
     return proc.wait(timeout=60), b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_cli_first_run_on_fresh_homes_then_cached_in_a_new_process(tmp_path):
     """As a new user: fresh PREFECT_HOME and MLflow store, offline, on a terminal (a bar per training stage);
     the second process, with its output redirected, finds everything Cached."""

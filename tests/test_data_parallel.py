@@ -171,6 +171,7 @@ def test_each_process_saves_its_own_random_state_and_gets_it_back_on_resume(upst
     assert draws[0][0] != draws[1][0]
 
 
+@pytest.mark.slow
 def test_a_stop_signal_stops_every_process_after_the_same_step_and_the_rerun_finishes(upstream, tmp_path):
     """SIGTERM to the launching process mid-stage: the processes learn it from the stop file (the launcher never sees
     a signal), finish their step, checkpoint it and stop; the launching process raises Preempted. Run again, the

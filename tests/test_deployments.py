@@ -187,10 +187,11 @@ def test_a_scheduled_run_starts_without_a_trigger_and_is_fully_cached_dispatchin
 def test_two_runs_never_train_at_once_on_one_gpu_slot(cluster, first):
     before = set(cluster.stage_runs())
     # DPO trains long enough (algo.epochs) that the second run's stage flow is up while the first trains,
-    # however far apart the two pipelines' own start-ups land on 2 cores: a micro epoch takes about 0.15 s, and
-    # the start-ups were seen 3 s apart (6 epochs were not enough); 60 epochs give each run about 10 s
+    # however far apart the two pipelines' own start-ups land on 2 cores: the start-ups were seen up to 3 s apart
+    # (6 epochs were not enough); 30 epochs trained in 6 s beside another test file, the second stage flow up 3 s
+    # after the first: 40 leave a margin without the minute that 60 cost in the whole suite
     ids = [
-        cluster.prefect.trigger(PIPELINE, {"overrides": [*MICRO, f"algo.beta={b}", "algo.epochs=60"]})
+        cluster.prefect.trigger(PIPELINE, {"overrides": [*MICRO, f"algo.beta={b}", "algo.epochs=40"]})
         for b in (0.5, 0.7)
     ]
     for run_id in ids:
