@@ -31,7 +31,7 @@ from flows.dag import Stages
 from flows.stage import training_task
 from rlhf.algorithms import registry
 from rlhf.champion import champion_version
-from rlhf.config import PipelineConfig
+from rlhf.config import JUDGE, PipelineConfig
 from rlhf.data import dataset_label, is_conversational
 from rlhf.gate import gain_kind
 from rlhf.preflight import preflight
@@ -59,7 +59,8 @@ def check_campaign(cfg: PipelineConfig) -> None:
     if c.labeller == "synthetic" and cfg.data.source != "synthetic":
         raise ConfigError(
             f"campaign.labeller=synthetic simulates the synthetic task's annotators; data.source={cfg.data.source}. "
-            f"Fix: campaign.labeller=folder (people drop labels into campaign.inbox)."
+            f"Fix: campaign.labeller=folder (people drop labels into campaign.inbox) or campaign.labeller=judge (a "
+            f"reward model trained on the data's held-out pairs labels them)."
         )
 
 
@@ -85,7 +86,7 @@ class Round:
         sft = self.stage("sft", training_task("sft"), model=to_dict(cfg.model), sft_cfg=to_dict(cfg.sft), data=data)
         name = cfg.tracking.policy_model_name
         champion = self.call("champion", [sft["cache_key"]], champion_stage, sft=sft, model_name=name, campaign=c.name)
-        labels = self.labelled(data, champion)
+        labels = self.labelled(data, sft, champion)
         if not labels["metrics"]["labels/n"]:  # nothing new to learn from: no challenger, nothing to gate
             return self.record(champion, labels, self.previous or {"store": data, "reward": None}, None)
         store = self.store(data, labels)
@@ -105,7 +106,7 @@ class Round:
         )
         return self.record(champion, labels, {"store": store, "reward": reward}, (challenger, comparison, gate))
 
-    def labelled(self, data: dict, champion: dict) -> dict:
+    def labelled(self, data: dict, sft: dict, champion: dict) -> dict:
         cfg, c, r = self.cfg, self.cfg.campaign, self.round_no
         pairs = self.call(
             "pairs",
@@ -119,15 +120,36 @@ class Round:
             max_length=cfg.model.max_length,
             rollout=to_dict(cfg.rollout),
         )
+        judge = self.judge(data, sft) if c.labeller == "judge" else None
         return self.call(
             "labels",
-            [pairs["cache_key"]],
+            [pairs["cache_key"], *([judge["cache_key"]] if judge else [])],
             labels_stage,
             pairs=pairs,
             round_no=r,
             campaign=to_dict(c),
             data_cfg=to_dict(cfg.data),
             conversational=is_conversational(data["data_dir"]),
+            judge=judge
+            and {
+                "model_path": judge["model_path"],
+                "max_length": cfg.model.max_length,
+                "missing_eos_penalty": cfg.reward.missing_eos_penalty,
+            },
+        )
+
+    def judge(self, data: dict, sft: dict) -> dict:
+        """The campaign's judge (``campaign.labeller=judge``): a reward model from SFT with the reward config, trained
+        on the data's held-out pairs, which no round's reward model learns from; the same in every round (Cached)."""
+        return self.call(
+            JUDGE,
+            [data["cache_key"], sft["cache_key"]],
+            training_task("reward"),
+            model=to_dict(self.cfg.model),
+            reward_cfg=to_dict(self.cfg.reward),
+            data=data,
+            sft=sft,
+            judge=True,
         )
 
     def store(self, data: dict, labels: dict) -> dict:

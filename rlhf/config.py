@@ -189,6 +189,9 @@ def stage_kind(name: str) -> str:
     return name.split(".", 1)[0]
 
 
+JUDGE = "reward.judge"  # the stage of a campaign's judge (campaign.labeller=judge): a reward model on other pairs
+
+
 def reward_member(i: int) -> str:
     """The stage name of reward-model ensemble member ``i`` (member 0 is the single reward model)."""
     return "reward" if i == 0 else f"reward.{i}"

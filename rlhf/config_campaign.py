@@ -12,7 +12,7 @@ from typing import Optional
 
 from .settings import ConfigError, setting
 
-LABELLERS = ("synthetic", "folder")
+LABELLERS = ("synthetic", "folder", "judge")
 
 
 @dataclass
@@ -28,8 +28,10 @@ class CampaignConfig:
     )
     labeller: str = setting(
         "synthetic",
-        "Who labels the round's pairs: synthetic (the task's simulated annotators: data.annotator_*) or folder "
-        "(people: JSONL files dropped in campaign.inbox).",
+        "Who labels the round's pairs: synthetic (the task's simulated annotators: data.annotator_*), folder "
+        "(people: JSONL files dropped in campaign.inbox) or judge (a reward model trained with the reward config on "
+        "the data's held-out pairs, which no reward model of the campaign learns from, prefers the answer it scores "
+        "higher).",
         choices=list(LABELLERS),
     )
     inbox: Optional[str] = setting(

@@ -9,6 +9,8 @@ A labeller takes the round's requests (rows ``{id, prompt, answer_a, answer_b, e
 - :class:`FolderLabeller`: people. The round writes its requests to ``<inbox>/requests/round-<r>.jsonl``;
   labelled comparisons dropped into ``<inbox>`` as ``*.jsonl`` files are taken by the next round that runs,
   each file once (moved to ``<inbox>/taken/round-<r>/``).
+- :class:`JudgeLabeller`: a judge reward model (the campaign's ``reward.judge`` stage, trained on pairs no reward
+  model of the campaign learns from) prefers the answer it scores higher.
 """
 
 from __future__ import annotations
@@ -116,3 +118,54 @@ class FolderLabeller:
             rows += read_labelled(path, self.conversational, data.decode())
         metrics = {"labels/n": len(rows), "labels/n_files": len(files), "labels/n_requested": len(requests)}
         return rows, {**metrics, "files": files}
+
+
+class JudgeLabeller:
+    """A judge reward model orders each pair: the answer it scores higher is chosen, under the scoring rule of
+    on-policy training (an answer that never ends loses ``missing_eos_penalty``); a pair it scores alike is
+    dropped. ``gold``: the task's gold reward where it has one, to measure how often the judge agrees with it."""
+
+    def __init__(self, judge_path: str, max_length: int, device, missing_eos_penalty: float, gold=None) -> None:
+        self.path, self.max_length, self.device = judge_path, max_length, device
+        self.penalty, self.gold = missing_eos_penalty, gold
+
+    def scores(self, requests: list[dict]):
+        """(N, 2) judge scores of answer_a and answer_b of each request, the penalty of unended answers taken off."""
+        import torch
+
+        from .chat import render_row
+        from .modeling import load_scalar_model, load_tokenizer
+        from .stages.reward import held_out_scores
+
+        tokenizer = load_tokenizer(self.path)
+        judge = load_scalar_model(self.path, tokenizer, zero_head=False).to(self.device)
+        rows = [
+            render_row(tokenizer, {"prompt": r["prompt"], "chosen": r["answer_a"], "rejected": r["answer_b"]})
+            for r in requests
+        ]
+        ended = torch.tensor([[r["ended_a"], r["ended_b"]] for r in requests], dtype=torch.float32)
+        return held_out_scores(judge, rows, tokenizer, self.max_length, self.device) - self.penalty * (1 - ended)
+
+    def label(self, requests: list[dict]) -> tuple[list[dict], dict]:
+        scores = self.scores(requests)  # (N, 2)
+        rows, margins = [], (scores[:, 0] - scores[:, 1]).tolist()
+        for r, margin in zip(requests, margins):
+            if margin == 0:
+                continue
+            first = margin > 0
+            row = {
+                "prompt": r["prompt"],
+                "chosen": r["answer_a"] if first else r["answer_b"],
+                "rejected": r["answer_b"] if first else r["answer_a"],
+            }
+            if self.gold is not None:
+                ga = self.gold(r["prompt"], _text(r["answer_a"]), r["ended_a"])
+                gb = self.gold(r["prompt"], _text(r["answer_b"]), r["ended_b"])
+                row["gold_chosen"], row["gold_rejected"] = (ga, gb) if first else (gb, ga)
+            rows.append(row)
+        metrics = {"labels/n": len(rows), "labels/judge_margin": sum(map(abs, margins)) / max(1, len(margins))}
+        if self.gold is not None:
+            metrics["labels/gold_agreement"] = sum(r["gold_chosen"] > r["gold_rejected"] for r in rows) / max(
+                1, len(rows)
+            )
+        return rows, metrics

@@ -14,10 +14,11 @@ from rlhf.config import EvalConfig, RolloutConfig
 from rlhf.config_campaign import CampaignConfig
 from rlhf.data import load_split, save_splits
 from rlhf.gate import decide
-from rlhf.labellers import FolderLabeller, SyntheticLabeller, digest
+from rlhf.labellers import FolderLabeller, JudgeLabeller, SyntheticLabeller, digest
 from rlhf.lineage import EVALUATION, TRAINING
 from rlhf.settings import from_dict
 from rlhf.stages import pairs, preferences
+from rlhf.synthetic import gold_reward
 
 from .records import read_record
 from .runner import Lineage, run_stage
@@ -72,11 +73,16 @@ def pairs_stage(
     return run_stage("pairs", key, env, fresh, body, seed=e.seed, lineage=lineage)
 
 
-def labeller_for(c: CampaignConfig, data_cfg: dict, round_no: int, conversational: bool, root: str):
+def labeller_for(
+    c: CampaignConfig, data_cfg: dict, round_no: int, conversational: bool, root: str, judge: dict | None, device
+):
     if c.labeller == "synthetic":
         return SyntheticLabeller(
             data_cfg["annotator_temperature"], data_cfg["annotator_length_bias"], data_cfg["seed"], round_no
         )
+    if c.labeller == "judge":
+        gold = gold_reward if data_cfg["source"] == "synthetic" else None
+        return JudgeLabeller(judge["model_path"], judge["max_length"], device, judge["missing_eos_penalty"], gold)
     return FolderLabeller(inbox_dir(c, root), round_no, conversational)
 
 
@@ -94,13 +100,15 @@ def labels_stage(
     campaign: dict,
     data_cfg: dict,
     conversational: bool,
+    judge: dict | None = None,
     fresh: bool = False,
 ) -> dict:
-    """The round's pairs labelled by ``campaign.labeller``."""
+    """The round's pairs labelled by ``campaign.labeller`` (``judge``: the judge's record and how it scores, with
+    labeller=judge)."""
     c = from_dict(CampaignConfig, campaign)
 
     def body(ctx):
-        labeller = labeller_for(c, data_cfg, round_no, conversational, env["root"])
+        labeller = labeller_for(c, data_cfg, round_no, conversational, env["root"], judge, ctx.device)
         rows, metrics = labeller.label(load_split(Path(pairs["requests"]).parent, "requests"))
         files = metrics.pop("files", {})
         save_splits({"labels": rows}, ctx.out_dir)

@@ -13,7 +13,7 @@ import json
 
 from rlhf.algorithms import registry
 from rlhf.code_version import code_version
-from rlhf.config import PipelineConfig, RewardConfig, RolloutConfig, reward_member, stage_kind
+from rlhf.config import JUDGE, PipelineConfig, RewardConfig, RolloutConfig, reward_member, stage_kind
 from rlhf.data import source_fingerprint
 from rlhf.settings import to_dict
 
@@ -91,6 +91,8 @@ def round_stage_configs(cfg: PipelineConfig, round_no: int) -> dict[str, dict]:
     labeller = {"labeller": c.labeller, "round": round_no}
     if c.labeller == "synthetic":
         labeller |= {k: v for k, v in to_dict(cfg.data).items() if k.startswith("annotator_") or k == "seed"}
+    elif c.labeller == "judge":  # the judge itself is an upstream key
+        labeller |= {"max_length": cfg.model.max_length, "missing_eos_penalty": cfg.reward.missing_eos_penalty}
     else:
         labeller |= {"campaign": c.name, "inbox": c.inbox, "root": str(cfg.paths.root)}
     rollout = {k: v for k, v in to_dict(cfg.rollout).items() if k not in RolloutConfig.NOT_IN_KEY}
@@ -104,6 +106,7 @@ def round_stage_configs(cfg: PipelineConfig, round_no: int) -> dict[str, dict]:
             "max_length": cfg.model.max_length,
             "rollout": rollout,
         },
+        JUDGE: {**stage_configs(cfg)["reward"], "judge": True},  # the reward model's config, on the judge's splits
         "labels": labeller,
         "preferences": {},  # its content: the last version's key and the labels' digest
         "gate": {

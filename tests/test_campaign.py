@@ -159,9 +159,54 @@ def test_labels_from_the_inbox_then_a_worse_challenger_rejected_and_a_rollback(c
     assert tags["rollback.from"] == (before or "none")
     if before and before != target:
         assert "regression" in client.get_model_version("rlhf-policy", before).tags["rolled_back"]
-    # every entry of the round's metric reference is logged by some round (the folder labeller's by rounds 4 and 5)
-    exp = client.get_run(first["campaign_run_id"]).info.experiment_id
-    names = {m for r in client.search_runs([exp], max_results=1000) for m in r.data.metrics}
+
+
+def test_a_judge_labels_every_round_and_is_trained_once_on_pairs_no_round_learns_from(campaign):
+    """labeller=judge, a campaign of its own in the same root (data and SFT Cached): a reward model trained on the
+    held-out pairs and evaluated on the training pairs labels each round's pairs, the answer it scores higher
+    chosen; round 2 finds it Cached; it is not a registered reward model."""
+    import torch
+
+    from rlhf.chat import render_row
+    from rlhf.data import load_split
+    from rlhf.lineage import CONTEXT_TAG
+    from rlhf.modeling import load_scalar_model, load_tokenizer
+    from rlhf.stages.reward import pair_accuracy
+    from tasks.records import read_record, stage_dir
+
+    root, _ = campaign
+    own = ["campaign.name=judged", "tracking.policy_model_name=policy-judged", "campaign.labeller=judge"]
+    rounds = run_campaign(root, *own, "campaign.rounds=2")["rounds"]
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    assert [r["keys"]["reward.judge"] for r in rounds][0] == rounds[1]["keys"]["reward.judge"]
+    runs = [client.get_run(r["store"]["run_id"]).data.tags["mlflow.parentRunId"] for r in rounds]
+    assert [client.get_run(p).data.tags["stage.reward.judge.cached"] for p in runs] == ["false", "true"]
+    judge_run = client.get_run(client.get_run(runs[0]).data.tags["stage.reward.judge.run_id"])
+    contexts = {
+        d.dataset.digest: {t.key: t.value for t in d.tags}[CONTEXT_TAG] for d in judge_run.inputs.dataset_inputs
+    }
+    data = read_record(root, "data", rounds[0]["keys"]["data"])["datasets"]
+    assert contexts == {data["eval_pref"]["digest"]: "training", data["pref"]["digest"]: "evaluation"}
+    assert "rm/eval_accuracy" in judge_run.data.metrics  # on the training pairs: the judge never saw them
+    assert not client.search_model_versions(f"tags.stage_run_id = '{judge_run.info.run_id}'")  # logged, not registered
+    judge_path = read_record(root, "reward.judge", rounds[0]["keys"]["reward.judge"])["model_path"]
+    tokenizer = load_tokenizer(judge_path)
+    judge = load_scalar_model(judge_path, tokenizer, zero_head=False)
+    for r in rounds:
+        assert r["n_labels"] > 0
+        m = client.get_run(r["store"]["run_id"]).data.metrics
+        labels = load_split(stage_dir(root, "labels", r["keys"]["labels"]), "labels")
+        requests = load_split(stage_dir(root, "pairs", r["keys"]["pairs"]) / "pairs", "requests")
+        # where both answers ended or neither did, the missing-EOS penalty cancels: the judge's own order is the labels'
+        alike = {frozenset((q["answer_a"], q["answer_b"])) for q in requests if q["ended_a"] == q["ended_b"]}
+        rows = [render_row(tokenizer, x) for x in labels if frozenset((x["chosen"], x["rejected"])) in alike]
+        assert rows
+        assert pair_accuracy(judge, rows, tokenizer, 64, torch.device("cpu"))["eval_accuracy"] == 1.0
+        assert 0.0 <= m["preferences/gold_agreement"] <= 1.0
+    # every metric any round logged has its entry, and every entry of the round's reference is logged by some round
+    # (the folder labeller's by rounds 4 and 5 of the inbox test, the judge's here)
+    names = {m for r in client.search_runs([judge_run.info.experiment_id], max_results=1000) for m in r.data.metrics}
+    assert not unmatched({m for m in names if not m.startswith("system/")}, list(reference()))[0]
     assert not unmatched(names, [ROUND_GROUP])[1]
 
 

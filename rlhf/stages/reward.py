@@ -19,6 +19,10 @@ from ..modeling import TokenValues, autocast, load_tokenizer, load_trainable
 from ..trainer import fit
 from .common import batched, finish, supervised_trainer
 
+# A campaign's judge (campaign.labeller=judge) learns from the held-out pairs, which no reward model of the campaign
+# trains on, and is evaluated on the training pairs, which it never sees.
+JUDGE_SPLITS = ("eval_pref", "pref")
+
 
 def encode_preferences(tokenizer, rows: list[dict], max_length: int) -> tuple[Encoded, Encoded]:
     prompts = [r["prompt"] for r in rows]
@@ -76,11 +80,19 @@ def has_score_head(path: str) -> bool:
 
 
 def run(
-    cfg: RewardConfig, model_cfg: ModelConfig, data_dir: str, sft_path: str, ctx: StageContext, member: int = 0
+    cfg: RewardConfig,
+    model_cfg: ModelConfig,
+    data_dir: str,
+    sft_path: str,
+    ctx: StageContext,
+    member: int = 0,
+    splits: tuple[str, str] = ("pref", "eval_pref"),
 ) -> dict:
     """Train reward model ``member`` of the ensemble (0: the single reward model): its own seed (data order)
     and, with ``cfg.bootstrap`` and member > 0, its own bootstrap resample of the pairs. ``sft_path``: the SFT
-    model (a new head on its backbone) or a reward model to continue from (a campaign's warm start)."""
+    model (a new head on its backbone) or a reward model to continue from (a campaign's warm start). ``splits``:
+    the pairs it trains on and those it is evaluated on (a campaign's judge swaps them: :data:`JUDGE_SPLITS`)."""
+    train_split, held_out_split = splits
     cfg = replace(cfg, seed=cfg.seed + member)
     tokenizer = load_tokenizer(sft_path)
     resume = ctx.resume_point()
@@ -91,7 +103,7 @@ def run(
         )
     )
     amp, max_length = autocast(model_cfg, ctx.device), model_cfg.max_length
-    rows, held = load_rows(data_dir, "pref", tokenizer), load_rows(data_dir, "eval_pref", tokenizer)
+    rows, held = load_rows(data_dir, train_split, tokenizer), load_rows(data_dir, held_out_split, tokenizer)
     if cfg.bootstrap and member:
         rng = random.Random(cfg.seed)
         rows = [rows[rng.randrange(len(rows))] for _ in rows]
@@ -110,7 +122,7 @@ def run(
             return pair_accuracy(model, held, tokenizer, max_length, ctx.device)
 
     fit(trainer, len(rows), micro_loss, evaluate)
-    report = report_on(model, load_split(data_dir, "eval_pref"), held, tokenizer, max_length, ctx, amp, trainer.step)
+    report = report_on(model, load_split(data_dir, held_out_split), held, tokenizer, max_length, ctx, amp, trainer.step)
     return finish(trainer, ctx, model, tokenizer, "reward", {**evaluate(), **report})
 
 
